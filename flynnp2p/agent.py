@@ -1,0 +1,159 @@
+"""The node agent: boot order of one flynnp2p node.
+
+    api sockets bound (fail fast on a taken port)
+    → gossip (serf child + RPC + membership view + election)
+    → node identity saved (only once the join has succeeded)
+    → API served
+    → leader duties
+    … until SIGINT/SIGTERM: graceful serf leave, children stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import flynnp2p
+from flynnp2p.api.app import create_app
+from flynnp2p.api.server import ApiServer
+from flynnp2p.config import NodeConfig, save_node, serf_binary
+from flynnp2p.gossip.serf_agent import SerfSettings, free_port
+from flynnp2p.gossip.service import Gossip
+from flynnp2p.leader import LeaderDuties
+from flynnp2p.token import ClusterToken
+
+log = logging.getLogger(__name__)
+
+
+def memory_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
+
+
+class Agent:
+    def __init__(
+        self, cfg: NodeConfig, token: ClusterToken, peers: list[str], *, fresh: bool
+    ) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.fresh = fresh
+        self.started_ms = int(time.time() * 1000)
+        self.api_url = f"http://{_host(cfg.addr)}:{cfg.api_port}"
+        settings = SerfSettings(
+            node_name=cfg.name,
+            bind_addr=cfg.addr,
+            bind_port=cfg.gossip_port,
+            rpc_addr="127.0.0.1",
+            rpc_port=free_port("127.0.0.1"),
+            rpc_auth=token.api_key,
+            encrypt_key_b64=token.gossip_key_b64,
+            data_dir=cfg.data_dir,
+            tags=self._tags(),
+            binary=serf_binary(),
+        )
+        self.gossip = Gossip(settings, peers)
+        self.duties = LeaderDuties(self.gossip.leadership)
+        self.api = ApiServer(create_app(self), cfg.addr, cfg.api_port)
+
+    def _tags(self) -> dict[str, str]:
+        c = self.cfg
+        tags = {
+            "api": f"{_host(c.addr)}:{c.api_port}",
+            "roles": ",".join(c.roles),
+            "st": str(self.started_ms),
+            "ep": "0",
+            "http": str(c.http_port),
+            "https": str(c.https_port),
+            "mem": str(memory_mb()),
+            "v": flynnp2p.__version__,
+        }
+        tags.update({f"t.{k}": v for k, v in c.tags.items()})
+        return tags
+
+    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+        sockets = self.api.bind()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
+            await nursery.start(self.gossip.run)
+            if self.fresh:
+                save_node(self.cfg, self.token)
+            await nursery.start(self.api.run, sockets)
+            await nursery.start(self.duties.run)
+            log.info("node %s is up: API %s", self.cfg.name, self.api_url)
+            task_status.started(self)
+
+    async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s: leaving the cluster and stopping", signal.Signals(signum).name)
+                self.gossip.serf.leave_on_stop = True
+                scope.cancel()
+                return
+
+    # -- what the API shows -------------------------------------------------
+
+    def members(self) -> list[dict[str, Any]]:
+        view = self.gossip.view.value
+        return [
+            {
+                "name": m.name,
+                "addr": m.addr,
+                "gossip_port": m.port,
+                "status": m.status,
+                "roles": [r for r in m.tags.get("roles", "").split(",") if r],
+                "api": m.tags.get("api", ""),
+                "leader": m.name == view.election.leader,
+                "tags": {k[2:]: v for k, v in m.tags.items() if k.startswith("t.")},
+            }
+            for m in view.members
+        ]
+
+    def status(self) -> dict[str, Any]:
+        view = self.gossip.view.value
+        e = view.election
+        serf = self.gossip.serf
+        leading = self.gossip.leadership.value
+        return {
+            "node": {
+                "name": self.cfg.name,
+                "addr": self.cfg.addr,
+                "api": self.api_url,
+                "roles": list(self.cfg.roles),
+                "started_at_ms": self.started_ms,
+                "is_leader": leading.is_leader,
+            },
+            "cluster_id": self.token.cluster_id_hex,
+            "leader": {
+                "name": e.leader,
+                "epoch": e.leader_epoch,
+                "quorum": e.quorum,
+                "alive": e.alive,
+                "electorate": e.electorate,
+                "reason": e.reason,
+            },
+            "members": self.members(),
+            "components": {
+                "gossip": {
+                    "ok": serf.running,
+                    "serf_restarts": serf.restarts,
+                    "last_error": serf.last_error,
+                },
+                "api": {"ok": True},
+                "leader_duties": {"ok": True, "terms": self.duties.terms},
+            },
+            "versions": {"flynnp2p": flynnp2p.__version__},
+        }

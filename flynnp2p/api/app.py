@@ -1,0 +1,89 @@
+"""The HTTP API: a quart-trio app over the node's components.
+
+Every route but ``/healthz`` needs ``Authorization: Bearer <api key>``.  Every
+error is JSON ``{"error": {"code", "message"}}`` with a 4xx for the user's
+mistakes; an unexpected failure is a 500 whose body names no internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from flynnp2p.errors import FlynnError, Unauthorized
+from flynnp2p.token import ClusterToken
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+class NodeStatus(Protocol):
+    """What the API needs from the agent."""
+
+    token: ClusterToken
+
+    def status(self) -> dict[str, Any]: ...
+
+    def members(self) -> list[dict[str, Any]]: ...
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    return resp
+
+
+def create_app(node: NodeStatus) -> QuartTrio:
+    app = QuartTrio("flynnp2p")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["JSON_SORT_KEYS"] = False
+
+    @app.before_request
+    async def authenticate() -> None:
+        if request.path in PUBLIC_PATHS:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if not header:
+            raise Unauthorized("missing 'Authorization: Bearer <token>' header")
+        if scheme.lower() != "bearer" or not node.token.accepts_bearer(presented):
+            raise Unauthorized("invalid API token (give the cluster token or its API key)")
+
+    @app.errorhandler(FlynnError)
+    async def flynn_error(exc: FlynnError) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        message = exc.description or exc.name or "error"
+        if exc.code == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.code == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        return error_response(exc.code or 400, code, message)
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error (see the node's log)")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return jsonify({"ok": True})
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        return jsonify(node.status())
+
+    @app.get("/v1/members")
+    async def members() -> Response:
+        return jsonify({"members": node.members()})
+
+    return app

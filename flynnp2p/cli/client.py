@@ -1,0 +1,87 @@
+"""The CLI's side of the API: which cluster to talk to, and a small HTTP client.
+
+Client config (``~/.config/flynnp2p/config.json``, 0600)::
+
+    {"default": "NAME", "clusters": {"NAME": {"url": "...", "token": "..."}}}
+
+``FLYNNP2P_URL`` and ``FLYNNP2P_TOKEN`` override the chosen cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from flynnp2p.config import client_config_path, client_env_override, write_secret
+from flynnp2p.errors import ClusterError, ConfigError, FlynnError, UserError
+from flynnp2p.token import api_key_from
+
+
+@dataclass
+class ClientConfig:
+    default: str | None = None
+    clusters: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls) -> ClientConfig:
+        path = client_config_path()
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+            return cls(raw.get("default"), dict(raw.get("clusters", {})))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+
+    def save(self) -> None:
+        path = client_config_path()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_secret(path, json.dumps({"default": self.default, "clusters": self.clusters}, indent=2))
+
+    def target(self, name: str | None = None) -> tuple[str, str]:
+        env_url, env_token = client_env_override()
+        chosen = name or self.default
+        entry = self.clusters.get(chosen or "", {})
+        if name and not entry:
+            raise UserError(f"no cluster named {name!r} (see 'flynnp2p cluster list')")
+        url = env_url or entry.get("url")
+        token = env_token or entry.get("token")
+        if not url or not token:
+            raise UserError(
+                "no cluster configured: run 'flynnp2p cluster add --url http://NODE:7100 "
+                "--token TOKEN' or set FLYNNP2P_URL and FLYNNP2P_TOKEN"
+            )
+        return url, token
+
+
+class ApiClient:
+    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {api_key_from(token)}"},
+            timeout=timeout,
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClusterError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            message = err.get("message") or resp.text.strip() or resp.reason_phrase
+            error = FlynnError(f"{self.url} answered {resp.status_code}: {message}")
+            error.status = resp.status_code
+            raise error
+        return body
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)

@@ -1,0 +1,199 @@
+"""The ``flynnp2p`` command.
+
+``join`` runs the node agent in the foreground; every other command talks to
+any node's HTTP API.  Exit codes: 0 success, 1 the operation failed, 2 usage
+or configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from flynnp2p import __version__
+from flynnp2p.cli.client import ApiClient, ClientConfig
+from flynnp2p.errors import ConfigError, FlynnError, UserError
+from flynnp2p.token import ClusterToken
+
+
+def _add_join(sub: Any) -> None:
+    p = sub.add_parser(
+        "join",
+        help="run this host's agent: create a cluster, or join one through PEER",
+        description="Run the node agent in the foreground. Without PEER (and with a fresh data "
+        "dir) it creates a cluster and prints its token; with PEER it joins through it. A node "
+        "restarted with the same data dir needs neither token nor peer.",
+    )
+    p.add_argument("peers", nargs="*", metavar="PEER", help="gossip address HOST[:PORT] of any member")
+    p.add_argument("--token", help="the cluster token (from 'flynnp2p token generate' or the first join)")
+    p.add_argument("--name", help="unique node name (default: hostname)")
+    p.add_argument("--addr", help="IP address to bind and advertise (default: this host's)")
+    p.add_argument("--data-dir", help="where the node keeps its state")
+    p.add_argument("--api-port", type=int, help="HTTP API port (default 7100)")
+    p.add_argument("--gossip-port", type=int, help="serf gossip port (default 7946)")
+    p.add_argument("--http-port", type=int, help="router HTTP port (default 8080)")
+    p.add_argument("--https-port", type=int, help="router HTTPS port (default 8443)")
+    p.add_argument("--roles", help="comma-separated roles (default scheduler,host)")
+    p.add_argument("--tag", action="append", default=[], metavar="K=V", help="host tag (repeatable)")
+    p.set_defaults(func=cmd_join)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flynnp2p", description="flynnp2p: a peer-to-peer platform-as-a-service."
+    )
+    parser.add_argument("--version", action="version", version=f"flynnp2p {__version__}")
+    parser.add_argument("-c", "--cluster", help="cluster name from 'flynnp2p cluster list'")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_join(sub)
+
+    tok = sub.add_parser("token", help="cluster tokens").add_subparsers(
+        dest="token_cmd", metavar="SUBCOMMAND", required=True
+    )
+    tok.add_parser("generate", help="print a fresh cluster token").set_defaults(func=cmd_token_generate)
+
+    cl = sub.add_parser("cluster", help="clusters this CLI talks to, and their status")
+    cls = cl.add_subparsers(dest="cluster_cmd", metavar="SUBCOMMAND", required=True)
+    add = cls.add_parser("add", help="remember a cluster")
+    add.add_argument("name", nargs="?", default="default")
+    add.add_argument("--url", required=True, help="any node's API, e.g. http://host1:7100")
+    add.add_argument("--token", required=True, help="the cluster token or its API key")
+    add.add_argument("--no-default", action="store_true", help="do not make it the default")
+    add.set_defaults(func=cmd_cluster_add)
+    rm = cls.add_parser("remove", help="forget a cluster")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_cluster_remove)
+    de = cls.add_parser("default", help="make a cluster the default")
+    de.add_argument("name")
+    de.set_defaults(func=cmd_cluster_default)
+    ls = cls.add_parser("list", help="list known clusters")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_cluster_list)
+    st = cls.add_parser("status", help="members, their state and the leader")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_cluster_status)
+    return parser
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_token_generate(args: argparse.Namespace) -> int:
+    print(ClusterToken.generate().encode())
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from flynnp2p.cli.join import run_join
+
+    return run_join(args)
+
+
+def cmd_cluster_add(args: argparse.Namespace) -> int:
+    if not args.url.startswith(("http://", "https://")):
+        raise UserError(f"--url {args.url!r} must start with http:// or https://")
+    conf = ClientConfig.load()
+    ApiClient(args.url, args.token).get("/v1/status")  # fail now, not at first use
+    conf.clusters[args.name] = {"url": args.url, "token": args.token}
+    if not args.no_default or conf.default is None:
+        conf.default = args.name
+    conf.save()
+    print(f"cluster {args.name!r} added ({args.url})" + (" as default" if conf.default == args.name else ""))
+    return 0
+
+
+def cmd_cluster_remove(args: argparse.Namespace) -> int:
+    conf = ClientConfig.load()
+    if args.name not in conf.clusters:
+        raise UserError(f"no cluster named {args.name!r} (see 'flynnp2p cluster list')")
+    del conf.clusters[args.name]
+    if conf.default == args.name:
+        conf.default = next(iter(conf.clusters), None)
+    conf.save()
+    print(f"cluster {args.name!r} removed")
+    return 0
+
+
+def cmd_cluster_default(args: argparse.Namespace) -> int:
+    conf = ClientConfig.load()
+    if args.name not in conf.clusters:
+        raise UserError(f"no cluster named {args.name!r} (see 'flynnp2p cluster list')")
+    conf.default = args.name
+    conf.save()
+    print(f"default cluster: {args.name}")
+    return 0
+
+
+def cmd_cluster_list(args: argparse.Namespace) -> int:
+    conf = ClientConfig.load()
+    if args.json:
+        print(json.dumps([{"name": n, "url": c["url"], "default": n == conf.default}
+                          for n, c in sorted(conf.clusters.items())], indent=2))
+        return 0
+    rows = [(("* " if n == conf.default else "  ") + n, c["url"]) for n, c in sorted(conf.clusters.items())]
+    print(table(rows, ("  NAME", "URL")))
+    return 0
+
+
+def client_for(args: argparse.Namespace) -> ApiClient:
+    url, token = ClientConfig.load().target(args.cluster)
+    return ApiClient(url, token)
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    status = client_for(args).get("/v1/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    leader = status["leader"]
+    rows = [
+        (m["name"], m["addr"], m["status"], ",".join(m["roles"]), "*" if m["leader"] else "")
+        for m in status["members"]
+    ]
+    print(table(rows, ("NAME", "ADDRESS", "STATUS", "ROLES", "LEADER")))
+    if leader["name"]:
+        print(f"\nleader: {leader['name']} (epoch {leader['epoch']}); "
+              f"{leader['alive']} of {leader['electorate']} members alive")
+    else:
+        print(f"\nno leader: {leader['reason']}")
+    return 0
+
+
+def first_flynn_error(exc: BaseException) -> FlynnError | None:
+    if isinstance(exc, FlynnError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_flynn_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (FlynnError, BaseExceptionGroup) as exc:
+        err = first_flynn_error(exc)
+        if err is None:
+            raise
+        print(f"flynnp2p: error: {err.message}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError | UserError) and err.status < 401 else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.WARNING)
+    sys.exit(main())

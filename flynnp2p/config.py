@@ -1,0 +1,175 @@
+"""Configuration: the only module that reads ``os.environ``.
+
+A node's identity lives in its data dir:
+
+    node.json   name, address, ports, roles, cluster id (0600)
+    token       the cluster token (0600)
+    serf.*      serf's config, snapshot, pid and log
+
+Starting an agent with a data dir that already holds a node needs neither a
+token nor a peer: the node rejoins through its serf snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flynnp2p.errors import ConfigError, UserError
+from flynnp2p.token import ClusterToken
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,30}$")
+DEFAULT_API_PORT = 7100
+DEFAULT_GOSSIP_PORT = 7946
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_HTTPS_PORT = 8443
+DEFAULT_ROLES = ("scheduler", "host")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("FLYNNP2P_DATA_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/flynnp2p")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "flynnp2p"
+
+
+def default_addr() -> str:
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+    return addr
+
+
+def default_name() -> str:
+    return socket.gethostname().split(".")[0] or "node"
+
+
+def serf_binary() -> str:
+    return os.environ.get("FLYNNP2P_SERF", "serf")
+
+
+def log_level() -> str:
+    return os.environ.get("FLYNNP2P_LOG", "info").upper()
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    addr: str
+    data_dir: Path
+    api_port: int = DEFAULT_API_PORT
+    gossip_port: int = DEFAULT_GOSSIP_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    https_port: int = DEFAULT_HTTPS_PORT
+    roles: tuple[str, ...] = DEFAULT_ROLES
+    tags: dict[str, str] = field(default_factory=dict)
+    cluster_id: str = ""
+
+    def validate(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ConfigError(
+                f"invalid node name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in self.addr else socket.AF_INET, self.addr)
+        except OSError:
+            raise ConfigError(f"invalid --addr {self.addr!r}: give an IPv4 or IPv6 address") from None
+        for label, port in (
+            ("--api-port", self.api_port),
+            ("--gossip-port", self.gossip_port),
+            ("--http-port", self.http_port),
+            ("--https-port", self.https_port),
+        ):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"invalid {label} {port}: use 1-65535")
+        for key in self.tags:
+            if not TAG_KEY_RE.match(key):
+                raise ConfigError(f"invalid tag key {key!r}: use lowercase letters, digits, '_.-'")
+
+    @property
+    def node_file(self) -> Path:
+        return self.data_dir / "node.json"
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "token"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        d["roles"] = list(self.roles)
+        return d
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write atomically, 0600 from the first byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = data_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"data dir {data_dir} is not writable: {exc.strerror}") from None
+
+
+def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
+    """The node stored in ``data_dir``, or None for a fresh data dir."""
+    node_file = data_dir / "node.json"
+    if not node_file.exists():
+        return None
+    try:
+        raw = json.loads(node_file.read_text())
+        token = ClusterToken.parse((data_dir / "token").read_text())
+        cfg = NodeConfig(
+            name=raw["name"],
+            addr=raw["addr"],
+            data_dir=data_dir,
+            api_port=int(raw["api_port"]),
+            gossip_port=int(raw["gossip_port"]),
+            http_port=int(raw["http_port"]),
+            https_port=int(raw["https_port"]),
+            roles=tuple(raw["roles"]),
+            tags=dict(raw.get("tags", {})),
+            cluster_id=raw["cluster_id"],
+        )
+    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+        raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None
+    return cfg, token
+
+
+def save_node(cfg: NodeConfig, token: ClusterToken) -> None:
+    write_secret(cfg.token_file, token.encode() + "\n")
+    write_secret(cfg.node_file, json.dumps(cfg.to_json(), indent=2) + "\n")
+
+
+# -- client side (the CLI) -----------------------------------------------------
+
+
+def client_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "flynnp2p" / "config.json"
+
+
+def client_env_override() -> tuple[str | None, str | None]:
+    return os.environ.get("FLYNNP2P_URL"), os.environ.get("FLYNNP2P_TOKEN")

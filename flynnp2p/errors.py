@@ -1,0 +1,57 @@
+"""The one error tree of flynnp2p.
+
+    FlynnError                      root; ``status`` is the HTTP status the API answers with
+    ├── UserError (400)             bad input from a user: says what was wrong and what is accepted
+    │   ├── Unauthorized (401)
+    │   ├── NotFound (404)
+    │   └── Conflict (409)
+    ├── ConfigError                 the node cannot start as configured (exit code 2)
+    └── ClusterError (503)          the cluster cannot do it right now (no leader, no quorum, peer down)
+
+The gossip client has its own tree rooted at ``flynnp2p.gossip.codec.SerfError``;
+the agent turns those into ``ConfigError`` or ``ClusterError`` at its edge.
+"""
+
+from __future__ import annotations
+
+
+class FlynnError(Exception):
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class UserError(FlynnError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(UserError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(UserError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(UserError):
+    status = 409
+    code = "conflict"
+
+
+class ConfigError(FlynnError):
+    status = 500
+    code = "config"
+
+
+class ClusterError(FlynnError):
+    status = 503
+    code = "unavailable"

@@ -1,0 +1,238 @@
+"""The ``serf agent`` child process: its config, its start, its supervision.
+
+Theory of operation
+-------------------
+The node's agent owns exactly one serf process.  ``SerfAgent.run`` writes the
+serf config (0600: it holds the gossip key and the RPC auth key), starts
+``serf agent -config-file …`` and reports ready (``task_status.started``) only
+once serf's RPC port accepts connections.  If serf exits while the node runs,
+the supervisor starts it again with backoff (1 s, 2 s, 4 s … capped at 30 s,
+reset after 60 s of uptime); the RPC client reconnects by itself.
+
+Serf is started through a thread (trio spawns children that way), so the kernel's
+parent-death signal cannot tie serf to the agent.  Instead serf's pid is kept in
+``serf.pid``: a restarted agent (or the test harness) stops a serf left over
+from an agent that was killed.  On cancellation serf is stopped bounded and
+shielded: SIGINT (graceful leave) when asked to leave, else SIGTERM; then
+SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 15.0
+STOP_GRACE_S = 8.0
+
+
+@dataclass(frozen=True)
+class SerfSettings:
+    node_name: str
+    bind_addr: str
+    bind_port: int
+    rpc_addr: str
+    rpc_port: int
+    rpc_auth: str
+    encrypt_key_b64: str
+    data_dir: Path
+    tags: Mapping[str, str] = field(default_factory=dict)
+    binary: str = "serf"
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "serf.json"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "serf.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "serf.log"
+
+    def config(self) -> dict[str, object]:
+        return {
+            "node_name": self.node_name,
+            "bind": f"{self.bind_addr}:{self.bind_port}",
+            "advertise": f"{self.bind_addr}:{self.bind_port}",
+            "rpc_addr": f"{self.rpc_addr}:{self.rpc_port}",
+            "rpc_auth": self.rpc_auth,
+            "encrypt_key": self.encrypt_key_b64,
+            "snapshot_path": str(self.data_dir / "serf.snapshot"),
+            # FACTS.md: the "local" profile lost events and query answers here.
+            "profile": "lan",
+            "log_level": "warn",
+            "tags": dict(self.tags),
+            # SIGTERM/SIGKILL = failed (peers keep us in the electorate); only an
+            # explicit leave (SIGINT) removes the node.
+            "leave_on_terminate": False,
+            "skip_leave_on_interrupt": False,
+            "reconnect_interval": "5s",
+        }
+
+
+def free_port(addr: str) -> int:
+    """A TCP port free on ``addr`` right now (for serf's RPC listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+def find_serf(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise ConfigError(
+            f"the serf binary '{binary}' was not found on PATH: install HashiCorp Serf "
+            "(Debian/Ubuntu: apt-get install serf)"
+        )
+    return path
+
+
+def stop_stale_serf(pid_path: Path, config_path: Path) -> None:
+    """Kill a serf left running by an agent that died without stopping it."""
+    try:
+        pid = int(pid_path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"serf" in cmdline and str(config_path).encode() in cmdline:
+        log.warning("stopping serf (pid %d) left over from an earlier agent", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+
+
+def _port_error(text: str, settings: SerfSettings) -> str | None:
+    if "address already in use" in text.lower():
+        if f":{settings.rpc_port}" in text:
+            return f"serf RPC port {settings.rpc_addr}:{settings.rpc_port} is already in use"
+        return (
+            f"gossip port {settings.bind_addr}:{settings.bind_port} is already in use "
+            "(another agent on this address? choose --gossip-port or --addr)"
+        )
+    if "cannot assign requested address" in text.lower():
+        return f"address {settings.bind_addr} is not an address of this host (--addr)"
+    return None
+
+
+class SerfAgent:
+    """Runs and supervises the serf child process."""
+
+    def __init__(self, settings: SerfSettings) -> None:
+        self.settings = settings
+        self.restarts = 0
+        self.running = False
+        self.leave_on_stop = False
+        self.last_error: str | None = None
+
+    def write_config(self) -> None:
+        path = self.settings.config_path
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.settings.config(), f)
+        os.replace(tmp, path)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        binary = find_serf(self.settings.binary)
+        stop_stale_serf(self.settings.pid_path, self.settings.config_path)
+        self.write_config()
+        backoff = 1.0
+        first = True
+        while True:
+            started_at = trio.current_time()
+            if first:
+                await self._run_once(binary, task_status)
+                first = False
+            else:
+                try:
+                    await self._run_once(binary, trio.TASK_STATUS_IGNORED)
+                except ConfigError as exc:  # e.g. the port is taken for a moment
+                    self.last_error = exc.message
+            self.restarts += 1
+            if trio.current_time() - started_at > 60:
+                backoff = 1.0
+            log.warning("serf exited (%s); restarting in %.0f s", self.last_error, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _run_once(self, binary: str, task_status: trio.TaskStatus[None]) -> None:
+        s = self.settings
+        # Opening a local log file for append does not block in any way that matters.
+        logf = open(s.log_path, "ab")  # noqa: SIM115, ASYNC230 - closed below, handed to the child
+        try:
+            proc = await trio.lowlevel.open_process(
+                [binary, "agent", f"-config-file={s.config_path}"],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+            )
+        finally:
+            logf.close()
+        s.pid_path.write_text(str(proc.pid))
+        try:
+            await self._wait_ready(proc)
+            self.running = True
+            task_status.started()
+            await proc.wait()
+            self.running = False
+            self.last_error = f"exit status {proc.returncode}"
+        finally:
+            self.running = False
+            with trio.CancelScope(shield=True):
+                await self._stop(proc)
+
+    async def _wait_ready(self, proc: trio.Process) -> None:
+        s = self.settings
+        with trio.move_on_after(STARTUP_TIMEOUT_S):
+            while proc.returncode is None:
+                try:
+                    stream = await trio.open_tcp_stream(s.rpc_addr, s.rpc_port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                return
+            raise ConfigError(self._startup_failure(proc.returncode))
+        raise ConfigError(f"serf did not open its RPC port within {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _startup_failure(self, code: int | None) -> str:
+        try:
+            tail = self.settings.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            tail = ""
+        reason = _port_error(tail, self.settings)
+        if reason:
+            return reason
+        last = [line for line in tail.splitlines() if line.strip()][-1:] or [f"status {code}"]
+        return f"serf failed to start: {last[0].strip()}"
+
+    async def _stop(self, proc: trio.Process) -> None:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT if self.leave_on_stop else signal.SIGTERM)
+            with trio.move_on_after(STOP_GRACE_S):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        try:
+            if self.settings.pid_path.read_text().strip() == str(proc.pid):
+                self.settings.pid_path.unlink()
+        except OSError:
+            pass

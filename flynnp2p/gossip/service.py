@@ -1,0 +1,217 @@
+"""The gossip service: serf child + RPC client + this node's view of the cluster.
+
+Theory of operation
+-------------------
+One task (``_refresh_loop``) owns the membership view.  It re-reads
+``members`` from serf whenever a member event arrives on the stream (events come
+1-3 s late, coalesced) and at least every ``POLL_S`` seconds, computes the
+election (``election.elect``) and publishes an immutable ``ClusterView``
+through a ``Watched``.  Everything else (the API, leader duties, the epoch tag)
+reads or waits on that value.
+
+Serf alone leaves stragglers for a minute after a partition heals or a node
+restarts, so while this node knows of failed members (or sees nobody but
+itself) it re-joins a random one of them every few seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from flynnp2p.errors import ConfigError
+from flynnp2p.gossip.codec import SerfError
+from flynnp2p.gossip.election import Election, elect, parse_candidate
+from flynnp2p.gossip.rpc import Member, SerfRPC, open_serf_rpc
+from flynnp2p.gossip.serf_agent import SerfAgent, SerfSettings
+from flynnp2p.watch import Watched
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+REJOIN_S = 3.0
+JOIN_TIMEOUT_S = 10.0
+DEFAULT_GOSSIP_PORT = 7946
+MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    self_name: str
+    members: tuple[Member, ...]
+    election: Election
+
+    @property
+    def is_leader(self) -> bool:
+        return self.election.leader == self.self_name
+
+    def member(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """This node's own leadership: ``epoch`` is the fencing token of its term."""
+
+    is_leader: bool
+    epoch: int
+
+
+def _empty_view(name: str) -> ClusterView:
+    return ClusterView(name, (), elect([]))
+
+
+def gossip_target(peer: str) -> str:
+    """``HOST`` or ``HOST:PORT`` → ``HOST:PORT`` (serf's join syntax)."""
+    peer = peer.strip()
+    if not peer:
+        raise ConfigError("empty peer address")
+    if peer.startswith("["):
+        return peer if "]:" in peer else f"{peer}:{DEFAULT_GOSSIP_PORT}"
+    try:
+        ipaddress.IPv6Address(peer)
+        return f"[{peer}]:{DEFAULT_GOSSIP_PORT}"
+    except ValueError:
+        pass
+    return peer if ":" in peer else f"{peer}:{DEFAULT_GOSSIP_PORT}"
+
+
+class Gossip:
+    def __init__(self, settings: SerfSettings, peers: Sequence[str] = ()) -> None:
+        self.settings = settings
+        self.serf = SerfAgent(settings)
+        self.peers = [gossip_target(p) for p in peers]
+        self.tags: dict[str, str] = dict(settings.tags)
+        self.view: Watched[ClusterView] = Watched(_empty_view(settings.node_name))
+        self.leadership: Watched[Leadership] = Watched(Leadership(False, 0))
+        self._rpc: SerfRPC | None = None
+        self._poke = trio.Event()
+
+    @property
+    def rpc(self) -> SerfRPC:
+        if self._rpc is None:
+            raise RuntimeError("gossip is not running")
+        return self._rpc
+
+    async def run(self, *, task_status: trio.TaskStatus[Gossip] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.serf.run)
+            async with open_serf_rpc(s.rpc_addr, s.rpc_port, s.rpc_auth) as rpc:
+                self._rpc = rpc
+                if self.peers:
+                    await self.join(self.peers)
+                await self._refresh()
+                nursery.start_soon(self._watch_member_events)
+                nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._rejoin_loop)
+                task_status.started(self)
+                await trio.sleep_forever()
+
+    async def join(self, targets: Sequence[str]) -> int:
+        """Join through any of ``targets``, retrying an unreachable peer for up to
+        ``JOIN_TIMEOUT_S`` (hosts booting together); a clear ConfigError otherwise."""
+        where = ", ".join(targets)
+        last = "no answer"
+        with trio.move_on_after(JOIN_TIMEOUT_S):
+            while True:
+                try:
+                    return await self.rpc.join(list(targets))
+                except SerfError as exc:
+                    last = " ".join(str(exc).split())
+                    if not _unreachable(last):
+                        raise ConfigError(f"could not join {where}: {_join_reason(last)}") from None
+                await trio.sleep(0.5)
+        raise ConfigError(
+            f"could not join {where} within {JOIN_TIMEOUT_S:.0f} s: {_join_reason(last)}"
+        )
+
+    async def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+        await self.rpc.set_tags(dict(tags))
+        self._poke.set()
+
+    async def _watch_member_events(self) -> None:
+        async with self.rpc.stream(MEMBER_EVENTS) as events:
+            async for _event in events:
+                self._poke.set()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            with trio.move_on_after(POLL_S):
+                await self._poke.wait()
+            self._poke = trio.Event()
+            try:
+                await self._refresh()
+            except SerfError as exc:  # serf restarting: keep the last view
+                log.debug("members refresh failed: %s", exc)
+
+    async def _refresh(self) -> None:
+        members = tuple(sorted(await self.rpc.members(), key=lambda m: m.name))
+        election = elect(parse_candidate(m.name, m.status, m.tags) for m in members)
+        view = ClusterView(self.settings.node_name, members, election)
+        old = self.view.value.election
+        if (old.leader, old.quorum) != (election.leader, election.quorum):
+            log.info("leader: %s (%s)", election.leader or "none", election.reason)
+        self.view.set(view)
+        await self._update_epoch(view)
+
+    async def _update_epoch(self, view: ClusterView) -> None:
+        """Keep the ``ep`` tag at the highest epoch seen; take a new one on promotion."""
+        mine = int(self.tags.get("ep", "0"))
+        current = self.leadership.value
+        if view.is_leader and not current.is_leader:
+            epoch = max(view.election.max_epoch, mine) + 1
+            await self.set_tags({"ep": str(epoch)})
+            log.info("this node is now the leader, epoch %d", epoch)
+            self.leadership.set(Leadership(True, epoch))
+        elif not view.is_leader:
+            if current.is_leader:
+                log.info("this node is no longer the leader")
+                self.leadership.set(Leadership(False, current.epoch))
+            if view.election.max_epoch > mine:
+                await self.set_tags({"ep": str(view.election.max_epoch)})
+
+    async def _rejoin_loop(self) -> None:
+        rng = random.Random()
+        while True:
+            await trio.sleep(REJOIN_S * (0.5 + rng.random()))
+            view = self.view.value
+            alive = [m for m in view.members if m.status == "alive"]
+            targets = [f"{_host(m.addr)}:{m.port}" for m in view.members if m.status == "failed"]
+            if len(alive) <= 1:
+                targets += self.peers
+            if not targets:
+                continue
+            target = rng.choice(targets)
+            with trio.move_on_after(JOIN_TIMEOUT_S):
+                try:
+                    await self.rpc.join([target])
+                except SerfError as exc:
+                    log.debug("re-join %s failed: %s", target, exc)
+
+
+def _host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
+
+
+def _unreachable(text: str) -> bool:
+    low = text.lower()
+    return any(s in low for s in ("connection refused", "i/o timeout", "no route", "no such host"))
+
+
+def _join_reason(text: str) -> str:
+    low = text.lower()
+    if "encrypt" in low or "decrypt" in low or "keys" in low:
+        return (
+            "the peer uses a different gossip key: --token must be this cluster's token "
+            f"(serf: {text.strip()})"
+        )
+    if _unreachable(text):
+        return f"the peer is unreachable (serf: {text.strip()})"
+    return text.strip()
