@@ -162,20 +162,29 @@ class Gossip:
         await self._update_epoch(view)
 
     async def _update_epoch(self, view: ClusterView) -> None:
-        """Keep the ``ep`` tag at the highest epoch seen; take a new one on promotion."""
+        """Keep the ``ep`` tag at the highest epoch seen; take a new one on promotion.
+
+        Serf answers a tag change only once it has broadcast it, and under load
+        that times out ("timeout waiting for update broadcast"); then nothing
+        changes here and the next refresh tries again.  A node is leader only
+        once its new epoch is published."""
         mine = int(self.tags.get("ep", "0"))
         current = self.leadership.value
-        if view.is_leader and not current.is_leader:
-            epoch = max(view.election.max_epoch, mine) + 1
-            await self.set_tags({"ep": str(epoch)})
-            log.info("this node is now the leader, epoch %d", epoch)
-            self.leadership.set(Leadership(True, epoch))
-        elif not view.is_leader:
-            if current.is_leader:
-                log.info("this node is no longer the leader")
-                self.leadership.set(Leadership(False, current.epoch))
-            if view.election.max_epoch > mine:
-                await self.set_tags({"ep": str(view.election.max_epoch)})
+        try:
+            if view.is_leader and not current.is_leader:
+                epoch = max(view.election.max_epoch, mine) + 1
+                await self.set_tags({"ep": str(epoch)})
+                log.info("this node is now the leader, epoch %d", epoch)
+                self.leadership.set(Leadership(True, epoch))
+            elif not view.is_leader:
+                if current.is_leader:
+                    log.info("this node is no longer the leader")
+                    self.leadership.set(Leadership(False, current.epoch))
+                if view.election.max_epoch > mine:
+                    await self.set_tags({"ep": str(view.election.max_epoch)})
+        except SerfError as exc:
+            log.warning("could not publish the epoch tag (will retry): %s", exc)
+            self._poke.set()
 
     async def _rejoin_loop(self) -> None:
         rng = random.Random()

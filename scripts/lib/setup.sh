@@ -30,8 +30,13 @@ ensure_venv() {
   local stamp=.venv/.flynnp2p-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "== installing flynnp2p and its test extras into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -U pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >/dev/null
+    local log=.venv/install.log
+    if ! { .venv/bin/python -m pip install -q --disable-pip-version-check -U pip &&
+           .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'; } >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "installing into .venv failed (log above, also in $log)" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
