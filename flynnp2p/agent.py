@@ -16,15 +16,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 import flynnp2p
 from flynnp2p.api.app import create_app
+from flynnp2p.api.apps import apps_blueprint
+from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.config import NodeConfig, save_node, serf_binary
+from flynnp2p.errors import ConfigError
+from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
 from flynnp2p.leader import LeaderDuties
+from flynnp2p.state.errors import StoreError
+from flynnp2p.state.service import StateService
+from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,10 @@ def memory_mb() -> int:
     return 0
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def _host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr else addr
 
@@ -51,7 +63,8 @@ class Agent:
         self.cfg = cfg
         self.token = token
         self.fresh = fresh
-        self.started_ms = int(time.time() * 1000)
+        self.started_ms = now_ms()
+        self.ready = False
         self.api_url = f"http://{_host(cfg.addr)}:{cfg.api_port}"
         settings = SerfSettings(
             node_name=cfg.name,
@@ -67,7 +80,20 @@ class Agent:
         )
         self.gossip = Gossip(settings, peers)
         self.duties = LeaderDuties(self.gossip.leadership)
-        self.api = ApiServer(create_app(self), cfg.addr, cfg.api_port)
+        self.http = httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {token.api_key}"},
+            timeout=10.0,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+        try:
+            store = SqliteStore(cfg.data_dir / "state", cfg.name)
+        except StoreError as exc:
+            raise ConfigError(f"cannot open the state store: {exc}") from None
+        self.state = StateService(store, GossipPeers(self.gossip), self.http, now_ms)
+        app = create_app(self)
+        app.register_blueprint(internal_blueprint(self.state))
+        app.register_blueprint(apps_blueprint(self))
+        self.api = ApiServer(app, cfg.addr, cfg.api_port)
 
     def _tags(self) -> dict[str, str]:
         c = self.cfg
@@ -86,15 +112,24 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         sockets = self.api.bind()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
-            await nursery.start(self.gossip.run)
-            if self.fresh:
-                save_node(self.cfg, self.token)
-            await nursery.start(self.api.run, sockets)
-            await nursery.start(self.duties.run)
-            log.info("node %s is up: API %s", self.cfg.name, self.api_url)
-            task_status.started(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
+                await nursery.start(self.gossip.run)
+                if self.fresh:
+                    save_node(self.cfg, self.token)
+                # The API serves peers' pulls as soon as it is up; the state
+                # service first copies what it lacks from a peer.
+                await nursery.start(self.api.run, sockets)
+                await nursery.start(self.state.run)
+                await nursery.start(self.duties.run)
+                self.ready = True
+                log.info("node %s is up: API %s", self.cfg.name, self.api_url)
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.http.aclose()
+            self.state.store.close()
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -103,6 +138,27 @@ class Agent:
                 self.gossip.serf.leave_on_stop = True
                 scope.cancel()
                 return
+
+    # -- what the API needs (flynnp2p.api.apps.ClusterContext) ---------------
+
+    @property
+    def api_key(self) -> str:
+        return self.token.api_key
+
+    @property
+    def cluster_domain(self) -> str:
+        return self.cfg.domain
+
+    def is_leader(self) -> bool:
+        return self.gossip.leadership.value.is_leader
+
+    def leader_api(self) -> str | None:
+        view = self.gossip.view.value
+        leader = view.member(view.election.leader) if view.election.leader else None
+        return leader.tags.get("api") if leader is not None else None
+
+    def now_ms(self) -> int:
+        return now_ms()
 
     # -- what the API shows -------------------------------------------------
 
@@ -153,6 +209,13 @@ class Agent:
                     "last_error": serf.last_error,
                 },
                 "api": {"ok": True},
+                "state": {
+                    "ok": self.ready,
+                    "origin": self.state.origin,
+                    "records": len(self.state.state),
+                    "vv": dict(self.state.state.vv),
+                    **self.state.stats,
+                },
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
             },
             "versions": {"flynnp2p": flynnp2p.__version__},

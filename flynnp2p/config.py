@@ -30,6 +30,8 @@ DEFAULT_GOSSIP_PORT = 7946
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTPS_PORT = 8443
 DEFAULT_ROLES = ("scheduler", "host")
+DEFAULT_DOMAIN = "flynnp2p.localhost"
+DOMAIN_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def default_data_dir() -> Path:
@@ -74,6 +76,7 @@ class NodeConfig:
     roles: tuple[str, ...] = DEFAULT_ROLES
     tags: dict[str, str] = field(default_factory=dict)
     cluster_id: str = ""
+    domain: str = DEFAULT_DOMAIN
 
     def validate(self) -> None:
         if not NAME_RE.match(self.name):
@@ -93,6 +96,8 @@ class NodeConfig:
         ):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"invalid {label} {port}: use 1-65535")
+        if len(self.domain) > 200 or not DOMAIN_RE.match(self.domain):
+            raise ConfigError(f"invalid --domain {self.domain!r}: give a lowercase DNS name")
         for key in self.tags:
             if not TAG_KEY_RE.match(key):
                 raise ConfigError(f"invalid tag key {key!r}: use lowercase letters, digits, '_.-'")
@@ -152,6 +157,7 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             roles=tuple(raw["roles"]),
             tags=dict(raw.get("tags", {})),
             cluster_id=raw["cluster_id"],
+            domain=raw.get("domain", DEFAULT_DOMAIN),
         )
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from flynnp2p.errors import FlynnError, Unauthorized
@@ -20,13 +21,26 @@ from flynnp2p.token import ClusterToken
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+MAX_PEER_BODY = 256 << 20
+PEER_PREFIX = "/v1/internal/"
 PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+class _Request(TrioRequest):
+    """Users' bodies are capped at 1 MiB; peers' state deltas may be larger."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        path = args[2] if len(args) > 2 else kwargs.get("path", "")
+        if str(path).startswith(PEER_PREFIX):
+            kwargs["max_content_length"] = MAX_PEER_BODY
+        super().__init__(*args, **kwargs)
 
 
 class NodeStatus(Protocol):
     """What the API needs from the agent."""
 
     token: ClusterToken
+    ready: bool
 
     def status(self) -> dict[str, Any]: ...
 
@@ -41,6 +55,7 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 def create_app(node: NodeStatus) -> QuartTrio:
     app = QuartTrio("flynnp2p")
+    app.request_class = _Request
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
 
@@ -67,7 +82,12 @@ def create_app(node: NodeStatus) -> QuartTrio:
             message = f"no such endpoint: {request.method} {request.path}"
         elif exc.code == 405:
             message = f"method {request.method} is not allowed on {request.path}"
-        return error_response(exc.code or 400, code, message)
+        resp = error_response(exc.code or 400, code, message)
+        if exc.code == 413:
+            # The rest of the body is still on its way: this connection cannot
+            # carry another request, so say so (a client reusing it would hang).
+            resp.headers["Connection"] = "close"
+        return resp
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
@@ -76,7 +96,9 @@ def create_app(node: NodeStatus) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return jsonify({"ok": True})
+        resp = jsonify({"ok": node.ready})
+        resp.status_code = 200 if node.ready else 503
+        return resp
 
     @app.get("/v1/status")
     async def status() -> Response:

@@ -64,6 +64,8 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         cfg.roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
     if args.tag:
         cfg.tags = _parse_tags(args.tag)
+    if args.domain is not None:
+        cfg.domain = args.domain
     cfg.validate()
     return cfg, token, fresh
 

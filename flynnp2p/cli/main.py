@@ -39,6 +39,7 @@ def _add_join(sub: Any) -> None:
     p.add_argument("--https-port", type=int, help="router HTTPS port (default 8443)")
     p.add_argument("--roles", help="comma-separated roles (default scheduler,host)")
     p.add_argument("--tag", action="append", default=[], metavar="K=V", help="host tag (repeatable)")
+    p.add_argument("--domain", help="cluster domain: apps get <app>.<domain> (default flynnp2p.localhost)")
     p.set_defaults(func=cmd_join)
 
 
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = cls.add_parser("status", help="members, their state and the leader")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_cluster_status)
+
+    # App commands (create, apps, info, delete, env, release, route, scale).
+    # Imported here: flynnp2p.cli.apps imports this module.
+    from flynnp2p.cli.apps import add_app_commands
+
+    add_app_commands(sub)
     return parser
 
 

@@ -17,10 +17,12 @@ itself) it re-joins a random one of them every few seconds.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -86,6 +88,11 @@ class Gossip:
         self.settings = settings
         self.serf = SerfAgent(settings)
         self.peers = [gossip_target(p) for p in peers]
+        # Serf's snapshot did not always hold the peers of a node killed a few
+        # seconds after joining (measured: only its own entry), so the agent
+        # keeps its own list of the members it last saw alive.
+        self.known_path = settings.data_dir / "known-peers.json"
+        self.known = _load_known(self.known_path)
         self.tags: dict[str, str] = dict(settings.tags)
         self.view: Watched[ClusterView] = Watched(_empty_view(settings.node_name))
         self.leadership: Watched[Leadership] = Watched(Leadership(False, 0))
@@ -106,6 +113,12 @@ class Gossip:
                 self._rpc = rpc
                 if self.peers:
                     await self.join(self.peers)
+                elif self.known:
+                    with trio.move_on_after(JOIN_TIMEOUT_S):
+                        try:
+                            await rpc.join(self.known)
+                        except SerfError as exc:
+                            log.info("could not rejoin known peers yet: %s", exc)
                 await self._refresh()
                 nursery.start_soon(self._watch_member_events)
                 nursery.start_soon(self._refresh_loop)
@@ -159,6 +172,7 @@ class Gossip:
         if (old.leader, old.quorum) != (election.leader, election.quorum):
             log.info("leader: %s (%s)", election.leader or "none", election.reason)
         self.view.set(view)
+        self._remember(view)
         await self._update_epoch(view)
 
     async def _update_epoch(self, view: ClusterView) -> None:
@@ -194,7 +208,7 @@ class Gossip:
             alive = [m for m in view.members if m.status == "alive"]
             targets = [f"{_host(m.addr)}:{m.port}" for m in view.members if m.status == "failed"]
             if len(alive) <= 1:
-                targets += self.peers
+                targets += self.peers or self.known
             if not targets:
                 continue
             target = rng.choice(targets)
@@ -203,6 +217,27 @@ class Gossip:
                     await self.rpc.join([target])
                 except SerfError as exc:
                     log.debug("re-join %s failed: %s", target, exc)
+
+
+    def _remember(self, view: ClusterView) -> None:
+        known = sorted(
+            f"{_host(m.addr)}:{m.port}"
+            for m in view.members
+            if m.status == "alive" and m.name != view.self_name
+        )
+        if known and known != self.known:
+            self.known = known
+            tmp = self.known_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(self.known_path)
+
+
+def _load_known(path: Path) -> list[str]:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [k for k in known if isinstance(k, str)] if isinstance(known, list) else []
 
 
 def _host(addr: str) -> str:

@@ -1,0 +1,727 @@
+"""Apps, releases, formations, routes and the event stream, over the replicated state.
+
+    POST   /v1/apps                          {"name"?, "meta"?}: the app and its default route
+    GET    /v1/apps
+    GET    /v1/apps/<app>                    the app, its current release, formation, routes
+    PATCH  /v1/apps/<app>                    {"meta"?: {k: v | null}, "strategy"?}
+    DELETE /v1/apps/<app>                    the app, its routes and formation, in one batch
+    POST   /v1/apps/<app>/releases           {"artifacts", "env", "processes", "meta"}
+    GET    /v1/apps/<app>/releases[/<id>]    newest first (releases are immutable)
+    GET    /v1/apps/<app>/formation
+    PUT    /v1/apps/<app>/formation          {"processes": {type: count}, "release_id"?}
+    GET    /v1/apps/<app>/env
+    PATCH  /v1/apps/<app>/env                {"set"?: {K: V}, "unset"?: [K]}: a new release
+    GET    /v1/apps/<app>/routes
+    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"}
+    DELETE /v1/apps/<app>/routes/<id>
+    GET    /v1/events[?kinds=app,route]      Server-Sent Events of record changes (resume:
+                                             Last-Event-ID header or ?last_event_id=)
+
+``<app>`` is an app's name or id. Every write answers with ``"replicas"``: how many
+nodes hold it (this one included).
+
+Theory of operation
+-------------------
+Any node answers: reads come from this node's snapshot of the replicated state, and
+each request's writes are one atomic batch (`ReplicatedState.write`), so a reader
+never sees an app without its default route, or a new env release that the
+formation does not point at yet.
+
+Uniqueness. The replicated map resolves concurrent writes last-writer-wins, which
+cannot keep app names, TCP ports or HTTP domain+path unique. So those are allocated
+by one node, the leader: any other node forwards the request to the leader's API
+(marked ``X-Flynnp2p-Forwarded: 1``, so it is never forwarded twice) and relays the
+answer; on the leader one lock serialises check-then-write. The window this leaves
+is a leadership change: an old and a new leader overlapping for a moment, or a new
+leader that has not yet received its predecessor's last allocation.
+
+Events. ``/v1/events`` uses the subscription only as a wake-up; what it sends comes
+from the service's ring of numbered events (`events_since`), so every event carries
+its id and a client that reconnects with ``Last-Event-ID`` misses nothing. An id the
+ring no longer holds (too old, or from another node: ids are per node) gets an
+``event: reset`` followed by the current records, then live events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import httpx
+import trio
+from quart import Blueprint, Response, jsonify, request
+
+from flynnp2p.api.app import error_response
+from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
+from flynnp2p.state.errors import RecordError
+from flynnp2p.state.merge import Change, Delete, Entry, State
+from flynnp2p.state.records import (
+    APP_NAME_RE,
+    ENV_NAME_RE,
+    ID,
+    ID_RE,
+    KIND_CHOICES,
+    KINDS,
+    META,
+    PROCESS_TYPE,
+    App,
+    Artifact,
+    Certificate,
+    Formation,
+    Record,
+    Release,
+    Route,
+)
+from flynnp2p.state.schema import Dict, Int, Seq, Str
+
+FORWARDED = "X-Flynnp2p-Forwarded"
+FORWARD_TIMEOUT_S = 15.0
+KEEPALIVE_S = 15.0
+
+_REF = re.compile(ID_RE)
+_REF_ACCEPTED = "1-128 letters, digits and _.:@-, starting with a letter or digit"
+_NAME = re.compile(APP_NAME_RE)
+_NAME_ACCEPTED = (
+    "1 to 63 lowercase letters, digits and single dashes, starting with a letter "
+    "and not ending with a dash"
+)
+_COUNTS = Dict(PROCESS_TYPE, Int(0, 10_000), max_items=64)
+_ENV_NAME = Str(ENV_NAME_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+_ENV_SET = Dict(_ENV_NAME, Str(None, "a string of up to 32768 characters", 32768, 0))
+_ENV_UNSET = Seq(_ENV_NAME, max_items=256)
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+_ADJECTIVES = (
+    "amber", "autumn", "bold", "brave", "bright", "calm", "crimson", "dawn", "eager", "fancy",
+    "gentle", "golden", "happy", "hidden", "icy", "jolly", "lively", "lucky", "misty", "nimble",
+    "proud", "quiet", "rapid", "silent", "snowy", "sunny", "swift",
+)
+_NOUNS = (
+    "badger", "bay", "brook", "canyon", "cloud", "comet", "creek", "dune", "falcon", "fern",
+    "field", "forest", "harbor", "heron", "lake", "meadow", "moon", "otter", "pine", "river",
+    "sky", "sparrow", "star", "stone", "wave", "willow",
+)
+
+
+# -- the seams --------------------------------------------------------------
+
+
+class WriteOutcome(Protocol):
+    @property
+    def replicas(self) -> int:
+        """Nodes that hold the write, this one included."""
+        ...
+
+
+class ReplicatedState(Protocol):
+    """What this API needs from `flynnp2p.state.service.StateService`."""
+
+    @property
+    def state(self) -> State:
+        """The current snapshot (immutable; never blocks)."""
+        ...
+
+    @property
+    def last_event_id(self) -> int: ...
+
+    async def write(self, changes: Sequence[Change]) -> WriteOutcome:
+        """Commit one atomic batch; `ClusterError` (503) when no alive peer acknowledged it."""
+        ...
+
+    def subscribe(
+        self, kinds: Collection[str] | None = None
+    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]:
+        """The snapshot, then every later change (no gap). It must not open a cancel
+        scope or nursery: the event stream yields inside it."""
+        ...
+
+    def events_since(self, event_id: int) -> list[tuple[int, Entry]] | None:
+        """Numbered events after `event_id`; None when the ring does not reach back."""
+        ...
+
+
+class ClusterContext(Protocol):
+    """What the agent hands to `apps_blueprint`."""
+
+    @property
+    def state(self) -> ReplicatedState: ...
+
+    @property
+    def api_key(self) -> str:
+        """The bearer this node presents when it forwards a request to the leader."""
+        ...
+
+    @property
+    def cluster_domain(self) -> str:
+        """Apps get the default route ``<name>.<cluster_domain>``."""
+        ...
+
+    def is_leader(self) -> bool: ...
+
+    def leader_api(self) -> str | None:
+        """The leader's API as ``host:port``, or None while there is no leader."""
+        ...
+
+    def now_ms(self) -> int: ...
+
+
+# -- input at the edge ------------------------------------------------------
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ref(what: str, value: str) -> str:
+    """A name or id taken from the URL path."""
+    if _REF.fullmatch(value) is None:
+        raise UserError(f"{what}: expected a name or id of {_REF_ACCEPTED}, got {_show(value)}")
+    return value
+
+
+def app_name(value: object) -> str:
+    if type(value) is not str or len(value) > 63 or _NAME.fullmatch(value) is None:
+        raise UserError(f"name: expected {_NAME_ACCEPTED}, got {_show(value)}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _json_body(
+    allowed: Collection[str], required: Collection[str] = (), *, empty_ok: bool = False
+) -> dict[str, Any]:
+    """The request's JSON object; only `allowed` fields, all `required` ones present.
+
+    Bodies over MAX_CONTENT_LENGTH never get here (quart answers 413).
+    """
+    data = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+    if not data.strip():
+        if empty_ok:
+            return {}
+        raise UserError("body: expected a JSON object, got an empty body")
+    try:
+        body = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise UserError("body: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise UserError(f"body: not valid JSON ({_show(str(exc), 120)})") from None
+    if not isinstance(body, dict):
+        raise UserError(f"body: expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        raise UserError(
+            f"body: unknown field(s) {_show(unknown, 200)}; accepted: {sorted(allowed)}"
+        )
+    for name in required:
+        if name not in body:
+            raise UserError(f"body.{name}: missing (required)")
+    return body
+
+
+# -- output -----------------------------------------------------------------
+
+
+def wire(record: Record) -> dict[str, object]:
+    """A record as the API shows it: its wire form without the schema version."""
+    out = record.to_wire()
+    del out["v"]
+    if isinstance(record, Certificate):
+        out["key_pem"] = "(redacted)"
+    return out
+
+
+def _json(body: Mapping[str, object], status: int = 200) -> Response:
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+def sse(event_id: int | None, event: str, data: object) -> bytes:
+    """One Server-Sent Event (the JSON is on one line, so one ``data:`` field)."""
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _change(entry: Entry) -> dict[str, object]:
+    return {
+        "kind": entry.kind,
+        "key": entry.key,
+        "op": "put" if entry.value is not None else "delete",
+        "value": None if entry.value is None else wire(entry.value),
+    }
+
+
+# -- reads of the state -----------------------------------------------------
+
+
+def find_app(state: State, ref: str) -> App:
+    app = state.record(App, ref)
+    if app is None:
+        app = next((a for a in state.records(App) if a.name == ref), None)
+    if app is None:
+        raise NotFound(f"no app named {ref!r} (see GET /v1/apps)")
+    return app
+
+
+def releases_of(state: State, app: App) -> list[Release]:
+    """The app's releases, newest first."""
+    mine = [r for r in state.records(Release) if r.app_id == app.id]
+    return sorted(mine, key=lambda r: (r.created_at, r.id), reverse=True)
+
+
+def current_release(state: State, app: App) -> Release | None:
+    """The formation's release, else the app's newest release."""
+    formation = state.record(Formation, app.id)
+    if formation is not None:
+        release = state.record(Release, formation.release_id)
+        if release is not None:
+            return release
+    newest = releases_of(state, app)
+    return newest[0] if newest else None
+
+
+def routes_of(state: State, app: App) -> list[Route]:
+    mine = [r for r in state.records(Route) if r.app_id == app.id]
+    return sorted(mine, key=lambda r: (r.type, r.domain or "", r.path, r.port or 0, r.id))
+
+
+def route_clash(state: State, route: Route) -> str | None:
+    """Why `route` cannot be added (its domain+path or port is taken), or None."""
+    for other in state.records(Route):
+        if other.type != route.type or other.id == route.id:
+            continue
+        if route.type == "tcp" and other.port == route.port:
+            what = f"tcp port {route.port}"
+        elif route.type == "http" and (other.domain, other.path) == (route.domain, route.path):
+            what = f"http route {route.domain}{'' if route.path == '/' else route.path}"
+        else:
+            continue
+        owner = state.record(App, other.app_id)
+        return f"{what} is taken by app {owner.name if owner else other.app_id!r} (route {other.id})"
+    return None
+
+
+# -- the API ----------------------------------------------------------------
+
+
+class AppsApi:
+    """The request handlers; one instance per node (it holds the allocation lock)."""
+
+    def __init__(
+        self,
+        ctx: ClusterContext,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.transport = transport
+        self.rng = rng or secrets.SystemRandom()
+        self.unique = trio.Lock()
+
+    # apps
+
+    async def create_app(self) -> Response:
+        body = await _json_body({"name", "meta"}, empty_ok=True)
+        name = None if body.get("name") is None else app_name(body["name"])
+        meta = META.decode("app.meta", body.get("meta", {}))
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.unique:
+            state = self.ctx.state.state
+            taken = {a.name: a for a in state.records(App)}
+            if name is None:
+                name = self._fresh_name(taken)
+            elif name in taken:
+                raise Conflict(f"an app named {name!r} already exists (id {taken[name].id})")
+            now = self.ctx.now_ms()
+            app = App(id=uuid.uuid4().hex, name=name, created_at=now, meta=meta)
+            route = Route(
+                id=uuid.uuid4().hex,
+                app_id=app.id,
+                type="http",
+                created_at=now,
+                domain=f"{name}.{self.ctx.cluster_domain}",
+            )
+            clash = route_clash(state, route)
+            if clash is not None:
+                raise Conflict(f"cannot create app {name!r}: its default {clash}")
+            result = await self.ctx.state.write([app, route])
+        return _json({"app": wire(app), "routes": [wire(route)], "replicas": result.replicas}, 201)
+
+    def _fresh_name(self, taken: Collection[str]) -> str:
+        for _ in range(100):
+            name = (
+                f"{self.rng.choice(_ADJECTIVES)}-{self.rng.choice(_NOUNS)}-"
+                f"{self.rng.randrange(1000, 10000)}"
+            )
+            if name not in taken:
+                return name
+        raise ClusterError("could not find a free app name; pass one")
+
+    async def list_apps(self) -> Response:
+        apps = sorted(self.ctx.state.state.records(App), key=lambda a: a.name)
+        return _json({"apps": [wire(a) for a in apps]})
+
+    async def get_app(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        release = current_release(state, found)
+        formation = state.record(Formation, found.id)
+        return _json(
+            {
+                "app": wire(found),
+                "release": None if release is None else wire(release),
+                "formation": None if formation is None else wire(formation),
+                "routes": [wire(r) for r in routes_of(state, found)],
+            }
+        )
+
+    async def patch_app(self, app: str) -> Response:
+        body = await _json_body({"meta", "strategy"})
+        if not body:
+            raise UserError("body: nothing to change; accepted fields: meta, strategy")
+        found = find_app(self.ctx.state.state, _ref("app", app))
+        meta = dict(found.meta)
+        patch = body.get("meta", {})
+        if not isinstance(patch, dict):
+            raise UserError(f"app.meta: expected a map of label to string or null, got {_show(patch)}")
+        for key, value in patch.items():
+            if value is None:
+                meta.pop(key, None)  # JSON merge patch: null removes the key
+            else:
+                meta[key] = value
+        updated = dataclasses.replace(found, meta=meta, strategy=body.get("strategy", found.strategy))
+        result = await self.ctx.state.write([updated])
+        return _json({"app": wire(updated), "replicas": result.replicas})
+
+    async def delete_app(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        routes = routes_of(state, found)
+        changes: list[Change] = [Delete(App.KIND, found.id)]
+        changes += [Delete(Route.KIND, r.id) for r in routes]
+        had_formation = state.record(Formation, found.id) is not None
+        if had_formation:
+            changes.append(Delete(Formation.KIND, found.id))
+        result = await self.ctx.state.write(changes)
+        deleted = {
+            "app": found.id,
+            "name": found.name,
+            "routes": [r.id for r in routes],
+            "formation": had_formation,
+        }
+        return _json({"deleted": deleted, "replicas": result.replicas})
+
+    # releases
+
+    async def create_release(self, app: str) -> Response:
+        body = await _json_body({"artifacts", "env", "processes", "meta"})
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.ctx.now_ms()}
+        release = Release.decode_fields("release", {**fields, **body})
+        for i, artifact in enumerate(release.artifacts):
+            if state.record(Artifact, artifact) is None:
+                raise UserError(f"release.artifacts[{i}]: no artifact {artifact!r} in the cluster")
+        result = await self.ctx.state.write([release])
+        return _json({"release": wire(release), "replicas": result.replicas}, 201)
+
+    async def list_releases(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        return _json({"releases": [wire(r) for r in releases_of(state, found)]})
+
+    async def get_release(self, app: str, release_id: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        release = state.record(Release, _ref("release", release_id))
+        if release is None or release.app_id != found.id:
+            raise NotFound(f"app {found.name!r} has no release {release_id!r}")
+        return _json({"release": wire(release)})
+
+    # formation
+
+    async def get_formation(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        formation = state.record(Formation, found.id)
+        return _json({"formation": None if formation is None else wire(formation)})
+
+    async def put_formation(self, app: str) -> Response:
+        body = await _json_body({"processes", "release_id"}, required={"processes"})
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        counts = _COUNTS.decode("formation.processes", body["processes"])
+        current = state.record(Formation, found.id)
+        release: Release | None
+        if body.get("release_id") is not None:
+            release_id = ID.decode("formation.release_id", body["release_id"])
+            release = state.record(Release, release_id)
+            if release is None or release.app_id != found.id:
+                raise UserError(f"formation.release_id: app {found.name!r} has no release {release_id!r}")
+        else:
+            release = current_release(state, found)
+            if release is None:
+                raise UserError(
+                    f"app {found.name!r} has no release yet: create a release first "
+                    "(git push, or POST /v1/apps/<app>/releases)"
+                )
+        unknown = sorted(t for t in counts if t not in release.processes)
+        if unknown:
+            has = ", ".join(sorted(release.processes)) or "none"
+            raise UserError(
+                f"formation.processes: release {release.id} has no process type "
+                f"{unknown[0]!r}; its types: {has}"
+            )
+        formation = Formation(
+            app_id=found.id,
+            release_id=release.id,
+            updated_at=self.ctx.now_ms(),
+            processes=counts,
+            tags=current.tags if current is not None else {},
+        )
+        result = await self.ctx.state.write([formation])
+        return _json({"formation": wire(formation), "replicas": result.replicas})
+
+    # env
+
+    async def get_env(self, app: str) -> Response:
+        state = self.ctx.state.state
+        release = current_release(state, find_app(state, _ref("app", app)))
+        env = {} if release is None else dict(release.env)
+        return _json({"env": env, "release_id": None if release is None else release.id})
+
+    async def patch_env(self, app: str) -> Response:
+        body = await _json_body({"set", "unset"})
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        to_set = _ENV_SET.decode("env.set", body.get("set", {}))
+        to_unset = _ENV_UNSET.decode("env.unset", body.get("unset", []))
+        if not to_set and not to_unset:
+            raise UserError("body: nothing to change; give 'set': {NAME: value} and/or 'unset': [NAME]")
+        both = sorted(set(to_set) & set(to_unset))
+        if both:
+            raise UserError(f"env: {both[0]!r} is both set and unset")
+        now = self.ctx.now_ms()
+        current = current_release(state, found)
+        env = {} if current is None else dict(current.env)
+        for name in to_unset:
+            env.pop(name, None)
+        env.update(to_set)
+        new_id = uuid.uuid4().hex
+        if current is None:
+            release = Release(id=new_id, app_id=found.id, created_at=now, env=env)
+        else:
+            release = dataclasses.replace(current, id=new_id, created_at=now, env=env)
+        formation = state.record(Formation, found.id)
+        if formation is None:
+            formation = Formation(app_id=found.id, release_id=new_id, updated_at=now)
+        else:
+            formation = dataclasses.replace(formation, release_id=new_id, updated_at=now)
+        result = await self.ctx.state.write([release, formation])
+        return _json(
+            {
+                "env": dict(release.env),
+                "release": wire(release),
+                "formation": wire(formation),
+                "replicas": result.replicas,
+            }
+        )
+
+    # routes
+
+    async def list_routes(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        return _json({"routes": [wire(r) for r in routes_of(state, found)]})
+
+    async def create_route(self, app: str) -> Response:
+        body = await _json_body(
+            {"type", "domain", "path", "port", "process_type", "sticky"}, required={"type"}
+        )
+        found = find_app(self.ctx.state.state, _ref("app", app))
+        fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.ctx.now_ms()}
+        route = Route.decode_fields("route", {**fields, **body})
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.unique:
+            state = self.ctx.state.state
+            if state.record(App, found.id) is None:
+                raise NotFound(f"app {found.name!r} was deleted meanwhile")
+            clash = route_clash(state, route)
+            if clash is not None:
+                raise Conflict(clash)
+            result = await self.ctx.state.write([route])
+        return _json({"route": wire(route), "replicas": result.replicas}, 201)
+
+    async def delete_route(self, app: str, route_id: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        route = state.record(Route, _ref("route", route_id))
+        if route is None or route.app_id != found.id:
+            raise NotFound(f"app {found.name!r} has no route {route_id!r}")
+        result = await self.ctx.state.write([Delete(Route.KIND, route.id)])
+        return _json({"deleted": route.id, "replicas": result.replicas})
+
+    # uniqueness: the leader allocates
+
+    async def _via_leader(self) -> Response | None:
+        """None if this node is the leader (allocate here); else the leader's answer."""
+        if self.ctx.is_leader():
+            return None
+        if request.headers.get(FORWARDED):
+            raise ClusterError("this node is no longer the leader (leadership moved); retry")
+        leader = self.ctx.leader_api()
+        if leader is None:
+            raise ClusterError(
+                "the cluster has no leader right now (no quorum?); app names, TCP ports and "
+                "HTTP domains are allocated by the leader: retry later "
+                "(see 'flynnp2p cluster status')"
+            )
+        data = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+        headers = {
+            "Authorization": f"Bearer {self.ctx.api_key}",
+            "Content-Type": "application/json",
+            FORWARDED: "1",
+        }
+        try:
+            async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT_S) as http:
+                resp = await http.request(
+                    request.method, f"http://{leader}{request.path}", content=data, headers=headers
+                )
+        except httpx.HTTPError as exc:
+            raise ClusterError(
+                f"cannot reach the leader at {leader}: {exc or type(exc).__name__}"
+            ) from None
+        return Response(
+            resp.content,
+            status=resp.status_code,
+            content_type=resp.headers.get("content-type", "application/json"),
+        )
+
+    # events
+
+    async def events(self) -> Response:
+        kinds = _kinds(request.args.get("kinds"))
+        last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+        if last is not None and _EVENT_ID.fullmatch(last.strip()) is None:
+            raise UserError(f"Last-Event-ID: expected an event id (an integer), got {_show(last)}")
+        last_id = None if last is None else int(last)
+        resp = Response(self._event_stream(kinds, last_id), content_type="text/event-stream")
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.timeout = None  # quart would cut a response after RESPONSE_TIMEOUT
+        return resp
+
+    async def _event_stream(
+        self, kinds: frozenset[str] | None, last_id: int | None
+    ) -> AsyncIterator[bytes]:
+        # No `yield` inside a cancel scope here: trio forbids it in async generators.
+        service = self.ctx.state
+        yield b"retry: 2000\n\n"
+        before = service.last_event_id  # the snapshot below holds at least this much
+        async with service.subscribe(kinds) as (snapshot, wakeups):
+            cursor = before if last_id is None else last_id
+            if last_id is not None and service.events_since(last_id) is None:
+                yield _reset(snapshot, kinds, before, f"event {last_id} is not in this node's log")
+                cursor = before
+            ended = False
+            while True:
+                batch = service.events_since(cursor)
+                if batch is None:  # this client fell behind the ring
+                    cursor = service.last_event_id
+                    yield _reset(service.state, kinds, cursor, "the stream fell behind")
+                elif batch:
+                    cursor = batch[-1][0]
+                    out = b"".join(
+                        sse(i, e.kind, _change(e)) for i, e in batch if kinds is None or e.kind in kinds
+                    )
+                    if out:
+                        yield out
+                if ended:
+                    return  # dropped as too slow, or the node stops: the client resumes
+                woke = False
+                with trio.move_on_after(KEEPALIVE_S):
+                    ended = await _next_changes(wakeups)
+                    woke = True
+                if not woke:
+                    yield b": keep-alive\n\n"
+
+
+def _kinds(text: str | None) -> frozenset[str] | None:
+    if text is None or not text.strip():
+        return None
+    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(kinds - set(KINDS))
+    if unknown:
+        raise UserError(f"kinds: unknown kind {_show(unknown[0])}; accepted: {KIND_CHOICES}")
+    return kinds
+
+
+async def _next_changes(wakeups: trio.MemoryReceiveChannel[list[Entry]]) -> bool:
+    """Wait for changes and drain what is queued; True when the subscription ended."""
+    try:
+        await wakeups.receive()
+        while True:
+            wakeups.receive_nowait()
+    except trio.WouldBlock:
+        return False
+    except trio.EndOfChannel:
+        return True
+
+
+def _reset(state: State, kinds: frozenset[str] | None, cursor: int, reason: str) -> bytes:
+    """``event: reset`` then every live record, the last carrying the resume id."""
+    live = [e for e in state.entries() if e.value is not None and (kinds is None or e.kind in kinds)]
+    reset = sse(None if live else cursor, "reset", {"reason": reason, "last_event_id": cursor})
+    puts = (sse(cursor if i == len(live) - 1 else None, e.kind, _change(e)) for i, e in enumerate(live))
+    return reset + b"".join(puts)
+
+
+def apps_blueprint(
+    ctx: ClusterContext,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    rng: random.Random | None = None,
+) -> Blueprint:
+    """The app API; `transport` replaces the network when forwarding (tests)."""
+    api = AppsApi(ctx, transport, rng)
+    bp = Blueprint("apps", __name__)
+    rules: Iterable[tuple[str, str, Any]] = (
+        ("POST", "/v1/apps", api.create_app),
+        ("GET", "/v1/apps", api.list_apps),
+        ("GET", "/v1/apps/<app>", api.get_app),
+        ("PATCH", "/v1/apps/<app>", api.patch_app),
+        ("DELETE", "/v1/apps/<app>", api.delete_app),
+        ("POST", "/v1/apps/<app>/releases", api.create_release),
+        ("GET", "/v1/apps/<app>/releases", api.list_releases),
+        ("GET", "/v1/apps/<app>/releases/<release_id>", api.get_release),
+        ("GET", "/v1/apps/<app>/formation", api.get_formation),
+        ("PUT", "/v1/apps/<app>/formation", api.put_formation),
+        ("GET", "/v1/apps/<app>/env", api.get_env),
+        ("PATCH", "/v1/apps/<app>/env", api.patch_env),
+        ("GET", "/v1/apps/<app>/routes", api.list_routes),
+        ("POST", "/v1/apps/<app>/routes", api.create_route),
+        ("DELETE", "/v1/apps/<app>/routes/<route_id>", api.delete_route),
+        ("GET", "/v1/events", api.events),
+    )
+    for method, rule, view in rules:
+        bp.add_url_rule(rule, f"{view.__name__}", view, methods=[method])
+
+    @bp.errorhandler(RecordError)
+    async def record_error(exc: RecordError) -> Response:
+        return error_response(400, "bad_request", str(exc))
+
+    return bp

@@ -1,0 +1,56 @@
+"""Peer-to-peer endpoints of the state replication (msgpack, cluster secret).
+
+    POST /v1/internal/state/push   a peer's incomplete delta; 200 once committed here
+    POST /v1/internal/state/sync   {"vv"} → streamed chunks of the delta it lacks
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from quart import Blueprint, Response, request
+
+from flynnp2p.errors import UserError
+from flynnp2p.state.errors import RecordError, StaleReplicaError
+from flynnp2p.state.merge import decode_vector
+from flynnp2p.state.service import MSGPACK, StateService, pack
+
+
+async def _msgpack_body() -> Any:
+    data = await request.get_data(cache=False)
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise UserError(f"body is not msgpack: {exc}") from None
+
+
+def internal_blueprint(state: StateService) -> Blueprint:
+    bp = Blueprint("internal", __name__, url_prefix="/v1/internal")
+
+    @bp.post("/state/push")
+    async def push() -> Response:
+        wire = await _msgpack_body()
+        try:
+            applied = await state.receive(wire)
+        except RecordError as exc:
+            raise UserError(f"bad delta: {exc}") from None
+        except StaleReplicaError:
+            return Response(pack({"stale": True}), status=409, content_type=MSGPACK)
+        return Response(pack({"applied": len(applied)}), content_type=MSGPACK)
+
+    @bp.post("/state/sync")
+    async def sync() -> Response:
+        body = await _msgpack_body()
+        if not isinstance(body, dict):
+            raise UserError("expected a map with 'vv'")
+        try:
+            vv = decode_vector("vv", body.get("vv", {}))
+        except RecordError as exc:
+            raise UserError(str(exc)) from None
+        node = body.get("node")
+        if isinstance(node, str):
+            state.peer_vectors[node.split("/", 1)[0]] = vv
+        return Response(state.sync_chunks(vv), content_type=MSGPACK)
+
+    return bp

@@ -1,0 +1,352 @@
+"""App commands of the ``flynnp2p`` CLI: apps, env, releases, routes, scale.
+
+Every command but ``create`` and ``apps`` works on one app: ``-a/--app APP``, or
+else the app named by the git remote ``flynnp2p`` of the current directory
+(``http://NODE:7100/git/APP.git``). Output is a table for people and the API's
+JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from flynnp2p.cli.main import client_for, table
+from flynnp2p.errors import NotFound, UserError
+
+_REMOTE_APP = re.compile(r"[/:]([^/:]+?)\.git/?$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PROCESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+# -- which app --------------------------------------------------------------
+
+
+def app_from_git_remote() -> str | None:
+    """The app named by the ``flynnp2p`` git remote of the current directory, if any."""
+    try:
+        out = subprocess.run(
+            ["git", "remote", "get-url", "flynnp2p"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _REMOTE_APP.search(out.stdout.strip()) if out.returncode == 0 else None
+    return match.group(1) if match else None
+
+
+def app_of(args: argparse.Namespace) -> str:
+    app: str | None = getattr(args, "app", None) or app_from_git_remote()
+    if not app:
+        raise UserError("no app: pass -a APP (or run in a git checkout with a 'flynnp2p' remote)")
+    return app
+
+
+def app_path(args: argparse.Namespace, *rest: str) -> str:
+    return "/".join(["/v1/apps", *(quote(p, safe="") for p in (app_of(args), *rest))])
+
+
+# -- output -----------------------------------------------------------------
+
+
+def when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_json(body: Any) -> None:
+    print(json.dumps(body, indent=2))
+
+
+def route_address(route: Mapping[str, Any]) -> str:
+    if route["type"] == "tcp":
+        return f":{route['port']}"
+    path = route.get("path") or "/"
+    return f"{route['domain']}{'' if path == '/' else path}"
+
+
+def formation_text(formation: Mapping[str, Any] | None) -> str:
+    if not formation:
+        return "none"
+    procs = formation.get("processes") or {}
+    counts = " ".join(f"{t}={n}" for t, n in sorted(procs.items())) or "no processes"
+    return f"{counts} (release {formation['release_id']})"
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    body = {"name": args.name} if args.name else {}
+    resp = client.request("POST", "/v1/apps", json=body)
+    if args.json:
+        print_json(resp)
+        return 0
+    app = resp["app"]
+    print(f"created app {app['name']} (id {app['id']}, on {resp['replicas']} node(s))")
+    for route in resp["routes"]:
+        print(f"  route: http://{route_address(route)}")
+    print(f"  push:  git remote add flynnp2p {client.url}/git/{app['name']}.git")
+    return 0
+
+
+def cmd_apps(args: argparse.Namespace) -> int:
+    resp = client_for(args).get("/v1/apps")
+    if args.json:
+        print_json(resp)
+        return 0
+    rows = [(a["name"], a["id"], when(a["created_at"])) for a in resp["apps"]]
+    print(table(rows, ("NAME", "ID", "CREATED")))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    resp = client_for(args).get(app_path(args))
+    if args.json:
+        print_json(resp)
+        return 0
+    app, release = resp["app"], resp["release"]
+    lines = [
+        ("name", app["name"]),
+        ("id", app["id"]),
+        ("created", when(app["created_at"])),
+        ("strategy", app["strategy"]),
+        ("release", release["id"] if release else "none"),
+        ("formation", formation_text(resp["formation"])),
+    ]
+    lines += [("route", f"{r['type']} {route_address(r)}") for r in resp["routes"]]
+    lines += [("meta", f"{k}={v}") for k, v in sorted(app["meta"].items())]
+    for key, value in lines:
+        print(f"{key + ':':<11}{value}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    name = client.get(app_path(args))["app"]["name"]
+    if not args.yes:
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise UserError(f"not deleting app {name!r}: stdin is not a terminal; pass -y to confirm")
+        try:
+            answer = input(f"Delete app {name!r}, its routes and formation? Type its name to confirm: ")
+        except EOFError:
+            answer = ""
+        if answer.strip() != name:
+            raise UserError("the name did not match: nothing deleted")
+    resp = client.request("DELETE", app_path(args))
+    if args.json:
+        print_json(resp)
+        return 0
+    routes = len(resp["deleted"]["routes"])
+    print(f"deleted app {name} ({routes} route(s))")
+    return 0
+
+
+def _pairs(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or _ENV_NAME.fullmatch(key) is None:
+            raise UserError(f"expected NAME=VALUE with NAME like [A-Za-z_][A-Za-z0-9_]*, got {item!r}")
+        out[key] = value
+    return out
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    sub = getattr(args, "env_cmd", None)
+    if sub is None or sub == "get":
+        resp = client.get(app_path(args, "env"))
+        env: dict[str, str] = resp["env"]
+        if sub == "get":
+            if args.name not in env:
+                raise NotFound(f"{args.name} is not set")
+            print(env[args.name])
+        elif args.json:
+            print_json(resp)
+        else:
+            for key in sorted(env):
+                print(f"{key}={env[key]}")
+        return 0
+    body: dict[str, Any] = {"set": _pairs(args.pairs)} if sub == "set" else {"unset": args.names}
+    resp = client.request("PATCH", app_path(args, "env"), json=body)
+    if args.json:
+        print_json(resp)
+        return 0
+    names = ", ".join(body.get("set") or body["unset"])
+    print(f"{'set' if sub == 'set' else 'unset'} {names} (new release {resp['release']['id']})")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if getattr(args, "release_cmd", None) == "show":
+        resp = client.get(app_path(args, "releases", args.id))
+        if args.json:
+            print_json(resp)
+            return 0
+        r = resp["release"]
+        print(f"id:        {r['id']}\ncreated:   {when(r['created_at'])}")
+        print(f"artifacts: {', '.join(r['artifacts']) or 'none'}")
+        for ptype, spec in sorted(r["processes"].items()):
+            print(f"process:   {ptype}: {spec['command']}")
+        for key, value in sorted(r["env"].items()):
+            print(f"env:       {key}={value}")
+        return 0
+    resp = client.get(app_path(args, "releases"))
+    if args.json:
+        print_json(resp)
+        return 0
+    current = client.get(app_path(args))["release"]
+    current_id = current["id"] if current else None
+    rows = [
+        (
+            ("* " if r["id"] == current_id else "  ") + r["id"],
+            when(r["created_at"]),
+            ",".join(sorted(r["processes"])) or "-",
+            str(len(r["env"])),
+        )
+        for r in resp["releases"]
+    ]
+    print(table(rows, ("  ID", "CREATED", "TYPES", "ENV")))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    sub = getattr(args, "route_cmd", None)
+    if sub is None:
+        resp = client.get(app_path(args, "routes"))
+        if args.json:
+            print_json(resp)
+            return 0
+        rows = [(r["id"], r["type"], route_address(r), r["process_type"]) for r in resp["routes"]]
+        print(table(rows, ("ID", "TYPE", "ADDRESS", "PROCESS")))
+        return 0
+    if sub == "remove":
+        resp = client.request("DELETE", app_path(args, "routes", args.id))
+        if args.json:
+            print_json(resp)
+        else:
+            print(f"removed route {args.id}")
+        return 0
+    if args.route_type == "http":
+        domain, slash, path = args.address.partition("/")
+        body: dict[str, Any] = {"type": "http", "domain": domain, "path": slash + path or "/"}
+    else:
+        body = {"type": "tcp", "port": args.port}
+    resp = client.request("POST", app_path(args, "routes"), json=body)
+    if args.json:
+        print_json(resp)
+        return 0
+    route = resp["route"]
+    print(f"added route {route['id']}: {route['type']} {route_address(route)}")
+    return 0
+
+
+def _counts(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        ptype, sep, count = item.partition("=")
+        if not sep or _PROCESS_TYPE.fullmatch(ptype) is None or not count.isdigit():
+            raise UserError(f"expected TYPE=COUNT with COUNT a whole number >= 0, got {item!r}")
+        out[ptype] = int(count)
+    return out
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    wanted = _counts(args.counts)
+    formation = client.get(app_path(args, "formation"))["formation"]
+    if wanted:
+        processes = {**(formation or {}).get("processes", {}), **wanted}
+        resp = client.request("PUT", app_path(args, "formation"), json={"processes": processes})
+        formation = resp["formation"]
+    if args.json:
+        print_json({"formation": formation})
+        return 0
+    if not formation:
+        print("no formation yet (scale a process type, e.g. 'flynnp2p scale web=1')")
+        return 0
+    rows = [(t, str(n)) for t, n in sorted(formation["processes"].items())]
+    print(table(rows, ("TYPE", "COUNT")))
+    print(f"\nrelease: {formation['release_id']}")
+    return 0
+
+
+# -- the parser -------------------------------------------------------------
+
+
+def _options(*, nested: bool) -> argparse.ArgumentParser:
+    """-a/--app and --json; nested parsers must not overwrite values given above them."""
+    p = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if nested else None
+    p.add_argument("-a", "--app", default=default, help="the app (default: from the 'flynnp2p' git remote)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if nested else False,
+                   help="print the API's JSON")  # fmt: skip
+    return p
+
+
+def add_app_commands(sub: Any) -> None:
+    top, nested = [_options(nested=False)], [_options(nested=True)]
+    json_only = argparse.ArgumentParser(add_help=False)
+    json_only.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    p = sub.add_parser("create", parents=[json_only], help="create an app")
+    p.add_argument("name", nargs="?", help="lowercase letters, digits and dashes (default: generated)")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("apps", parents=[json_only], help="list apps")
+    p.set_defaults(func=cmd_apps)
+
+    p = sub.add_parser("info", parents=top, help="an app, its release, formation and routes")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("delete", parents=top, help="delete an app with its routes and formation")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("env", parents=top, help="list, get, set or unset environment variables")
+    p.set_defaults(func=cmd_env)
+    env = p.add_subparsers(dest="env_cmd", metavar="SUBCOMMAND")
+    e = env.add_parser("get", parents=nested, help="print one variable")
+    e.add_argument("name", metavar="NAME")
+    e = env.add_parser("set", parents=nested, help="set variables (a new release)")
+    e.add_argument("pairs", nargs="+", metavar="NAME=VALUE")
+    e = env.add_parser("unset", parents=nested, help="remove variables (a new release)")
+    e.add_argument("names", nargs="+", metavar="NAME")
+
+    p = sub.add_parser("release", parents=top, help="list releases, or show one")
+    p.set_defaults(func=cmd_release)
+    rel = p.add_subparsers(dest="release_cmd", metavar="SUBCOMMAND")
+    r = rel.add_parser("show", parents=nested, help="one release in detail")
+    r.add_argument("id", metavar="ID")
+
+    p = sub.add_parser("route", parents=top, help="list, add or remove routes")
+    p.set_defaults(func=cmd_route)
+    routes = p.add_subparsers(dest="route_cmd", metavar="SUBCOMMAND")
+    add = routes.add_parser("add", parents=nested, help="add an http or tcp route")
+    kinds = add.add_subparsers(dest="route_type", metavar="TYPE", required=True)
+    h = kinds.add_parser("http", parents=nested, help="http DOMAIN[/PATH]")
+    h.add_argument("address", metavar="DOMAIN[/PATH]")
+    t = kinds.add_parser("tcp", parents=nested, help="tcp PORT")
+    t.add_argument("port", type=int, metavar="PORT")
+    rm = routes.add_parser("remove", parents=nested, help="remove a route")
+    rm.add_argument("id", metavar="ID")
+
+    p = sub.add_parser("scale", parents=top, help="set process counts (bare: show the formation)")
+    p.add_argument("counts", nargs="*", metavar="TYPE=N")
+    p.set_defaults(func=cmd_scale)
+

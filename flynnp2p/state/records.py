@@ -1,0 +1,305 @@
+"""The typed records held in the replicated state.
+
+Theory of operation
+-------------------
+Each kind of record is a frozen, hashable dataclass with a ``KIND`` (its table in
+the state), a ``key`` (its identity within that table) and a schema ``VERSION``.
+Fields are validated on construction (see `schema`), so holding a record means
+holding a valid one. ``to_wire()`` gives a plain dict carrying ``"v"``, the schema
+version; ``from_wire()`` refuses unknown versions (`SchemaVersionError`), unknown
+fields and bad values (`RecordError`, naming the field and what is accepted).
+
+Who writes what (this is what keeps last-writer-wins safe):
+
+* `App`, `Route`, `Certificate`: any node, through the API; names and TCP ports
+  that must be unique are allocated by the leader.
+* `Release`, `Artifact`: immutable, UUID or content addressed, never conflict.
+* `Formation`: one per app (key = app id): the release the app should run and how
+  many processes of each type; a deploy is a formation write naming a new release.
+* `Placement`: written by the leader only, fenced by its ``epoch``.
+* `Job`, `BlobLocation`: written only by the node they live on.
+
+Changing a record's shape means a new VERSION; old versions stay readable by
+listing them in ``READS`` and upgrading in ``from_wire``.
+
+(No ``from __future__ import annotations`` here: the checks live in ``Annotated``
+metadata, which must be evaluated when the classes are created.)
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Self
+
+from flynnp2p.state.errors import RecordError, SchemaVersionError
+from flynnp2p.state.schema import EMPTY, Bool, Choice, Dict, Int, Nested, Opt, Schema, Seq, Str
+
+# Patterns for names and keys, shared with the API's input validation.
+ID_RE = r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}"
+APP_NAME_RE = r"[a-z][a-z0-9]{0,62}(?:-[a-z0-9]{1,62}){0,16}"
+PROCESS_TYPE_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}"
+NODE_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]{0,255}"
+LABEL_RE = r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+DOMAIN_RE = rf"(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}"
+PATH_RE = r"/[^\s?#]{0,1023}"
+DIGEST_RE = r"sha256:[0-9a-f]{64}"
+ADDRESS_RE = r"[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}"
+
+ID = Str(ID_RE, "1-128 letters, digits and _.:@-, starting with a letter or digit")
+APP_NAME = Str(APP_NAME_RE, "lowercase letters, digits and single dashes, starting with a letter")
+PROCESS_TYPE = Str(PROCESS_TYPE_RE, "1-63 letters, digits, _ and -, starting alphanumeric")
+NODE = Str(NODE_RE, "a node name: 1-128 letters, digits, _ . and -")
+LABEL = Str(LABEL_RE, "1-128 letters, digits and _.:/-, starting alphanumeric")
+TEXT = Str(None, "a string of up to 4096 characters", max_len=4096, min_len=0)
+ENV_VALUE = Str(None, "a string of up to 32768 characters", max_len=32768, min_len=0)
+META = Dict(LABEL, TEXT)
+TIMESTAMP = Int(0, 2**63 - 1)
+DOMAIN = Str(DOMAIN_RE, "a lowercase DNS name, optionally starting with '*.'", max_len=253)
+PATH = Str(PATH_RE, "a URL path starting with '/', without spaces, '?' or '#'", max_len=1024)
+PORT = Int(1, 65535)
+PEM = Str(r"-----BEGIN [A-Z0-9 ]+-----\n[\s\S]+", "a PEM block", max_len=65536)
+
+
+class Record(Schema):
+    """Base of every record kind."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    READS: ClassVar[frozenset[int]] = frozenset({1})
+
+    @property
+    def key(self) -> str:
+        """Identity of the record within its kind."""
+        raise NotImplementedError
+
+    def to_wire(self) -> dict[str, object]:
+        return {"v": self.VERSION, **Schema.to_wire(self)}
+
+    @classmethod
+    def from_wire(cls, wire: object) -> Self:
+        if not isinstance(wire, Mapping):
+            raise RecordError(cls.KIND, f"expected a map, got {type(wire).__name__}")
+        version = wire.get("v")
+        if version not in cls.READS or type(version) is not int:
+            raise SchemaVersionError(
+                f"{cls.KIND}.v",
+                f"unknown schema version {version!r}; this node reads {sorted(cls.READS)}",
+            )
+        return cls.decode_fields(cls.KIND, wire, skip=frozenset({"v"}))
+
+
+@dataclass(frozen=True, slots=True)
+class App(Record):
+    KIND: ClassVar[str] = "app"
+    id: Annotated[str, ID]
+    name: Annotated[str, APP_NAME]
+    created_at: Annotated[int, TIMESTAMP]
+    meta: Annotated[Mapping[str, str], META] = EMPTY
+    strategy: Annotated[str, Choice("all-at-once", "one-by-one")] = "all-at-once"
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck(Schema):
+    type: Annotated[str, Choice("tcp", "http")] = "tcp"
+    path: Annotated[str | None, Opt(PATH)] = None
+    interval_ms: Annotated[int, Int(100, 3_600_000)] = 5_000
+    timeout_ms: Annotated[int, Int(100, 600_000)] = 2_000
+    threshold: Annotated[int, Int(1, 100)] = 1
+
+    def validate(self, path: str) -> None:
+        if (self.type == "http") != (self.path is not None):
+            raise RecordError(f"{path}.path", "required for http checks and only for them")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec(Schema):
+    command: Annotated[str, Str(None, "a command of 1 to 4096 characters", max_len=4096)]
+    ports: Annotated[tuple[int, ...], Seq(Int(0, 65535), max_items=16)] = ()
+    health_check: Annotated[HealthCheck | None, Opt(Nested(HealthCheck))] = None
+    memory_mb: Annotated[int, Int(16, 1_048_576)] = 512
+    omni: Annotated[bool, Bool()] = False
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Record):
+    KIND: ClassVar[str] = "release"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    created_at: Annotated[int, TIMESTAMP]
+    artifacts: Annotated[tuple[str, ...], Seq(ID, max_items=8)] = ()
+    env: Annotated[
+        Mapping[str, str],
+        Dict(Str(ENV_NAME_RE, "an environment variable name"), ENV_VALUE),
+    ] = EMPTY
+    processes: Annotated[
+        Mapping[str, ProcessSpec], Dict(PROCESS_TYPE, Nested(ProcessSpec), max_items=64)
+    ] = EMPTY
+    meta: Annotated[Mapping[str, str], META] = EMPTY
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact(Record):
+    KIND: ClassVar[str] = "artifact"
+    id: Annotated[str, ID]
+    type: Annotated[str, Choice("slug", "docker")]
+    uri: Annotated[str, Str(r"[a-z][a-z0-9+.-]*:\S+", "a URI without spaces", max_len=2048)]
+    created_at: Annotated[int, TIMESTAMP]
+    digest: Annotated[str | None, Opt(Str(DIGEST_RE, "'sha256:' and 64 lowercase hex"))] = None
+    size: Annotated[int | None, Opt(Int(0))] = None
+    meta: Annotated[Mapping[str, str], META] = EMPTY
+
+    def validate(self, path: str) -> None:
+        if self.type == "slug" and self.digest is None:
+            raise RecordError(f"{path}.digest", "required for slugs (they are content addressed)")
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Formation(Record):
+    KIND: ClassVar[str] = "formation"
+    app_id: Annotated[str, ID]
+    release_id: Annotated[str, ID]
+    updated_at: Annotated[int, TIMESTAMP]
+    processes: Annotated[Mapping[str, int], Dict(PROCESS_TYPE, Int(0, 10_000), 64)] = EMPTY
+    tags: Annotated[Mapping[str, str], META] = EMPTY
+
+    @property
+    def key(self) -> str:
+        return self.app_id
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Record):
+    KIND: ClassVar[str] = "route"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    type: Annotated[str, Choice("http", "tcp")]
+    created_at: Annotated[int, TIMESTAMP]
+    domain: Annotated[str | None, Opt(DOMAIN)] = None
+    path: Annotated[str, PATH] = "/"
+    port: Annotated[int | None, Opt(PORT)] = None
+    process_type: Annotated[str, PROCESS_TYPE] = "web"
+    sticky: Annotated[bool, Bool()] = False
+    certificate_id: Annotated[str | None, Opt(ID)] = None
+
+    def validate(self, path: str) -> None:
+        if self.type == "http":
+            if self.domain is None:
+                raise RecordError(f"{path}.domain", "required for http routes")
+            if self.port is not None:
+                raise RecordError(f"{path}.port", "only tcp routes have a port")
+        else:
+            if self.port is None:
+                raise RecordError(f"{path}.port", "required for tcp routes")
+            if self.domain is not None or self.path != "/" or self.certificate_id is not None:
+                raise RecordError(f"{path}.type", "tcp routes take no domain, path or certificate")
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+JOB_STATES = ("starting", "up", "crashed", "stopping", "down")
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Record):
+    KIND: ClassVar[str] = "job"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    release_id: Annotated[str, ID]
+    process_type: Annotated[str, PROCESS_TYPE]
+    host: Annotated[str, NODE]
+    state: Annotated[str, Choice(*JOB_STATES)]
+    created_at: Annotated[int, TIMESTAMP]
+    updated_at: Annotated[int, TIMESTAMP]
+    address: Annotated[str | None, Opt(Str(ADDRESS_RE, "'host:port'"))] = None
+    exit_code: Annotated[int | None, Opt(Int(-255, 255))] = None
+    restarts: Annotated[int, Int(0, 2**31)] = 0
+    one_off: Annotated[bool, Bool()] = False
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Placement(Record):
+    """The leader's decision that `host` should start (or stop) job `id`."""
+
+    KIND: ClassVar[str] = "placement"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    release_id: Annotated[str, ID]
+    process_type: Annotated[str, PROCESS_TYPE]
+    host: Annotated[str, NODE]
+    action: Annotated[str, Choice("start", "stop")]
+    epoch: Annotated[int, Int(0)]
+    created_at: Annotated[int, TIMESTAMP]
+    args: Annotated[tuple[str, ...], Seq(TEXT, max_items=256)] = ()
+    one_off: Annotated[bool, Bool()] = False
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate(Record):
+    KIND: ClassVar[str] = "certificate"
+    id: Annotated[str, ID]
+    domains: Annotated[tuple[str, ...], Seq(DOMAIN, max_items=100)]
+    cert_pem: Annotated[str, PEM]
+    key_pem: Annotated[str, PEM]
+    created_at: Annotated[int, TIMESTAMP]
+
+    def validate(self, path: str) -> None:
+        if not self.domains:
+            raise RecordError(f"{path}.domains", "at least one domain is required")
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLocation(Record):
+    """Node `node` holds a copy of the blob `digest` (written by that node only)."""
+
+    KIND: ClassVar[str] = "blob"
+    digest: Annotated[str, Str(DIGEST_RE, "'sha256:' and 64 lowercase hex")]
+    node: Annotated[str, NODE]
+    size: Annotated[int, Int(0)]
+    created_at: Annotated[int, TIMESTAMP]
+
+    @property
+    def key(self) -> str:
+        return f"{self.digest}@{self.node}"
+
+
+RECORD_TYPES: tuple[type[Record], ...] = (
+    App, Release, Artifact, Formation, Route, Job, Placement, Certificate, BlobLocation
+)  # fmt: skip
+KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
+KIND_CHOICES = ", ".join(sorted(KINDS))
+
+
+def decode_record(kind: str, wire: object) -> Record:
+    """Decode the wire form of a record of `kind`."""
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise RecordError("kind", f"unknown kind {kind!r}; accepted: {KIND_CHOICES}")
+    return cls.from_wire(wire)

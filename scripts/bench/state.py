@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Replicated-state benchmark.
+
+1. Propagation: N agents (3, 10); a write on one node until it is visible on all
+   N, seen through every node's /v1/events stream; p50/p99 over 200 writes.
+2. Acknowledged writes/s on one node of 3, durability on (committed here and on
+   at least one peer), 64 concurrent clients for 10 s.  Competitor in the same
+   run: a 3-member etcd cluster (Debian's etcd-server) on loopback, the same
+   clients writing through its JSON gateway; the ratio is ours / etcd.
+3. Full copy: a node joining a cluster that holds 100,000 records, from its
+   start until it holds them all.
+
+    .venv/bin/python scripts/bench/state.py [--quick]
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from flynnp2p.state.hlc import Hlc
+from flynnp2p.state.merge import Delta, Entry
+from flynnp2p.state.records import App
+from tests.harness import AgentProc, Cluster, wait_for
+
+CLIENTS = 64
+DURATION_S = 10.0
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+async def propagation(n: int, writes: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as d:
+        cluster = Cluster(Path(d))
+        try:
+            agents = await cluster.start(n, timeout=60)
+            await cluster.wait_converged(agents, alive=n, timeout=60)
+            async with agents[0].client() as c:
+                r = await c.post("/v1/apps", json={"name": "bench"})
+                assert r.status_code == 201, r.text
+            seen: dict[str, dict[str, float]] = {a.name: {} for a in agents}
+
+            async def watch(agent: AgentProc, task_status: trio.TaskStatus[None]) -> None:
+                async with agent.client() as c, c.stream(
+                    "GET", "/v1/events", params={"kinds": "app"}, timeout=None
+                ) as resp:
+                    task_status.started()
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            data = json.loads(line[5:])
+                            mark = ((data.get("value") or {}).get("meta") or {}).get("mark")
+                            if mark:
+                                seen[agent.name].setdefault(mark, time.monotonic())
+
+            latencies = []
+            async with trio.open_nursery() as nursery:
+                for a in agents:
+                    await nursery.start(watch, a)
+                async with agents[0].client() as c:
+                    for i in range(writes):
+                        mark = f"m{i}"
+                        t0 = time.monotonic()
+                        r = await c.patch("/v1/apps/bench", json={"meta": {"mark": mark}})
+                        assert r.status_code == 200, r.text
+                        await wait_for(lambda m=mark: all(m in s for s in seen.values()), 10,
+                                       f"write {mark} everywhere", interval=0.002)
+                        latencies.append(max(s[mark] for s in seen.values()) - t0)
+                nursery.cancel_scope.cancel()
+            return pct(latencies, 50), pct(latencies, 99)
+        finally:
+            cluster.kill_all()
+
+
+async def hammer(post: object, duration: float) -> int:
+    done = 0
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        k = 0
+        while True:
+            await post(i, k)  # type: ignore[operator]
+            done += 1
+            k += 1
+
+    with trio.move_on_after(duration):
+        async with trio.open_nursery() as nursery:
+            for i in range(CLIENTS):
+                nursery.start_soon(worker, i)
+    return done
+
+
+async def ours_writes_per_s() -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cluster = Cluster(Path(d))
+        try:
+            agents = await cluster.start(3)
+            await cluster.wait_converged(agents, alive=3)
+            limits = httpx.Limits(max_connections=CLIENTS)
+            async with httpx.AsyncClient(base_url=agents[0].url, limits=limits, timeout=30, headers={
+                "Authorization": f"Bearer {cluster.token.api_key}"}) as c:
+                r = await c.post("/v1/apps", json={"name": "bench"})
+                assert r.status_code == 201, r.text
+
+                async def post(i: int, k: int) -> None:
+                    r = await c.patch("/v1/apps/bench", json={"meta": {f"c{i}": str(k)}})
+                    assert r.status_code == 200 and r.json()["replicas"] >= 2, r.text
+
+                return await hammer(post, DURATION_S) / DURATION_S
+        finally:
+            cluster.kill_all()
+
+
+async def etcd_writes_per_s() -> float | None:
+    if not shutil.which("etcd"):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        names = [f"e{i}" for i in range(3)]
+        addrs = [f"127.0.22.{i + 2}" for i in range(3)]
+        initial = ",".join(f"{n}=http://{a}:2380" for n, a in zip(names, addrs, strict=True))
+        procs = [
+            subprocess.Popen(
+                ["etcd", "--name", n, "--data-dir", f"{d}/{n}",
+                 "--listen-peer-urls", f"http://{a}:2380", "--initial-advertise-peer-urls", f"http://{a}:2380",
+                 "--listen-client-urls", f"http://{a}:2379", "--advertise-client-urls", f"http://{a}:2379",
+                 "--initial-cluster", initial, "--initial-cluster-state", "new"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for n, a in zip(names, addrs, strict=True)
+        ]
+        try:
+            limits = httpx.Limits(max_connections=CLIENTS)
+            async with httpx.AsyncClient(base_url=f"http://{addrs[0]}:2379", limits=limits, timeout=30) as c:
+
+                async def healthy() -> bool:
+                    try:
+                        return (await c.get("/health")).json().get("health") == "true"
+                    except (httpx.HTTPError, ValueError):
+                        return False
+
+                await wait_for(healthy, 30, "etcd cluster health")
+
+                async def post(i: int, k: int) -> None:
+                    body = {"key": base64.b64encode(f"c{i}".encode()).decode(),
+                            "value": base64.b64encode(str(k).encode()).decode()}
+                    r = await c.post("/v3/kv/put", json=body)
+                    assert r.status_code == 200, r.text
+
+                return await hammer(post, DURATION_S) / DURATION_S
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+
+async def full_copy(records: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cluster = Cluster(Path(d))
+        try:
+            (seed,) = await cluster.start(1)
+            now = int(time.time() * 1000)
+            async with seed.client() as c:
+                for start in range(0, records, 5000):
+                    entries = tuple(
+                        Entry("app", f"id{i}", App(id=f"id{i}", name=f"app-{i}", created_at=now),
+                              Hlc(now, i), "bench/seed", i + 1)
+                        for i in range(start, min(records, start + 5000))
+                    )
+                    delta = Delta(entries, {}, {}, False)
+                    r = await c.post("/v1/internal/state/push", content=msgpack.packb(delta.to_wire()),
+                                     headers={"Content-Type": "application/x-msgpack"}, timeout=120)
+                    assert r.status_code == 200, r.text
+            t0 = time.monotonic()
+            (new,) = await cluster.start(1, timeout=120)
+
+            async def has_all() -> bool:
+                s = await new.status()
+                return bool(s and s["components"]["state"]["records"] >= records)
+
+            await wait_for(has_all, 120, "the full copy", interval=0.05)
+            return time.monotonic() - t0
+        finally:
+            cluster.kill_all()
+
+
+async def main() -> None:
+    quick = "--quick" in sys.argv
+    for n in (3,) if quick else (3, 10):
+        p50, p99 = await propagation(n, 50 if quick else 200)
+        print(f"propagation N={n}: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1 s at N=10)",
+              flush=True)
+    ours = await ours_writes_per_s()
+    etcd = await etcd_writes_per_s()
+    ratio = f", etcd (3 members) {etcd:.0f}/s, ratio {ours / etcd:.2f}" if etcd else ", etcd not installed"
+    print(f"acknowledged writes/s on one node of 3: {ours:.0f}/s{ratio} (target >= 1000/s)", flush=True)
+    secs = await full_copy(20_000 if quick else 100_000)
+    print(f"full copy of {20_000 if quick else 100_000} records to a new node: {secs:.2f} s (target <= 10 s)")
+
+
+if __name__ == "__main__":
+    trio.run(main)
