@@ -24,7 +24,7 @@ from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.server import ApiServer
-from flynnp2p.config import NodeConfig, save_node, serf_binary
+from flynnp2p.config import NodeConfig, save_node, serf_binary, state_gc_interval_s
 from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
@@ -89,7 +89,11 @@ class Agent:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
         except StoreError as exc:
             raise ConfigError(f"cannot open the state store: {exc}") from None
-        self.state = StateService(store, GossipPeers(self.gossip), self.http, now_ms)
+        self.state = StateService(
+            store, GossipPeers(self.gossip), self.http, now_ms, state_gc_interval_s()
+        )
+        self.caught_up_epoch = -1
+        self.duties.add(self._leader_catch_up)
         app = create_app(self)
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(apps_blueprint(self))
@@ -150,7 +154,17 @@ class Agent:
         return self.cfg.domain
 
     def is_leader(self) -> bool:
-        return self.gossip.leadership.value.is_leader
+        """Leader, and caught up with every peer since it became one."""
+        leading = self.gossip.leadership.value
+        return leading.is_leader and self.caught_up_epoch == leading.epoch
+
+    async def _leader_catch_up(self, epoch: int) -> None:
+        """A new leader first pulls from every peer, so that the names and ports
+        its predecessor allocated last are known before it allocates any."""
+        with trio.move_on_after(10):
+            await self.state.catch_up()
+        self.caught_up_epoch = epoch
+        await trio.sleep_forever()
 
     def leader_api(self) -> str | None:
         view = self.gossip.view.value
@@ -213,6 +227,9 @@ class Agent:
                     "ok": self.ready,
                     "origin": self.state.origin,
                     "records": len(self.state.state),
+                    "tombstones": sum(
+                        e.value is None for t in self.state.state.tables.values() for e in t.values()
+                    ),
                     "vv": dict(self.state.state.vv),
                     **self.state.stats,
                 },

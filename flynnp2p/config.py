@@ -60,6 +60,14 @@ def serf_binary() -> str:
     return os.environ.get("FLYNNP2P_SERF", "serf")
 
 
+def state_gc_interval_s() -> float:
+    """How often a node tries to collect tombstones (tests shorten it)."""
+    try:
+        return max(0.1, float(os.environ.get("FLYNNP2P_STATE_GC_S", "60")))
+    except ValueError:
+        return 60.0
+
+
 def log_level() -> str:
     return os.environ.get("FLYNNP2P_LOG", "info").upper()
 

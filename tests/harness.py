@@ -65,6 +65,7 @@ class AgentProc:
         self.api_port = 7100
         self.gossip_port = 7946
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -88,7 +89,7 @@ class AgentProc:
                 self.command(peers, extra, token),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
-                env={**os.environ, "FLYNNP2P_LOG": "info"},
+                env={**os.environ, "FLYNNP2P_LOG": "info", **self.env},
                 group=self.gid,
             )
 
@@ -152,6 +153,7 @@ class Cluster:
         self.root = root
         self.token = ClusterToken.generate()
         self.agents: list[AgentProc] = []
+        self.env: dict[str, str] = {}  # extra environment for agents started from now on
 
     def add(
         self, name: str | None = None, token: ClusterToken | None = None, gid: int | None = None
@@ -159,6 +161,7 @@ class Cluster:
         agent = AgentProc(
             self.root, name or f"n{len(self.agents) + 1}", next_addr(), token or self.token, gid
         )
+        agent.env = dict(self.env)
         self.agents.append(agent)
         return agent
 

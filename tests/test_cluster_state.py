@@ -124,6 +124,34 @@ async def test_acknowledged_write_survives_sigkill_of_its_node(cluster: Cluster)
         assert app["meta"]["v"] == "acked"
 
 
+async def test_deleted_app_tombstones_are_collected_everywhere(cluster: Cluster) -> None:
+    cluster.env["FLYNNP2P_STATE_GC_S"] = "0.5"
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, alive=3)
+    await create(agents[0], "doomed")
+    await converged(agents)
+    async with agents[1].client() as c:
+        r = await c.delete("/v1/apps/doomed")
+        assert r.status_code == 200, r.text
+    for agent in agents:
+        assert await wait_for(lambda agent=agent: _gone(agent, "doomed"), 10, "delete everywhere")
+
+    async def collected() -> bool:
+        sts = [await a.status() for a in agents]
+        return all(s and s["components"]["state"]["tombstones"] == 0 for s in sts)
+
+    await wait_for(collected, 30, "tombstones collected on every node")
+    _, records = await converged(agents)
+    assert records == 0  # the app and its route are gone, tombstones included
+    for agent in agents:  # and nothing resurrects the app afterwards
+        assert await get_app(agent, "doomed") is None
+
+
+async def _gone(agent: AgentProc, name: str) -> bool:
+    async with agent.client() as c:
+        return (await c.get(f"/v1/apps/{name}")).status_code == 404
+
+
 async def test_two_creates_of_one_name_exactly_one_wins(cluster: Cluster) -> None:
     agents = await cluster.start(3)
     await cluster.wait_converged(agents, alive=3)

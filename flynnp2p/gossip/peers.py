@@ -27,6 +27,14 @@ class GossipPeers:
             if m.status == "alive" and m.name != view.self_name and m.tags.get("api")
         ]
 
+    def electorate(self) -> list[str]:
+        view = self.gossip.view.value
+        return [
+            m.name
+            for m in view.members
+            if m.status in ("alive", "failed") and m.name != view.self_name
+        ]
+
     async def send_hint(self, payload: bytes) -> None:
         try:
             with trio.move_on_after(2.0):

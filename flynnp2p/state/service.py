@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import httpx
@@ -71,6 +72,10 @@ class Peers(Protocol):
 
     def alive_peers(self) -> list[Peer]: ...
 
+    def electorate(self) -> list[str]:
+        """Names of the other members that may come back (alive or failed, not left)."""
+        ...
+
     async def send_hint(self, payload: bytes) -> None:
         """Best effort: a lost hint only delays propagation until anti-entropy."""
 
@@ -94,6 +99,13 @@ class _Write:
 
 
 @dataclass
+class _Call:
+    fn: Callable[[], Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+
+
+@dataclass
 class _Apply:
     wire: Any  # a Delta in wire form (decoded in the worker thread)
     done: trio.Event = field(default_factory=trio.Event)
@@ -112,12 +124,13 @@ class StateService:
         peers: Peers,
         http: httpx.AsyncClient,
         clock_ms: Callable[[], int],
+        gc_interval_s: float = 60.0,
     ) -> None:
         self.store = store
         self.peers = peers
         self.http = http
         self.clock_ms = clock_ms
-        self._ops_send, self._ops_recv = trio.open_memory_channel[_Write | _Apply](256)
+        self._ops_send, self._ops_recv = trio.open_memory_channel[_Write | _Apply | _Call](256)
         self._repl_send, self._repl_recv = trio.open_memory_channel[_Write](256)
         self._subscribers: list[
             tuple[frozenset[str] | None, trio.MemorySendChannel[list[Entry]]]
@@ -127,7 +140,8 @@ class StateService:
         self._hint_due = trio.Event()
         self._pulling: set[str] = set()
         self.peer_vectors: dict[str, VersionVector] = {}
-        self.stats = {"pushes": 0, "pulls": 0, "pull_failures": 0, "resets": 0}
+        self.gc_interval_s = gc_interval_s
+        self.stats = {"pushes": 0, "pulls": 0, "pull_failures": 0, "resets": 0, "collected": 0}
 
     # -- reads ---------------------------------------------------------------
 
@@ -172,6 +186,13 @@ class StateService:
             raise op.error
         return WriteResult(op.entries, op.replicas)
 
+    async def _owned(self, fn: Callable[[], Any]) -> Any:
+        """Run a store mutation on the owner task (in its worker thread)."""
+        op = _Call(fn)
+        await self._ops_send.send(op)
+        await op.done.wait()
+        return op.result
+
     async def receive(self, wire: Any) -> list[Entry]:
         """Apply a peer's delta (wire form); RecordError if it is malformed."""
         op = _Apply(wire)
@@ -193,6 +214,7 @@ class StateService:
             nursery.start_soon(self._hint_sender)
             nursery.start_soon(self._hint_listener)
             nursery.start_soon(self._anti_entropy)
+            nursery.start_soon(self._collect_tombstones)
             task_status.started(self)
 
     async def _owner(self) -> None:
@@ -207,11 +229,14 @@ class StateService:
                         break
                     batch.append(nxt)
             writes = [op for op in batch if isinstance(op, _Write)]
-            applies = [op for op in batch if isinstance(op, _Apply)]
             if writes:
                 await self._commit_writes(writes)
-            for op in applies:
-                await self._commit_apply(op)
+            for op in batch:
+                if isinstance(op, _Apply):
+                    await self._commit_apply(op)
+                elif isinstance(op, _Call):
+                    op.result = await trio.to_thread.run_sync(op.fn)
+                    op.done.set()
 
     async def _commit_writes(self, writes: list[_Write]) -> None:
         changes = [c for w in writes for c in w.changes]
@@ -359,6 +384,31 @@ class StateService:
             peers = self.peers.alive_peers()
             if peers:
                 await self._pull_quietly(rng.choice(peers))
+
+    async def _collect_tombstones(self) -> None:
+        """Drop tombstones once every member that may come back has seen them.
+
+        Peers' vectors are learnt from pulls in both directions; an old vector
+        only under-states what a peer holds, so using it is safe (it delays
+        collection).  A member with no known vector blocks collection."""
+        while True:
+            await trio.sleep(self.gc_interval_s)
+            names = self.peers.electorate()
+            vectors = [self.peer_vectors.get(n) for n in names]
+            known = [v for v in vectors if v is not None]
+            if len(known) != len(vectors):
+                continue
+            dropped = await self._owned(partial(self.store.collect_tombstones, known))
+            if dropped:
+                self.stats["collected"] += len(dropped)
+                log.info("collected %d tombstones", len(dropped))
+
+    async def catch_up(self) -> None:
+        """Pull from every alive peer (a new leader does this before it allocates
+        unique names, so that it knows its predecessor's last allocations)."""
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers.alive_peers():
+                nursery.start_soon(self._pull_quietly, peer)
 
     async def _initial_sync(self) -> None:
         """A new (or returning) node copies what it lacks from one alive peer."""
