@@ -25,7 +25,10 @@ from flynnp2p.token import ClusterToken
 
 T = TypeVar("T")
 
-_addresses = (f"127.0.{b}.{c}" for b in itertools.count(10) for c in range(2, 250))
+# Each test session takes its own block of loopback addresses (by pid), so two
+# suites on one machine, or agents left by a crashed run, never cross-talk.
+_BLOCK = 10 + os.getpid() % 200
+_addresses = (f"127.{_BLOCK}.{b}.{c}" for b in itertools.count(10) for c in range(2, 250))
 
 
 def next_addr() -> str:

@@ -14,6 +14,7 @@ import trio
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
+from flynnp2p.state.service import envelope
 from tests.harness import AgentProc, Cluster, wait_for
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ async def test_stopped_node_catches_up_and_new_node_gets_a_full_copy(cluster: Cl
     async with a.client() as client:
         r = await client.post(
             "/v1/internal/state/push",
-            content=msgpack.packb(Delta(entries, {}, {}, False).to_wire()),
+            content=msgpack.packb(envelope(Delta(entries, {}, {}, False))),
             headers={"Content-Type": "application/x-msgpack"},
             timeout=60,
         )
@@ -221,7 +222,9 @@ HOSTILE: list[tuple[str, str, Any]] = [
     ("POST", "/v1/apps/base/routes", {"type": "http", "domain": "Bad Domain"}),
     ("GET", "/v1/apps/nope", None),
     ("POST", "/v1/internal/state/push", b"\xc1garbage"),
-    ("POST", "/v1/internal/state/push", msgpack.packb({"entries": [{"kind": "app"}], "vv": {}, "horizon": {}, "complete": False})),
+    ("POST", "/v1/internal/state/push", msgpack.packb({"v": 1, "delta": {"entries": [{"kind": "app"}], "vv": {}, "horizon": {}, "complete": False}})),
+    ("POST", "/v1/internal/state/push", msgpack.packb({"v": 99, "delta": {}})),
+    ("POST", "/v1/internal/state/sync", msgpack.packb({"vv": {}})),
 ]
 
 

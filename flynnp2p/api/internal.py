@@ -1,7 +1,8 @@
 """Peer-to-peer endpoints of the state replication (msgpack, cluster secret).
 
-    POST /v1/internal/state/push   a peer's incomplete delta; 200 once committed here
-    POST /v1/internal/state/sync   {"vv"} → streamed chunks of the delta it lacks
+    POST /v1/internal/state/push   {"v": 1, "delta"}: a peer's incomplete delta; 200 once committed here
+    POST /v1/internal/state/sync   {"v": 1, "vv", "node"} → streamed {"v": 1, "delta"} chunks of
+                                   what it lacks, the last one complete
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from quart import Blueprint, Response, request
 from flynnp2p.errors import UserError
 from flynnp2p.state.errors import RecordError, StaleReplicaError
 from flynnp2p.state.merge import decode_vector
-from flynnp2p.state.service import MSGPACK, StateService, pack
+from flynnp2p.state.service import MSGPACK, StateService, check_version, pack
 
 
 async def _msgpack_body() -> Any:
@@ -42,10 +43,8 @@ def internal_blueprint(state: StateService) -> Blueprint:
     @bp.post("/state/sync")
     async def sync() -> Response:
         body = await _msgpack_body()
-        if not isinstance(body, dict):
-            raise UserError("expected a map with 'vv'")
         try:
-            vv = decode_vector("vv", body.get("vv", {}))
+            vv = decode_vector("vv", check_version(body).get("vv", {}))
         except RecordError as exc:
             raise UserError(str(exc)) from None
         node = body.get("node")

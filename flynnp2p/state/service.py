@@ -45,7 +45,7 @@ import trio
 
 from flynnp2p.errors import ClusterError
 from flynnp2p.state.errors import RecordError, StaleReplicaError
-from flynnp2p.state.merge import Change, Delta, Entry, State, VersionVector
+from flynnp2p.state.merge import Change, Delta, Entry, State, VersionVector, delta_of
 from flynnp2p.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,36 @@ class _Call:
 
 @dataclass
 class _Apply:
-    wire: Any  # a Delta in wire form (decoded in the worker thread)
+    wire: Any  # an envelope (decoded in the worker thread)
     done: trio.Event = field(default_factory=trio.Event)
     applied: list[Entry] = field(default_factory=list)
     error: BaseException | None = None
 
 
+WIRE_VERSION = 1
+
+
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def envelope(delta: Delta) -> dict[str, Any]:
+    """Every message between peers carries the wire version."""
+    return {"v": WIRE_VERSION, "delta": delta.to_wire()}
+
+
+def check_version(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise RecordError("message", "expected a map")
+    if message.get("v") != WIRE_VERSION:
+        raise RecordError(
+            "message.v", f"unsupported wire version {message.get('v')!r}; this node speaks {WIRE_VERSION}"
+        )
+    return message
+
+
+def open_envelope(message: Any) -> Delta:
+    return Delta.from_wire(check_version(message).get("delta"))
 
 
 class StateService:
@@ -194,7 +216,7 @@ class StateService:
         return op.result
 
     async def receive(self, wire: Any) -> list[Entry]:
-        """Apply a peer's delta (wire form); RecordError if it is malformed."""
+        """Apply a peer's message (``envelope`` form); RecordError if it is malformed."""
         op = _Apply(wire)
         await self._ops_send.send(op)
         await op.done.wait()
@@ -262,7 +284,7 @@ class StateService:
 
     async def _commit_apply(self, op: _Apply) -> None:
         def apply() -> list[Entry]:
-            delta = Delta.from_wire(op.wire)
+            delta = open_envelope(op.wire)
             try:
                 return self.store.apply(delta)
             except StaleReplicaError:
@@ -321,10 +343,9 @@ class StateService:
                 w.done.set()
 
     async def _push(self, peers: list[Peer], entries: list[Entry]) -> int:
-        snapshot = self.state
-        body = pack(
-            Delta(tuple(entries), dict(snapshot.vv), dict(snapshot.horizon), False).to_wire()
-        )
+        # Entries and vector from one snapshot (delta_of drops entries that a
+        # later write already replaced), so the receiver's horizon check holds.
+        body = pack(envelope(delta_of(self.state, entries)))
         acks = 0
 
         async def one(peer: Peer) -> None:
@@ -437,7 +458,7 @@ class StateService:
 
     async def pull(self, peer: Peer) -> int:
         """Fetch and apply every entry ``peer`` has that this replica lacks."""
-        request = pack({"vv": dict(self.state.vv), "node": self.origin})
+        request = pack({"v": WIRE_VERSION, "vv": dict(self.state.vv), "node": self.origin})
         applied = 0
         async with self.http.stream(
             "POST",
@@ -453,8 +474,9 @@ class StateService:
                 unpacker.feed(chunk)
                 for wire in unpacker:
                     applied += len(await self.receive(wire))
-                    if isinstance(wire, dict) and wire.get("complete"):
-                        self.peer_vectors[peer.name] = dict(wire.get("vv", {}))
+                    delta = wire.get("delta") if isinstance(wire, dict) else None
+                    if isinstance(delta, dict) and delta.get("complete"):
+                        self.peer_vectors[peer.name] = dict(delta.get("vv", {}))
         self.stats["pulls"] += 1
         return applied
 
@@ -468,7 +490,7 @@ class StateService:
             for start in range(0, max(len(entries), 1), CHUNK_ENTRIES):
                 part = entries[start : start + CHUNK_ENTRIES]
                 last = start + CHUNK_ENTRIES >= len(entries)
-                out.append(pack(Delta(part, delta.vv, delta.horizon, last).to_wire()))
+                out.append(pack(envelope(Delta(part, delta.vv, delta.horizon, last))))
             return out
 
         for chunk in await trio.to_thread.run_sync(chunks):

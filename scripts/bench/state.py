@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
-from flynnp2p.state.service import Peer, StateService
+from flynnp2p.state.service import Peer, StateService, envelope
 from flynnp2p.state.store import SqliteStore
 from tests.harness import AgentProc, Cluster, wait_for
 
@@ -235,7 +235,7 @@ async def full_copy(records: int) -> float:
                         for i in range(start, min(records, start + 5000))
                     )
                     delta = Delta(entries, {}, {}, False)
-                    r = await c.post("/v1/internal/state/push", content=msgpack.packb(delta.to_wire()),
+                    r = await c.post("/v1/internal/state/push", content=msgpack.packb(envelope(delta)),
                                      headers={"Content-Type": "application/x-msgpack"}, timeout=120)
                     assert r.status_code == 200, r.text
             t0 = time.monotonic()
