@@ -31,6 +31,7 @@ from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.state.errors import StoreError
+from flynnp2p.state.records import ClusterConfig
 from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
@@ -151,7 +152,9 @@ class Agent:
 
     @property
     def cluster_domain(self) -> str:
-        return self.cfg.domain
+        """The domain the cluster was created with (the first leader records it)."""
+        config = self.state.state.record(ClusterConfig, "config")
+        return config.domain if config is not None else self.cfg.domain
 
     def is_leader(self) -> bool:
         """Leader, and caught up with every peer since it became one."""
@@ -164,6 +167,14 @@ class Agent:
         with trio.move_on_after(10):
             await self.state.catch_up()
         self.caught_up_epoch = epoch
+        config = self.state.state.record(ClusterConfig, "config")
+        if config is None:
+            await self.state.write([ClusterConfig(domain=self.cfg.domain, created_at=now_ms())])
+        elif config.domain != self.cfg.domain:
+            log.warning(
+                "this cluster's domain is %s; this node's --domain %s is ignored",
+                config.domain, self.cfg.domain,
+            )
         await trio.sleep_forever()
 
     def leader_api(self) -> str | None:

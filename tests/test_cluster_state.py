@@ -143,7 +143,7 @@ async def test_deleted_app_tombstones_are_collected_everywhere(cluster: Cluster)
 
     await wait_for(collected, 30, "tombstones collected on every node")
     _, records = await converged(agents)
-    assert records == 0  # the app and its route are gone, tombstones included
+    assert records == 1  # only the cluster config: the app, its route and their tombstones are gone
     for agent in agents:  # and nothing resurrects the app afterwards
         assert await get_app(agent, "doomed") is None
 
@@ -244,3 +244,15 @@ async def test_hostile_input_is_4xx_and_changes_nothing(cluster: Cluster) -> Non
             assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text)
             assert "error" in r.json(), (method, path, r.text)
     assert await state_of(a) == before
+
+
+async def test_cluster_domain_is_the_creators_on_every_node(cluster: Cluster) -> None:
+    seed = cluster.add()
+    seed.start(extra=["--domain", "apps.example.test"])
+    await seed.wait_ready()
+    other = cluster.add()
+    other.start(peers=[seed.gossip])  # its own default domain is ignored
+    await other.wait_ready()
+    await cluster.wait_converged([seed, other], alive=2)
+    created = await create(other, "shop")
+    assert [r["domain"] for r in created["routes"]] == ["shop.apps.example.test"]

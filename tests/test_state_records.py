@@ -19,6 +19,7 @@ from flynnp2p.state.records import (
     App,
     Artifact,
     BlobLocation,
+    ClusterConfig,
     Certificate,
     Formation,
     HealthCheck,
@@ -67,6 +68,7 @@ EXAMPLES: list[Record] = [
     ),
     Certificate(id="cert-1", domains=("example.com",), cert_pem=PEM, key_pem=PEM, created_at=9),
     BlobLocation(digest=DIGEST, node="node-1", size=1024, created_at=10),
+    ClusterConfig(domain="apps.example.com", created_at=1),
 ]  # fmt: skip
 
 
@@ -100,7 +102,8 @@ def test_records_are_immutable_and_normalised() -> None:
 
 def test_keys() -> None:
     assert EXAMPLES[4].key == "app-1"  # one formation per app
-    assert EXAMPLES[-1].key == f"{DIGEST}@node-1"
+    assert EXAMPLES[-2].key == f"{DIGEST}@node-1"
+    assert EXAMPLES[-1].key == "config"  # one cluster config
 
 
 def _with(record: Record, **changes: Any) -> dict[str, Any]:

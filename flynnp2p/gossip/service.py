@@ -40,6 +40,7 @@ REJOIN_S = 3.0
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_GOSSIP_PORT = 7946
 MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
+LEADER_EVENT = "f2p-leader"
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Gossip:
         self._poke.set()
 
     async def _watch_member_events(self) -> None:
-        async with self.rpc.stream(MEMBER_EVENTS) as events:
+        async with self.rpc.stream(f"{MEMBER_EVENTS},user:{LEADER_EVENT}") as events:
             async for _event in events:
                 self._poke.set()
 
@@ -190,6 +191,10 @@ class Gossip:
                 await self.set_tags({"ep": str(epoch)})
                 log.info("this node is now the leader, epoch %d", epoch)
                 self.leadership.set(Leadership(True, epoch))
+                # Tell everyone at once (member-update events lag 1-3 s).
+                await self.rpc.user_event(
+                    LEADER_EVENT, f"{self.settings.node_name} {epoch}".encode(), coalesce=False
+                )
             elif not view.is_leader:
                 if current.is_leader:
                     log.info("this node is no longer the leader")

@@ -290,8 +290,22 @@ class BlobLocation(Record):
         return f"{self.digest}@{self.node}"
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterConfig(Record):
+    """Settings fixed when the cluster is created (one record, key "config")."""
+
+    KIND: ClassVar[str] = "cluster"
+    domain: Annotated[str, DOMAIN]
+    created_at: Annotated[int, TIMESTAMP]
+
+    @property
+    def key(self) -> str:
+        return "config"
+
+
 RECORD_TYPES: tuple[type[Record], ...] = (
-    App, Release, Artifact, Formation, Route, Job, Placement, Certificate, BlobLocation
+    App, Release, Artifact, Formation, Route, Job, Placement, Certificate, BlobLocation,
+    ClusterConfig,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))
