@@ -52,7 +52,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import trio
@@ -444,10 +444,7 @@ class AppsApi:
 
     async def get_release(self, app: str, release_id: str) -> Response:
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
-        release = state.record(Release, _ref("release", release_id))
-        if release is None or release.app_id != found.id:
-            raise NotFound(f"app {found.name!r} has no release {release_id!r}")
+        release = _of_app(state, find_app(state, _ref("app", app)), Release, release_id)
         return _json({"release": wire(release)})
 
     # formation
@@ -568,10 +565,7 @@ class AppsApi:
 
     async def delete_route(self, app: str, route_id: str) -> Response:
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
-        route = state.record(Route, _ref("route", route_id))
-        if route is None or route.app_id != found.id:
-            raise NotFound(f"app {found.name!r} has no route {route_id!r}")
+        route = _of_app(state, find_app(state, _ref("app", app)), Route, route_id)
         result = await self.ctx.state.write([Delete(Route.KIND, route.id)])
         return _json({"deleted": route.id, "replicas": result.replicas})
 
@@ -688,6 +682,17 @@ def _reset(state: State, kinds: frozenset[str] | None, cursor: int, reason: str)
     reset = sse(None if live else cursor, "reset", {"reason": reason, "last_event_id": cursor})
     puts = (sse(cursor if i == len(live) - 1 else None, e.kind, _change(e)) for i, e in enumerate(live))
     return reset + b"".join(puts)
+
+
+_Owned = TypeVar("_Owned", Release, Route)
+
+
+def _of_app(state: State, app: App, cls: type[_Owned], key: str) -> _Owned:
+    """The ``cls`` record ``key`` of ``app``; 404 if it is missing or another app's."""
+    record = state.record(cls, _ref(cls.KIND, key))
+    if record is None or record.app_id != app.id:
+        raise NotFound(f"app {app.name!r} has no {cls.KIND} {key!r}")
+    return record
 
 
 def apps_blueprint(
