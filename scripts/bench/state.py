@@ -4,13 +4,13 @@
 1. Propagation: N agents (3, 10); a write on one node until it is visible on all
    N, seen through every node's /v1/events stream; p50/p99 over 200 writes.
 2. Acknowledged writes/s on one node of 3, durability on (committed here and on
-   at least one peer), 64 concurrent clients for 10 s.  Competitor in the same
+   at least one peer), 16 and 64 concurrent clients for 10 s each.  Competitor in the same
    run: a 3-member etcd cluster (Debian's etcd-server) on loopback, the same
    clients writing through its JSON gateway; the ratio is ours / etcd.
 3. Full copy: a node joining a cluster that holds 100,000 records, from its
    start until it holds them all.
 
-    .venv/bin/python scripts/bench/state.py [--quick]
+    .venv/bin/python scripts/bench/state.py [--quick] [--writes-only]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from flynnp2p.state.service import Peer, StateService, envelope
 from flynnp2p.state.store import SqliteStore
 from tests.harness import AgentProc, Cluster, wait_for
 
-CLIENTS = 64
+CLIENT_COUNTS = (16, 64)
 DURATION_S = 10.0
 
 
@@ -90,7 +90,7 @@ async def propagation(n: int, writes: int) -> tuple[float, float]:
             cluster.kill_all()
 
 
-async def hammer(post: object, duration: float) -> int:
+async def hammer(post: object, duration: float, clients: int) -> int:
     done = 0
 
     async def worker(i: int) -> None:
@@ -103,18 +103,18 @@ async def hammer(post: object, duration: float) -> int:
 
     with trio.move_on_after(duration):
         async with trio.open_nursery() as nursery:
-            for i in range(CLIENTS):
+            for i in range(clients):
                 nursery.start_soon(worker, i)
     return done
 
 
-async def ours_writes_per_s() -> float:
+async def ours_writes_per_s(clients: int) -> tuple[float, float | None]:
     with tempfile.TemporaryDirectory() as d:
         cluster = Cluster(Path(d))
         try:
             agents = await cluster.start(3)
             await cluster.wait_converged(agents, alive=3)
-            limits = httpx.Limits(max_connections=CLIENTS)
+            limits = httpx.Limits(max_connections=clients)
             async with httpx.AsyncClient(base_url=agents[0].url, limits=limits, timeout=30, headers={
                 "Authorization": f"Bearer {cluster.token.api_key}"}) as c:
                 r = await c.post("/v1/apps", json={"name": "bench"})
@@ -124,7 +124,10 @@ async def ours_writes_per_s() -> float:
                     r = await c.patch("/v1/apps/bench", json={"meta": {f"c{i}": str(k)}})
                     assert r.status_code == 200 and r.json()["replicas"] >= 2, r.text
 
-                return await hammer(post, DURATION_S) / DURATION_S
+                python_rate = await hammer(post, DURATION_S, clients) / DURATION_S
+            wrk = await wrk_rate(f"{agents[0].url}/v1/apps/bench", "PATCH", '{"meta": {"k": "v"}}',
+                                 clients, cluster.token.api_key)
+            return python_rate, wrk
         finally:
             cluster.kill_all()
 
@@ -151,7 +154,33 @@ class _TwoPeers:
         yield nothing()
 
 
-async def state_layer_writes_per_s() -> float:
+WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+"""
+
+
+async def wrk_rate(url: str, method: str, body: str, clients: int, token: str | None = None) -> float | None:
+    """Requests/s that wrk (C, not Python) gets through ``url``; None without wrk.
+    Every request must answer 2xx (checked from wrk's "Non-2xx" line)."""
+    if not shutil.which("wrk"):
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
+        f.write(WRK_SCRIPT.format(method=method, body=body, auth=auth))
+    out = await trio.run_process(
+        ["wrk", "-t2", f"-c{clients}", f"-d{DURATION_S:.0f}s", "-s", f.name, url],
+        capture_stdout=True, check=True,
+    )
+    text = out.stdout.decode()
+    if "Non-2xx" in text:
+        raise AssertionError(f"wrk saw errors:\n{text}")
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("Requests/sec")))
+
+
+async def state_layer_writes_per_s(clients: int) -> float:
     """The replicated write path without the public HTTP API: StateService.write
     in this process (SQLite, synchronous=FULL), pushed to two real agents."""
     with tempfile.TemporaryDirectory() as d:
@@ -172,7 +201,7 @@ async def state_layer_writes_per_s() -> float:
                         result = await service.write([app])
                         assert result.replicas == 3
 
-                    rate = await hammer(post, DURATION_S) / DURATION_S
+                    rate = await hammer(post, DURATION_S, clients) / DURATION_S
                     nursery.cancel_scope.cancel()
             store.close()
             return rate
@@ -180,7 +209,7 @@ async def state_layer_writes_per_s() -> float:
             cluster.kill_all()
 
 
-async def etcd_writes_per_s() -> float | None:
+async def etcd_writes_per_s(clients: int) -> tuple[float, float | None] | None:
     if not shutil.which("etcd"):
         return None
     with tempfile.TemporaryDirectory() as d:
@@ -197,7 +226,7 @@ async def etcd_writes_per_s() -> float | None:
             for n, a in zip(names, addrs, strict=True)
         ]
         try:
-            limits = httpx.Limits(max_connections=CLIENTS)
+            limits = httpx.Limits(max_connections=clients)
             async with httpx.AsyncClient(base_url=f"http://{addrs[0]}:2379", limits=limits, timeout=30) as c:
 
                 async def healthy() -> bool:
@@ -214,7 +243,10 @@ async def etcd_writes_per_s() -> float | None:
                     r = await c.post("/v3/kv/put", json=body)
                     assert r.status_code == 200, r.text
 
-                return await hammer(post, DURATION_S) / DURATION_S
+                python_rate = await hammer(post, DURATION_S, clients) / DURATION_S
+            wrk = await wrk_rate(f"http://{addrs[0]}:2379/v3/kv/put", "POST",
+                                 '{"key": "Zm9v", "value": "YmFy"}', clients)
+            return python_rate, wrk
         finally:
             for p in procs:
                 p.kill()
@@ -253,21 +285,30 @@ async def full_copy(records: int) -> float:
 
 async def main() -> None:
     quick = "--quick" in sys.argv
-    for n in (3,) if quick else (3, 10):
+    for n in () if "--writes-only" in sys.argv else (3,) if quick else (3, 10):
         p50, p99 = await propagation(n, 50 if quick else 200)
         print(f"propagation N={n}: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 <= 1 s at N=10)",
               flush=True)
-    ours = await ours_writes_per_s()
-    layer = await state_layer_writes_per_s()
-    etcd = await etcd_writes_per_s()
-    if etcd:
-        print(f"etcd 3.4 (3 members, same clients, JSON gateway): {etcd:.0f} writes/s", flush=True)
-    ratio = f", ratio to etcd {ours / etcd:.2f}" if etcd else " (etcd not installed)"
-    print(f"acknowledged writes/s through the API (PATCH /v1/apps/X) on one node of 3: {ours:.0f}/s{ratio}",
-          flush=True)
-    ratio = f", ratio to etcd {layer / etcd:.2f}" if etcd else ""
-    print(f"acknowledged writes/s of the state layer (StateService.write, 3 replicas): {layer:.0f}/s{ratio} "
-          "(target >= 1000/s)", flush=True)
+    for clients in CLIENT_COUNTS:
+        ours, ours_wrk = await ours_writes_per_s(clients)
+        layer = await state_layer_writes_per_s(clients)
+        etcd_rates = await etcd_writes_per_s(clients)
+        etcd, etcd_wrk = etcd_rates if etcd_rates else (None, None)
+        print(f"-- {clients} concurrent clients", flush=True)
+
+        def line(what: str, value: float | None, other: float | None) -> None:
+            if value is None:
+                return
+            ratio = f", ratio to etcd {value / other:.2f}" if other else ""
+            print(f"{what}: {value:.0f}/s{ratio}", flush=True)
+
+        line("etcd 3.4, 3 members, JSON gateway, Python clients", etcd, None)
+        line("etcd 3.4, 3 members, JSON gateway, wrk", etcd_wrk, None)
+        line("ours, PATCH /v1/apps/X on one node of 3, Python clients", ours, etcd)
+        line("ours, PATCH /v1/apps/X on one node of 3, wrk", ours_wrk, etcd_wrk)
+        line("ours, state layer (StateService.write, 3 replicas; target >= 1000/s)", layer, etcd)
+    if "--writes-only" in sys.argv:
+        return
     secs = await full_copy(20_000 if quick else 100_000)
     print(f"full copy of {20_000 if quick else 100_000} records to a new node: {secs:.2f} s (target <= 10 s)")
 
