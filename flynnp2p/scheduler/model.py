@@ -1,0 +1,214 @@
+"""What the planner sees: hosts, desired groups, current jobs; and the adapter from state.
+
+Theory of operation
+-------------------
+The core never reads records or the membership itself. The leader builds one
+`Inputs` value per evaluation (`inputs_from_state`) and hands it to `plan`; the
+same `Inputs`, ``now_ms`` and ``seed`` always give the same plan, so a plan can be
+replayed from a logged input.
+
+* `Host`: a member of the cluster, its tags and its memory capacity.
+* `Desired`: one *group*, an (app, process type) of a formation: the release it
+  should run, how many jobs, how much memory each takes, whether it is omni (one
+  per eligible host) and the tags a host needs. A group with ``hold`` set is left
+  alone (its release has not reached this replica yet) and reported as blocked.
+* `JobInfo`: a job as the scheduler understands it, merged from the host-written
+  `Job` record and the leader-written `Placement` for the same id: a start
+  placement the host has not acted on yet is a ``starting`` job (so a second
+  evaluation does not place it again), a stop placement makes it ``stopping``.
+* `OneOff`: a `flynnp2p run` request, placed once under the id it already has.
+
+Memory: a job holds its process type's ``memory_mb`` (from its *own* release) on
+its host while it is starting, up, stopping, or crashed and waiting to be
+restarted (so its slot is still there when the restart comes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from flynnp2p.state.merge import State
+from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release
+from flynnp2p.state.schema import EMPTY, FrozenMap
+
+DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
+LIVE_STATES = frozenset({"starting", "up", "crashed"})  # jobs that count towards a group
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str
+    alive: bool
+    tags: Mapping[str, str] = EMPTY
+    memory_mb: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", FrozenMap(self.tags))
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """One (app, process type) of a formation."""
+
+    app: str
+    release: str
+    type: str
+    count: int
+    memory_mb: int = DEFAULT_MEMORY_MB
+    omni: bool = False
+    constraints: Mapping[str, str] = EMPTY
+    hold: str | None = None  # why the group must be left alone for now
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or self.memory_mb < 0:
+            raise ValueError(f"{self.app}/{self.type}: count and memory_mb must be >= 0")
+        object.__setattr__(self, "constraints", FrozenMap(self.constraints))
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return (self.app, self.type)
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    id: str
+    app: str
+    release: str
+    type: str
+    host: str
+    state: str  # starting | up | crashed | stopping | down
+    created_at: int
+    memory_mb: int = DEFAULT_MEMORY_MB
+    restarts: int = 0
+    exited_at: int | None = None  # when a crashed job exited
+    up_since: int | None = None  # when the run that crashed became up (for the backoff reset)
+    one_off: bool = False
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return (self.app, self.type)
+
+    @property
+    def holds_memory(self) -> bool:
+        if self.state == "crashed":
+            return not self.one_off  # a crashed one-off is finished; nothing will restart it
+        return self.state in ("starting", "up", "stopping")
+
+
+@dataclass(frozen=True, slots=True)
+class OneOff:
+    """A one-off job to place once; never restarted, never replaced."""
+
+    id: str
+    app: str
+    release: str
+    type: str
+    memory_mb: int = DEFAULT_MEMORY_MB
+    constraints: Mapping[str, str] = EMPTY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "constraints", FrozenMap(self.constraints))
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Everything one evaluation looks at. Order does not matter: the planner sorts."""
+
+    hosts: tuple[Host, ...] = ()
+    desired: tuple[Desired, ...] = ()
+    jobs: tuple[JobInfo, ...] = ()
+    one_offs: tuple[OneOff, ...] = ()
+
+
+def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Inputs:
+    """Build the planner's inputs from a replica's state and the membership view.
+
+    `now_ms` bounds the exit times hosts report: a host whose clock runs ahead must
+    not push a crashed job's restart into the future.
+    """
+    releases: dict[str, Release | None] = {}
+
+    def release(release_id: str) -> Release | None:
+        if release_id not in releases:
+            releases[release_id] = state.record(Release, release_id)
+        return releases[release_id]
+
+    def spec(release_id: str, ptype: str) -> ProcessSpec | None:
+        r = release(release_id)
+        return None if r is None else r.processes.get(ptype)
+
+    def memory(release_id: str, ptype: str) -> int:
+        s = spec(release_id, ptype)
+        return DEFAULT_MEMORY_MB if s is None else s.memory_mb
+
+    desired = [
+        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype))
+        for f in state.records(Formation)
+        for ptype in sorted(f.processes)
+    ]
+    placements = {p.id: p for p in state.records(Placement)}
+    records = {j.id: j for j in state.records(Job)}
+    jobs = []
+    for job_id in sorted(placements.keys() | records.keys()):
+        p, j = placements.get(job_id), records.get(job_id)
+        if j is not None:
+            job_state = j.state
+            if p is not None and p.action == "stop" and job_state != "down":
+                job_state = "stopping"
+            jobs.append(_job_info(j, job_state, memory(j.release_id, j.process_type), now_ms))
+        elif p is not None and p.action == "start":  # placed, not reported yet
+            jobs.append(
+                JobInfo(
+                    id=p.id,
+                    app=p.app_id,
+                    release=p.release_id,
+                    type=p.process_type,
+                    host=p.host,
+                    state="starting",
+                    created_at=p.created_at,
+                    memory_mb=memory(p.release_id, p.process_type),
+                    one_off=p.one_off,
+                )
+            )
+    return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs))
+
+
+def _desired(
+    f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None
+) -> Desired:
+    count = f.processes[ptype]
+    hold = None
+    if release is None:
+        hold = f"release {f.release_id} has not reached this node yet"
+    elif spec is None and count > 0:
+        hold = f"release {f.release_id} has no process type {ptype}"
+    return Desired(
+        app=f.app_id,
+        release=f.release_id,
+        type=ptype,
+        count=count,
+        memory_mb=DEFAULT_MEMORY_MB if spec is None else spec.memory_mb,
+        omni=False if spec is None else spec.omni,
+        constraints=f.tags,
+        hold=hold,
+    )
+
+
+def _job_info(j: Job, state: str, memory_mb: int, now_ms: int) -> JobInfo:
+    # The Job record has no "up since": `updated_at` of a crashed job is its exit
+    # time, but when the run became up is lost, so the 5-minute reset cannot be
+    # seen from records yet (up_since=None: never reset, the safe side).
+    return JobInfo(
+        id=j.id,
+        app=j.app_id,
+        release=j.release_id,
+        type=j.process_type,
+        host=j.host,
+        state=state,
+        created_at=j.created_at,
+        memory_mb=memory_mb,
+        restarts=j.restarts,
+        exited_at=min(j.updated_at, now_ms) if state == "crashed" else None,
+        one_off=j.one_off,
+    )

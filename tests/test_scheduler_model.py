@@ -1,0 +1,91 @@
+"""inputs_from_state: formations, releases, jobs and placements as the planner sees them."""
+
+from __future__ import annotations
+
+from flynnp2p.scheduler import Desired, JobInfo, inputs_from_state, plan
+from flynnp2p.state.hlc import HlcClock
+from flynnp2p.state.merge import State, apply_entries, local_entries
+from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Record, Release
+from tests.test_scheduler_helpers import host
+
+NOW = 1_000_000
+
+
+def state_of(*records: Record) -> State:
+    entries = local_entries(State(), "node-1", HlcClock(), records, NOW)
+    return apply_entries(State(), entries)[0]
+
+
+RELEASE = Release(
+    "r1", "app1", 0,
+    processes={
+        "web": ProcessSpec("web", memory_mb=256),
+        "agent": ProcessSpec("agent", memory_mb=64, omni=True),
+    },
+)  # fmt: skip
+
+
+def test_formation_becomes_desired_groups() -> None:
+    f = Formation("app1", "r1", 0, processes={"web": 3, "agent": 1}, tags={"disk": "ssd"})
+    inputs = inputs_from_state(state_of(RELEASE, f), [host("n1")], NOW)
+    assert inputs.desired == (
+        Desired("app1", "r1", "agent", 1, 64, True, {"disk": "ssd"}),
+        Desired("app1", "r1", "web", 3, 256, False, {"disk": "ssd"}),
+    )
+    assert inputs.hosts == (host("n1"),)
+
+
+def test_unknown_release_holds_the_group() -> None:
+    f = Formation("app1", "r2", 0, processes={"web": 2})
+    [d] = inputs_from_state(state_of(RELEASE, f), [], NOW).desired
+    assert d.hold == "release r2 has not reached this node yet"
+    p = plan(inputs_from_state(state_of(RELEASE, f), [host("n1")], NOW), NOW, 0)
+    assert p.empty and p.blocked[0].reasons == ("release r2 has not reached this node yet",)
+
+
+def test_type_missing_from_release_holds_unless_scaled_to_zero() -> None:
+    f = Formation("app1", "r1", 0, processes={"worker": 1, "gone": 0})
+    by_type = {d.type: d for d in inputs_from_state(state_of(RELEASE, f), [], NOW).desired}
+    assert by_type["worker"].hold == "release r1 has no process type worker"
+    assert by_type["gone"].hold is None and by_type["gone"].count == 0
+
+
+def job(id: str, state: str, updated: int = 5, restarts: int = 0) -> Job:
+    return Job(id, "app1", "r1", "web", "n1", state, 1, updated, restarts=restarts)
+
+
+def placement(id: str, action: str, one_off: bool = False) -> Placement:
+    return Placement(id, "app1", "r1", "web", "n2", action, 1, 7, one_off=one_off)
+
+
+def test_jobs_merge_job_records_and_placements() -> None:
+    s = state_of(
+        RELEASE,
+        job("up", "up"),
+        job("crashed", "crashed", updated=900, restarts=2),
+        job("ahead", "crashed", updated=NOW + 60_000),  # a host whose clock runs ahead
+        job("stopped", "up"), placement("stopped", "stop"),
+        job("done", "down"), placement("done", "stop"),
+        placement("pending", "start", one_off=True),
+        placement("never-ran", "stop"),
+    )  # fmt: skip
+    jobs = {j.id: j for j in inputs_from_state(s, [], NOW).jobs}
+    assert set(jobs) == {"up", "crashed", "ahead", "stopped", "done", "pending"}
+    assert jobs["up"] == JobInfo("up", "app1", "r1", "web", "n1", "up", 1, 256)
+    assert (jobs["crashed"].exited_at, jobs["crashed"].restarts) == (900, 2)
+    assert jobs["ahead"].exited_at == NOW
+    assert jobs["stopped"].state == "stopping" and jobs["done"].state == "down"
+    assert jobs["pending"] == JobInfo(
+        "pending", "app1", "r1", "web", "n2", "starting", 7, 256, one_off=True
+    )
+
+
+def test_job_of_unknown_release_holds_the_default_memory() -> None:
+    s = state_of(Job("j", "app1", "r9", "web", "n1", "up", 1, 1))
+    assert inputs_from_state(s, [], NOW).jobs[0].memory_mb == 512
+
+
+def test_a_placed_but_unreported_job_is_not_placed_again() -> None:
+    f = Formation("app1", "r1", 0, processes={"web": 1})
+    s = state_of(RELEASE, f, placement("pending", "start"))
+    assert plan(inputs_from_state(s, [host("n1"), host("n2")], NOW), NOW, 0).empty
