@@ -22,8 +22,11 @@ import trio
 import flynnp2p
 from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import apps_blueprint
+from flynnp2p.api.blobs import blobs_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.server import ApiServer
+from flynnp2p.build.blobs import BlobService
+from flynnp2p.build.blobstore import BlobStore
 from flynnp2p.config import NodeConfig, save_node, serf_binary, state_gc_interval_s
 from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.peers import GossipPeers
@@ -93,11 +96,17 @@ class Agent:
         self.state = StateService(
             store, GossipPeers(self.gossip), self.http, now_ms, state_gc_interval_s()
         )
+        # Content-addressed files; their locations live in the replicated state.
+        self.blobs = BlobService(
+            BlobStore(cfg.data_dir / "blobs"), self.state, GossipPeers(self.gossip),
+            self.http, cfg.name, now_ms,
+        )
         self.caught_up_epoch = -1
         self.duties.add(self._leader_catch_up)
         app = create_app(self)
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(apps_blueprint(self))
+        app.register_blueprint(blobs_blueprint(self.blobs))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
 
     def _tags(self) -> dict[str, str]:
@@ -127,6 +136,7 @@ class Agent:
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
                 await nursery.start(self.state.run)
+                await nursery.start(self.blobs.run)
                 await nursery.start(self.duties.run)
                 self.ready = True
                 log.info("node %s is up: API %s", self.cfg.name, self.api_url)
@@ -244,6 +254,7 @@ class Agent:
                     "vv": dict(self.state.state.vv),
                     **self.state.stats,
                 },
+                "blobs": {"ok": self.ready, **self.blobs.stats},
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
             },
             "versions": {"flynnp2p": flynnp2p.__version__},

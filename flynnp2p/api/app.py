@@ -23,16 +23,21 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 MAX_PEER_BODY = 256 << 20
 PEER_PREFIX = "/v1/internal/"
+# Slugs and images are streamed to disk, never held in memory whole.
+MAX_BLOB_BODY = 4 << 30
+BLOB_PREFIX = "/v1/blobs/"
 PUBLIC_PATHS = frozenset({"/healthz"})
 
 
 class _Request(TrioRequest):
-    """Users' bodies are capped at 1 MiB; peers' state deltas may be larger."""
+    """Users' bodies are capped at 1 MiB; peers' state deltas and blobs may be larger."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         path = args[2] if len(args) > 2 else kwargs.get("path", "")
         if str(path).startswith(PEER_PREFIX):
             kwargs["max_content_length"] = MAX_PEER_BODY
+        elif str(path).startswith(BLOB_PREFIX):
+            kwargs["max_content_length"] = MAX_BLOB_BODY
         super().__init__(*args, **kwargs)
 
 
