@@ -35,11 +35,7 @@ answer; on the leader one lock serialises check-then-write. The window this leav
 is a leadership change: an old and a new leader overlapping for a moment, or a new
 leader that has not yet received its predecessor's last allocation.
 
-Events. ``/v1/events`` uses the subscription only as a wake-up; what it sends comes
-from the service's ring of numbered events (`events_since`), so every event carries
-its id and a client that reconnects with ``Last-Event-ID`` misses nothing. An id the
-ring no longer holds (too old, or from another node: ids are per node) gets an
-``event: reset`` followed by the current records, then live events.
+The event stream lives in `flynnp2p.api.events`.
 """
 
 from __future__ import annotations
@@ -50,8 +46,9 @@ import random
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -59,6 +56,9 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from flynnp2p.api.app import error_response
+from flynnp2p.api.events import events
+from flynnp2p.api.render import show as _show
+from flynnp2p.api.render import wire
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
 from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Change, Delete, Entry, State
@@ -67,15 +67,11 @@ from flynnp2p.state.records import (
     ENV_NAME_RE,
     ID,
     ID_RE,
-    KIND_CHOICES,
-    KINDS,
     META,
     PROCESS_TYPE,
     App,
     Artifact,
-    Certificate,
     Formation,
-    Record,
     Release,
     Route,
 )
@@ -83,7 +79,6 @@ from flynnp2p.state.schema import Dict, Int, Seq, Str
 
 FORWARDED = "X-Flynnp2p-Forwarded"
 FORWARD_TIMEOUT_S = 15.0
-KEEPALIVE_S = 15.0
 
 _REF = re.compile(ID_RE)
 _REF_ACCEPTED = "1-128 letters, digits and _.:@-, starting with a letter or digit"
@@ -96,7 +91,6 @@ _COUNTS = Dict(PROCESS_TYPE, Int(0, 10_000), max_items=64)
 _ENV_NAME = Str(ENV_NAME_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
 _ENV_SET = Dict(_ENV_NAME, Str(None, "a string of up to 32768 characters", 32768, 0))
 _ENV_UNSET = Seq(_ENV_NAME, max_items=256)
-_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 _ADJECTIVES = (
     "amber", "autumn", "bold", "brave", "bright", "calm", "crimson", "dawn", "eager", "fancy",
@@ -175,11 +169,6 @@ class ClusterContext(Protocol):
 # -- input at the edge ------------------------------------------------------
 
 
-def _show(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _ref(what: str, value: str) -> str:
     """A name or id taken from the URL path."""
     if _REF.fullmatch(value) is None:
@@ -231,34 +220,10 @@ async def _json_body(
 # -- output -----------------------------------------------------------------
 
 
-def wire(record: Record) -> dict[str, object]:
-    """A record as the API shows it: its wire form without the schema version."""
-    out = record.to_wire()
-    del out["v"]
-    if isinstance(record, Certificate):
-        out["key_pem"] = "(redacted)"
-    return out
-
-
 def _json(body: Mapping[str, object], status: int = 200) -> Response:
     resp = jsonify(body)
     resp.status_code = status
     return resp
-
-
-def sse(event_id: int | None, event: str, data: object) -> bytes:
-    """One Server-Sent Event (the JSON is on one line, so one ``data:`` field)."""
-    head = "" if event_id is None else f"id: {event_id}\n"
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _change(entry: Entry) -> dict[str, object]:
-    return {
-        "kind": entry.kind,
-        "key": entry.key,
-        "op": "put" if entry.value is not None else "delete",
-        "value": None if entry.value is None else wire(entry.value),
-    }
 
 
 # -- reads of the state -----------------------------------------------------
@@ -605,85 +570,6 @@ class AppsApi:
             content_type=resp.headers.get("content-type", "application/json"),
         )
 
-    # events
-
-    async def events(self) -> Response:
-        kinds = _kinds(request.args.get("kinds"))
-        last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        if last is not None and _EVENT_ID.fullmatch(last.strip()) is None:
-            raise UserError(f"Last-Event-ID: expected an event id (an integer), got {_show(last)}")
-        last_id = None if last is None else int(last)
-        resp = Response(self._event_stream(kinds, last_id), content_type="text/event-stream")
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Accel-Buffering"] = "no"
-        resp.timeout = None  # quart would cut a response after RESPONSE_TIMEOUT
-        return resp
-
-    async def _event_stream(
-        self, kinds: frozenset[str] | None, last_id: int | None
-    ) -> AsyncIterator[bytes]:
-        # No `yield` inside a cancel scope here: trio forbids it in async generators.
-        service = self.ctx.state
-        yield b"retry: 2000\n\n"
-        before = service.last_event_id  # the snapshot below holds at least this much
-        async with service.subscribe(kinds) as (snapshot, wakeups):
-            cursor = before if last_id is None else last_id
-            if last_id is not None and service.events_since(last_id) is None:
-                yield _reset(snapshot, kinds, before, f"event {last_id} is not in this node's log")
-                cursor = before
-            ended = False
-            while True:
-                batch = service.events_since(cursor)
-                if batch is None:  # this client fell behind the ring
-                    cursor = service.last_event_id
-                    yield _reset(service.state, kinds, cursor, "the stream fell behind")
-                elif batch:
-                    cursor = batch[-1][0]
-                    out = b"".join(
-                        sse(i, e.kind, _change(e)) for i, e in batch if kinds is None or e.kind in kinds
-                    )
-                    if out:
-                        yield out
-                if ended:
-                    return  # dropped as too slow, or the node stops: the client resumes
-                woke = False
-                with trio.move_on_after(KEEPALIVE_S):
-                    ended = await _next_changes(wakeups)
-                    woke = True
-                if not woke:
-                    yield b": keep-alive\n\n"
-
-
-def _kinds(text: str | None) -> frozenset[str] | None:
-    if text is None or not text.strip():
-        return None
-    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
-    unknown = sorted(kinds - set(KINDS))
-    if unknown:
-        raise UserError(f"kinds: unknown kind {_show(unknown[0])}; accepted: {KIND_CHOICES}")
-    return kinds
-
-
-async def _next_changes(wakeups: trio.MemoryReceiveChannel[list[Entry]]) -> bool:
-    """Wait for changes and drain what is queued; True when the subscription ended."""
-    try:
-        await wakeups.receive()
-        while True:
-            wakeups.receive_nowait()
-    except trio.WouldBlock:
-        return False
-    except trio.EndOfChannel:
-        return True
-
-
-def _reset(state: State, kinds: frozenset[str] | None, cursor: int, reason: str) -> bytes:
-    """``event: reset`` then every live record, the last carrying the resume id."""
-    live = [e for e in state.entries() if e.value is not None and (kinds is None or e.kind in kinds)]
-    reset = sse(None if live else cursor, "reset", {"reason": reason, "last_event_id": cursor})
-    puts = (sse(cursor if i == len(live) - 1 else None, e.kind, _change(e)) for i, e in enumerate(live))
-    return reset + b"".join(puts)
-
-
 _Owned = TypeVar("_Owned", Release, Route)
 
 
@@ -720,10 +606,10 @@ def apps_blueprint(
         ("GET", "/v1/apps/<app>/routes", api.list_routes),
         ("POST", "/v1/apps/<app>/routes", api.create_route),
         ("DELETE", "/v1/apps/<app>/routes/<route_id>", api.delete_route),
-        ("GET", "/v1/events", api.events),
     )
     for method, rule, view in rules:
         bp.add_url_rule(rule, f"{view.__name__}", view, methods=[method])
+    bp.add_url_rule("/v1/events", "events", partial(events, ctx.state), methods=["GET"])
 
     @bp.errorhandler(RecordError)
     async def record_error(exc: RecordError) -> Response:
