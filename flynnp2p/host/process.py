@@ -1,0 +1,314 @@
+"""The process backend: each job is a process group started from an unpacked slug.
+
+Theory of operation
+-------------------
+``ProcessBackend.run`` owns one nursery for as long as the backend lives; every job
+has exactly one supervisor task in it (started by ``start`` with ``nursery.start``),
+and that task owns the job's process from spawn to reaping, plus a reader task per
+output stream in a child nursery. The usual way in is::
+
+    async with open_process_backend(root) as backend:
+        job = await backend.start(spec)
+
+A job runs ``bash -c 'for f in .profile.d/*.sh; ...; exec bash -c "$1"' job <command>``
+in its own working copy of the slug, in a new session (so its pid is its process
+group id). The inner ``bash -c`` execs a single simple command directly and still
+runs compound commands (``exit 3``, pipelines) as shell text; exported variables from
+``.profile.d`` reach it.
+
+Stopping is SIGTERM to the whole group, up to ``grace_s`` for every member of the
+group to exit, then SIGKILL to the group. When the main process exits by itself,
+anything left in its group is SIGKILLed at once: the main process owns its children. When the backend is cancelled, every job gets the same treatment under a
+shielded, bounded cleanup (``shutdown_grace_s`` then SIGKILL, then at most
+``_REAP_S`` to reap).
+
+Memory limits are ``RLIMIT_AS`` set in the child before exec (address space, not
+resident memory; cgroups come later).
+
+TODO: when running as root, drop to an unprivileged user and start jobs in new
+PID/mount/UTS namespaces (DESIGN.md, "Hosts and jobs"); today jobs run as the agent's
+user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal as _signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import Conflict, NotFound
+from flynnp2p.host.backend import JobSpec, RunningJob
+from flynnp2p.host.logs import AppLogFile, LogLine, LogRing, Stream
+from flynnp2p.host.slug import prepare_job_dir
+
+_LAUNCHER = (
+    'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
+)
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_READ_CHUNK = 65536
+_MAX_LINE = 64 * 1024  # longer lines are split so one job cannot grow a buffer forever
+_DRAIN_S = 2.0  # after the group is gone, how long readers may finish the pipes
+_REAP_S = 5.0
+_GROUP_POLL_S = 0.05  # bound on waiting for a SIGKILLed process to be reaped
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    # The group id stays reserved while any member lives, even after the leader
+    # is reaped, so this cannot hit an unrelated group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _wait_group_empty(pgid: int) -> None:
+    # There is no wakeup for "process group became empty", so poll. Unreaped zombies
+    # still count as members; the caller bounds this by the stop deadline.
+    while _group_exists(pgid):  # noqa: ASYNC110 - nothing to wait on but the kernel's table
+        await trio.sleep(_GROUP_POLL_S)
+
+
+def _rlimit_as(limit_bytes: int) -> Callable[[], None]:
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return preexec
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    process: trio.Process
+    running: RunningJob
+    ring: LogRing
+    exited: trio.Event = field(default_factory=trio.Event)
+    stop_deadline: float | None = None  # trio time at which a stop turns into SIGKILL
+    status: int | None = None
+    log_write_errors: int = 0
+
+
+class ProcessBackend:
+    """Runs jobs as local process groups; see the module docstring."""
+
+    def __init__(
+        self,
+        root_dir: Path,
+        *,
+        ring_lines: int = 10_000,
+        log_file_bytes: int = 10 * 1024 * 1024,
+        shutdown_grace_s: float = 10.0,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.root_dir = root_dir
+        self._ring_lines = ring_lines
+        self._log_file_bytes = log_file_bytes
+        self._shutdown_grace_s = shutdown_grace_s
+        self._clock_ms = clock_ms
+        self._jobs: dict[str, _Job] = {}
+        self._starting: set[str] = set()  # ids reserved while their directory is prepared
+        self._app_logs: dict[str, AppLogFile] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the job supervisors until cancelled; cancelling stops every job."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    # -- the JobBackend protocol --------------------------------------------------
+
+    async def start(self, spec: JobSpec) -> RunningJob:
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("ProcessBackend.start called while run() is not running")
+        if spec.job_id in self._jobs or spec.job_id in self._starting:
+            raise Conflict(f"job {spec.job_id!r} already exists on this host")
+        self._starting.add(spec.job_id)
+        try:
+            app_dir, process = await self._spawn(spec)
+        finally:
+            self._starting.discard(spec.job_id)
+        job = _Job(
+            spec=spec,
+            process=process,
+            running=RunningJob(spec.job_id, process.pid, app_dir, self._clock_ms()),
+            ring=LogRing(self._ring_lines),
+        )
+        self._jobs[spec.job_id] = job
+        try:
+            await nursery.start(self._supervise, job)
+        except RuntimeError:
+            # The nursery closed while we spawned (backend shutting down); the
+            # supervisor never ran, so nobody else will kill or reap this process.
+            _killpg(process.pid, _signal.SIGKILL)
+            with trio.CancelScope(shield=True), trio.move_on_after(_REAP_S):
+                await process.wait()
+            raise
+        return job.running
+
+    async def _spawn(self, spec: JobSpec) -> tuple[Path, trio.Process]:
+        app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
+        env = dict(spec.env)
+        env.update(
+            APP_NAME=spec.app_name,
+            APP_ID=spec.app_id,
+            RELEASE_ID=spec.release_id,
+            JOB_ID=spec.job_id,
+            PROCESS_TYPE=spec.process_type,
+            HOME=str(app_dir),
+            PATH=os.environ.get("PATH", _DEFAULT_PATH),
+        )
+        if spec.port is not None:
+            env["PORT"] = str(spec.port)
+        preexec = _rlimit_as(spec.memory_mb * 1024 * 1024) if spec.memory_mb > 0 else None
+        process = await trio.lowlevel.open_process(
+            ["bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
+            cwd=app_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        return app_dir, process
+
+    async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
+        """SIGTERM the job's group, SIGKILL it after ``grace_s``; return once reaped."""
+        job = self._job(job_id)
+        if job.exited.is_set():
+            return
+        deadline = trio.current_time() + grace_s
+        if job.stop_deadline is None or deadline < job.stop_deadline:
+            job.stop_deadline = deadline
+        _killpg(job.process.pid, _signal.SIGTERM)
+        with trio.move_on_at(job.stop_deadline):
+            await job.exited.wait()
+        if not job.exited.is_set():
+            _killpg(job.process.pid, _signal.SIGKILL)
+            await job.exited.wait()  # bounded: the supervisor drains for at most _DRAIN_S
+
+    def signal(self, job_id: str, sig: int) -> None:
+        """Send ``sig`` to the job's whole process group (no-op once it has exited)."""
+        job = self._job(job_id)
+        if not job.exited.is_set():
+            _killpg(job.process.pid, sig)
+
+    async def wait(self, job_id: str) -> int:
+        job = self._job(job_id)
+        await job.exited.wait()
+        assert job.status is not None
+        return job.status
+
+    def logs(self, job_id: str) -> list[LogLine]:
+        return self._job(job_id).ring.lines()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _job(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise NotFound(f"no job {job_id!r} on this host") from None
+
+    def _app_log(self, app_name: str) -> AppLogFile:
+        log = self._app_logs.get(app_name)
+        if log is None:
+            log = AppLogFile(
+                self.root_dir / "logs" / f"{app_name}.log", max_bytes=self._log_file_bytes
+            )
+            self._app_logs[app_name] = log
+        return log
+
+    async def _supervise(self, job: _Job, *, task_status: trio.TaskStatus[None]) -> None:
+        proc = job.process
+        try:
+            async with trio.open_nursery() as readers:
+                assert proc.stdout is not None and proc.stderr is not None
+                readers.start_soon(self._pump, job, proc.stdout, "stdout")
+                readers.start_soon(self._pump, job, proc.stderr, "stderr")
+                task_status.started()
+                await proc.wait()
+                if job.stop_deadline is not None:
+                    # Children got the same SIGTERM; give them what is left of the grace.
+                    with trio.move_on_at(job.stop_deadline):
+                        await _wait_group_empty(proc.pid)
+                _killpg(proc.pid, _signal.SIGKILL)  # leftovers of a finished main process
+                readers.cancel_scope.deadline = trio.current_time() + _DRAIN_S
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:  # we were cancelled: the backend is shutting down
+                    _killpg(proc.pid, _signal.SIGTERM)
+                    with trio.move_on_after(self._shutdown_grace_s):
+                        await proc.wait()
+                    _killpg(proc.pid, _signal.SIGKILL)
+                    with trio.move_on_after(_REAP_S):
+                        await proc.wait()
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        await stream.aclose()
+            job.status = proc.returncode
+            job.exited.set()
+
+    async def _pump(self, job: _Job, stream: trio.abc.ReceiveStream, name: Stream) -> None:
+        buf = b""
+        app_log = self._app_log(job.spec.app_name)
+        while True:
+            chunk = await stream.receive_some(_READ_CHUNK)
+            buf += chunk
+            parts = buf.split(b"\n")
+            buf = parts.pop()
+            while len(buf) >= _MAX_LINE:
+                parts.append(buf[:_MAX_LINE])
+                buf = buf[_MAX_LINE:]
+            if not chunk and buf:  # EOF: the last line had no newline
+                parts.append(buf)
+                buf = b""
+            now = self._clock_ms()
+            lines = [LogLine(now, name, p.decode("utf-8", "replace")) for p in parts]
+            for line in lines:
+                job.ring.append(line)
+            if lines:
+                try:
+                    await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, lines)
+                except OSError:
+                    # A full or broken disk must not kill the job; the ring still has them.
+                    job.log_write_errors += 1
+            if not chunk:
+                return
+
+
+@contextlib.asynccontextmanager
+async def open_process_backend(
+    root_dir: Path, *, shutdown_grace_s: float = 10.0
+) -> AsyncIterator[ProcessBackend]:
+    """Run a ``ProcessBackend`` for the duration of the block; leaving stops all jobs."""
+    backend = ProcessBackend(root_dir, shutdown_grace_s=shutdown_grace_s)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        yield backend
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,120 @@
+"""Slugs on disk: unpack once per digest, copy once per job.
+
+A slug is a Heroku-format gzipped tar whose top directory is ``./app``. It is
+unpacked into ``<root>/slugs/<digest>/`` (so the app is ``<root>/slugs/<digest>/app``)
+exactly once: extraction goes to a temporary sibling directory that is renamed into
+place, so a reader never sees a half-unpacked slug and two concurrent unpacks of one
+digest leave one copy.
+
+Every member is checked before anything is written: no absolute paths, no ``..``
+components, nothing outside ``app/``, no device files or FIFOs, and no symlink or
+hardlink whose target leaves the slug. Extraction then also runs with tarfile's
+``data`` filter as a second line of defence.
+
+Each job gets a plain copy of the app under ``<root>/jobs/<job_id>/app``. Not
+hardlinks: a job writing a file in place would otherwise change the shared slug
+under every other job of the release.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import UserError
+
+_DIGEST = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class SlugError(UserError):
+    """The slug tarball is malformed or unsafe; nothing of it was installed."""
+
+    code = "bad_slug"
+
+
+def _member_path(name: str) -> str:
+    """The member's normalised relative path, or raise ``SlugError``."""
+    if name.startswith("/"):
+        raise SlugError(f"slug member {name!r} is an absolute path; members must be under ./app")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise SlugError(f"slug member {name!r} contains '..'; members must be under ./app")
+    if not parts or parts[0] != "app":
+        raise SlugError(f"slug member {name!r} is outside ./app")
+    return "/".join(parts)
+
+
+def check_members(members: list[tarfile.TarInfo]) -> None:
+    """Raise ``SlugError`` unless every member is a safe regular file, dir or link."""
+    for m in members:
+        path = _member_path(m.name)
+        if m.isdev() or m.isfifo():
+            raise SlugError(f"slug member {m.name!r} is a device or FIFO; not allowed")
+        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+            raise SlugError(f"slug member {m.name!r} has an unsupported type")
+        if m.issym():
+            target = m.linkname
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+            if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                raise SlugError(f"slug symlink {m.name!r} -> {target!r} leaves the slug")
+        elif m.islnk():
+            _member_path(m.linkname)
+
+
+def _unpack_sync(tarball: Path, dest: Path) -> None:
+    if dest.is_dir():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(tarball, "r:gz") as tar:
+                members = tar.getmembers()
+                check_members(members)
+                tar.extractall(tmp, members=members, filter="data")
+        except tarfile.FilterError as e:
+            raise SlugError(f"unsafe slug: {e}") from e
+        except (tarfile.TarError, EOFError) as e:
+            raise SlugError(f"slug is not a readable gzipped tar: {e}") from e
+        if not (tmp / "app").is_dir():
+            raise SlugError("slug has no ./app directory")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # lost a race to a concurrent unpack: theirs is as good
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def unpack_slug(tarball: Path, root: Path, digest: str) -> Path:
+    """Unpack ``tarball`` once into ``root/slugs/<digest>``; return its ``app`` dir."""
+    if not _DIGEST.match(digest):
+        raise SlugError(f"slug digest {digest!r} is not valid; expected [A-Za-z0-9_.:-]{{1,128}}")
+    dest = root / "slugs" / digest
+    await trio.to_thread.run_sync(_unpack_sync, tarball, dest)
+    return dest / "app"
+
+
+def _copy_sync(slug_app: Path, job_dir: Path) -> Path:
+    app = job_dir / "app"
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    job_dir.mkdir(parents=True)
+    shutil.copytree(slug_app, app, symlinks=True)
+    return app
+
+
+async def prepare_job_dir(slug_app: Path, root: Path, job_id: str) -> Path:
+    """Make a fresh copy of ``slug_app`` at ``root/jobs/<job_id>/app`` and return it."""
+    if not _JOB_ID.match(job_id):
+        raise UserError(f"job id {job_id!r} is not valid; expected [A-Za-z0-9][A-Za-z0-9_.-]*")
+    return await trio.to_thread.run_sync(_copy_sync, slug_app, root / "jobs" / job_id)

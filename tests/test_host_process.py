@@ -1,0 +1,285 @@
+"""The process backend against real processes (bash, python, sleep) in tmp dirs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import socket
+import sys
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from flynnp2p.errors import Conflict, NotFound, UserError
+from flynnp2p.host.backend import JobBackend, JobSpec
+from flynnp2p.host.process import ProcessBackend, open_process_backend
+from flynnp2p.host.slug import SlugError, prepare_job_dir, unpack_slug
+from tests.harness import wait_for
+
+PY = shlex.quote(sys.executable)
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_slug(path: Path, extra: Callable[[tarfile.TarFile], None] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for d in ("./app", "./app/.profile.d"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        add_file(tar, "./app/.profile.d/env.sh", b"export GREETING=hi\n")
+        add_file(tar, "./app/index.html", b"hello from the slug\n")
+        if extra is not None:
+            extra(tar)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def slug_app(tmp_path: Path) -> Path:
+    return await unpack_slug(build_slug(tmp_path / "slug.tgz"), tmp_path / "root", "sha256-abc")
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[ProcessBackend]:
+    async with open_process_backend(tmp_path / "root", shutdown_grace_s=1.0) as b:
+        yield b
+
+
+def spec(slug_app: Path, job_id: str, command: str, **kw: object) -> JobSpec:
+    fields: dict[str, object] = dict(
+        job_id=job_id,
+        app_name="demo",
+        app_id="app-1",
+        release_id="rel-1",
+        process_type="web",
+        command=command,
+        env={"RELEASE_VAR": "from-release"},
+        port=None,
+        slug_dir=slug_app,
+        memory_mb=0,
+    )
+    fields.update(kw)
+    return JobSpec(**fields)  # type: ignore[arg-type]
+
+
+def texts(b: ProcessBackend, job_id: str) -> list[tuple[str, str]]:
+    return [(ln.stream, ln.text) for ln in b.logs(job_id)]
+
+
+def child_pid(b: ProcessBackend, job_id: str) -> int | None:
+    """The pid a job printed as ``child=<pid>``, once it has."""
+    for _, text in texts(b, job_id):
+        if text.startswith("child="):
+            return int(text.removeprefix("child="))
+    return None
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_env_profile_d_and_logs_with_stream_names(
+    backend: ProcessBackend, slug_app: Path
+) -> None:
+    _: JobBackend = backend  # the process backend satisfies the seam
+    job = await backend.start(
+        spec(
+            slug_app,
+            "job-env",
+            'echo "$GREETING $PORT $JOB_ID $APP_NAME $RELEASE_VAR $HOME"; echo oops >&2; pwd',
+            port=5555,
+        )
+    )
+    assert await backend.wait("job-env") == 0
+    logs = texts(backend, "job-env")
+    app_dir = str(job.app_dir)
+    assert ("stdout", f"hi 5555 job-env demo from-release {app_dir}") in logs
+    assert ("stderr", "oops") in logs
+    assert ("stdout", app_dir) in logs
+    assert job.app_dir != slug_app and (job.app_dir / "index.html").exists()
+    assert all(ln.ts_ms > 0 for ln in backend.logs("job-env"))
+    app_log = (backend.root_dir / "logs" / "demo.log").read_text()
+    assert '"stream": "stderr", "text": "oops"' in app_log
+
+
+async def test_http_server_answers_on_port(backend: ProcessBackend, slug_app: Path) -> None:
+    port = free_port()
+    await backend.start(
+        spec(slug_app, "job-web", f"{PY} -m http.server $PORT --bind 127.0.0.1", port=port)
+    )
+    with trio.fail_after(5):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                break
+            except OSError:
+                await trio.sleep(0.05)
+    async with stream:
+        await stream.send_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    assert data.startswith(b"HTTP/1.0 200") and b"hello from the slug" in data
+    await backend.stop("job-web", grace_s=2.0)
+    assert await backend.wait("job-web") == -15
+
+
+async def test_exit_status_is_propagated(backend: ProcessBackend, slug_app: Path) -> None:
+    await backend.start(spec(slug_app, "job-exit", "exit 3"))
+    assert await backend.wait("job-exit") == 3
+
+
+async def test_stop_terminates_the_whole_process_group(
+    backend: ProcessBackend, slug_app: Path
+) -> None:
+    # The child records that SIGTERM reached it, so signalling only the main process
+    # (and SIGKILLing leftovers later) would fail this test.
+    job = await backend.start(
+        spec(
+            slug_app,
+            "job-tree",
+            "(trap 'touch child-got-term; exit 0' TERM; sleep 1000 & wait) & echo child=$!; wait",
+        )
+    )
+    child = await wait_for(lambda: child_pid(backend, "job-tree"), 5, "the child's pid", 0.02)
+    assert alive(child)
+    await backend.stop("job-tree", grace_s=2.0)
+    await wait_for(lambda: not alive(child), 2, "the child to die", 0.02)
+    assert (job.app_dir / "child-got-term").exists()
+
+
+async def test_leftover_children_are_killed_when_main_exits(
+    backend: ProcessBackend, slug_app: Path
+) -> None:
+    await backend.start(spec(slug_app, "job-orphan", "sleep 1000 & echo child=$!"))
+    assert await backend.wait("job-orphan") == 0
+    child = child_pid(backend, "job-orphan")
+    assert child is not None
+    await wait_for(lambda: not alive(child), 2, "the leftover child to die", 0.02)
+
+
+async def test_sigterm_ignoring_job_is_killed_after_grace(
+    backend: ProcessBackend, slug_app: Path
+) -> None:
+    await backend.start(
+        spec(slug_app, "job-stubborn", "trap '' TERM; echo ready; while true; do sleep 0.05; done")
+    )
+    await wait_for(lambda: ("stdout", "ready") in texts(backend, "job-stubborn"), 5, "ready", 0.02)
+    t0 = trio.current_time()
+    await backend.stop("job-stubborn", grace_s=0.5)
+    elapsed = trio.current_time() - t0
+    assert 0.5 <= elapsed < 1.5
+    assert await backend.wait("job-stubborn") == -9
+
+
+async def test_memory_limit_is_enforced(backend: ProcessBackend, slug_app: Path) -> None:
+    await backend.start(
+        spec(slug_app, "job-mem", f"{PY} -c 'x = bytearray(400 * 1024 * 1024)'", memory_mb=200)
+    )
+    assert await backend.wait("job-mem") != 0
+    assert any("MemoryError" in t for s, t in texts(backend, "job-mem") if s == "stderr")
+
+
+async def test_duplicate_and_unknown_job_ids(backend: ProcessBackend, slug_app: Path) -> None:
+    await backend.start(spec(slug_app, "job-dup", "exit 0"))
+    with pytest.raises(Conflict):
+        await backend.start(spec(slug_app, "job-dup", "exit 0"))
+    with pytest.raises(NotFound):
+        backend.logs("no-such-job")
+    with pytest.raises(UserError, match="job id"):
+        await backend.start(spec(slug_app, "../escape", "exit 0"))
+    assert await backend.wait("job-dup") == 0
+
+
+async def test_leaving_the_backend_stops_running_jobs(tmp_path: Path, slug_app: Path) -> None:
+    async with open_process_backend(tmp_path / "root", shutdown_grace_s=0.5) as b:
+        job = await b.start(spec(slug_app, "job-left", "sleep 1000"))
+    assert not alive(job.pid)
+
+
+# -- slugs ----------------------------------------------------------------------------
+
+
+async def test_unpack_is_once_per_digest_and_job_copy_is_separate(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    tarball = build_slug(tmp_path / "s.tgz")
+    app = await unpack_slug(tarball, root, "d1")
+    assert app == root / "slugs" / "d1" / "app"
+    assert (app / ".profile.d" / "env.sh").read_text() == "export GREETING=hi\n"
+    (app / "marker").write_text("kept")
+    assert await unpack_slug(tarball, root, "d1") == app
+    assert (app / "marker").exists()  # not unpacked a second time
+    job_app = await prepare_job_dir(app, root, "j1")
+    assert job_app == root / "jobs" / "j1" / "app"
+    (job_app / "index.html").write_text("changed by the job")
+    assert (app / "index.html").read_text() == "hello from the slug\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "target"),
+    [
+        ("../evil", tarfile.REGTYPE, ""),
+        ("./app/../../evil", tarfile.REGTYPE, ""),
+        ("/etc/evil", tarfile.REGTYPE, ""),
+        ("./other/file", tarfile.REGTYPE, ""),
+        ("./app/link", tarfile.SYMTYPE, "../../outside"),
+        ("./app/abslink", tarfile.SYMTYPE, "/etc/passwd"),
+        ("./app/hard", tarfile.LNKTYPE, "../etc/passwd"),
+        ("./app/dev", tarfile.CHRTYPE, ""),
+        ("./app/fifo", tarfile.FIFOTYPE, ""),
+    ],
+)
+async def test_unsafe_slugs_are_rejected(
+    tmp_path: Path, name: str, kind: bytes, target: str
+) -> None:
+    def evil(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = target
+        tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+
+    root = tmp_path / "root"
+    with pytest.raises(SlugError):
+        await unpack_slug(build_slug(tmp_path / "evil.tgz", evil), root, "bad")
+    assert not (root / "slugs" / "bad").exists()
+    assert os.listdir(root / "slugs") == []
+    assert not (tmp_path / "evil").exists()
+
+
+async def test_safe_relative_symlink_is_allowed(tmp_path: Path) -> None:
+    def link(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("./app/alias.html")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "index.html"
+        tar.addfile(info)
+
+    app = await unpack_slug(build_slug(tmp_path / "s.tgz", link), tmp_path / "root", "ok")
+    assert (app / "alias.html").read_text() == "hello from the slug\n"
+
+
+async def test_garbage_is_not_a_slug(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(b"not a tarball")
+    with pytest.raises(SlugError, match="not a readable"):
+        await unpack_slug(bad, tmp_path / "root", "garbage")
