@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,35 @@ import trio
 
 import flynnp2p
 from flynnp2p.api.app import create_app
-from flynnp2p.api.apps import apps_blueprint
+from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
 from flynnp2p.api.internal import internal_blueprint
+from flynnp2p.api.jobs import jobs_blueprint
+from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
-from flynnp2p.config import NodeConfig, save_node, serf_binary, state_gc_interval_s
+from flynnp2p.config import (
+    NodeConfig,
+    job_stop_grace_s,
+    save_node,
+    serf_binary,
+    state_gc_interval_s,
+)
 from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
+from flynnp2p.host.backend import JobBackend
+from flynnp2p.host.loghub import LogHub
+from flynnp2p.host.ports import PortAllocator
+from flynnp2p.host.process import ProcessBackend
+from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
+from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.records import ClusterConfig
-from flynnp2p.state.service import StateService
+from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 
@@ -50,6 +65,20 @@ def memory_mb() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def docker_available() -> bool:
+    """Whether a Docker engine answers here (for --backend auto)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # no socket, no permission, no engine: all mean "no"
+        return False
 
 
 def now_ms() -> int:
@@ -103,11 +132,52 @@ class Agent:
         )
         self.caught_up_epoch = -1
         self.duties.add(self._leader_catch_up)
+        self.scheduler = Scheduler(
+            self.state,
+            lambda: hosts_from_members(self.gossip.view.value.members),
+            self.gossip.view,
+            now_ms,
+            lambda epoch: self.caught_up_epoch == epoch,
+        )
+        self.duties.add(self.scheduler.duty)
+        # Jobs: what the leader placed here runs on this node's backend.
+        jobs_dir = cfg.data_dir / "jobs"
+        self.loghub = LogHub(jobs_dir / "logs")
+        self.backend: JobBackend | None = None
+        self.runner: HostRunner | None = None
+        if "host" in cfg.roles:
+            self.backend = self._make_backend(jobs_dir)
+            lo, hi = cfg.port_range()
+            self.runner = HostRunner(
+                cfg.name, cfg.addr, self.state, self.backend, self.blobs,
+                PortAllocator(lo, hi, ("0.0.0.0",)),
+                lambda: self.gossip.view.value.election.max_epoch, now_ms, jobs_dir,
+                stop_grace_s=job_stop_grace_s(),
+            )  # fmt: skip
+        self.fanout = LogFanout(
+            self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
+        )
         app = create_app(self)
+        apps_api = AppsApi(self, slug_path=self.blobs.local_path)
         app.register_blueprint(internal_blueprint(self.state))
-        app.register_blueprint(apps_blueprint(self))
+        app.register_blueprint(internal_log_blueprint(self.loghub))
+        app.register_blueprint(apps_blueprint(self, api=apps_api))
+        app.register_blueprint(jobs_blueprint(self, apps_api))
+        app.register_blueprint(logs_blueprint(self, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
+
+    def _make_backend(self, jobs_dir: Path) -> JobBackend:
+        kind = self.cfg.backend
+        if kind == "auto":
+            kind = "docker" if docker_available() else "process"
+        if kind == "docker":
+            from flynnp2p.host.docker import DockerBackend
+
+            return DockerBackend(jobs_dir, self.cfg.name, on_lines=self.loghub.publish)
+        return ProcessBackend(
+            jobs_dir, on_lines=self.loghub.publish, shutdown_grace_s=job_stop_grace_s()
+        )
 
     def _tags(self) -> dict[str, str]:
         c = self.cfg
@@ -137,6 +207,10 @@ class Agent:
                 await nursery.start(self.api.run, sockets)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
+                await nursery.start(self.fanout.run)
+                if self.backend is not None and self.runner is not None:
+                    await nursery.start(self.backend.run)
+                    await nursery.start(self.runner.run)
                 await nursery.start(self.duties.run)
                 self.ready = True
                 log.info("node %s is up: API %s", self.cfg.name, self.api_url)
@@ -194,6 +268,27 @@ class Agent:
 
     def now_ms(self) -> int:
         return now_ms()
+
+    @property
+    def node_name(self) -> str:
+        return self.cfg.name
+
+    def leader_epoch(self) -> int:
+        return self.gossip.leadership.value.epoch
+
+    async def set_host_tags(self, tags: Mapping[str, str | None]) -> dict[str, str]:
+        """Change this host's tags (None removes one): serf tags, and the node file."""
+        for key, value in tags.items():
+            if value is None:
+                self.cfg.tags.pop(key, None)
+            else:
+                self.cfg.tags[key] = value
+        await self.gossip.set_tags(
+            {f"t.{k}": v for k, v in tags.items() if v is not None},
+            [f"t.{k}" for k, v in tags.items() if v is None],
+        )
+        await trio.to_thread.run_sync(save_node, self.cfg, self.token)
+        return dict(self.cfg.tags)
 
     # -- what the API shows -------------------------------------------------
 
@@ -256,6 +351,13 @@ class Agent:
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
+                "scheduler": dict(self.scheduler.stats),
+                "jobs": {
+                    "ok": self.runner is not None,
+                    "backend": self.backend.name if self.backend else None,
+                    "running": len(self.runner.runs) if self.runner else 0,
+                    **(self.runner.stats if self.runner else {}),
+                },
             },
             "versions": {"flynnp2p": flynnp2p.__version__},
         }

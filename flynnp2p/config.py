@@ -31,6 +31,8 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTPS_PORT = 8443
 DEFAULT_ROLES = ("scheduler", "host")
 DEFAULT_DOMAIN = "flynnp2p.localhost"
+DEFAULT_JOB_PORTS = "20000-29999"
+BACKENDS = ("auto", "process", "docker")
 DOMAIN_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -68,6 +70,14 @@ def state_gc_interval_s() -> float:
         return 60.0
 
 
+def job_stop_grace_s() -> float:
+    """Grace between SIGTERM and SIGKILL when a job is stopped (tests shorten it)."""
+    try:
+        return max(0.0, float(os.environ.get("FLYNNP2P_STOP_GRACE_S", "10")))
+    except ValueError:
+        return 10.0
+
+
 def log_level() -> str:
     return os.environ.get("FLYNNP2P_LOG", "info").upper()
 
@@ -85,6 +95,8 @@ class NodeConfig:
     tags: dict[str, str] = field(default_factory=dict)
     cluster_id: str = ""
     domain: str = DEFAULT_DOMAIN
+    backend: str = "auto"
+    job_ports: str = DEFAULT_JOB_PORTS
 
     def validate(self) -> None:
         if not NAME_RE.match(self.name):
@@ -109,6 +121,22 @@ class NodeConfig:
         for key in self.tags:
             if not TAG_KEY_RE.match(key):
                 raise ConfigError(f"invalid tag key {key!r}: use lowercase letters, digits, '_.-'")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"invalid --backend {self.backend!r}: use {', '.join(BACKENDS)}")
+        self.port_range()
+
+    def port_range(self) -> tuple[int, int]:
+        lo_text, _, hi_text = self.job_ports.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text)
+        except ValueError:
+            lo = hi = 0
+        if not 1024 <= lo <= hi <= 65535:
+            raise ConfigError(
+                f"invalid --job-ports {self.job_ports!r}: use LO-HI within 1024-65535, "
+                "e.g. 20000-29999"
+            )
+        return lo, hi
 
     @property
     def node_file(self) -> Path:
@@ -166,6 +194,8 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             tags=dict(raw.get("tags", {})),
             cluster_id=raw["cluster_id"],
             domain=raw.get("domain", DEFAULT_DOMAIN),
+            backend=raw.get("backend", "auto"),
+            job_ports=raw.get("job_ports", DEFAULT_JOB_PORTS),
         )
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None

@@ -69,6 +69,7 @@ class AgentProc:
         self.gossip_port = 7946
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
+        self.backend = "process"
 
     @property
     def url(self) -> str:
@@ -83,7 +84,10 @@ class AgentProc:
                "--data-dir", str(self.data_dir)]
         if token:
             cmd += ["--token", self.token.encode()]
-        return cmd + list(extra) + list(peers)
+        extra = list(extra)
+        if "--backend" not in extra:
+            extra += ["--backend", self.backend]
+        return cmd + extra + list(peers)
 
     def start(self, peers: Iterable[str] = (), extra: Iterable[str] = (), token: bool = True) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -92,7 +96,7 @@ class AgentProc:
                 self.command(peers, extra, token),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
-                env={**os.environ, "FLYNNP2P_LOG": "info", **self.env},
+                env={**os.environ, "FLYNNP2P_LOG": "info", "FLYNNP2P_STOP_GRACE_S": "3", **self.env},
                 group=self.gid,
             )
 
@@ -133,13 +137,31 @@ class AgentProc:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the agent's whole process group (agent and its serf)."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        self.proc.wait(timeout=20)
+    def kill(self, sig: int = signal.SIGKILL, *, jobs: bool = True) -> None:
+        """Signal the agent's whole process group (agent and its serf); with `jobs`,
+        also SIGKILL the job process groups it started (as a host failure would)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=20)
+        if jobs:
+            self.kill_jobs()
+
+    def job_groups(self) -> dict[str, int]:
+        """Job id -> process group id of the jobs this node's agents started and that live."""
+        out = {}
+        pids = self.data_dir / "jobs" / "pids"
+        for path in pids.glob("*") if pids.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                pgid = int(path.read_text().split()[0])
+                os.killpg(pgid, 0)
+                out[path.name] = pgid
+        return out
+
+    def kill_jobs(self) -> None:
+        for pgid in self.job_groups().values():
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
 
     def stop(self, timeout: float = 20) -> int:
         """Graceful stop: SIGTERM to the agent alone, which leaves and stops serf."""
@@ -157,6 +179,7 @@ class Cluster:
         self.token = ClusterToken.generate()
         self.agents: list[AgentProc] = []
         self.env: dict[str, str] = {}  # extra environment for agents started from now on
+        self.backend = "process"  # --backend of agents added from now on
 
     def add(
         self, name: str | None = None, token: ClusterToken | None = None, gid: int | None = None
@@ -165,6 +188,7 @@ class Cluster:
             self.root, name or f"n{len(self.agents) + 1}", next_addr(), token or self.token, gid
         )
         agent.env = dict(self.env)
+        agent.backend = self.backend
         self.agents.append(agent)
         return agent
 

@@ -19,6 +19,7 @@ from flynnp2p.state.records import (
     App,
     Artifact,
     BlobLocation,
+    Blocked,
     Certificate,
     ClusterConfig,
     Formation,
@@ -29,6 +30,7 @@ from flynnp2p.state.records import (
     Record,
     Release,
     Route,
+    RunRequest,
     decode_record,
 )
 
@@ -65,6 +67,15 @@ EXAMPLES: list[Record] = [
     Placement(
         id="job-2", app_id="app-1", release_id="rel-1", process_type="run", host="node-2",
         action="start", epoch=3, created_at=8, args=("rake", "db:migrate"), one_off=True,
+        env={"VERBOSE": "1"}, generation=1, reason="placed",
+    ),
+    RunRequest(
+        id="job-2", app_id="app-1", release_id="rel-1", args=("rake", "db:migrate"),
+        created_at=8, env={"VERBOSE": "1"}, memory_mb=128,
+    ),
+    Blocked(
+        app_id="app-1", process_type="web", count=2, reasons=("no host with tag disk=ssd",),
+        epoch=3, updated_at=9,
     ),
     Certificate(id="cert-1", domains=("example.com",), cert_pem=PEM, key_pem=PEM, created_at=9),
     BlobLocation(digest=DIGEST, node="node-1", size=1024, created_at=10),
@@ -80,7 +91,7 @@ def test_examples_cover_every_kind() -> None:
 @pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: f"{r.KIND}:{r.key}")
 def test_wire_round_trip_through_json_and_msgpack(record: Record) -> None:
     wire = record.to_wire()
-    assert wire["v"] == 1
+    assert wire["v"] == record.VERSION
     for blob in (json.loads(json.dumps(wire)), msgpack.unpackb(msgpack.packb(wire))):
         back = decode_record(record.KIND, blob)
         assert back == record
@@ -161,9 +172,9 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("job", _with(EXAMPLES[7], address="nowhere"), "job.address", "'host:port'"),
     ("placement", _with(EXAMPLES[8], action="pause"), "placement.action", "'start', 'stop'"),
     ("placement", _with(EXAMPLES[8], args="rake"), "placement.args", "a list"),
-    ("certificate", _with(EXAMPLES[9], domains=[]), "certificate.domains", "at least one"),
-    ("certificate", _with(EXAMPLES[9], key_pem="secret"), "certificate.key_pem", "PEM"),
-    ("blob", _with(EXAMPLES[10], node="no de"), "blob.node", "node name"),
+    ("certificate", _with(EXAMPLES[11], domains=[]), "certificate.domains", "at least one"),
+    ("certificate", _with(EXAMPLES[11], key_pem="secret"), "certificate.key_pem", "PEM"),
+    ("blob", _with(EXAMPLES[12], node="no de"), "blob.node", "node name"),
 ]
 
 
@@ -238,3 +249,19 @@ def test_entry_and_delta_wire() -> None:
 def test_app_round_trip_property(name: str, meta: dict[str, str], created_at: int) -> None:
     app = App(id="a", name=name, meta=meta, created_at=created_at)
     assert App.from_wire(msgpack.unpackb(msgpack.packb(app.to_wire()))) == app
+
+
+def test_version_1_jobs_and_placements_still_read() -> None:
+    job = {
+        "v": 1, "id": "j", "app_id": "a", "release_id": "r", "process_type": "web",
+        "host": "n", "state": "up", "created_at": 1, "updated_at": 2,
+    }  # fmt: skip
+    assert decode_record("job", job) == Job(
+        id="j", app_id="a", release_id="r", process_type="web", host="n", state="up",
+        created_at=1, updated_at=2,
+    )  # fmt: skip
+    placement = {
+        "v": 1, "id": "j", "app_id": "a", "release_id": "r", "process_type": "web",
+        "host": "n", "action": "start", "epoch": 1, "created_at": 1,
+    }  # fmt: skip
+    assert decode_record("placement", placement).generation == 0

@@ -16,6 +16,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from flynnp2p.errors import FlynnError, Unauthorized
+from flynnp2p.state.errors import RecordError
 from flynnp2p.token import ClusterToken
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ def create_app(node: NodeStatus) -> QuartTrio:
     @app.errorhandler(FlynnError)
     async def flynn_error(exc: FlynnError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(RecordError)
+    async def record_error(exc: RecordError) -> Response:
+        return error_response(400, "bad_request", str(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

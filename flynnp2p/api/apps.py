@@ -46,9 +46,10 @@ import random
 import re
 import secrets
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -59,11 +60,13 @@ from flynnp2p.api.app import error_response
 from flynnp2p.api.events import events
 from flynnp2p.api.render import show as _show
 from flynnp2p.api.render import wire
+from flynnp2p.build.procfile import process_specs, read_slug_procfile
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
 from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Change, Delete, Entry, State
 from flynnp2p.state.records import (
     APP_NAME_RE,
+    DIGEST_RE,
     ENV_NAME_RE,
     ID,
     ID_RE,
@@ -88,6 +91,8 @@ _NAME_ACCEPTED = (
     "and not ending with a dash"
 )
 _COUNTS = Dict(PROCESS_TYPE, Int(0, 10_000), max_items=64)
+_CONSTRAINTS = Dict(PROCESS_TYPE, META, max_items=64)
+_DIGEST = Str(DIGEST_RE, "'sha256:' and 64 lowercase hex digits")
 _ENV_NAME = Str(ENV_NAME_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
 _ENV_SET = Dict(_ENV_NAME, Str(None, "a string of up to 32768 characters", 32768, 0))
 _ENV_UNSET = Seq(_ENV_NAME, max_items=256)
@@ -287,8 +292,10 @@ class AppsApi:
         ctx: ClusterContext,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
+        slug_path: Callable[[str], Awaitable[Path]] | None = None,
     ) -> None:
         self.ctx = ctx
+        self.slug_path = slug_path
         self.transport = transport
         self.rng = rng or secrets.SystemRandom()
         self.unique = trio.Lock()
@@ -391,9 +398,11 @@ class AppsApi:
     # releases
 
     async def create_release(self, app: str) -> Response:
-        body = await _json_body({"artifacts", "env", "processes", "meta"})
+        body = await _json_body({"artifacts", "env", "processes", "meta", "slug"})
         state = self.ctx.state.state
         found = find_app(state, _ref("app", app))
+        if "slug" in body:
+            return await self._release_from_slug(found, body)
         fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.ctx.now_ms()}
         release = Release.decode_fields("release", {**fields, **body})
         for i, artifact in enumerate(release.artifacts):
@@ -401,6 +410,51 @@ class AppsApi:
                 raise UserError(f"release.artifacts[{i}]: no artifact {artifact!r} in the cluster")
         result = await self.ctx.state.write([release])
         return _json({"release": wire(release), "replicas": result.replicas}, 201)
+
+    async def _release_from_slug(self, app: App, body: dict[str, Any]) -> Response:
+        """A release of an uploaded slug: its Procfile gives the process types; the
+        app's env carries over, and the formation moves to it (a deploy)."""
+        if "artifacts" in body or "processes" in body:
+            raise UserError("body: 'slug' comes with neither 'artifacts' nor 'processes' (the Procfile gives them)")
+        digest = _DIGEST.decode("release.slug", body["slug"])
+        if self.slug_path is None:
+            raise ClusterError("this node cannot read slugs")
+        try:
+            path = await self.slug_path(digest)
+        except NotFound:
+            raise UserError(
+                f"release.slug: no node holds blob {digest}; upload it first (PUT /v1/blobs/{digest})"
+            ) from None
+        types = await trio.to_thread.run_sync(read_slug_procfile, path)
+        if not types:
+            raise UserError("release.slug: the slug has no ./app/Procfile (need lines 'TYPE: COMMAND')")
+        state = self.ctx.state.state
+        now = self.ctx.now_ms()
+        current = current_release(state, app)
+        env = {} if current is None else dict(current.env)
+        env.update(_ENV_SET.decode("release.env", body.get("env", {})))
+        size = (await trio.to_thread.run_sync(path.stat)).st_size
+        artifact = Artifact(
+            id=uuid.uuid4().hex, type="slug", uri=f"blob:{digest}", created_at=now,
+            digest=digest, size=size,
+        )  # fmt: skip
+        release = Release(
+            id=uuid.uuid4().hex, app_id=app.id, created_at=now, artifacts=(artifact.id,),
+            env=env, processes=process_specs(types), meta=META.decode("release.meta", body.get("meta", {})),
+        )  # fmt: skip
+        formation = state.record(Formation, app.id)
+        if formation is None:
+            counts = {"web": 1} if "web" in types else {}
+            formation = Formation(app_id=app.id, release_id=release.id, updated_at=now, processes=counts)
+        else:
+            counts = {t: n for t, n in formation.processes.items() if t in types}
+            formation = dataclasses.replace(
+                formation, release_id=release.id, updated_at=now, processes=counts
+            )
+        result = await self.ctx.state.write([artifact, release, formation])
+        return _json(
+            {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
+        )
 
     async def list_releases(self, app: str) -> Response:
         state = self.ctx.state.state
@@ -421,10 +475,11 @@ class AppsApi:
         return _json({"formation": None if formation is None else wire(formation)})
 
     async def put_formation(self, app: str) -> Response:
-        body = await _json_body({"processes", "release_id"}, required={"processes"})
+        body = await _json_body({"processes", "release_id", "constraints"}, required={"processes"})
         state = self.ctx.state.state
         found = find_app(state, _ref("app", app))
         counts = _COUNTS.decode("formation.processes", body["processes"])
+        given = _CONSTRAINTS.decode("formation.constraints", body.get("constraints", {}))
         current = state.record(Formation, found.id)
         release: Release | None
         if body.get("release_id") is not None:
@@ -446,12 +501,19 @@ class AppsApi:
                 f"formation.processes: release {release.id} has no process type "
                 f"{unknown[0]!r}; its types: {has}"
             )
+        constraints = dict(current.constraints) if current is not None else {}
+        for ptype, tags in given.items():  # {} removes a type's constraints
+            if tags:
+                constraints[ptype] = tags
+            else:
+                constraints.pop(ptype, None)
         formation = Formation(
             app_id=found.id,
             release_id=release.id,
             updated_at=self.ctx.now_ms(),
             processes=counts,
             tags=current.tags if current is not None else {},
+            constraints=constraints,
         )
         result = await self.ctx.state.write([formation])
         return _json({"formation": wire(formation), "replicas": result.replicas})
@@ -586,9 +648,10 @@ def apps_blueprint(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
+    api: AppsApi | None = None,
 ) -> Blueprint:
     """The app API; `transport` replaces the network when forwarding (tests)."""
-    api = AppsApi(ctx, transport, rng)
+    api = api or AppsApi(ctx, transport, rng)
     bp = Blueprint("apps", __name__)
     rules: Iterable[tuple[str, str, Any]] = (
         ("POST", "/v1/apps", api.create_app),

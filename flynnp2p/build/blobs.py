@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import httpx
@@ -173,8 +174,18 @@ class BlobService:
         self, digest: str, *, local_only: bool = False
     ) -> tuple[int, AsyncIterator[bytes]]:
         """(size, chunks) of the blob, fetched from a peer first if this node lacks it."""
-        if local_only or await self.store.has(digest):
-            return await self.store.open(digest)
+        if not local_only:
+            await self._ensure_local(digest)
+        return await self.store.open(digest)
+
+    async def local_path(self, digest: str) -> Path:
+        """The path of this node's copy of the blob, fetched from a peer first if needed."""
+        await self._ensure_local(digest)
+        return self.store.path(digest)
+
+    async def _ensure_local(self, digest: str) -> None:
+        if await self.store.has(digest):
+            return
         lock = self._fetches.setdefault(digest, trio.Lock())
         try:
             async with lock:
@@ -183,7 +194,6 @@ class BlobService:
         finally:
             if lock.statistics().tasks_waiting == 0:
                 self._fetches.pop(digest, None)
-        return await self.store.open(digest)
 
     async def _fetch(self, digest: str) -> None:
         holders = self.alive_holders(digest)

@@ -1,5 +1,9 @@
 """App commands of the ``flynnp2p`` CLI: apps, env, releases, routes, scale.
 
+``release add --slug FILE`` uploads a slug to the blobstore (streamed, under its
+sha256 digest) and makes a release of it, which the API deploys. ``scale`` waits
+until the new formation runs (see `flynnp2p.cli.jobs.wait_for_formation`).
+
 Every command but ``create`` and ``apps`` works on one app: ``-a/--app APP``, or
 else the app named by the git remote ``flynnp2p`` of the current directory
 (``http://NODE:7100/git/APP.git``). Output is a table for people and the API's
@@ -9,15 +13,21 @@ JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
+
+from flynnp2p.cli.client import ApiClient
 from flynnp2p.cli.main import client_for, table
 from flynnp2p.errors import NotFound, UserError
 
@@ -154,7 +164,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: Sequence[str]) -> dict[str, str]:
+def env_pairs(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -180,7 +190,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             for key in sorted(env):
                 print(f"{key}={env[key]}")
         return 0
-    body: dict[str, Any] = {"set": _pairs(args.pairs)} if sub == "set" else {"unset": args.names}
+    body: dict[str, Any] = {"set": env_pairs(args.pairs)} if sub == "set" else {"unset": args.names}
     resp = client.request("PATCH", app_path(args, "env"), json=body)
     if args.json:
         print_json(resp)
@@ -190,8 +200,63 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+SLUG_CHUNK = 1 << 20
+# An upload is acknowledged once a second node holds a copy: a big slug takes a while.
+UPLOAD_TIMEOUT = httpx.Timeout(10.0, read=600.0, write=600.0)
+
+
+def _slug_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(SLUG_CHUNK):
+            yield chunk
+
+
+def slug_digest(path: Path) -> tuple[str, int]:
+    """(``sha256:<hex>``, size) of a file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    for chunk in _slug_chunks(path):
+        h.update(chunk)
+        size += len(chunk)
+    return f"sha256:{h.hexdigest()}", size
+
+
+def upload_slug(client: ApiClient, path: Path) -> str:
+    """Put the file in the cluster's blobstore; its digest."""
+    try:
+        digest, size = slug_digest(path)
+        client.request(
+            "PUT", f"/v1/blobs/{digest}", content=_slug_chunks(path), timeout=UPLOAD_TIMEOUT,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )  # fmt: skip
+    except OSError as exc:
+        raise UserError(f"cannot read slug {str(path)!r}: {exc.strerror or exc}") from None
+    return digest
+
+
+def release_summary(resp: Mapping[str, Any]) -> str:
+    """``release ID: types web, worker (deployed: web=1)`` for a release made from a slug."""
+    release, formation = resp["release"], resp.get("formation") or {}
+    types = ", ".join(sorted(release["processes"])) or "none"
+    counts = ", ".join(f"{t}={n}" for t, n in sorted((formation.get("processes") or {}).items()))
+    return f"release {release['id']}: types {types} (deployed: {counts or 'no process scaled yet'})"
+
+
+def _release_add(args: argparse.Namespace, client: ApiClient) -> int:
+    env = env_pairs(args.env)
+    digest = upload_slug(client, Path(args.slug))
+    body: dict[str, Any] = {"slug": digest, **({"env": env} if env else {})}
+    resp = client.request("POST", app_path(args, "releases"), json=body)
+    if args.json:
+        print_json(resp)
+    else:
+        print(release_summary(resp))
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     client = client_for(args)
+    if getattr(args, "release_cmd", None) == "add":
+        return _release_add(args, client)
     if getattr(args, "release_cmd", None) == "show":
         resp = client.get(app_path(args, "releases", args.id))
         if args.json:
@@ -256,7 +321,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counts(items: Sequence[str]) -> dict[str, int]:
+def process_counts(items: Sequence[str]) -> dict[str, int]:
     out = {}
     for item in items:
         ptype, sep, count = item.partition("=")
@@ -268,12 +333,24 @@ def _counts(items: Sequence[str]) -> dict[str, int]:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     client = client_for(args)
-    wanted = _counts(args.counts)
+    wanted = process_counts(args.counts)
+    wait = bool(wanted) and not args.no_wait
+    if wait and not args.timeout > 0:
+        raise UserError(f"--timeout: expected a number of seconds above 0, got {args.timeout:g}")
     formation = client.get(app_path(args, "formation"))["formation"]
     if wanted:
         processes = {**(formation or {}).get("processes", {}), **wanted}
+        started = time.monotonic()
         resp = client.request("PUT", app_path(args, "formation"), json={"processes": processes})
         formation = resp["formation"]
+        if wait:
+            # Imported here: flynnp2p.cli.jobs imports this module.
+            from flynnp2p.cli.jobs import wait_for_formation
+
+            return wait_for_formation(
+                client, app_path(args, "jobs"), formation,
+                started=started, timeout_s=args.timeout, as_json=args.json,
+            )  # fmt: skip
     if args.json:
         print_json({"formation": formation})
         return 0
@@ -289,7 +366,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------
 
 
-def _options(*, nested: bool) -> argparse.ArgumentParser:
+def app_options(*, nested: bool) -> argparse.ArgumentParser:
     """-a/--app and --json; nested parsers must not overwrite values given above them."""
     p = argparse.ArgumentParser(add_help=False)
     default: Any = argparse.SUPPRESS if nested else None
@@ -300,7 +377,7 @@ def _options(*, nested: bool) -> argparse.ArgumentParser:
 
 
 def add_app_commands(sub: Any) -> None:
-    top, nested = [_options(nested=False)], [_options(nested=True)]
+    top, nested = [app_options(nested=False)], [app_options(nested=True)]
     json_only = argparse.ArgumentParser(add_help=False)
     json_only.add_argument("--json", action="store_true", help="print the API's JSON")
 
@@ -328,11 +405,16 @@ def add_app_commands(sub: Any) -> None:
     e = env.add_parser("unset", parents=nested, help="remove variables (a new release)")
     e.add_argument("names", nargs="+", metavar="NAME")
 
-    p = sub.add_parser("release", parents=top, help="list releases, or show one")
+    p = sub.add_parser("release", parents=top, help="list releases, show one, or add one from a slug")
     p.set_defaults(func=cmd_release)
     rel = p.add_subparsers(dest="release_cmd", metavar="SUBCOMMAND")
     r = rel.add_parser("show", parents=nested, help="one release in detail")
     r.add_argument("id", metavar="ID")
+    r = rel.add_parser("add", parents=nested, help="upload a slug and deploy a release of it")
+    r.add_argument("--slug", required=True, metavar="FILE",
+                   help="a gzipped tar with ./app and ./app/Procfile")  # fmt: skip
+    r.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a variable in the release (repeatable)")  # fmt: skip
 
     p = sub.add_parser("route", parents=top, help="list, add or remove routes")
     p.set_defaults(func=cmd_route)
@@ -346,7 +428,13 @@ def add_app_commands(sub: Any) -> None:
     rm = routes.add_parser("remove", parents=nested, help="remove a route")
     rm.add_argument("id", metavar="ID")
 
-    p = sub.add_parser("scale", parents=top, help="set process counts (bare: show the formation)")
+    p = sub.add_parser(
+        "scale", parents=top,
+        help="set process counts and wait until they run (bare: show the formation)",
+    )  # fmt: skip
     p.add_argument("counts", nargs="*", metavar="TYPE=N")
+    p.add_argument("-n", "--no-wait", action="store_true", help="do not wait for the jobs")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="how long to wait, in seconds (default 60)")  # fmt: skip
     p.set_defaults(func=cmd_scale)
 

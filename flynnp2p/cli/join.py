@@ -66,6 +66,10 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         cfg.tags = _parse_tags(args.tag)
     if args.domain is not None:
         cfg.domain = args.domain
+    if args.backend is not None:
+        cfg.backend = args.backend
+    if args.job_ports is not None:
+        cfg.job_ports = args.job_ports
     cfg.validate()
     return cfg, token, fresh
 

@@ -40,6 +40,12 @@ def _add_join(sub: Any) -> None:
     p.add_argument("--roles", help="comma-separated roles (default scheduler,host)")
     p.add_argument("--tag", action="append", default=[], metavar="K=V", help="host tag (repeatable)")
     p.add_argument("--domain", help="cluster domain: apps get <app>.<domain> (default flynnp2p.localhost)")
+    p.add_argument(
+        "--backend", choices=("auto", "process", "docker"),
+        help="how jobs run: plain processes, Docker containers, or auto (Docker if an "
+        "engine answers, else processes; the default)",
+    )  # fmt: skip
+    p.add_argument("--job-ports", metavar="LO-HI", help="host ports for jobs (default 20000-29999)")
     p.set_defaults(func=cmd_join)
 
 
@@ -81,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     # App commands (create, apps, info, delete, env, release, route, scale).
     # Imported here: flynnp2p.cli.apps imports this module.
     from flynnp2p.cli.apps import add_app_commands
+    from flynnp2p.cli.jobs import add_job_commands
 
     add_app_commands(sub)
+    # Jobs and hosts (ps, log, run, kill, explain, host).
+    add_job_commands(sub)
     return parser
 
 

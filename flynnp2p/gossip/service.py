@@ -145,9 +145,11 @@ class Gossip:
             f"could not join {where} within {JOIN_TIMEOUT_S:.0f} s: {_join_reason(last)}"
         )
 
-    async def set_tags(self, tags: Mapping[str, str]) -> None:
+    async def set_tags(self, tags: Mapping[str, str], delete: Sequence[str] = ()) -> None:
         self.tags.update(tags)
-        await self.rpc.set_tags(dict(tags))
+        for key in delete:
+            self.tags.pop(key, None)
+        await self.rpc.set_tags(dict(tags), delete)
         self._poke.set()
 
     async def _watch_member_events(self) -> None:

@@ -1,16 +1,31 @@
 """The seam between the host agent and whatever runs jobs (processes, Docker).
 
 A backend is given a ``JobSpec`` (everything needed to start one job of a release)
-and hands back a ``RunningJob``. It owns the job's process from start to reaping;
-callers only ask it to stop, signal, wait and show logs.
+and hands back a ``RunningJob``. It owns the job's process (or container) from
+start to reaping; callers only ask it to stop, signal, wait and show logs.
+
+Life cycle: the host runner starts the backend with ``nursery.start(backend.run)``
+and, before starting any job, calls ``recover()`` once: jobs this node ran before
+the agent restarted are either re-adopted (their specs are returned and they are
+supervised again: ``wait``/``stop``/``logs`` work on them) or killed and cleaned
+up (not returned). No orphan survives ``recover``.
+
+A job id may be started again once its previous run has exited (a crashed job is
+restarted in place under the same id).
+
+Every output line is handed to ``on_lines`` (given to the backend's constructor),
+so the node can serve live log streams; the backend also keeps the per-job ring
+and the per-app file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import trio
 
 from flynnp2p.host.logs import LogLine
 
@@ -22,22 +37,38 @@ class JobSpec:
     app_id: str
     release_id: str
     process_type: str
-    command: str  # shell text from the Procfile (or the release's command)
+    command: str  # shell text from the Procfile (or the release's command); "" = image default
     env: Mapping[str, str]  # the release env; the backend adds PORT, APP_NAME, ...
-    port: int | None
-    slug_dir: Path  # the unpacked slug's app directory (see ``host.slug.unpack_slug``)
+    port: int | None  # the host port allocated to the job (its $PORT)
+    slug_dir: Path | None  # the unpacked slug's app directory (``host.slug.unpack_slug``)
     memory_mb: int  # 0 means no limit
+    image: str | None = None  # a Docker image to run as it is (docker backend only)
+    host_addr: str = "127.0.0.1"  # the node's address: $HOST, and where Docker publishes
 
 
 @dataclass(frozen=True, slots=True)
 class RunningJob:
     job_id: str
-    pid: int
-    app_dir: Path  # the job's own working copy; its cwd and HOME
+    pid: int  # process group id (process backend) or the container's init pid (docker)
+    app_dir: Path | None  # the job's own working copy (process backend); None in a container
     started_ms: int
 
 
+LineSink = Callable[[JobSpec, Sequence[LogLine]], None]
+
+
 class JobBackend(Protocol):
+    name: str  # "process" or "docker"
+    memory_enforced: bool  # whether memory_mb is enforced by the kernel
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the jobs until cancelled; cancelling stops every job."""
+        ...
+
+    async def recover(self) -> list[JobSpec]:
+        """Re-adopt or clean up the jobs of a previous agent run (see the module doc)."""
+        ...
+
     async def start(self, spec: JobSpec) -> RunningJob: ...
 
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None: ...

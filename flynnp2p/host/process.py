@@ -25,6 +25,15 @@ shielded, bounded cleanup (``shutdown_grace_s`` then SIGKILL, then at most
 Memory limits are ``RLIMIT_AS`` set in the child before exec (address space, not
 resident memory; cgroups come later).
 
+Jobs outlive a SIGKILLed agent (they are in their own sessions), so each running
+job has a pidfile, ``<root>/pids/<job id>``, holding its process group id and the
+kernel's start time of its leader. ``recover()``, called by the next agent run
+before it starts anything, SIGKILLs every such group whose leader is still the
+same process (pid reuse is detected through the start time) and removes the
+files: the process backend cleans up rather than re-adopts (it cannot re-attach
+to the pipes of a process it did not start), and the runner starts the jobs
+again.
+
 TODO: when running as root, drop to an unprivileged user and start jobs in new
 PID/mount/UTS namespaces (DESIGN.md, "Hosts and jobs"); today jobs run as the agent's
 user.
@@ -44,8 +53,8 @@ from pathlib import Path
 
 import trio
 
-from flynnp2p.errors import Conflict, NotFound
-from flynnp2p.host.backend import JobSpec, RunningJob
+from flynnp2p.errors import Conflict, NotFound, UserError
+from flynnp2p.host.backend import JobSpec, LineSink, RunningJob
 from flynnp2p.host.logs import AppLogFile, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
 
@@ -88,6 +97,20 @@ async def _wait_group_empty(pgid: int) -> None:
         await trio.sleep(_GROUP_POLL_S)
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{pid} {_start_time(pid) or 0}\n")
+
+
 def _rlimit_as(limit_bytes: int) -> Callable[[], None]:
     def preexec() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
@@ -110,6 +133,9 @@ class _Job:
 class ProcessBackend:
     """Runs jobs as local process groups; see the module docstring."""
 
+    name = "process"
+    memory_enforced = True  # RLIMIT_AS: address space, see the module docstring
+
     def __init__(
         self,
         root_dir: Path,
@@ -118,8 +144,10 @@ class ProcessBackend:
         log_file_bytes: int = 10 * 1024 * 1024,
         shutdown_grace_s: float = 10.0,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        on_lines: LineSink | None = None,
     ) -> None:
         self.root_dir = root_dir
+        self._on_lines = on_lines
         self._ring_lines = ring_lines
         self._log_file_bytes = log_file_bytes
         self._shutdown_grace_s = shutdown_grace_s
@@ -145,8 +173,9 @@ class ProcessBackend:
         nursery = self._nursery
         if nursery is None:
             raise RuntimeError("ProcessBackend.start called while run() is not running")
-        if spec.job_id in self._jobs or spec.job_id in self._starting:
-            raise Conflict(f"job {spec.job_id!r} already exists on this host")
+        old = self._jobs.get(spec.job_id)
+        if (old is not None and not old.exited.is_set()) or spec.job_id in self._starting:
+            raise Conflict(f"job {spec.job_id!r} is already running on this host")
         self._starting.add(spec.job_id)
         try:
             app_dir, process = await self._spawn(spec)
@@ -159,6 +188,7 @@ class ProcessBackend:
             ring=LogRing(self._ring_lines),
         )
         self._jobs[spec.job_id] = job
+        await trio.to_thread.run_sync(_write_pidfile, self._pidfile(spec.job_id), process.pid)
         try:
             await nursery.start(self._supervise, job)
         except RuntimeError:
@@ -170,7 +200,30 @@ class ProcessBackend:
             raise
         return job.running
 
+    async def recover(self) -> list[JobSpec]:
+        """Kill the jobs a previous agent run left behind (see the module docstring)."""
+        return await trio.to_thread.run_sync(self._recover_sync)
+
+    def _recover_sync(self) -> list[JobSpec]:
+        pids = self.root_dir / "pids"
+        for path in sorted(pids.glob("*")) if pids.is_dir() else []:
+            try:
+                pgid_text, started = path.read_text().split()
+                pgid = int(pgid_text)
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            if _start_time(pgid) == started:
+                _killpg(pgid, _signal.SIGKILL)
+            path.unlink(missing_ok=True)
+        return []
+
+    def _pidfile(self, job_id: str) -> Path:
+        return self.root_dir / "pids" / job_id
+
     async def _spawn(self, spec: JobSpec) -> tuple[Path, trio.Process]:
+        if spec.slug_dir is None:
+            raise UserError(f"job {spec.job_id}: the process backend runs slugs, and it has none")
         app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
         env = dict(spec.env)
         env.update(
@@ -182,6 +235,7 @@ class ProcessBackend:
             HOME=str(app_dir),
             PATH=os.environ.get("PATH", _DEFAULT_PATH),
         )
+        env.setdefault("HOST", spec.host_addr)
         if spec.port is not None:
             env["PORT"] = str(spec.port)
         preexec = _rlimit_as(spec.memory_mb * 1024 * 1024) if spec.memory_mb > 0 else None
@@ -272,6 +326,7 @@ class ProcessBackend:
                     if stream is not None:
                         await stream.aclose()
             job.status = proc.returncode
+            self._pidfile(job.spec.job_id).unlink(missing_ok=True)
             job.exited.set()
 
     async def _pump(self, job: _Job, stream: trio.abc.ReceiveStream, name: Stream) -> None:
@@ -292,6 +347,8 @@ class ProcessBackend:
             lines = [LogLine(now, name, p.decode("utf-8", "replace")) for p in parts]
             for line in lines:
                 job.ring.append(line)
+            if lines and self._on_lines is not None:
+                self._on_lines(job.spec, lines)
             if lines:
                 try:
                     await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, lines)
@@ -304,10 +361,10 @@ class ProcessBackend:
 
 @contextlib.asynccontextmanager
 async def open_process_backend(
-    root_dir: Path, *, shutdown_grace_s: float = 10.0
+    root_dir: Path, *, shutdown_grace_s: float = 10.0, on_lines: LineSink | None = None
 ) -> AsyncIterator[ProcessBackend]:
     """Run a ``ProcessBackend`` for the duration of the block; leaving stops all jobs."""
-    backend = ProcessBackend(root_dir, shutdown_grace_s=shutdown_grace_s)
+    backend = ProcessBackend(root_dir, shutdown_grace_s=shutdown_grace_s, on_lines=on_lines)
     async with trio.open_nursery() as nursery:
         await nursery.start(backend.run)
         yield backend

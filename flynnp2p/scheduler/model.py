@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release
+from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release, RunRequest
 from flynnp2p.state.schema import EMPTY, FrozenMap
 
 DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
@@ -153,9 +153,11 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
     for job_id in sorted(placements.keys() | records.keys()):
         p, j = placements.get(job_id), records.get(job_id)
         if j is not None:
-            job_state = j.state
+            job_state = "starting" if j.state == "pending" else j.state
             if p is not None and p.action == "stop" and job_state != "down":
                 job_state = "stopping"
+            elif p is not None and job_state == "crashed" and p.generation > j.generation:
+                job_state = "starting"  # a restart is ordered; the host has not acted yet
             jobs.append(_job_info(j, job_state, memory(j.release_id, j.process_type), now_ms))
         elif p is not None and p.action == "start":  # placed, not reported yet
             jobs.append(
@@ -171,7 +173,19 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
                     one_off=p.one_off,
                 )
             )
-    return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs))
+    formations = {f.app_id: f for f in state.records(Formation)}
+    one_offs = tuple(
+        OneOff(
+            id=r.id,
+            app=r.app_id,
+            release=r.release_id,
+            type=r.process_type,
+            memory_mb=r.memory_mb,
+            constraints=formations[r.app_id].tags if r.app_id in formations else EMPTY,
+        )
+        for r in state.records(RunRequest)
+    )
+    return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
 
 
 def _desired(
@@ -190,15 +204,14 @@ def _desired(
         count=count,
         memory_mb=DEFAULT_MEMORY_MB if spec is None else spec.memory_mb,
         omni=False if spec is None else spec.omni,
-        constraints=f.tags,
+        constraints=f.constraints_of(ptype),
         hold=hold,
     )
 
 
 def _job_info(j: Job, state: str, memory_mb: int, now_ms: int) -> JobInfo:
-    # The Job record has no "up since": `updated_at` of a crashed job is its exit
-    # time, but when the run became up is lost, so the 5-minute reset cannot be
-    # seen from records yet (up_since=None: never reset, the safe side).
+    # `updated_at` of a crashed job is its exit time; `up_since` when that run
+    # passed its health check (None: it never did, so no backoff reset).
     return JobInfo(
         id=j.id,
         app=j.app_id,
@@ -210,5 +223,6 @@ def _job_info(j: Job, state: str, memory_mb: int, now_ms: int) -> JobInfo:
         memory_mb=memory_mb,
         restarts=j.restarts,
         exited_at=min(j.updated_at, now_ms) if state == "crashed" else None,
+        up_since=j.up_since,
         one_off=j.one_off,
     )

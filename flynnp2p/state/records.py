@@ -53,6 +53,7 @@ NODE = Str(NODE_RE, "a node name: 1-128 letters, digits, _ . and -")
 LABEL = Str(LABEL_RE, "1-128 letters, digits and _.:/-, starting alphanumeric")
 TEXT = Str(None, "a string of up to 4096 characters", max_len=4096, min_len=0)
 ENV_VALUE = Str(None, "a string of up to 32768 characters", max_len=32768, min_len=0)
+ENV = Dict(Str(ENV_NAME_RE, "an environment variable name"), ENV_VALUE)
 META = Dict(LABEL, TEXT)
 TIMESTAMP = Int(0, 2**63 - 1)
 DOMAIN = Str(DOMAIN_RE, "a lowercase DNS name, optionally starting with '*.'", max_len=253)
@@ -133,10 +134,7 @@ class Release(Record):
     app_id: Annotated[str, ID]
     created_at: Annotated[int, TIMESTAMP]
     artifacts: Annotated[tuple[str, ...], Seq(ID, max_items=8)] = ()
-    env: Annotated[
-        Mapping[str, str],
-        Dict(Str(ENV_NAME_RE, "an environment variable name"), ENV_VALUE),
-    ] = EMPTY
+    env: Annotated[Mapping[str, str], ENV] = EMPTY
     processes: Annotated[
         Mapping[str, ProcessSpec], Dict(PROCESS_TYPE, Nested(ProcessSpec), max_items=64)
     ] = EMPTY
@@ -169,12 +167,23 @@ class Artifact(Record):
 
 @dataclass(frozen=True, slots=True)
 class Formation(Record):
+    """What an app should run: a release, a count per process type, and the host
+    tags each type needs (``constraints[type]``, else ``tags`` for every type)."""
+
     KIND: ClassVar[str] = "formation"
+    VERSION: ClassVar[int] = 2
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     app_id: Annotated[str, ID]
     release_id: Annotated[str, ID]
     updated_at: Annotated[int, TIMESTAMP]
     processes: Annotated[Mapping[str, int], Dict(PROCESS_TYPE, Int(0, 10_000), 64)] = EMPTY
     tags: Annotated[Mapping[str, str], META] = EMPTY
+    constraints: Annotated[
+        Mapping[str, Mapping[str, str]], Dict(PROCESS_TYPE, META, max_items=64)
+    ] = EMPTY
+
+    def constraints_of(self, ptype: str) -> Mapping[str, str]:
+        return self.constraints.get(ptype, self.tags)
 
     @property
     def key(self) -> str:
@@ -212,12 +221,23 @@ class Route(Record):
         return self.id
 
 
-JOB_STATES = ("starting", "up", "crashed", "stopping", "down")
+JOB_STATES = ("pending", "starting", "up", "crashed", "stopping", "down")
 
 
 @dataclass(frozen=True, slots=True)
 class Job(Record):
+    """A job as the host that runs it reports it (written by that host only).
+
+    pending: placed, its artifact is being fetched; starting: running, its health
+    check has not passed yet; up; crashed: exited by itself (a one-off: exited
+    non-zero), waiting for the leader to restart it; stopping; down: stopped, or a
+    one-off that exited 0. ``generation`` is the placement generation this run
+    answers (see `Placement`), ``up_since`` when this run passed its health check.
+    """
+
     KIND: ClassVar[str] = "job"
+    VERSION: ClassVar[int] = 2
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     id: Annotated[str, ID]
     app_id: Annotated[str, ID]
     release_id: Annotated[str, ID]
@@ -230,6 +250,9 @@ class Job(Record):
     exit_code: Annotated[int | None, Opt(Int(-255, 255))] = None
     restarts: Annotated[int, Int(0, 2**31)] = 0
     one_off: Annotated[bool, Bool()] = False
+    generation: Annotated[int, Int(0, 2**31)] = 0
+    up_since: Annotated[int | None, Opt(TIMESTAMP)] = None
+    reason: Annotated[str | None, Opt(TEXT)] = None
 
     @property
     def key(self) -> str:
@@ -238,9 +261,19 @@ class Job(Record):
 
 @dataclass(frozen=True, slots=True)
 class Placement(Record):
-    """The leader's decision that `host` should start (or stop) job `id`."""
+    """The leader's decision that `host` should start (or stop) job `id`.
+
+    The leader restarts a crashed job in place by bumping ``generation``
+    (``restarts`` is the count the backoff goes by; it starts over after a run
+    stayed up 5 minutes), and stops one by rewriting the placement with action
+    "stop" and a ``reason``. ``args`` and ``env`` are a one-off's command line and extra
+    environment. Hosts ignore a new placement from an epoch older than the newest
+    they have seen (see ``host.runner``).
+    """
 
     KIND: ClassVar[str] = "placement"
+    VERSION: ClassVar[int] = 2
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     id: Annotated[str, ID]
     app_id: Annotated[str, ID]
     release_id: Annotated[str, ID]
@@ -251,10 +284,61 @@ class Placement(Record):
     created_at: Annotated[int, TIMESTAMP]
     args: Annotated[tuple[str, ...], Seq(TEXT, max_items=256)] = ()
     one_off: Annotated[bool, Bool()] = False
+    generation: Annotated[int, Int(0, 2**31)] = 0
+    restarts: Annotated[int, Int(0, 2**31)] = 0
+    reason: Annotated[str | None, Opt(TEXT)] = None
+    env: Annotated[Mapping[str, str], ENV] = EMPTY
 
     @property
     def key(self) -> str:
         return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest(Record):
+    """A one-off job asked for through the API (`flynnp2p run`); the leader places it
+    under this id. ``args`` is the command line (run with ``bash -c`` when it is
+    one element, else exec'd word by word after quoting)."""
+
+    KIND: ClassVar[str] = "run"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    release_id: Annotated[str, ID]
+    args: Annotated[tuple[str, ...], Seq(TEXT, max_items=256)]
+    created_at: Annotated[int, TIMESTAMP]
+    env: Annotated[Mapping[str, str], ENV] = EMPTY
+    memory_mb: Annotated[int, Int(16, 1_048_576)] = 512
+    process_type: Annotated[str, PROCESS_TYPE] = "run"
+
+    def validate(self, path: str) -> None:
+        if not self.args:
+            raise RecordError(f"{path}.args", "a command of at least one word is required")
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked(Record):
+    """Jobs the leader could not place, and why (key: app/type, or a one-off's id).
+
+    Written by the leader after each evaluation that changes them; deleted once the
+    jobs are placed. ``count`` 0 means an omni type that fits no host at all.
+    """
+
+    KIND: ClassVar[str] = "blocked"
+    app_id: Annotated[str, ID]
+    process_type: Annotated[str, PROCESS_TYPE]
+    count: Annotated[int, Int(0, 1_000_000)]
+    reasons: Annotated[tuple[str, ...], Seq(TEXT, max_items=32)]
+    epoch: Annotated[int, Int(0)]
+    updated_at: Annotated[int, TIMESTAMP]
+    job_id: Annotated[str | None, Opt(ID)] = None
+
+    @property
+    def key(self) -> str:
+        return self.job_id or f"{self.app_id}/{self.process_type}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +388,8 @@ class ClusterConfig(Record):
 
 
 RECORD_TYPES: tuple[type[Record], ...] = (
-    App, Release, Artifact, Formation, Route, Job, Placement, Certificate, BlobLocation,
-    ClusterConfig,
+    App, Release, Artifact, Formation, Route, Job, Placement, RunRequest, Blocked, Certificate,
+    BlobLocation, ClusterConfig,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))

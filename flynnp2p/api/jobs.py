@@ -1,0 +1,265 @@
+"""Jobs and hosts: ``ps``, ``kill``, ``run``, ``explain``, ``host list``/``host tag``.
+
+Theory of operation
+-------------------
+Every read answers from this node's replica: a job is what its host reported
+(the `Job` record) merged with what the leader decided (the `Placement`): a
+placement not reported yet is ``pending``, a stop placement of a live job is
+``stopping``. Jobs the leader could not place come from the `Blocked` records.
+
+``kill`` is a placement write, so it goes to the leader (which stamps its epoch);
+the scheduler then replaces the job like any other that stopped. ``run`` writes a
+`RunRequest` on any node; the leader places it. Host tags belong to the host:
+``PUT /v1/hosts/<name>/tags`` is forwarded to that node, which sets its serf tags
+and keeps them in its node file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any, Protocol
+
+import httpx
+from quart import Blueprint, Response, request
+
+from flynnp2p.api.apps import (
+    FORWARD_TIMEOUT_S,
+    FORWARDED,
+    AppsApi,
+    ClusterContext,
+    _json,
+    _json_body,
+    _ref,
+    current_release,
+    find_app,
+)
+from flynnp2p.api.render import show, wire
+from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.state.merge import State
+from flynnp2p.state.records import (
+    ENV,
+    TEXT,
+    App,
+    Blocked,
+    Job,
+    Placement,
+    RunRequest,
+)
+from flynnp2p.state.schema import Int, Seq
+
+TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
+TAG_VALUE = re.compile(r"[A-Za-z0-9_.:/-]{0,128}")
+_ARGS = Seq(TEXT, max_items=256)
+_MEMORY = Int(16, 1_048_576)
+
+
+class JobsContext(ClusterContext, Protocol):
+    @property
+    def node_name(self) -> str: ...
+
+    def leader_epoch(self) -> int: ...
+
+    def members(self) -> list[dict[str, Any]]: ...
+
+    async def set_host_tags(self, tags: Mapping[str, str | None]) -> dict[str, str]: ...
+
+
+def jobs_of(
+    state: State, app: App, include_stopped: bool, alive: Collection[str] | None = None
+) -> list[dict[str, object]]:
+    """The app's jobs as `ps` shows them, oldest first.
+
+    A job the leader stopped on a host that is not `alive` (failed or gone) is shown
+    down: its host cannot report it, and the scheduler has replaced it."""
+    placements = {p.id: p for p in state.records(Placement) if p.app_id == app.id}
+    reports = {j.id: j for j in state.records(Job) if j.app_id == app.id}
+    out = []
+    for job_id in placements.keys() | reports.keys():
+        p, j = placements.get(job_id), reports.get(job_id)
+        if j is not None:
+            row = wire(j)
+            if p is not None and p.action == "stop" and j.state not in ("down", "crashed"):
+                lost = alive is not None and j.host not in alive
+                row["state"] = "down" if lost else "stopping"
+                if lost:
+                    row["reason"] = p.reason
+            elif p is not None and j.state == "crashed" and p.generation > j.generation:
+                row["state"] = "pending"  # restart ordered
+        elif p is not None and p.action == "stop":  # stopped before its host reported it
+            row = {
+                "id": p.id, "app_id": p.app_id, "release_id": p.release_id,
+                "process_type": p.process_type, "host": p.host, "state": "down",
+                "created_at": p.created_at, "updated_at": p.created_at, "one_off": p.one_off,
+                "restarts": p.restarts, "reason": p.reason, "address": None, "exit_code": None,
+            }  # fmt: skip
+        elif p is not None and p.action == "start":
+            row = {
+                "id": p.id, "app_id": p.app_id, "release_id": p.release_id,
+                "process_type": p.process_type, "host": p.host, "state": "pending",
+                "created_at": p.created_at, "updated_at": p.created_at, "one_off": p.one_off,
+                "restarts": p.restarts, "reason": None, "address": None, "exit_code": None,
+            }  # fmt: skip
+        else:
+            continue
+        if p is not None and p.action == "stop" and p.reason and row["state"] == "down":
+            row["reason"] = row.get("reason") or p.reason
+        finished = row["state"] == "down" or (row["one_off"] and row["state"] == "crashed")
+        if finished and not include_stopped:
+            continue
+        out.append(row)
+    out.sort(key=lambda r: (str(r["process_type"]), int(r["created_at"]), str(r["id"])))  # type: ignore[call-overload]
+    return out
+
+
+def blocked_of(state: State, app: App) -> list[dict[str, object]]:
+    return [wire(b) for b in state.records(Blocked) if b.app_id == app.id]
+
+
+class JobsApi:
+    def __init__(
+        self,
+        ctx: JobsContext,
+        apps: AppsApi,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.apps = apps
+        self.transport = transport
+
+    async def list_jobs(self, app: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        include = request.args.get("all", "") in ("1", "true", "yes")
+        rows = jobs_of(state, found, include, self._alive())
+        return _json({"jobs": rows, "blocked": blocked_of(state, found)})
+
+    def _alive(self) -> set[str]:
+        return {m["name"] for m in self.ctx.members() if m["status"] == "alive"}
+
+    async def get_job(self, app: str, job_id: str) -> Response:
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        job_id = _ref("job", job_id)
+        for row in jobs_of(state, found, True, self._alive()):
+            if row["id"] == job_id:
+                return _json({"job": row})
+        for b in state.records(Blocked):
+            if b.app_id == found.id and b.job_id == job_id:
+                return _json({"job": None, "blocked": wire(b)})
+        raise NotFound(f"app {found.name!r} has no job {job_id!r}")
+
+    async def kill_job(self, app: str, job_id: str) -> Response:
+        forwarded = await self.apps._via_leader()
+        if forwarded is not None:
+            return forwarded
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        job_id = _ref("job", job_id)
+        p = state.record(Placement, job_id)
+        if p is None or p.app_id != found.id:
+            raise NotFound(f"app {found.name!r} has no job {job_id!r} (see 'flynnp2p ps')")
+        if p.action == "stop":
+            return _json(
+                {"job_id": job_id, "state": "stopping", "already": True, "one_off": p.one_off}
+            )
+        stop = dataclasses.replace(
+            p, action="stop", epoch=self.ctx.leader_epoch(), reason="killed by a user"
+        )
+        result = await self.ctx.state.write([stop])
+        return _json(
+            {"job_id": job_id, "state": "stopping", "one_off": p.one_off, "replicas": result.replicas}
+        )
+
+    async def run_job(self, app: str) -> Response:
+        body = await _json_body({"args", "env", "memory_mb"}, required={"args"})
+        state = self.ctx.state.state
+        found = find_app(state, _ref("app", app))
+        args = _ARGS.decode("run.args", body["args"])
+        if not args or not any(a.strip() for a in args):
+            raise UserError("run.args: give a command, e.g. [\"python\", \"-c\", \"print(42)\"]")
+        env = ENV.decode("run.env", body.get("env", {}))
+        memory = _MEMORY.decode("run.memory_mb", body.get("memory_mb", 512))
+        release = current_release(state, found)
+        if release is None:
+            raise UserError(
+                f"app {found.name!r} has no release yet: deploy first "
+                "(git push, or 'flynnp2p release add --slug app.tgz')"
+            )
+        job_id = f"run-{secrets.token_hex(8)}"
+        req = RunRequest(
+            id=job_id, app_id=found.id, release_id=release.id, args=args,
+            created_at=self.ctx.now_ms(), env=env, memory_mb=memory,
+        )  # fmt: skip
+        result = await self.ctx.state.write([req])
+        return _json({"job_id": job_id, "release_id": release.id, "replicas": result.replicas}, 201)
+
+    # hosts
+
+    async def list_hosts(self) -> Response:
+        state = self.ctx.state.state
+        counts: dict[str, int] = {}
+        for j in state.records(Job):
+            if j.state in ("pending", "starting", "up"):
+                counts[j.host] = counts.get(j.host, 0) + 1
+        hosts = [{**m, "jobs": counts.get(m["name"], 0)} for m in self.ctx.members()]
+        return _json({"hosts": hosts})
+
+    async def tag_host(self, name: str) -> Response:
+        body = await _json_body({"tags"}, required={"tags"})
+        name = _ref("host", name)
+        raw = body["tags"]
+        if not isinstance(raw, dict) or not raw:
+            raise UserError("tags: expected a non-empty object {KEY: VALUE or null}")
+        tags: dict[str, str | None] = {}
+        for key, value in raw.items():
+            if not isinstance(key, str) or TAG_KEY.fullmatch(key) is None:
+                raise UserError(f"tags: key {show(key)} must be lowercase letters, digits, '_.-'")
+            if value is not None and (not isinstance(value, str) or TAG_VALUE.fullmatch(value) is None):
+                raise UserError(
+                    f"tags.{key}: expected up to 128 letters, digits and '_.:/-' (or null "
+                    f"to remove it), got {show(value)}"
+                )
+            tags[key] = value
+        if name == self.ctx.node_name:
+            return _json({"host": name, "tags": await self.ctx.set_host_tags(tags)})
+        member = next((m for m in self.ctx.members() if m["name"] == name), None)
+        if member is None:
+            raise NotFound(f"no host {name!r} in the cluster (see 'flynnp2p host list')")
+        if member["status"] != "alive" or not member["api"]:
+            raise ClusterError(f"host {name} is {member['status']}: its tags can change once it is back")
+        if request.headers.get(FORWARDED):
+            raise ClusterError(f"host {name} is not this node; retry")
+        return await self._forward(member["api"], request.path, {"tags": tags})
+
+    async def _forward(self, api: str, path: str, body: Mapping[str, object]) -> Response:
+        headers = {"Authorization": f"Bearer {self.ctx.api_key}", FORWARDED: "1"}
+        try:
+            async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT_S) as http:
+                resp = await http.put(f"http://{api}{path}", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ClusterError(f"cannot reach {api}: {exc or type(exc).__name__}") from None
+        return Response(resp.content, status=resp.status_code, content_type="application/json")
+
+
+def jobs_blueprint(
+    ctx: JobsContext,
+    apps: AppsApi,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Blueprint:
+    api = JobsApi(ctx, apps, transport)
+    bp = Blueprint("jobs", __name__)
+    rules: tuple[tuple[str, str, Callable[..., Awaitable[Response]]], ...] = (
+        ("GET", "/v1/apps/<app>/jobs", api.list_jobs),
+        ("POST", "/v1/apps/<app>/jobs", api.run_job),
+        ("GET", "/v1/apps/<app>/jobs/<job_id>", api.get_job),
+        ("DELETE", "/v1/apps/<app>/jobs/<job_id>", api.kill_job),
+        ("GET", "/v1/hosts", api.list_hosts),
+        ("PUT", "/v1/hosts/<name>/tags", api.tag_host),
+    )
+    for method, rule, view in rules:
+        bp.add_url_rule(rule, view.__name__, view, methods=[method])
+    return bp

@@ -1,0 +1,311 @@
+"""Logs: one node's job output, and an app's output merged across every node.
+
+Theory of operation
+-------------------
+``GET /v1/internal/log?app=NAME&n=&follow=&job=`` streams what *this* node holds
+(`host.loghub.LogHub`) as JSON lines: the newest ``n`` lines from the app's files,
+then ``{"event": "history-done"}``, then (``follow=1``) live lines, with a
+heartbeat line every ``HEARTBEAT_S`` so idle streams stay open through proxies.
+
+``GET /v1/apps/<app>/log?n=&follow=&type=&job=&until_exit=`` is the public one:
+the node that answers opens the internal stream of every alive node (itself
+included) in tasks of `LogFanout`'s nursery, which feed one channel. It first
+waits for every node's history (or its failure, or ``HISTORY_WAIT_S``), sorts it
+by time and sends the newest ``n``; then live lines in the order they arrive.
+Each line names its node and job and carries the job's process type, taken from
+the replicated state. With ``until_exit=1`` and a ``job``, the stream ends once
+the job is finished (down, or a crashed one-off), after ``EXIT_DRAIN_S`` for its
+last lines to arrive, with ``{"event": "exit", "state": ..., "exit_code": ...}``:
+that is how ``flynnp2p run`` streams a one-off's output and returns its status.
+
+The handlers' generators never hold a nursery across a ``yield`` (which trio
+forbids); the fan-out tasks live in the service's nursery and are cancelled
+through a per-request cancel scope when the client goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+import trio
+from quart import Blueprint, Response, request
+
+from flynnp2p.api.apps import ClusterContext, _ref, find_app
+from flynnp2p.errors import UserError
+from flynnp2p.host.loghub import Line, LogHub
+from flynnp2p.state.records import APP_NAME_RE, Blocked, Job, Placement
+from flynnp2p.state.service import Peer
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+HISTORY_WAIT_S = 5.0
+EXIT_DRAIN_S = 1.0
+MAX_LINES = 10_000
+NDJSON = "application/x-ndjson"
+
+
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _count(default: int = 100) -> int:
+    raw = request.args.get("n")
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > MAX_LINES:
+        raise UserError(f"n: expected a number of lines from 0 to {MAX_LINES}, got {raw[:20]!r}")
+    return int(raw)
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+def _streaming(body: AsyncIterator[bytes]) -> Response:
+    resp = Response(body, content_type=NDJSON)
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.timeout = None
+    return resp
+
+
+# -- one node -------------------------------------------------------------------
+
+
+async def node_log(hub: LogHub, app: str, n: int, follow: bool, job: str | None) -> AsyncIterator[bytes]:
+    async with hub.subscribe(app) as live:
+        past = await hub.history(app, n, job)
+        for line in past:
+            yield _dumps(_line_json(line))
+        yield _dumps({"event": "history-done"})
+        if not follow:
+            return
+        tail = {line for line in past if line.ts_ms >= past[-1].ts_ms} if past else set()
+        while True:
+            with trio.move_on_after(HEARTBEAT_S) as idle:
+                try:
+                    line = await live.receive()
+                except trio.EndOfChannel:
+                    return  # fell behind: the client reconnects
+            if idle.cancelled_caught:
+                yield _dumps({"event": "heartbeat"})
+                continue
+            if (job is not None and line.job_id != job) or line in tail:
+                continue
+            yield _dumps(_line_json(line))
+
+
+def _line_json(line: Line) -> dict[str, object]:
+    return {"ts_ms": line.ts_ms, "job_id": line.job_id, "stream": line.stream, "text": line.text}
+
+
+def internal_log_blueprint(hub: LogHub) -> Blueprint:
+    bp = Blueprint("internal_log", __name__)
+
+    @bp.route("/v1/internal/log", methods=["GET"])
+    async def internal_log() -> Response:
+        app = request.args.get("app", "")
+        if not re.fullmatch(APP_NAME_RE, app):
+            raise UserError("app: expected an app name")
+        job = request.args.get("job") or None
+        return _streaming(node_log(hub, app, _count(), _flag("follow"), job))
+
+    return bp
+
+
+# -- the whole cluster ------------------------------------------------------------
+
+
+@dataclass
+class _Feed:
+    node: str
+    item: dict[str, object]
+
+
+class LogFanout:
+    """Owns the tasks that read other nodes' log streams for public log requests."""
+
+    def __init__(self, http: httpx.AsyncClient, peers: Callable[[], list[Peer]], self_peer: Peer) -> None:
+        self.http = http
+        self.peers = peers
+        self.self_peer = self_peer
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def open(
+        self, app: str, n: int, follow: bool, job: str | None
+    ) -> tuple[list[trio.CancelScope], trio.MemoryReceiveChannel[_Feed], int]:
+        """Start one reader per node; cancel the returned scopes to stop them."""
+        assert self._nursery is not None, "LogFanout.run is not running"
+        send, recv = trio.open_memory_channel[_Feed](1000)
+        nodes = [self.self_peer, *self.peers()]
+        params = {"app": app, "n": str(n), "follow": "1" if follow else "0"}
+        if job:
+            params["job"] = job
+        scopes = []
+        for peer in nodes:
+            scope = trio.CancelScope()
+            scopes.append(scope)
+            self._nursery.start_soon(self._pump, peer, params, scope, send.clone())
+        send.close()
+        return scopes, recv, len(nodes)
+
+    async def _pump(
+        self,
+        peer: Peer,
+        params: dict[str, str],
+        scope: trio.CancelScope,
+        send: trio.MemorySendChannel[_Feed],
+    ) -> None:
+        with scope, send:
+            try:
+                await self._read(peer, params, send)
+            except Exception:  # a bug here must not take the node down
+                log.exception("log stream from %s failed", peer.name)
+
+    async def _read(
+        self, peer: Peer, params: dict[str, str], send: trio.MemorySendChannel[_Feed]
+    ) -> None:
+        try:
+            async with self.http.stream(
+                "GET", f"http://{peer.api}/v1/internal/log", params=params,
+                timeout=httpx.Timeout(10.0, read=HEARTBEAT_S * 3),
+            ) as resp:  # fmt: skip
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise httpx.HTTPError(f"answered {resp.status_code}")
+                async for raw in resp.aiter_lines():
+                    if raw.strip():
+                        await send.send(_Feed(peer.name, json.loads(raw)))
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("log stream from %s ended: %s", peer.name, exc)
+            await send.send(_Feed(peer.name, {"event": "error", "message": str(exc)}))
+        await send.send(_Feed(peer.name, {"event": "eof"}))
+
+
+async def merged_log(
+    ctx: ClusterContext,
+    fanout: LogFanout,
+    app_id: str,
+    app: str,
+    n: int,
+    follow: bool,
+    job: str | None,
+    ptype: str | None,
+    until_exit: bool,
+) -> AsyncIterator[bytes]:
+    scopes, feed, nodes = fanout.open(app, n, follow, job)
+    try:
+        with feed:
+            history: list[dict[str, object]] = []
+            done: set[str] = set()
+            with trio.move_on_after(HISTORY_WAIT_S):
+                while len(done) < nodes:
+                    try:
+                        got = await feed.receive()
+                    except trio.EndOfChannel:
+                        break
+                    event = got.item.get("event")
+                    if event in ("history-done", "eof", "error"):
+                        done.add(got.node)
+                    elif event is None and got.node not in done:
+                        history.append(_shown(ctx, got, ptype))
+            history = [h for h in history if h]
+            history.sort(key=lambda h: (h["ts_ms"], h["node"]))
+            for h in history[-n:] if n else []:
+                yield _dumps(h)
+            if not follow:
+                return
+            finished_at: float | None = None
+            told_blocked = False
+            quiet_since = trio.current_time()
+            while True:
+                if trio.current_time() - quiet_since >= HEARTBEAT_S:
+                    quiet_since = trio.current_time()
+                    yield _dumps({"event": "heartbeat"})
+                if until_exit and job and not told_blocked:
+                    blocked = ctx.state.state.record(Blocked, job)
+                    if blocked is not None:
+                        told_blocked = True
+                        yield _dumps({"event": "blocked", "reasons": list(blocked.reasons)})
+                if until_exit and job:
+                    exit_info = _finished(ctx, job)
+                    if exit_info is not None and finished_at is None:
+                        finished_at = trio.current_time() + EXIT_DRAIN_S
+                    if finished_at is not None and trio.current_time() >= finished_at:
+                        yield _dumps({"event": "exit", **(exit_info or {})})
+                        return
+                wait = 0.2 if until_exit else HEARTBEAT_S
+                live: _Feed | None = None
+                with trio.move_on_after(wait) as idle:
+                    try:
+                        live = await feed.receive()
+                    except trio.EndOfChannel:
+                        live = None
+                if idle.cancelled_caught:
+                    continue
+                if live is None:
+                    if not until_exit:
+                        return
+                    await trio.sleep(0.2)
+                    continue
+                if live.item.get("event") is None:
+                    shown = _shown(ctx, live, ptype)
+                    if shown:
+                        quiet_since = trio.current_time()
+                        yield _dumps(shown)
+    finally:
+        for scope in scopes:
+            scope.cancel()
+
+
+def _shown(ctx: ClusterContext, got: _Feed, ptype: str | None) -> dict[str, object]:
+    job_id = str(got.item.get("job_id", ""))
+    state = ctx.state.state
+    record = state.record(Job, job_id) or state.record(Placement, job_id)
+    job_type = record.process_type if record is not None else job_id.split("-", 1)[0]
+    if ptype is not None and job_type != ptype:
+        return {}
+    return {**got.item, "node": got.node, "type": job_type}
+
+
+def _finished(ctx: ClusterContext, job_id: str) -> dict[str, object] | None:
+    job = ctx.state.state.record(Job, job_id)
+    if job is None or not (job.state == "down" or (job.one_off and job.state == "crashed")):
+        return None
+    return {"job_id": job.id, "state": job.state, "exit_code": job.exit_code, "reason": job.reason}
+
+
+def logs_blueprint(ctx: ClusterContext, fanout: LogFanout) -> Blueprint:
+    bp = Blueprint("logs", __name__)
+
+    @bp.route("/v1/apps/<app>/log", methods=["GET"])
+    async def app_log(app: str) -> Response:
+        found = find_app(ctx.state.state, _ref("app", app))
+        job = request.args.get("job") or None
+        if job is not None:
+            job = _ref("job", job)
+        ptype = request.args.get("type") or None
+        if ptype is not None:
+            ptype = _ref("type", ptype)
+        until_exit = _flag("until_exit")
+        if until_exit and job is None:
+            raise UserError("until_exit: needs job=JOB_ID")
+        body = merged_log(
+            ctx, fanout, found.id, found.name, _count(), _flag("follow") or until_exit, job,
+            ptype, until_exit,
+        )  # fmt: skip
+        return _streaming(body)
+
+    return bp

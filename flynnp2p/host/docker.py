@@ -1,0 +1,795 @@
+"""The docker backend: each job is a container on the node's Docker engine.
+
+Theory of operation
+-------------------
+``DockerBackend.run`` connects to the engine (``client_factory``, a ping) and then
+owns one nursery for as long as the backend lives; every job has exactly one
+supervisor task in it, started by ``start`` (or ``recover``) with ``nursery.start``.
+Every call into the Docker SDK blocks, so each runs in ``trio.to_thread.run_sync``.
+
+Containers. A slug job runs in the stack image (``host.stack``): its slug is copied
+to ``<root>/jobs/<job_id>/app`` (``host.slug.prepare_job_dir``) and bind-mounted at
+``/app``, and the command is the process backend's launcher (``bash -c`` sourcing
+``.profile.d/*.sh``, then ``exec bash -c "$1"``). A job with ``spec.image`` runs that
+image as it is: its entrypoint, and ``sh -c <command>`` as its command when there is
+one, else the image's own. Every container gets ``init=True`` (docker-init, i.e.
+tini, as PID 1): a job's main process is then not PID 1, so signals it does not
+handle still kill it, and zombies are reaped. Its exit status is the main
+process's; when the main process exits, the PID namespace and everything in it go
+with it. The job's port is published as ``host_addr:port -> port/tcp`` (the same
+number inside, as ``$PORT``; the app binds ``$HOST`` = ``0.0.0.0``). Memory is a hard
+cgroup limit (``mem_limit`` = ``memswap_limit``). The container is named
+``flynnp2p-<node>-<job_id>`` and labelled ``flynnp2p.*`` with everything needed to
+rebuild its ``JobSpec`` (``job_labels``/``spec_from_container``). Docker keeps its own
+copy of the output in a json-file log bounded at 2 x 10 MB.
+
+Logs and exits. The supervisor follows the container's logs with timestamps in one
+multiplexed stream (each frame says whether it is stdout or stderr; ``_LogStream``)
+and turns each line into a ``LogLine`` for the job's ``LogRing``, ``on_lines`` and
+the app's ``AppLogFile``, a batch of frames per thread hop. A follow ends when the
+container stops, so that is also how an exit is noticed: when the stream ends, the
+supervisor inspects the container. If it has exited, its status is recorded (the
+exit code; ``128+N`` and OOM kills become ``-N`` and ``-9``; a container removed
+behind our back counts as ``-9``), the container and the job directory are
+removed, and ``wait`` returns. If it still runs (the
+engine restarted or dropped the connection), the logs are followed again from the
+last line seen, with backoff. A blocked follow thread cannot be cancelled, so a
+sibling task shuts the stream's socket down when the follow is cancelled, which
+unblocks the thread; follow threads use their own unbounded ``CapacityLimiter``
+(one per job) so they never starve other ``to_thread`` users.
+
+Stop and signals. ``stop`` sends the image's stop signal (SIGTERM unless the image
+says otherwise) through the engine's kill API, waits up to ``grace_s`` (a float,
+unlike ``docker stop``'s whole seconds) for the supervisor to see the exit, then
+sends SIGKILL and waits for the exit. ``signal`` is synchronous in the seam but an
+engine call is not: it adds the signal to the job's pending set (coalesced, as the
+kernel does, so bounded) and the job's signal task delivers it.
+
+Cancellation leaves containers running. Cancelling ``run`` (the agent stopping or
+crashing) stops following and supervising but does not touch the containers, so an
+agent restart is not an app outage: the next ``recover()`` lists the containers
+labelled ``flynnp2p.node=<node>``, re-adopts the running ones (logs followed from
+now, ``wait``/``stop``/``signal`` work again) and returns their specs, and removes
+the rest. ``wait`` on a job whose supervisor was cancelled raises
+``trio.ClosedResourceError``. To take the jobs down with the agent (a graceful
+shutdown, or tests), call ``stop_all`` before cancelling; ``open_docker_backend``
+does that on a clean exit from its block.
+
+Exited jobs stay known (``wait``/``logs`` work) until the id is started again, as
+in the process backend.
+
+TODO: run slug jobs as an unprivileged user (the job directory is root-owned today).
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import select
+import shutil
+import signal as _signal
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import trio
+import urllib3.exceptions
+
+from flynnp2p.errors import ClusterError, ConfigError, Conflict, NotFound, UserError
+from flynnp2p.host.backend import JobSpec, LineSink, RunningJob
+from flynnp2p.host.logs import (
+    DEFAULT_FILE_BYTES,
+    DEFAULT_RING_LINES,
+    AppLogFile,
+    LogLine,
+    LogRing,
+    Stream,
+)
+from flynnp2p.host.slug import prepare_job_dir
+from flynnp2p.host.stack import ensure_stack_image
+
+_LAUNCHER = (
+    'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
+)
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as host.slug checks it
+_LABEL = "flynnp2p."
+_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}}
+_MAX_LINE = 64 * 1024  # longer lines are split, as in the process backend
+_LOST_STATUS = -9  # the container vanished (removed outside flynnp2p) before we saw its exit
+_REFOLLOW_MIN_S = 0.1
+_REFOLLOW_MAX_S = 5.0
+_FRAME_HEADER = struct.Struct(">BxxxL")  # stream id (1 stdout, 2 stderr), payload length
+_STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+_BATCH_FRAMES = 1024
+_BATCH_BYTES = 256 * 1024
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$"
+)
+
+ClientFactory = Callable[[], Any]
+
+
+class DockerError(ClusterError):
+    """The Docker engine refused or failed a request this node needed."""
+
+    code = "docker"
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- pure parts: names, labels, container arguments, exit status, log lines ----------
+
+
+def container_name(node: str, job_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"flynnp2p-{node}-{job_id}")
+
+
+def job_labels(spec: JobSpec, node: str) -> dict[str, str]:
+    return {
+        _LABEL + "node": node,
+        _LABEL + "job": spec.job_id,
+        _LABEL + "app_name": spec.app_name,
+        _LABEL + "app_id": spec.app_id,
+        _LABEL + "release": spec.release_id,
+        _LABEL + "type": spec.process_type,
+        _LABEL + "port": "" if spec.port is None else str(spec.port),
+        _LABEL + "command": spec.command,
+        _LABEL + "image": spec.image or "",
+        _LABEL + "slug_dir": "" if spec.slug_dir is None else str(spec.slug_dir),
+        _LABEL + "memory_mb": str(spec.memory_mb),
+        _LABEL + "host_addr": spec.host_addr,
+        _LABEL + "env_keys": json.dumps(sorted(spec.env)),
+    }
+
+
+def spec_from_container(labels: Mapping[str, str], env: Sequence[str]) -> JobSpec:
+    """The ``JobSpec`` a container was started from; ``ValueError`` if its labels are not ours."""
+    try:
+        values = dict(item.partition("=")[::2] for item in env)
+        keys = json.loads(labels[_LABEL + "env_keys"])
+        port, slug_dir, image = (labels[_LABEL + k] for k in ("port", "slug_dir", "image"))
+        return JobSpec(
+            job_id=labels[_LABEL + "job"],
+            app_name=labels[_LABEL + "app_name"],
+            app_id=labels[_LABEL + "app_id"],
+            release_id=labels[_LABEL + "release"],
+            process_type=labels[_LABEL + "type"],
+            command=labels[_LABEL + "command"],
+            env={k: values[k] for k in keys},
+            port=int(port) if port else None,
+            slug_dir=Path(slug_dir) if slug_dir else None,
+            memory_mb=int(labels[_LABEL + "memory_mb"]),
+            image=image or None,
+            host_addr=labels[_LABEL + "host_addr"],
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"container labels do not describe a flynnp2p job: {e!r}") from e
+
+
+def job_env(spec: JobSpec, *, in_slug: bool) -> dict[str, str]:
+    env = dict(spec.env)
+    env.update(
+        HOST="0.0.0.0",
+        APP_NAME=spec.app_name,
+        APP_ID=spec.app_id,
+        RELEASE_ID=spec.release_id,
+        JOB_ID=spec.job_id,
+        PROCESS_TYPE=spec.process_type,
+    )
+    if in_slug:
+        env["HOME"] = "/app"
+    if spec.port is not None:
+        env["PORT"] = str(spec.port)
+    return env
+
+
+def container_args(spec: JobSpec, node: str, *, image: str, app_dir: Path | None) -> dict[str, Any]:
+    """Keyword arguments for ``client.containers.create`` (see the module docstring)."""
+    args: dict[str, Any] = dict(
+        image=image,
+        name=container_name(node, spec.job_id),
+        labels=job_labels(spec, node),
+        environment=job_env(spec, in_slug=app_dir is not None),
+        init=True,
+        log_config=_LOG_CONFIG,
+    )
+    if app_dir is not None:
+        args.update(
+            command=["bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
+            working_dir="/app",
+            volumes={str(app_dir): {"bind": "/app", "mode": "rw"}},
+        )
+    elif spec.command:
+        args["command"] = ["sh", "-c", spec.command]
+    if spec.port is not None:
+        args["ports"] = {f"{spec.port}/tcp": (spec.host_addr, spec.port)}
+    if spec.memory_mb > 0:
+        args["mem_limit"] = args["memswap_limit"] = f"{spec.memory_mb}m"
+    return args
+
+
+def exit_status(state: Mapping[str, Any]) -> int:
+    """The seam's status from a container's ``State``: exit code, or ``-signal``."""
+    if state.get("OOMKilled"):
+        return -_signal.SIGKILL
+    code = int(state.get("ExitCode", 0))
+    if 128 < code <= 128 + 64:  # docker-init and shells report death by signal N as 128+N
+        return -(code - 128)
+    return code
+
+
+def stop_signal(value: str | None) -> int:
+    """The image's ``StopSignal`` ("SIGQUIT", "QUIT" or "3") as a number; SIGTERM if unset."""
+    if not value:
+        return int(_signal.SIGTERM)
+    if value.isdigit():
+        return int(value)
+    name = value.upper()
+    try:
+        return int(_signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        return int(_signal.SIGTERM)
+
+
+def parse_timestamp_ns(text: str) -> int | None:
+    """Nanoseconds since the epoch of Docker's RFC 3339 timestamps, or None."""
+    m = _TIMESTAMP.match(text)
+    if m is None:
+        return None
+    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+    seconds = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0))
+    zone = m.group(8)
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds * 1_000_000_000 + int((m.group(7) or "0").ljust(9, "0"))
+
+
+class DockerLogLines:
+    """One stream's ``timestamps=True`` log frames in, ``(ts_ns, text)`` lines out.
+
+    Every record Docker sends is ``<timestamp> <text>\\n``; a line longer than the
+    engine's buffer comes as several records, all but the last without the newline,
+    and is put back together here (split again at ``max_line`` characters).
+    """
+
+    def __init__(self, max_line: int = _MAX_LINE) -> None:
+        self._max_line = max_line
+        self._partial = ""
+        self._partial_ts: int | None = None
+        self._last_ts = 0
+
+    def feed(self, payload: bytes) -> list[tuple[int, str]]:
+        out: list[tuple[int, str]] = []
+        records = payload.split(b"\n")
+        for i, record in enumerate(records):
+            last = i == len(records) - 1
+            if last and not record:
+                break
+            ts, text = self._split(record)
+            if self._partial_ts is not None:
+                ts, text = self._partial_ts, self._partial + text
+            if last:  # no newline yet: the rest of this line is in the next record
+                while len(text) >= self._max_line:
+                    out.append((ts, text[: self._max_line]))
+                    text = text[self._max_line :]
+                self._partial, self._partial_ts = text, ts
+            else:
+                out.append((ts, text))
+                self._partial, self._partial_ts = "", None
+        return out
+
+    def flush(self) -> list[tuple[int, str]]:
+        """The unfinished last line, at the end of the stream."""
+        if self._partial_ts is None:
+            return []
+        line = (self._partial_ts, self._partial)
+        self._partial, self._partial_ts = "", None
+        return [line] if line[1] else []
+
+    def _split(self, record: bytes) -> tuple[int, str]:
+        head, sep, rest = record.partition(b" ")
+        ts = parse_timestamp_ns(head.decode("ascii", "replace")) if sep else None
+        if ts is None:  # not a record start we understand: keep it all, at the last time
+            return self._last_ts, record.decode("utf-8", "replace")
+        self._last_ts = ts
+        return ts, rest.decode("utf-8", "replace")
+
+
+# -- the trio shell -------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    container_id: str
+    running: RunningJob
+    ring: LogRing
+    stop_signal: int
+    exited: trio.Event = field(default_factory=trio.Event)
+    status: int | None = None  # None once exited is set: the backend let go of a running job
+    stop_deadline: float | None = None  # trio time at which a stop turns into SIGKILL
+    pending_signals: set[int] = field(default_factory=set)
+    signals_ready: trio.Event = field(default_factory=trio.Event)
+    last_ts_ns: dict[Stream, int] = field(default_factory=dict)  # newest line seen per stream
+    skip_until_ns: dict[Stream, int] = field(default_factory=dict)  # after a re-follow
+    log_write_errors: int = 0
+    cleanup_errors: int = 0
+    signal_errors: int = 0
+
+
+class _LogStream:
+    """A container's followed log stream, both outputs multiplexed (blocking calls).
+
+    The Engine API frames every record as an 8-byte header (stream id, payload
+    length) and the payload. ``read_batch`` blocks for one frame, then takes the
+    frames that are readable at once, so one thread hop carries many lines.
+
+    ``interrupt`` (from any thread) shuts the socket down, which wakes a reader
+    blocked in ``read_batch``. It acts on a duplicate of the socket's descriptor
+    taken at open, and the request asks for ``Connection: close`` so the connection
+    never goes back to the client's pool: the shutdown can only ever hit this stream.
+    """
+
+    def __init__(self, client: Any, container_id: str, since: float | None) -> None:
+        api = client.api
+        params: dict[str, Any] = {"stdout": 1, "stderr": 1, "follow": 1, "timestamps": 1}
+        if since is not None:
+            params["since"] = f"{since:.9f}"
+        self._response = api.get(
+            f"{api.base_url}/v{api.api_version}/containers/{container_id}/logs",
+            params=params,
+            headers={"Connection": "close"},
+            stream=True,
+            timeout=(30, None),
+        )
+        if self._response.status_code != 200:
+            self._response.close()
+            raise OSError(f"docker logs of {container_id} answered {self._response.status_code}")
+        self._raw = self._response.raw
+        self._handle = socket.socket(fileno=os.dup(self._raw.fileno()))
+        self._poll = select.poll()
+        self._poll.register(self._handle, select.POLLIN)
+        self._ended = False
+
+    def read_batch(self) -> list[tuple[Stream, bytes]] | None:
+        """Frames as (stream, payload): at least one, or None once the stream has ended."""
+        frames: list[tuple[Stream, bytes]] = []
+        size = 0
+        while not self._ended and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
+            if frames and not self._poll.poll(0):
+                break  # nothing more on the socket now (a frame in a buffer waits for next time)
+            frame = self._read_frame()
+            if frame is None:
+                self._ended = True
+            elif frame[0] in _STREAMS:
+                frames.append((_STREAMS[frame[0]], frame[1]))
+                size += len(frame[1])
+        return frames if frames or not self._ended else None
+
+    def _read_frame(self) -> tuple[int, bytes] | None:
+        try:
+            header = self._raw.read(_FRAME_HEADER.size)
+            if len(header) < _FRAME_HEADER.size:
+                return None
+            kind, length = _FRAME_HEADER.unpack(header)
+            payload = self._raw.read(length) if length else b""
+        except (OSError, ValueError, urllib3.exceptions.HTTPError, http.client.HTTPException):
+            return None  # interrupted, or the engine went away: the caller inspects
+        return (kind, payload) if len(payload) == length else None
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Release everything; only once no thread is reading."""
+        self._handle.close()
+        self._response.close()
+
+
+async def _interrupt_when_cancelled(logs: _LogStream) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        logs.interrupt()
+
+
+class DockerBackend:
+    """Runs jobs as containers on the local Docker engine; see the module docstring."""
+
+    name: str = "docker"
+    memory_enforced: bool = True
+
+    def __init__(
+        self,
+        root_dir: Path,
+        node: str,
+        *,
+        on_lines: LineSink | None = None,
+        ring_lines: int = DEFAULT_RING_LINES,
+        log_file_bytes: int = DEFAULT_FILE_BYTES,
+        shutdown_grace_s: float = 10.0,
+        client_factory: ClientFactory = docker.from_env,
+        stack_image: str | None = None,  # default: ``ensure_stack_image`` at the first slug job
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.root_dir = root_dir
+        self.node = node
+        self._on_lines = on_lines
+        self._ring_lines = ring_lines
+        self._log_file_bytes = log_file_bytes
+        self._shutdown_grace_s = shutdown_grace_s
+        self._client_factory = client_factory
+        self._stack_image = stack_image
+        self._stack_lock = trio.Lock()
+        self._clock_ms = clock_ms
+        self._jobs: dict[str, _Job] = {}
+        self._starting: set[str] = set()
+        self._app_logs: dict[str, AppLogFile] = {}
+        self._followers = trio.CapacityLimiter(math.inf)  # a blocked thread per running job
+        self._client: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the job supervisors until cancelled; cancelling leaves containers running."""
+        client = await trio.to_thread.run_sync(self._connect)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._client, self._nursery = client, nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._client = self._nursery = None
+            client.close()
+
+    def _connect(self) -> Any:
+        try:
+            client = self._client_factory()
+            client.ping()
+        except docker.errors.DockerException as e:
+            raise ConfigError(
+                f"the docker backend cannot reach a Docker engine ({e}); "
+                "start dockerd or use the process backend"
+            ) from e
+        return client
+
+    # -- the JobBackend protocol --------------------------------------------------
+
+    async def start(self, spec: JobSpec) -> RunningJob:
+        nursery, client = self._running()
+        if not _JOB_ID.match(spec.job_id):
+            raise UserError(
+                f"job id {spec.job_id!r} is not valid; expected [A-Za-z0-9][A-Za-z0-9_.-]*"
+            )
+        old = self._jobs.get(spec.job_id)
+        if spec.job_id in self._starting or (old is not None and not old.exited.is_set()):
+            raise Conflict(f"job {spec.job_id!r} already exists on this host")
+        self._starting.add(spec.job_id)
+        try:
+            if spec.image:
+                image, app_dir = spec.image, None
+            elif spec.slug_dir is None:
+                raise UserError(f"job {spec.job_id!r} has neither a slug nor an image to run")
+            else:
+                image = await self._stack()
+                app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
+            args = container_args(spec, self.node, image=image, app_dir=app_dir)
+            attrs = await trio.to_thread.run_sync(_create_and_start, client, args, spec)
+            job = self._new_job(spec, attrs)
+            self._jobs[spec.job_id] = job
+        finally:
+            self._starting.discard(spec.job_id)
+        try:
+            await nursery.start(self._supervise, job, None)
+        except RuntimeError:
+            job.exited.set()  # the backend is shutting down: the container is left, as on cancel
+            raise
+        return job.running
+
+    async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
+        """Stop signal, up to ``grace_s`` to exit, then SIGKILL; return once it has exited."""
+        job = self._job(job_id)
+        if job.exited.is_set():
+            return
+        deadline = trio.current_time() + grace_s
+        if job.stop_deadline is None or deadline < job.stop_deadline:
+            job.stop_deadline = deadline
+        await self._kill(job, job.stop_signal)
+        with trio.move_on_at(job.stop_deadline):
+            await job.exited.wait()
+        if not job.exited.is_set():
+            await self._kill(job, _signal.SIGKILL)
+            await job.exited.wait()
+
+    def signal(self, job_id: str, sig: int) -> None:
+        """Queue ``sig`` for the job's main process (no-op once it has exited)."""
+        job = self._job(job_id)
+        if not job.exited.is_set():
+            job.pending_signals.add(sig)
+            job.signals_ready.set()
+
+    async def wait(self, job_id: str) -> int:
+        job = self._job(job_id)
+        await job.exited.wait()
+        if job.status is None:
+            raise trio.ClosedResourceError(
+                f"the docker backend stopped supervising job {job_id!r}; "
+                "its container was left running"
+            )
+        return job.status
+
+    def logs(self, job_id: str) -> list[LogLine]:
+        return self._job(job_id).ring.lines()
+
+    async def recover(self) -> list[JobSpec]:
+        """Re-adopt this node's running containers, remove its other ones."""
+        nursery, client = self._running()
+        found = await self._engine(
+            client.api.containers, all=True, filters={"label": f"{_LABEL}node={self.node}"}
+        )
+        adopted: list[JobSpec] = []
+        for cid in sorted(c["Id"] for c in found):
+            try:
+                attrs = await self._engine(client.api.inspect_container, cid)
+            except docker.errors.NotFound:
+                continue
+            labels = attrs["Config"].get("Labels") or {}
+            job_id = labels.get(_LABEL + "job", "")
+            if job_id in self._jobs or job_id in self._starting:
+                continue  # already ours (recover called twice)
+            spec = None
+            if attrs["State"].get("Running"):
+                with contextlib.suppress(ValueError):
+                    spec = spec_from_container(labels, attrs["Config"].get("Env") or [])
+            if spec is None or not _JOB_ID.match(spec.job_id):
+                await trio.to_thread.run_sync(self._discard, client, cid, job_id)
+                continue
+            job = self._new_job(spec, attrs)
+            self._jobs[spec.job_id] = job
+            await nursery.start(self._supervise, job, self._clock_ms() / 1000)
+            adopted.append(spec)
+        return adopted
+
+    async def stop_all(self, grace_s: float | None = None) -> None:
+        """Stop every running job (in parallel); for a graceful shutdown before cancelling."""
+        grace = self._shutdown_grace_s if grace_s is None else grace_s
+        async with trio.open_nursery() as nursery:
+            for job_id, job in sorted(self._jobs.items()):
+                if not job.exited.is_set():
+                    nursery.start_soon(self.stop, job_id, grace)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _running(self) -> tuple[trio.Nursery, Any]:
+        if self._nursery is None or self._client is None:
+            raise RuntimeError("DockerBackend used while run() is not running")
+        return self._nursery, self._client
+
+    def _job(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise NotFound(f"no job {job_id!r} on this host") from None
+
+    def _new_job(self, spec: JobSpec, attrs: Mapping[str, Any]) -> _Job:
+        started = parse_timestamp_ns(attrs["State"].get("StartedAt", ""))
+        return _Job(
+            spec=spec,
+            container_id=attrs["Id"],
+            running=RunningJob(
+                spec.job_id,
+                int(attrs["State"].get("Pid") or 0),
+                None,
+                started // 1_000_000 if started else self._clock_ms(),
+            ),
+            ring=LogRing(self._ring_lines),
+            stop_signal=stop_signal(attrs["Config"].get("StopSignal")),
+        )
+
+    async def _stack(self) -> str:
+        async with self._stack_lock:
+            if self._stack_image is None:
+                try:
+                    self._stack_image = await ensure_stack_image(self._client_factory)
+                except (docker.errors.DockerException, OSError) as e:
+                    raise DockerError(f"cannot build the stack image: {e}") from e
+            return self._stack_image
+
+    def _app_log(self, app_name: str) -> AppLogFile:
+        log = self._app_logs.get(app_name)
+        if log is None:
+            log = AppLogFile(
+                self.root_dir / "logs" / f"{app_name}.log", max_bytes=self._log_file_bytes
+            )
+            self._app_logs[app_name] = log
+        return log
+
+    async def _kill(self, job: _Job, sig: int) -> None:
+        try:
+            await trio.to_thread.run_sync(self._running()[1].api.kill, job.container_id, int(sig))
+        except docker.errors.APIError as e:
+            if e.status_code not in (404, 409):  # gone, or not running any more: nothing to do
+                raise DockerError(f"cannot signal job {job.spec.job_id!r}: {e}") from e
+        except (docker.errors.DockerException, OSError) as e:
+            raise DockerError(f"cannot signal job {job.spec.job_id!r}: {e}") from e
+
+    async def _engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in a thread; engine failures (but NotFound) as DockerError."""
+        try:
+            return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
+        except docker.errors.NotFound:
+            raise
+        except (docker.errors.DockerException, OSError) as e:
+            raise DockerError(f"the Docker engine failed: {e}") from e
+
+    async def _supervise(
+        self, job: _Job, since: float | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._deliver_signals, job)
+                task_status.started()
+                status = await self._follow_until_exit(job, since)
+                nursery.cancel_scope.cancel()
+            client = self._running()[1]
+            await trio.to_thread.run_sync(self._discard, client, job.container_id, job.spec.job_id)
+            job.status = status
+        finally:
+            job.exited.set()
+
+    async def _deliver_signals(self, job: _Job) -> None:
+        while True:
+            await job.signals_ready.wait()
+            job.signals_ready = trio.Event()
+            pending = sorted(job.pending_signals)
+            job.pending_signals.clear()
+            for sig in pending:
+                try:
+                    await self._kill(job, sig)
+                except DockerError:
+                    job.signal_errors += 1  # the engine is not answering; the job runs on
+
+    async def _follow_until_exit(self, job: _Job, since: float | None) -> int:
+        client = self._running()[1]
+        backoff = _REFOLLOW_MIN_S
+        while True:
+            await self._follow(job, since)
+            try:
+                attrs = await trio.to_thread.run_sync(
+                    client.api.inspect_container, job.container_id
+                )
+            except docker.errors.NotFound:
+                return _LOST_STATUS
+            except (docker.errors.DockerException, OSError):
+                attrs = None  # the engine is not answering; try again
+            if attrs is not None and not attrs["State"].get("Running"):
+                return exit_status(attrs["State"])
+            # The follow ended but the container runs on: the engine restarted or dropped
+            # the connection. Follow again from the newest line seen.
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, _REFOLLOW_MAX_S)
+            job.skip_until_ns = dict(job.last_ts_ns)
+            if job.last_ts_ns:
+                since = min(job.last_ts_ns.values()) / 1e9
+
+    async def _follow(self, job: _Job, since: float | None) -> None:
+        """Follow the container's output until the stream ends (the container stopped)."""
+        client = self._running()[1]
+        try:
+            logs = await trio.to_thread.run_sync(_LogStream, client, job.container_id, since)
+        except (docker.errors.DockerException, OSError):
+            return  # gone, or the engine is not answering: the caller inspects and decides
+        splitters: dict[Stream, DockerLogLines] = {
+            "stdout": DockerLogLines(),
+            "stderr": DockerLogLines(),
+        }
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_interrupt_when_cancelled, logs)
+                while True:
+                    frames = await trio.to_thread.run_sync(
+                        logs.read_batch, limiter=self._followers
+                    )
+                    if frames is None:
+                        break
+                    await self._emit(
+                        job, [(st, *ln) for st, data in frames for ln in splitters[st].feed(data)]
+                    )
+                await self._emit(
+                    job, [(st, *ln) for st, sp in splitters.items() for ln in sp.flush()]
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            logs.close()
+
+    async def _emit(self, job: _Job, lines: list[tuple[Stream, int, str]]) -> None:
+        out: list[LogLine] = []
+        for stream, ts, text in lines:
+            if ts > job.skip_until_ns.get(stream, 0):
+                out.append(LogLine(ts // 1_000_000, stream, text))
+            job.last_ts_ns[stream] = max(job.last_ts_ns.get(stream, 0), ts)
+        if not out:
+            return
+        for line in out:
+            job.ring.append(line)
+        if self._on_lines is not None:
+            self._on_lines(job.spec, out)
+        try:
+            app_log = self._app_log(job.spec.app_name)
+            await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, out)
+        except OSError:
+            job.log_write_errors += 1  # a full disk must not stop the job; the ring has them
+
+    def _discard(self, client: Any, container_id: str, job_id: str) -> None:
+        """Remove a container and its job directory (blocking; best effort)."""
+        try:
+            client.api.remove_container(container_id, v=True, force=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, OSError):
+            # The engine is not answering; the next recover() removes the container.
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.cleanup_errors += 1
+        if _JOB_ID.match(job_id):
+            shutil.rmtree(self.root_dir / "jobs" / job_id, ignore_errors=True)
+
+
+def _create_and_start(client: Any, args: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """Create and start a container (blocking); replaces a leftover of the same name."""
+    try:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_container(args["name"], v=True, force=True)
+        try:
+            container = client.containers.create(**args)
+        except docker.errors.ImageNotFound as e:
+            raise UserError(
+                f"image {args['image']!r} is not on this node's Docker engine and there is no "
+                "registry to pull it from; load it first (docker load or docker import)"
+            ) from e
+        try:
+            container.start()
+            container.reload()
+        except BaseException:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                container.remove(force=True)
+            raise
+    except docker.errors.APIError as e:
+        if "already allocated" in str(e) or "address already in use" in str(e):
+            raise Conflict(
+                f"port {spec.port} on {spec.host_addr} is already in use on this host"
+            ) from e
+        raise DockerError(f"cannot start the container of job {spec.job_id!r}: {e}") from e
+    except (docker.errors.DockerException, OSError) as e:
+        raise DockerError(f"cannot start the container of job {spec.job_id!r}: {e}") from e
+    attrs: dict[str, Any] = container.attrs
+    return attrs
+
+
+@contextlib.asynccontextmanager
+async def open_docker_backend(
+    root_dir: Path, node: str, *, stop_jobs_on_exit: bool = True, **kwargs: Any
+) -> AsyncIterator[DockerBackend]:
+    """Run a ``DockerBackend`` for the block; a clean exit stops its jobs first (``stop_all``)."""
+    backend = DockerBackend(root_dir, node, **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        yield backend
+        if stop_jobs_on_exit:
+            await backend.stop_all()
+        nursery.cancel_scope.cancel()

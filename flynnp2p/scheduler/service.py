@@ -1,0 +1,262 @@
+"""The leader's scheduling loop: evaluate, commit placements, sleep until something changes.
+
+Theory of operation
+-------------------
+`Scheduler.duty(epoch)` is a leader duty (see `flynnp2p.leader`): it runs for one
+term and is cancelled on demotion. It first waits until the new leader has caught
+up with its peers (a leader planning from a stale replica would stop jobs of apps
+it has not heard of yet), then loops:
+
+1. **Evaluate**: build `Inputs` from this replica and the membership
+   (`inputs_from_state`), run the pure `plan`, and turn the plan into writes, all
+   carrying this term's ``epoch``: a start `Placement` per new job, the placement
+   rewritten with action "stop" and the reason per stop, ``generation + 1`` per
+   restart that is due, and the `Blocked` records (written only when they change,
+   deleted once the jobs are placed). Finished records are collected here too:
+   stop placements whose job is down, and finished one-offs, after ``retain_ms``.
+2. **Sleep** until the state changes (formations, releases, jobs, placements,
+   run requests), the membership changes, the next restart falls due, or
+   ``period_s`` passes; then wait ``debounce_s`` so a burst of changes (a scale
+   of 10 acknowledged one by one) makes one evaluation.
+
+The evaluation is idempotent: its own writes wake the loop once more, and the
+second plan is empty (a property the core's tests check). A write the cluster
+cannot acknowledge (no peer answered) is committed locally and spreads later; the
+loop logs it and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from flynnp2p.errors import FlynnError
+from flynnp2p.scheduler.model import Host, inputs_from_state
+from flynnp2p.scheduler.plan import Blocked as PlanBlocked
+from flynnp2p.scheduler.plan import Plan, plan
+from flynnp2p.state.merge import Change, Delete, State
+from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
+from flynnp2p.state.service import StateService
+from flynnp2p.watch import Watched
+
+log = logging.getLogger(__name__)
+
+WATCHED_KINDS = (Formation.KIND, Release.KIND, Job.KIND, Placement.KIND, RunRequest.KIND)
+RETAIN_MS = 10 * 60_000  # how long stopped jobs and finished one-offs stay listed
+
+
+class Scheduler:
+    def __init__(
+        self,
+        state: StateService,
+        hosts: Callable[[], Sequence[Host]],
+        membership: Watched[Any],
+        now_ms: Callable[[], int],
+        ready: Callable[[int], bool],
+        *,
+        period_s: float = 5.0,
+        debounce_s: float = 0.02,
+        retain_ms: int = RETAIN_MS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state = state
+        self.hosts = hosts
+        self.membership = membership
+        self.now_ms = now_ms
+        self.ready = ready
+        self.period_s = period_s
+        self.debounce_s = debounce_s
+        self.retain_ms = retain_ms
+        self.rng = rng or random.Random()
+        self.stats = {"evaluations": 0, "placed": 0, "stopped": 0, "restarted": 0, "errors": 0}
+        self.last_seed: int | None = None
+        self._wake = trio.Event()
+
+    async def duty(self, epoch: int) -> None:
+        while not self.ready(epoch):  # noqa: ASYNC110 - the catch-up duty sets it
+            await trio.sleep(0.05)
+        log.info("scheduler: leading with epoch %d", epoch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_state)
+            nursery.start_soon(self._watch_membership)
+            while True:
+                self._wake = trio.Event()
+                next_at = await self._evaluate_safely(epoch)
+                timeout = self.period_s
+                if next_at is not None:
+                    timeout = min(timeout, max(0.0, (next_at - self.now_ms()) / 1000))
+                with trio.move_on_after(timeout):
+                    await self._wake.wait()
+                await trio.sleep(self.debounce_s)
+
+    async def _watch_state(self) -> None:
+        while True:  # a subscriber that falls behind is dropped: subscribe again
+            async with self.state.subscribe(WATCHED_KINDS) as (_, changes):
+                async for _batch in changes:
+                    self._wake.set()
+            self._wake.set()
+
+    async def _watch_membership(self) -> None:
+        version = self.membership.version
+        while True:
+            version, _ = await self.membership.wait_change(version)
+            self._wake.set()
+
+    async def _evaluate_safely(self, epoch: int) -> int | None:
+        try:
+            return await self.evaluate(epoch)
+        except FlynnError as exc:
+            self.stats["errors"] += 1
+            log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
+            return self.now_ms() + 1000
+
+    async def evaluate(self, epoch: int) -> int | None:
+        """One evaluation; returns when the next restart falls due (or None)."""
+        state = self.state.state
+        now = self.now_ms()
+        seed = self.rng.getrandbits(63)
+        self.last_seed = seed
+        result = plan(inputs_from_state(state, self.hosts(), now), now, seed)
+        self.stats["evaluations"] += 1
+        changes = changes_for(state, result, epoch, now)
+        changes += blocked_changes(state, result.blocked, epoch, now)
+        changes += collect_finished(state, now, self.retain_ms)
+        if changes:
+            self.stats["placed"] += len(result.starts)
+            self.stats["stopped"] += len(result.stops)
+            self.stats["restarted"] += len(result.restarts_due(now))
+            for start in result.starts:
+                log.info("place %s/%s %s on %s", start.app, start.type, start.job_id, start.host)
+            for stop in result.stops:
+                log.info("stop %s on %s: %s", stop.job_id, stop.host, stop.reason)
+            await self.state.write(changes)
+        return result.next_restart_ms(now)
+
+
+def changes_for(state: State, result: Plan, epoch: int, now: int) -> list[Change]:
+    """The placement writes that carry out `result` (restarts only once due)."""
+    changes: list[Change] = []
+    for s in result.starts:
+        request = state.record(RunRequest, s.job_id) if s.one_off else None
+        changes.append(
+            Placement(
+                id=s.job_id,
+                app_id=s.app,
+                release_id=s.release,
+                process_type=s.type,
+                host=s.host,
+                action="start",
+                epoch=epoch,
+                created_at=now,
+                one_off=s.one_off,
+                args=request.args if request is not None else (),
+                env=request.env if request is not None else {},
+            )
+        )
+    for stop in result.stops:
+        p = state.record(Placement, stop.job_id)
+        if p is None:  # a job whose placement was collected: make one to stop it
+            p = Placement(
+                id=stop.job_id,
+                app_id=stop.app,
+                release_id=stop.release,
+                process_type=stop.type,
+                host=stop.host,
+                action="stop",
+                epoch=epoch,
+                created_at=now,
+            )
+        changes.append(dataclasses.replace(p, action="stop", epoch=epoch, reason=stop.reason))
+    for r in result.restarts_due(now):
+        p = state.record(Placement, r.job_id)
+        job = state.record(Job, r.job_id)
+        generation = max(p.generation if p else 0, job.generation if job else 0) + 1
+        if p is None:
+            p = Placement(
+                id=r.job_id,
+                app_id=r.app,
+                release_id=r.release,
+                process_type=r.type,
+                host=r.host,
+                action="start",
+                epoch=epoch,
+                created_at=now,
+            )
+        changes.append(
+            dataclasses.replace(
+                p, epoch=epoch, generation=generation, restarts=r.restarts, reason="restart"
+            )
+        )
+    return changes
+
+
+def blocked_changes(
+    state: State, blocked: Sequence[PlanBlocked], epoch: int, now: int
+) -> list[Change]:
+    """Write the blocked groups that changed; delete those that are placed now."""
+    want = {
+        (b.job_id or f"{b.app}/{b.type}"): Blocked(
+            app_id=b.app,
+            process_type=b.type,
+            count=b.count,
+            reasons=b.reasons[:32],
+            epoch=epoch,
+            updated_at=now,
+            job_id=b.job_id,
+        )
+        for b in blocked
+    }
+    have = {b.key: b for b in state.records(Blocked)}
+    changes: list[Change] = []
+    for key, b in want.items():
+        old = have.get(key)
+        if old is None or (old.count, old.reasons) != (b.count, b.reasons):
+            changes.append(b)
+    changes.extend(Delete(Blocked.KIND, key) for key in have.keys() - want.keys())
+    return changes
+
+
+def collect_finished(state: State, now: int, retain_ms: int) -> list[Change]:
+    """Delete stop placements of jobs down for `retain_ms`, and finished one-offs.
+
+    A host deletes its own `Job` record once the placement is gone (it is the only
+    writer of its jobs); records of hosts that are gone for good are deleted here.
+    """
+    jobs = {j.id: j for j in state.records(Job)}
+    changes: list[Change] = []
+    for p in state.records(Placement):
+        job = jobs.get(p.id)
+        finished = job is not None and (
+            job.state == "down" or (p.one_off and job.state == "crashed")
+        )
+        if finished and job is not None and now - job.updated_at >= retain_ms:
+            changes.append(Delete(Placement.KIND, p.id))
+            if p.one_off:
+                changes.append(Delete(RunRequest.KIND, p.id))
+        elif job is None and p.action == "stop" and now - p.created_at >= retain_ms:
+            changes.append(Delete(Placement.KIND, p.id))
+    placed = {p.id for p in state.records(Placement)}
+    for job in jobs.values():
+        if job.id not in placed and job.state == "down" and now - job.updated_at >= 2 * retain_ms:
+            changes.append(Delete(Job.KIND, job.id))  # its host never came back to do it
+    return changes
+
+
+def hosts_from_members(members: Sequence[Any]) -> list[Host]:
+    """Hosts as the planner sees them: members with the "host" role."""
+    hosts = []
+    for m in members:
+        if "host" not in m.tags.get("roles", "").split(","):
+            continue
+        try:
+            memory = int(m.tags.get("mem", "0"))
+        except ValueError:
+            memory = 0
+        tags = {k[2:]: v for k, v in m.tags.items() if k.startswith("t.")}
+        hosts.append(Host(m.name, m.status == "alive", tags, memory))
+    return hosts

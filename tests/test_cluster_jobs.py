@@ -1,0 +1,231 @@
+"""Jobs on real agents: placements, process jobs, health checks, logs, one-offs, healing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.harness import Cluster, wait_for
+from tests.jobs_app import answers, deploy, jobs, live, log_lines, make_slug, scale, wait_up
+
+pytestmark = pytest.mark.slow
+
+
+async def follow_log(c: httpx.AsyncClient, app: str, into: list[dict[str, object]]) -> None:
+    async with c.stream("GET", f"/v1/apps/{app}/log", params={"follow": "1", "n": "1000"},
+                        timeout=httpx.Timeout(5, read=60)) as r:  # fmt: skip
+        assert r.status_code == 200
+        async for raw in r.aiter_lines():
+            if raw.strip():
+                into.append(json.loads(raw))
+
+
+async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, 3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[1].client() as c:
+        released = await deploy(c, "shop", slug, digest)
+        assert released["formation"]["processes"] == {"web": 1}
+        assert sorted(released["release"]["processes"]) == ["crash", "web", "worker"]
+        await wait_up(c, "shop", 1)
+
+        # web=3 on 3 nodes: one per node, each answering on its host port; a
+        # follower of the log sees the new jobs' lines from every node
+        followed: list[dict[str, object]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_log, c, "shop", followed)
+            await trio.sleep(0.5)
+            await scale(c, "shop", web=3)
+            up = await wait_up(c, "shop", 3)
+
+            async def from_every_node() -> bool:
+                lines = [ln for ln in followed if str(ln.get("text", "")).startswith("listening")]
+                return {ln["node"] for ln in lines} == {a.name for a in agents}
+
+            await wait_for(from_every_node, 10, "followed lines from every node")
+            nursery.cancel_scope.cancel()
+        assert sorted(j["host"] for j in up) == sorted(a.name for a in agents)
+        for j in up:
+            assert (await answers(j["address"])).split()[0] == j["id"]
+            assert j["address"].startswith(next(a.addr for a in agents if a.name == j["host"]))
+
+        # scale to 5, then to 1: the oldest job is the one left
+        await scale(c, "shop", web=5)
+        five = await wait_up(c, "shop", 5)
+        oldest = min(five, key=lambda j: (j["created_at"], j["id"]))
+        await scale(c, "shop", web=1)
+        (left,) = await wait_up(c, "shop", 1)
+        assert left["id"] == oldest["id"]
+        stopped = [j for j in (await jobs(c, "shop", all=True))["jobs"] if j["state"] == "down"]
+        assert len(stopped) == 4 and all("scaled down" in (j["reason"] or "") for j in stopped)
+
+        # logs merged across nodes, in time order, surviving the jobs' exit
+        lines = await log_lines(c, "shop", n="1000")
+        listening = {ln["job_id"] for ln in lines if ln["text"].startswith("listening ")}
+        assert {j["id"] for j in five} <= listening
+        assert {ln["node"] for ln in lines} == {a.name for a in agents}
+        assert [ln["ts_ms"] for ln in lines] == sorted(ln["ts_ms"] for ln in lines)
+        assert any(ln["stream"] == "stderr" and ln["text"].startswith("stderr of") for ln in lines)
+        assert all(ln["type"] == "web" for ln in lines)
+        only = await log_lines(c, "shop", n="1000", job=left["id"])
+        assert {ln["job_id"] for ln in only} == {left["id"]}
+
+        # one-offs: output streamed back, exit code propagated
+        r = await c.post("/v1/apps/shop/jobs", json={"args": ["python3", "-c", "print(42)"]})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        out = await log_lines(c, "shop", job=job_id, until_exit="1")
+        assert [ln["text"] for ln in out if "text" in ln] == ["42"]
+        assert out[-1] == {"event": "exit", "job_id": job_id, "state": "down", "exit_code": 0,
+                           "reason": "exited with status 0"}  # fmt: skip
+        r = await c.post("/v1/apps/shop/jobs", json={"args": ["echo oops >&2; exit 7"]})
+        job_id = r.json()["job_id"]
+        out = await log_lines(c, "shop", job=job_id, until_exit="1")
+        assert [(ln["stream"], ln["text"]) for ln in out if "text" in ln] == [("stderr", "oops")]
+        assert out[-1]["state"] == "crashed" and out[-1]["exit_code"] == 7
+        # a finished one-off is not restarted
+        await trio.sleep(1.0)
+        one_offs = [j for j in (await jobs(c, "shop", all=True))["jobs"] if j["one_off"]]
+        assert sorted(j["state"] for j in one_offs) == ["crashed", "down"]
+        assert all(j["restarts"] == 0 for j in one_offs)
+
+
+async def test_sigkill_of_a_node_replaces_its_jobs(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, 3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await scale(c, "shop", web=3)
+        up = await wait_up(c, "shop", 3)
+    victim = next(a for a in agents if a.name == up[0]["host"])
+    survivors = [a for a in agents if a is not victim]
+    victim.kill()
+    t0 = trio.current_time()
+    async with survivors[0].client() as c:
+        replaced = await wait_up(
+            c, "shop", 3, timeout=30, check=lambda js: all(j["host"] != victim.name for j in js)
+        )
+        for j in replaced:
+            await answers(j["address"])
+    took = trio.current_time() - t0
+    assert took < 15, f"replacements answered after {took:.1f}s"
+    assert {j["host"] for j in replaced} == {a.name for a in survivors}
+
+
+async def test_leader_killed_mid_scale_new_leader_finishes(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    statuses = await cluster.wait_converged(agents, 3)
+    leader_name = next(iter(statuses.values()))["leader"]["name"]
+    leader = next(a for a in agents if a.name == leader_name)
+    others = [a for a in agents if a is not leader]
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with others[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await wait_up(c, "shop", 1)
+        await scale(c, "shop", web=8)
+        leader.kill()  # at once: the scale is half done at most
+        up = await wait_up(c, "shop", 8, timeout=45)
+        assert {j["host"] for j in up} == {a.name for a in others}
+        await trio.sleep(2.0)  # no surplus appears later either
+        assert len(live(await jobs(c, "shop"))) == 8
+
+
+async def test_omni_types_and_tag_constraints(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, 3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[0].client() as c:
+        first = (await deploy(c, "shop", slug, digest))["release"]
+        r = await c.post("/v1/apps/shop/releases", json={
+            "artifacts": first["artifacts"],
+            "processes": {
+                "web": {"command": "python3 server.py", "ports": [0], "memory_mb": 64},
+                "agent": {"command": "python3 -u -c 'import time; time.sleep(10**6)'",
+                          "omni": True, "memory_mb": 32},
+            },
+        })  # fmt: skip
+        assert r.status_code == 201, r.text
+        release = r.json()["release"]["id"]
+        r = await c.put("/v1/apps/shop/formation", json={
+            "release_id": release, "processes": {"agent": 1, "web": 1},
+            "constraints": {"web": {"disk": "ssd"}},
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+
+        # omni: one per node
+        omni = await wait_up(c, "shop", 3, ptype="agent")
+        assert sorted(j["host"] for j in omni) == sorted(a.name for a in agents)
+        # unsatisfiable tag: blocked, with the reason
+        async def blocked() -> list[dict[str, object]] | None:
+            return (await jobs(c, "shop"))["blocked"] or None
+
+        (b,) = await wait_for(blocked, 10, "web to be reported blocked")
+        assert b["process_type"] == "web" and b["count"] == 1
+        assert b["reasons"][0] == "no host with tag disk=ssd"
+        r = await c.get(f"/v1/apps/shop/jobs/{b['app_id']}")  # not a job id: 404, not 500
+        assert r.status_code == 404
+
+        # tag a host (through another node): the job goes there
+        r = await c.put(f"/v1/hosts/{agents[2].name}/tags", json={"tags": {"disk": "ssd"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["tags"] == {"disk": "ssd"}
+        (web,) = await wait_up(c, "shop", 1)
+        assert web["host"] == agents[2].name
+        assert (await jobs(c, "shop"))["blocked"] == []
+        hosts = (await c.get("/v1/hosts")).json()["hosts"]
+        assert next(h for h in hosts if h["name"] == agents[2].name)["tags"] == {"disk": "ssd"}
+        r = await c.put(f"/v1/hosts/{agents[2].name}/tags", json={"tags": {"Disk": "x"}})
+        assert r.status_code == 400 and "lowercase" in r.json()["error"]["message"]
+
+        # a node joining gets the omni job
+        (extra,) = await cluster.start(1)
+        omni = await wait_up(c, "shop", 4, ptype="agent", timeout=30)
+        assert extra.name in {j["host"] for j in omni}
+
+
+async def test_agent_restart_brings_its_jobs_back_without_orphans(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, 3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    node = agents[2]
+    async with agents[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await scale(c, "shop", web=3)
+        up = await wait_up(c, "shop", 3)
+        (mine,) = [j for j in up if j["host"] == node.name]
+        before = node.job_groups()
+        assert set(before) == {mine["id"]}
+
+        node.kill(jobs=False)  # the agent and its serf die; the job process lives on
+        assert node.job_groups() == before
+        node.start()
+        await node.wait_ready()
+        again = await wait_up(
+            c, "shop", 3, timeout=30,
+            check=lambda js: any(j["host"] == node.name and j["updated_at"] > mine["updated_at"]
+                                 for j in js),
+        )  # fmt: skip
+        after = node.job_groups()
+        assert len(after) == 1 and set(before.values()).isdisjoint(after.values())
+        for j in again:
+            await answers(j["address"])
+        # nothing of the old run is left on the node: its group is gone (or only a
+        # zombie waits for this sandbox's pid 1 to reap it)
+        for pgid in before.values():
+            assert _gone_or_zombie(pgid)
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

@@ -1,0 +1,170 @@
+"""The leader's scheduling loop over a real state service, in virtual time (MockClock).
+
+A scripted host stands in for the host runner here (the runner itself is exercised
+against real processes in tests/test_cluster_jobs.py): every run it is asked for
+crashes at once, so the loop's restart times can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from flynnp2p.scheduler.model import Host
+from flynnp2p.scheduler.service import Scheduler
+from flynnp2p.state.records import App, Formation, Job, Placement, ProcessSpec, Release
+from flynnp2p.state.service import StateService
+from flynnp2p.state.store import MemoryStore
+from flynnp2p.watch import Watched
+from tests.test_api_apps import Peers
+
+T0_MS = 1_700_000_000_000
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only once every task has been idle 10 ms of real time:
+    the state store works in a worker thread, which a zero threshold would race."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+class LonePeers(Peers):
+    def electorate(self) -> list[str]:
+        return []
+
+
+def virtual_ms() -> int:
+    return T0_MS + int(trio.current_time() * 1000)
+
+
+async def start_world(
+    nursery: trio.Nursery, hosts: list[Host]
+) -> tuple[StateService, Scheduler, Watched[tuple[Host, ...]]]:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    state = StateService(MemoryStore("n1"), LonePeers(), http, virtual_ms)
+    await nursery.start(state.run)
+    membership: Watched[tuple[Host, ...]] = Watched(tuple(hosts))
+    scheduler = Scheduler(
+        state, lambda: membership.value, membership, virtual_ms, lambda epoch: True, period_s=5.0
+    )
+    return state, scheduler, membership
+
+
+async def deploy(state: StateService, command: str = "exit 3", **counts: int) -> None:
+    await state.write([
+        App(id="a1", name="shop", created_at=T0_MS),
+        Release(id="r1", app_id="a1", created_at=T0_MS,
+                processes={t: ProcessSpec(command=command, memory_mb=64) for t in counts}),
+        Formation(app_id="a1", release_id="r1", updated_at=T0_MS, processes=counts),
+    ])  # fmt: skip
+
+
+async def scripted_host(
+    state: StateService, name: str, outcome: Callable[[Placement], str], log: list[tuple[float, Placement]]
+) -> None:
+    """Act on placements for `name` like a host whose runs end as `outcome` says."""
+    acted: dict[str, int] = {}
+    async with state.subscribe([Placement.KIND]) as (_, changes):
+        while True:
+            for p in state.state.records(Placement):
+                if p.host != name or acted.get(p.id) == p.generation * 2 + (p.action == "stop"):
+                    continue
+                acted[p.id] = p.generation * 2 + (p.action == "stop")
+                log.append((trio.current_time(), p))
+                now = virtual_ms()
+                status = "down" if p.action == "stop" else outcome(p)
+                await state.write([Job(
+                    id=p.id, app_id=p.app_id, release_id=p.release_id, process_type=p.process_type,
+                    host=name, state=status, created_at=p.created_at, updated_at=now,
+                    exit_code=3 if status == "crashed" else None, restarts=p.restarts,
+                    generation=p.generation, up_since=now if status == "up" else None,
+                )])  # fmt: skip
+            await changes.receive()
+
+
+async def test_crash_restarts_back_off_0_10_30_30(clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        state, scheduler, _ = await start_world(nursery, [Host("h1", True, {}, 4096)])
+        acted: list[tuple[float, Placement]] = []
+        nursery.start_soon(scripted_host, state, "h1", lambda p: "crashed", acted)
+        await deploy(state, crash=1)
+        nursery.start_soon(scheduler.duty, 1)
+        await trio.sleep(75)
+        starts = [(t, p) for t, p in acted if p.action == "start"]
+        assert [p.generation for _, p in starts[:5]] == [0, 1, 2, 3, 4]
+        assert len({p.id for _, p in starts}) == 1  # restarted in place, never replaced
+        gaps = [round(b - a, 1) for (a, _), (b, _) in itertools.pairwise(starts)]
+        assert gaps[:4] == [0.0, 10.0, 30.0, 30.0]
+        assert [p.restarts for _, p in starts[:5]] == [0, 1, 2, 3, 4]
+        nursery.cancel_scope.cancel()
+
+
+async def test_backoff_starts_over_after_five_minutes_up(clock: trio.testing.MockClock) -> None:
+    runs = iter(["crashed", "crashed", "crashed", "up"])
+
+    def outcome(p: Placement) -> str:
+        return next(runs, "crashed")
+
+    async with trio.open_nursery() as nursery:
+        state, scheduler, _ = await start_world(nursery, [Host("h1", True, {}, 4096)])
+        acted: list[tuple[float, Placement]] = []
+        nursery.start_soon(scripted_host, state, "h1", outcome, acted)
+        await deploy(state, crash=1)
+        nursery.start_soon(scheduler.duty, 1)
+        await trio.sleep(50)  # 0 s, 10 s, 30 s: the fourth run stays up
+        (_, p), = [(t, p) for t, p in acted if p.generation == 3]
+        job = state.state.record(Job, p.id)
+        assert job is not None and job.state == "up"
+        await trio.sleep(6 * 60)  # up for 6 minutes, then it crashes
+        crash_at = virtual_ms()
+        await state.write([Job(
+            id=p.id, app_id="a1", release_id="r1", process_type="crash", host="h1",
+            state="crashed", created_at=p.created_at, updated_at=crash_at, exit_code=1,
+            restarts=p.restarts, generation=3, up_since=job.up_since,
+        )])  # fmt: skip
+        await trio.sleep(1)
+        restarted = [(t, q) for t, q in acted if q.generation == 4]
+        assert restarted, "restarted at once: the backoff started over"
+        assert restarted[0][1].restarts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_failed_host_jobs_are_replaced_at_once(clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hosts = [Host("h1", True, {}, 4096), Host("h2", True, {}, 4096)]
+        state, scheduler, membership = await start_world(nursery, hosts)
+        acted: list[tuple[float, Placement]] = []
+        for h in ("h1", "h2"):
+            nursery.start_soon(scripted_host, state, h, lambda p: "up", acted)
+        await deploy(state, command="serve", web=2)
+        nursery.start_soon(scheduler.duty, 1)
+        await trio.sleep(1)
+        assert sorted(p.host for _, p in acted) == ["h1", "h2"]
+        failed_at = trio.current_time()
+        membership.set((Host("h1", True, {}, 4096), Host("h2", False, {}, 4096)))
+        await trio.sleep(1)
+        later = [(t, p) for t, p in acted if t >= failed_at and p.action == "start"]
+        assert [p.host for _, p in later] == ["h1"]
+        assert later[0][0] - failed_at < 0.1  # at once, not at the next periodic evaluation
+        stops = [p for p in state.state.records(Placement) if p.action == "stop"]
+        assert [(p.host, p.reason) for p in stops] == [("h2", "host h2 is not alive")]
+        assert stops[0].epoch == 1
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("count", [0, 3])
+async def test_second_evaluation_writes_nothing(clock: trio.testing.MockClock, count: int) -> None:
+    async with trio.open_nursery() as nursery:
+        state, scheduler, _ = await start_world(nursery, [Host("h1", True, {}, 4096)])
+        await deploy(state, command="serve", web=count)
+        await scheduler.evaluate(1)
+        version = state.state.vv.copy() if hasattr(state.state.vv, "copy") else dict(state.state.vv)
+        await scheduler.evaluate(1)
+        assert dict(state.state.vv) == dict(version)
+        assert len(state.state.records(Placement)) == count
+        nursery.cancel_scope.cancel()
