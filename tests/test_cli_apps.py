@@ -160,7 +160,7 @@ def test_releases_and_scale(cli: Any, server_url: str) -> None:
     code, out, _ = cli("release", "-a", "scaled", "show", rid)
     assert "process:   web: serve" in out
     code, out, _ = cli("scale", "-a", "scaled", "-n", "web=2")
-    assert code == 0 and out.splitlines() == ["TYPE  COUNT", "web   2", "", f"release: {rid}"]
+    assert code == 0 and out.splitlines() == ["TYPE  COUNT  TAGS", "web   2      -", "", f"release: {rid}"]
     code, out, _ = cli("scale", "-a", "scaled", "-n", "worker=1", "--json")
     assert as_json(out)["formation"]["processes"] == {"web": 2, "worker": 1}  # merged
     code, _, err = cli("scale", "-a", "scaled", "clock=1")

@@ -36,7 +36,7 @@ from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
-from flynnp2p.cli.apps import env_pairs, process_counts
+from flynnp2p.cli.apps import env_pairs, process_counts, scale_items
 from flynnp2p.cli.client import ApiClient
 from flynnp2p.cli.jobs import (
     RunFollower,
@@ -102,6 +102,17 @@ def test_process_counts() -> None:
     for bad in ("web", "web=-1", "web=x", "=3", "bad type=1"):
         with pytest.raises(UserError, match="TYPE=COUNT"):
             process_counts([bad])
+
+
+def test_scale_items_with_tag_constraints() -> None:
+    assert scale_items(["web=3,disk=ssd,zone=a", "worker=1", "db=1,"]) == {
+        "web": (3, {"disk": "ssd", "zone": "a"}),
+        "worker": (1, None),
+        "db": (1, {}),
+    }
+    for bad in ("web=3,disk", "web=3,Disk=x", "web=3,=x"):
+        with pytest.raises(UserError, match="TAG=VALUE"):
+            scale_items([bad])
 
 
 def test_tag_changes_set_and_remove() -> None:
@@ -843,7 +854,7 @@ def test_scale_waits_for_the_jobs_the_host_reports(cli: Any, served: Served, tmp
     code, out, _ = cli("scale", "-a", "scaler", "web=1", "--json")
     assert code == 0 and [j["id"] for j in as_json(out)["jobs"]] == ["web-dddd0000111122223333"]
     code, out, _ = cli("scale", "-a", "scaler", "web=3", "-n")
-    assert code == 0 and out.splitlines()[:2] == ["TYPE  COUNT", "web   3"]
+    assert code == 0 and out.splitlines()[:2] == ["TYPE  COUNT  TAGS", "web   3      -"]
     code, _, err = cli("scale", "-a", "scaler", "web=3", "--timeout", "0")
     assert code == 2 and "--timeout" in err
 

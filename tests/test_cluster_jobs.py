@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from tests.harness import Cluster, wait_for
+from tests.harness import AgentProc, Cluster, wait_for
 from tests.jobs_app import answers, deploy, jobs, live, log_lines, make_slug, scale, wait_up
 
 pytestmark = pytest.mark.slow
+
+
+async def cli(agent: AgentProc, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    """The real CLI in its own process, against `agent`."""
+    env = {**os.environ, "FLYNNP2P_URL": agent.url, "FLYNNP2P_TOKEN": agent.token.encode()}
+    return await trio.run_process(
+        [sys.executable, "-m", "flynnp2p", *argv], env=env, capture_stdout=True,
+        capture_stderr=True, check=False,
+    )  # fmt: skip
 
 
 async def follow_log(c: httpx.AsyncClient, app: str, into: list[dict[str, object]]) -> None:
@@ -88,10 +100,20 @@ async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) 
         out = await log_lines(c, "shop", job=job_id, until_exit="1")
         assert [(ln["stream"], ln["text"]) for ln in out if "text" in ln] == [("stderr", "oops")]
         assert out[-1]["state"] == "crashed" and out[-1]["exit_code"] == 7
+        # the same through the CLI, as a user runs it
+        done = await cli(agents[2], "run", "-a", "shop", "--", "python3", "-c", "print(6 * 7)")
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"42\n", b"")
+        done = await cli(agents[2], "run", "-a", "shop", "--", "echo bye; exit 7")
+        assert (done.returncode, done.stdout) == (7, b"bye\n")
+        done = await cli(agents[0], "scale", "-a", "shop", "web=2")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.decode().splitlines()[-1].startswith("scale completed in ")
+        done = await cli(agents[0], "ps", "-a", "shop")
+        assert done.stdout.decode().count(" up ") == 2
         # a finished one-off is not restarted
         await trio.sleep(1.0)
         one_offs = [j for j in (await jobs(c, "shop", all=True))["jobs"] if j["one_off"]]
-        assert sorted(j["state"] for j in one_offs) == ["crashed", "down"]
+        assert sorted(j["state"] for j in one_offs) == ["crashed", "crashed", "down", "down"]
         assert all(j["restarts"] == 0 for j in one_offs)
 
 

@@ -34,6 +34,7 @@ from flynnp2p.errors import NotFound, UserError
 _REMOTE_APP = re.compile(r"[/:]([^/:]+?)\.git/?$")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROCESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
 
 
 # -- which app --------------------------------------------------------------
@@ -322,18 +323,40 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def process_counts(items: Sequence[str]) -> dict[str, int]:
-    out = {}
+    return {ptype: count for ptype, (count, _) in scale_items(items).items()}
+
+
+def scale_items(items: Sequence[str]) -> dict[str, tuple[int, dict[str, str] | None]]:
+    """``TYPE=N`` or ``TYPE=N,KEY=VALUE,...`` (the host tags the type needs; ``TYPE=N,``
+    with nothing after the comma drops them): {type: (count, tags or None)}."""
+    out: dict[str, tuple[int, dict[str, str] | None]] = {}
     for item in items:
-        ptype, sep, count = item.partition("=")
+        head, comma, rest = item.partition(",")
+        ptype, sep, count = head.partition("=")
         if not sep or _PROCESS_TYPE.fullmatch(ptype) is None or not count.isdigit():
-            raise UserError(f"expected TYPE=COUNT with COUNT a whole number >= 0, got {item!r}")
-        out[ptype] = int(count)
+            raise UserError(
+                f"expected TYPE=COUNT[,TAG=VALUE...] with COUNT a whole number >= 0, got {item!r}"
+            )
+        tags: dict[str, str] | None = None
+        if comma:
+            tags = {}
+            for pair in filter(None, rest.split(",")):
+                key, eq, value = pair.partition("=")
+                if not eq or _TAG_KEY.fullmatch(key) is None:
+                    raise UserError(
+                        f"expected TAG=VALUE after TYPE=COUNT, with TAG of lowercase letters, "
+                        f"digits and _.-, got {pair!r} in {item!r}"
+                    )
+                tags[key] = value
+        out[ptype] = (int(count), tags)
     return out
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
     client = client_for(args)
-    wanted = process_counts(args.counts)
+    items = scale_items(args.counts)
+    wanted = {ptype: count for ptype, (count, _) in items.items()}
+    constraints = {ptype: tags for ptype, (_, tags) in items.items() if tags is not None}
     wait = bool(wanted) and not args.no_wait
     if wait and not args.timeout > 0:
         raise UserError(f"--timeout: expected a number of seconds above 0, got {args.timeout:g}")
@@ -341,7 +364,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if wanted:
         processes = {**(formation or {}).get("processes", {}), **wanted}
         started = time.monotonic()
-        resp = client.request("PUT", app_path(args, "formation"), json={"processes": processes})
+        body: dict[str, Any] = {"processes": processes}
+        if constraints:
+            body["constraints"] = constraints
+        resp = client.request("PUT", app_path(args, "formation"), json=body)
         formation = resp["formation"]
         if wait:
             # Imported here: flynnp2p.cli.jobs imports this module.
@@ -357,8 +383,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if not formation:
         print("no formation yet (scale a process type, e.g. 'flynnp2p scale web=1')")
         return 0
-    rows = [(t, str(n)) for t, n in sorted(formation["processes"].items())]
-    print(table(rows, ("TYPE", "COUNT")))
+    tags_of = formation.get("constraints") or {}
+    rows = [
+        (t, str(n), ",".join(f"{k}={v}" for k, v in sorted(tags_of.get(t, {}).items())) or "-")
+        for t, n in sorted(formation["processes"].items())
+    ]
+    print(table(rows, ("TYPE", "COUNT", "TAGS")))
     print(f"\nrelease: {formation['release_id']}")
     return 0
 
@@ -432,7 +462,7 @@ def add_app_commands(sub: Any) -> None:
         "scale", parents=top,
         help="set process counts and wait until they run (bare: show the formation)",
     )  # fmt: skip
-    p.add_argument("counts", nargs="*", metavar="TYPE=N")
+    p.add_argument("counts", nargs="*", metavar="TYPE=N[,TAG=V...]")
     p.add_argument("-n", "--no-wait", action="store_true", help="do not wait for the jobs")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="how long to wait, in seconds (default 60)")  # fmt: skip
