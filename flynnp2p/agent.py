@@ -174,7 +174,10 @@ class Agent:
         if kind == "docker":
             from flynnp2p.host.docker import DockerBackend
 
-            return DockerBackend(jobs_dir, self.cfg.name, on_lines=self.loghub.publish)
+            return DockerBackend(
+                jobs_dir, self.cfg.name, on_lines=self.loghub.publish,
+                shutdown_grace_s=job_stop_grace_s(),
+            )  # fmt: skip
         return ProcessBackend(
             jobs_dir, on_lines=self.loghub.publish, shutdown_grace_s=job_stop_grace_s()
         )
@@ -225,6 +228,8 @@ class Agent:
             async for signum in signals:
                 log.info("%s: leaving the cluster and stopping", signal.Signals(signum).name)
                 self.gossip.serf.leave_on_stop = True
+                if self.runner is not None:  # the node leaves: so do its jobs
+                    await self.runner.shutdown(job_stop_grace_s() + 5)
                 scope.cancel()
                 return
 

@@ -266,6 +266,13 @@ class ProcessBackend:
             _killpg(job.process.pid, _signal.SIGKILL)
             await job.exited.wait()  # bounded: the supervisor drains for at most _DRAIN_S
 
+    async def stop_all(self, grace_s: float | None = None) -> None:
+        grace = self._shutdown_grace_s if grace_s is None else grace_s
+        async with trio.open_nursery() as nursery:
+            for job_id, job in list(self._jobs.items()):
+                if not job.exited.is_set():
+                    nursery.start_soon(self.stop, job_id, grace)
+
     def signal(self, job_id: str, sig: int) -> None:
         """Send ``sig`` to the job's whole process group (no-op once it has exited)."""
         job = self._job(job_id)

@@ -122,6 +122,7 @@ class HostRunner:
         self.runs: dict[str, _Run] = {}
         self.adopted: dict[str, JobSpec] = {}
         self._busy: set[str] = set()  # jobs with a bookkeeping task in flight
+        self.closing = False
         self.stats = {"started": 0, "stopped": 0, "fenced": 0, "adopted": 0, "crashed": 0}
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
@@ -150,8 +151,22 @@ class HostRunner:
 
     # -- deciding -------------------------------------------------------------
 
+    async def shutdown(self, timeout_s: float) -> None:
+        """The node leaves the cluster: stop every job here and report them down."""
+        self.closing = True
+        reason = f"node {self.node} left the cluster"
+        for run in list(self.runs.values()):
+            self._stop(run, reason)
+        for job_id in list(self.adopted):
+            self._spawn(job_id, self._stop_adopted, job_id, reason)
+        with trio.move_on_after(timeout_s):
+            while self.runs or self._busy:  # noqa: ASYNC110 - their tasks end on their own
+                await trio.sleep(0.05)
+
     def _converge(self) -> None:
         assert self._nursery is not None
+        if self.closing:
+            return
         state = self.state.state
         placements = state.records(Placement)
         mine = [p for p in placements if p.host == self.node]
