@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_for
 from tests.jobs_app import answers, deploy, jobs, live, make_slug, scale, wait_up
 from tests.test_host_docker import docker_client, remove_containers
 
@@ -49,7 +49,7 @@ def containers_of(engine: Any, node: str) -> dict[str, str]:
 
 
 async def start(c: Cluster, n: int) -> list[Any]:
-    for i in range(n):
+    for _ in range(n):
         c.add(name=f"{PREFIX}-{len(c.agents) + 1}")
     seed, rest = c.agents[0], c.agents[1:]
     seed.start()
@@ -89,8 +89,6 @@ async def test_docker_scale_spread_and_agent_restart(
             for a in agents:
                 running.update(await trio.to_thread.run_sync(containers_of, engine, a.name))
             return set(running) == {left["id"]}
-
-        from tests.harness import wait_for
 
         await wait_for(stopped_containers_removed, 20, "only the remaining job's container")
 

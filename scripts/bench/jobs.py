@@ -83,7 +83,8 @@ async def bench_round(root: Path) -> tuple[float, float]:
             await scale(c, "bench", web=10)
             up = await wait_up(c, "bench", 10, timeout=60)
             scale_s = trio.current_time() - t0
-            leader = next(a for a in agents if a.name == (await a.status() or {}).get("leader", {}).get("name"))
+            status = await agents[0].status() or {}
+            leader = next(a for a in agents if a.name == status["leader"]["name"])
             victim = next(a for a in agents if a is not leader and any(j["host"] == a.name for j in up))
         async with leader.client() as c:
             victim.kill()
