@@ -20,7 +20,8 @@ and the per-app file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -84,3 +85,28 @@ class JobBackend(Protocol):
         ...
 
     def logs(self, job_id: str) -> list[LogLine]: ...
+
+
+class Stoppable(Protocol):
+    """What `stop_within` needs of a backend's job bookkeeping."""
+
+    exited: trio.Event
+    stop_deadline: float | None  # trio time at which a stop turns into SIGKILL
+
+
+async def stop_within(
+    job: Stoppable, grace_s: float, send: Callable[[int], Awaitable[None]], stop_signal: int
+) -> None:
+    """``stop_signal``, up to ``grace_s`` (or an earlier stop's deadline) to exit, then
+    SIGKILL; return once the job has exited. Shared by the backends."""
+    if job.exited.is_set():
+        return
+    deadline = trio.current_time() + grace_s
+    if job.stop_deadline is None or deadline < job.stop_deadline:
+        job.stop_deadline = deadline
+    await send(stop_signal)
+    with trio.move_on_at(job.stop_deadline):
+        await job.exited.wait()
+    if not job.exited.is_set():
+        await send(signal.SIGKILL)
+        await job.exited.wait()

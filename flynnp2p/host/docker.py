@@ -88,7 +88,7 @@ import trio
 import urllib3.exceptions
 
 from flynnp2p.errors import ClusterError, ConfigError, Conflict, NotFound, UserError
-from flynnp2p.host.backend import JobSpec, LineSink, RunningJob
+from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import (
     DEFAULT_FILE_BYTES,
     DEFAULT_RING_LINES,
@@ -504,17 +504,11 @@ class DockerBackend:
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
         """Stop signal, up to ``grace_s`` to exit, then SIGKILL; return once it has exited."""
         job = self._job(job_id)
-        if job.exited.is_set():
-            return
-        deadline = trio.current_time() + grace_s
-        if job.stop_deadline is None or deadline < job.stop_deadline:
-            job.stop_deadline = deadline
-        await self._kill(job, job.stop_signal)
-        with trio.move_on_at(job.stop_deadline):
-            await job.exited.wait()
-        if not job.exited.is_set():
-            await self._kill(job, _signal.SIGKILL)
-            await job.exited.wait()
+
+        async def send(sig: int) -> None:
+            await self._kill(job, sig)
+
+        await stop_within(job, grace_s, send, job.stop_signal)
 
     def signal(self, job_id: str, sig: int) -> None:
         """Queue ``sig`` for the job's main process (no-op once it has exited)."""

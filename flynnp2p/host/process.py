@@ -54,7 +54,7 @@ from pathlib import Path
 import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
-from flynnp2p.host.backend import JobSpec, LineSink, RunningJob
+from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import AppLogFile, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
 
@@ -252,19 +252,16 @@ class ProcessBackend:
         return app_dir, process
 
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
-        """SIGTERM the job's group, SIGKILL it after ``grace_s``; return once reaped."""
+        """SIGTERM the job's group, SIGKILL it after ``grace_s``; return once reaped.
+
+        After the SIGKILL the wait is bounded: the supervisor drains for at most
+        ``_DRAIN_S``."""
         job = self._job(job_id)
-        if job.exited.is_set():
-            return
-        deadline = trio.current_time() + grace_s
-        if job.stop_deadline is None or deadline < job.stop_deadline:
-            job.stop_deadline = deadline
-        _killpg(job.process.pid, _signal.SIGTERM)
-        with trio.move_on_at(job.stop_deadline):
-            await job.exited.wait()
-        if not job.exited.is_set():
-            _killpg(job.process.pid, _signal.SIGKILL)
-            await job.exited.wait()  # bounded: the supervisor drains for at most _DRAIN_S
+
+        async def send(sig: int) -> None:
+            _killpg(job.process.pid, sig)
+
+        await stop_within(job, grace_s, send, _signal.SIGTERM)
 
     async def stop_all(self, grace_s: float | None = None) -> None:
         grace = self._shutdown_grace_s if grace_s is None else grace_s

@@ -38,7 +38,8 @@ import trio
 from flynnp2p.errors import FlynnError
 from flynnp2p.scheduler.model import Host, inputs_from_state
 from flynnp2p.scheduler.plan import Blocked as PlanBlocked
-from flynnp2p.scheduler.plan import Plan, plan
+from flynnp2p.scheduler.plan import Plan, Start, plan
+from flynnp2p.scheduler.reconcile import Restart, Stop
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
 from flynnp2p.state.service import StateService
@@ -140,58 +141,32 @@ class Scheduler:
 
 def changes_for(state: State, result: Plan, epoch: int, now: int) -> list[Change]:
     """The placement writes that carry out `result` (restarts only once due)."""
+
+    def placement(job: Start | Stop | Restart, action: str) -> Placement:
+        return Placement(
+            id=job.job_id, app_id=job.app, release_id=job.release, process_type=job.type,
+            host=job.host, action=action, epoch=epoch, created_at=now,
+        )  # fmt: skip
+
     changes: list[Change] = []
     for s in result.starts:
         request = state.record(RunRequest, s.job_id) if s.one_off else None
-        changes.append(
-            Placement(
-                id=s.job_id,
-                app_id=s.app,
-                release_id=s.release,
-                process_type=s.type,
-                host=s.host,
-                action="start",
-                epoch=epoch,
-                created_at=now,
-                one_off=s.one_off,
-                args=request.args if request is not None else (),
-                env=request.env if request is not None else {},
-            )
-        )
+        p = placement(s, "start")
+        if request is not None:
+            p = dataclasses.replace(p, one_off=True, args=request.args, env=request.env)
+        changes.append(p)
     for stop in result.stops:
-        p = state.record(Placement, stop.job_id)
-        if p is None:  # a job whose placement was collected: make one to stop it
-            p = Placement(
-                id=stop.job_id,
-                app_id=stop.app,
-                release_id=stop.release,
-                process_type=stop.type,
-                host=stop.host,
-                action="stop",
-                epoch=epoch,
-                created_at=now,
-            )
+        # A job whose placement was collected gets one made to stop it.
+        p = state.record(Placement, stop.job_id) or placement(stop, "stop")
         changes.append(dataclasses.replace(p, action="stop", epoch=epoch, reason=stop.reason))
     for r in result.restarts_due(now):
-        p = state.record(Placement, r.job_id)
-        job = state.record(Job, r.job_id)
-        generation = max(p.generation if p else 0, job.generation if job else 0) + 1
-        if p is None:
-            p = Placement(
-                id=r.job_id,
-                app_id=r.app,
-                release_id=r.release,
-                process_type=r.type,
-                host=r.host,
-                action="start",
-                epoch=epoch,
-                created_at=now,
-            )
-        changes.append(
-            dataclasses.replace(
-                p, epoch=epoch, generation=generation, restarts=r.restarts, reason="restart"
-            )
-        )
+        old, job = state.record(Placement, r.job_id), state.record(Job, r.job_id)
+        generation = max(old.generation if old else 0, job.generation if job else 0) + 1
+        restart = dataclasses.replace(
+            old or placement(r, "start"), epoch=epoch, generation=generation,
+            restarts=r.restarts, reason="restart",
+        )  # fmt: skip
+        changes.append(restart)
     return changes
 
 
