@@ -360,6 +360,8 @@ class Agent:
                 "jobs": {
                     "ok": self.runner is not None,
                     "backend": self.backend.name if self.backend else None,
+                    "isolation": getattr(self.backend, "isolation", None),
+                    "memory_enforced": self.backend.memory_enforced if self.backend else None,
                     "running": len(self.runner.runs) if self.runner else 0,
                     **(self.runner.stats if self.runner else {}),
                 },

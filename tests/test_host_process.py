@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import shutil
 import socket
 import sys
 import tarfile
@@ -16,11 +17,12 @@ import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobBackend, JobSpec
-from flynnp2p.host.process import ProcessBackend, open_process_backend
+from flynnp2p.host.process import ProcessBackend, app_uid, open_process_backend
 from flynnp2p.host.slug import SlugError, prepare_job_dir, unpack_slug
 from tests.harness import wait_for
 
-PY = shlex.quote(sys.executable)
+# The system's python: isolated jobs (the agent is root) cannot reach a venv under /root.
+PY = shlex.quote(shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable)
 
 
 def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -113,7 +115,8 @@ async def test_env_profile_d_and_logs_with_stream_names(
     )
     assert await backend.wait("job-env") == 0
     logs = texts(backend, "job-env")
-    app_dir = str(job.app_dir)
+    # in its own mount namespace, the job sees its copy on /app (as on Heroku)
+    app_dir = "/app" if backend.isolation == "namespaces" else str(job.app_dir)
     assert ("stdout", f"hi 5555 job-env demo from-release {app_dir}") in logs
     assert ("stderr", "oops") in logs
     assert ("stdout", app_dir) in logs
@@ -283,3 +286,22 @@ async def test_garbage_is_not_a_slug(tmp_path: Path) -> None:
     bad.write_bytes(b"not a tarball")
     with pytest.raises(SlugError, match="not a readable"):
         await unpack_slug(bad, tmp_path / "root", "garbage")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root")
+async def test_as_root_jobs_run_as_their_apps_uid_in_their_own_namespaces(
+    backend: ProcessBackend, slug_app: Path
+) -> None:
+    assert backend.isolation in ("namespaces", "user")
+    uid = app_uid("app-1")
+    job = await backend.start(
+        spec(slug_app, "job-iso", 'id -u; id -g; id -G; touch made-here; cat /proc/self/status | grep CapEff')
+    )
+    assert await backend.wait("job-iso") == 0
+    out = [t for _, t in texts(backend, "job-iso")]
+    assert out[:3] == [str(uid), str(uid), str(uid)]  # no supplementary groups
+    assert out[3].split() == ["CapEff:", "0000000000000000"]
+    assert job.app_dir is not None and (job.app_dir / "made-here").stat().st_uid == uid
+    assert app_uid("app-2") != uid  # another app, another uid
+    if backend.isolation == "namespaces":
+        assert not Path("/app/made-here").exists(), "the bind mount must not leak to the host"

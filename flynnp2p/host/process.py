@@ -34,14 +34,29 @@ files: the process backend cleans up rather than re-adopts (it cannot re-attach
 to the pipes of a process it did not start), and the runner starts the jobs
 again.
 
-TODO: when running as root, drop to an unprivileged user and start jobs in new
-PID/mount/UTS namespaces (DESIGN.md, "Hosts and jobs"); today jobs run as the agent's
-user.
+Isolation, when the agent runs as root (``isolation`` says what this host gives):
+
+* every app's jobs run as their own unprivileged uid/gid (``app_uid``: 200000 plus
+  a hash of the app id, no passwd entry needed), with no supplementary groups,
+  so apps cannot signal or read each other's processes and files; the job's
+  working copy is chowned to it;
+* in new mount and UTS namespaces (``unshare``, mounts made private) where the
+  kernel allows: "namespaces". There the working copy is bind-mounted on ``/app``
+  (an empty directory the agent makes on the host) and is the job's cwd and HOME,
+  as on Heroku, so absolute paths work whatever the permissions above the data
+  dir. Else only the user switch: "user" (the path to the data dir must then be
+  traversable by others for apps that use absolute paths).
+
+A PID namespace is left out on purpose: the job would be PID 1 of it, and PID 1
+ignores SIGTERM unless it installs a handler, so most apps could not be stopped
+gracefully. ``unshare`` and ``setpriv`` exec in place, so the job's pid is still
+its process group id. Without root, jobs run as the agent's user ("none").
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import resource
 import signal as _signal
@@ -97,6 +112,46 @@ async def _wait_group_empty(pgid: int) -> None:
         await trio.sleep(_GROUP_POLL_S)
 
 
+_UNSHARE = ["unshare", "--mount", "--uts", "--propagation", "private", "--"]
+APP_MOUNT = Path("/app")  # where a job in a mount namespace sees its working copy
+# In the job's own mount namespace, as root: its copy on /app, then the user switch.
+_BIND_APP = 'mount --bind "$1" /app && cd /app && shift && exec "$@"'
+_SETPRIV = ["setpriv", "--clear-groups", "--inh-caps=-all"]
+
+
+def app_uid(app_id: str) -> int:
+    """The uid (and gid) an app's jobs run as when the agent is root."""
+    return 200_000 + int.from_bytes(hashlib.sha256(app_id.encode()).digest()[:4], "big") % 100_000
+
+
+def detect_isolation() -> str:
+    """"namespaces", "user" or "none": what this host allows (see the module docstring)."""
+    if os.geteuid() != 0:
+        return "none"
+    probe = [*_SETPRIV, "--reuid=65534", "--regid=65534", "--", "true"]
+    try:
+        APP_MOUNT.mkdir(mode=0o755, exist_ok=True)  # the mount point, empty on the host
+        in_ns = [*_UNSHARE, "sh", "-c", _BIND_APP, "flynnp2p-mount", "/", *probe]
+    except OSError:
+        in_ns = []
+    for mode, argv in (("namespaces", in_ns), ("user", probe)):
+        if not argv:
+            continue
+        try:
+            if subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0:
+                return mode
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return "none"
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    os.chown(root, uid, uid)
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(base, name), uid, uid, follow_symlinks=False)
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (field 22 of /proc/PID/stat), or None if gone."""
     try:
@@ -145,9 +200,11 @@ class ProcessBackend:
         shutdown_grace_s: float = 10.0,
         clock_ms: Callable[[], int] = wall_clock_ms,
         on_lines: LineSink | None = None,
+        isolate: bool = True,
     ) -> None:
         self.root_dir = root_dir
         self._on_lines = on_lines
+        self.isolation = detect_isolation() if isolate else "none"
         self._ring_lines = ring_lines
         self._log_file_bytes = log_file_bytes
         self._shutdown_grace_s = shutdown_grace_s
@@ -225,6 +282,15 @@ class ProcessBackend:
         if spec.slug_dir is None:
             raise UserError(f"job {spec.job_id}: the process backend runs slugs, and it has none")
         app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
+        prefix: list[str] = []
+        home = app_dir
+        if self.isolation != "none":
+            uid = app_uid(spec.app_id)
+            await trio.to_thread.run_sync(_chown_tree, app_dir.parent, uid)
+            prefix = [*_SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--"]
+            if self.isolation == "namespaces":
+                prefix = [*_UNSHARE, "sh", "-c", _BIND_APP, "flynnp2p-mount", str(app_dir), *prefix]
+                home = APP_MOUNT
         env = dict(spec.env)
         env.update(
             APP_NAME=spec.app_name,
@@ -232,15 +298,17 @@ class ProcessBackend:
             RELEASE_ID=spec.release_id,
             JOB_ID=spec.job_id,
             PROCESS_TYPE=spec.process_type,
-            HOME=str(app_dir),
-            PATH=os.environ.get("PATH", _DEFAULT_PATH),
+            HOME=str(home),
+            # An isolated job cannot use the agent's private directories (a
+            # pyenv under /root, say): it gets the system's PATH.
+            PATH=_DEFAULT_PATH if self.isolation != "none" else os.environ.get("PATH", _DEFAULT_PATH),
         )
         env.setdefault("HOST", spec.host_addr)
         if spec.port is not None:
             env["PORT"] = str(spec.port)
         preexec = _rlimit_as(spec.memory_mb * 1024 * 1024) if spec.memory_mb > 0 else None
         process = await trio.lowlevel.open_process(
-            ["bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
+            [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
             cwd=app_dir,
             env=env,
             stdin=subprocess.DEVNULL,
