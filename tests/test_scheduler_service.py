@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from flynnp2p.scheduler.model import Host
-from flynnp2p.scheduler.service import Scheduler
+from flynnp2p.scheduler.service import Scheduler, collect_finished
+from flynnp2p.state.merge import Delete
 from flynnp2p.state.records import App, Formation, Job, Placement, ProcessSpec, Release
 from flynnp2p.state.service import StateService
 from flynnp2p.state.store import MemoryStore
@@ -168,3 +169,26 @@ async def test_second_evaluation_writes_nothing(clock: trio.testing.MockClock, c
         assert dict(state.state.vv) == dict(version)
         assert len(state.state.records(Placement)) == count
         nursery.cancel_scope.cancel()
+
+
+def test_collect_finished_keeps_recent_and_drops_old_and_lost() -> None:
+    store = MemoryStore("n1")
+    base = dict(app_id="a1", release_id="r1", process_type="web", epoch=1, created_at=0)
+    job = dict(app_id="a1", release_id="r1", process_type="web", created_at=0)
+    store.write([
+        Placement(id="done-old", host="h1", action="stop", **base),
+        Job(id="done-old", host="h1", state="down", updated_at=1_000, **job),
+        Placement(id="done-new", host="h1", action="stop", **base),
+        Job(id="done-new", host="h1", state="down", updated_at=590_000, **job),
+        Placement(id="lost", host="h2", action="stop", **base),
+        Job(id="lost", host="h2", state="up", updated_at=5_000, **job),
+        Placement(id="running", host="h1", action="start", **base),
+        Job(id="running", host="h1", state="up", updated_at=5_000, **job),
+        Placement(id="oneoff", host="h1", action="start", one_off=True, **base),
+        Job(id="oneoff", host="h1", state="crashed", one_off=True, updated_at=2_000, **job),
+    ], physical_ms=1)  # fmt: skip
+    changes = collect_finished(store.state, 600_000, 300_000, alive={"h1"})
+    assert sorted((c.kind, c.key) for c in changes if isinstance(c, Delete)) == [
+        ("job", "lost"), ("placement", "done-old"), ("placement", "lost"),
+        ("placement", "oneoff"), ("run", "oneoff"),
+    ]  # fmt: skip

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import trio
@@ -126,7 +126,8 @@ class Scheduler:
         self.stats["evaluations"] += 1
         changes = changes_for(state, result, epoch, now)
         changes += blocked_changes(state, result.blocked, epoch, now)
-        changes += collect_finished(state, now, self.retain_ms)
+        alive = {h.name for h in self.hosts() if h.alive}
+        changes += collect_finished(state, now, self.retain_ms, alive)
         if changes:
             self.stats["placed"] += len(result.starts)
             self.stats["stopped"] += len(result.stops)
@@ -196,11 +197,15 @@ def blocked_changes(
     return changes
 
 
-def collect_finished(state: State, now: int, retain_ms: int) -> list[Change]:
+def collect_finished(
+    state: State, now: int, retain_ms: int, alive: Collection[str] = ()
+) -> list[Change]:
     """Delete stop placements of jobs down for `retain_ms`, and finished one-offs.
 
     A host deletes its own `Job` record once the placement is gone (it is the only
-    writer of its jobs); records of hosts that are gone for good are deleted here.
+    writer of its jobs); records of hosts that are gone for good are deleted here,
+    as are the jobs the leader stopped on a host not `alive` for `retain_ms` (it
+    cannot report them down; if it comes back it finds no placement and stops them).
     """
     jobs = {j.id: j for j in state.records(Job)}
     changes: list[Change] = []
@@ -209,7 +214,10 @@ def collect_finished(state: State, now: int, retain_ms: int) -> list[Change]:
         finished = job is not None and (
             job.state == "down" or (p.one_off and job.state == "crashed")
         )
-        if finished and job is not None and now - job.updated_at >= retain_ms:
+        lost = p.action == "stop" and p.host not in alive and job is not None
+        if lost and job is not None and now - max(p.created_at, job.updated_at) >= retain_ms:
+            changes += [Delete(Placement.KIND, p.id), Delete(Job.KIND, p.id)]
+        elif finished and job is not None and now - job.updated_at >= retain_ms:
             changes.append(Delete(Placement.KIND, p.id))
             if p.one_off:
                 changes.append(Delete(RunRequest.KIND, p.id))
