@@ -79,7 +79,8 @@ async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) 
         # logs merged across nodes, in time order, surviving the jobs' exit
         lines = await log_lines(c, "shop", n="1000")
         listening = {ln["job_id"] for ln in lines if ln["text"].startswith("listening ")}
-        assert {j["id"] for j in five} <= listening
+        missing = {j["id"]: j["host"] for j in five if j["id"] not in listening}
+        assert not missing, (missing, len(lines), {ln["node"] for ln in lines})
         assert {ln["node"] for ln in lines} == {a.name for a in agents}
         assert [ln["ts_ms"] for ln in lines] == sorted(ln["ts_ms"] for ln in lines)
         assert any(ln["stream"] == "stderr" and ln["text"].startswith("stderr of") for ln in lines)
@@ -168,7 +169,7 @@ async def test_omni_types_and_tag_constraints(cluster: Cluster, tmp_path: Path) 
             "artifacts": first["artifacts"],
             "processes": {
                 "web": {"command": "python3 server.py", "ports": [0], "memory_mb": 64},
-                "agent": {"command": "python3 -u -c 'import time; time.sleep(10**6)'",
+                "agent": {"command": "python3 -u -c 'import time; print(1); time.sleep(10**6)'",
                           "omni": True, "memory_mb": 32},
             },
         })  # fmt: skip
@@ -205,10 +206,19 @@ async def test_omni_types_and_tag_constraints(cluster: Cluster, tmp_path: Path) 
         r = await c.put(f"/v1/hosts/{agents[2].name}/tags", json={"tags": {"Disk": "x"}})
         assert r.status_code == 400 and "lowercase" in r.json()["error"]["message"]
 
-        # a node joining gets the omni job
-        (extra,) = await cluster.start(1)
-        omni = await wait_up(c, "shop", 4, ptype="agent", timeout=30)
-        assert extra.name in {j["host"] for j in omni}
+        # a node joining gets the omni job; a follower of the log hears from it
+        followed: list[dict[str, object]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_log, c, "shop", followed)
+            (extra,) = await cluster.start(1)
+            omni = await wait_up(c, "shop", 4, ptype="agent", timeout=30)
+            assert extra.name in {j["host"] for j in omni}
+
+            async def heard_from_new_node() -> bool:
+                return any(ln.get("node") == extra.name for ln in followed)
+
+            await wait_for(heard_from_new_node, 10, "a followed line from the new node")
+            nursery.cancel_scope.cancel()
 
 
 async def test_agent_restart_brings_its_jobs_back_without_orphans(

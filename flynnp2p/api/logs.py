@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 HISTORY_WAIT_S = 5.0
 EXIT_DRAIN_S = 1.0
+NODES_CHECK_S = 2.0  # how often a followed log looks for new nodes and dropped streams
 MAX_LINES = 10_000
 NDJSON = "application/x-ndjson"
 
@@ -78,9 +80,13 @@ def _streaming(body: AsyncIterator[bytes]) -> Response:
 # -- one node -------------------------------------------------------------------
 
 
-async def node_log(hub: LogHub, app: str, n: int, follow: bool, job: str | None) -> AsyncIterator[bytes]:
+async def node_log(
+    hub: LogHub, app: str, n: int, follow: bool, job: str | None, since_ms: int | None = None
+) -> AsyncIterator[bytes]:
     async with hub.subscribe(app) as live:
-        past = await hub.history(app, n, job)
+        past = await hub.history(app, MAX_LINES if since_ms is not None else n, job)
+        if since_ms is not None:
+            past = [line for line in past if line.ts_ms > since_ms][-n:] if n else []
         for line in past:
             yield _dumps(_line_json(line))
         yield _dumps({"event": "history-done"})
@@ -114,7 +120,11 @@ def internal_log_blueprint(hub: LogHub) -> Blueprint:
         if not re.fullmatch(APP_NAME_RE, app):
             raise UserError("app: expected an app name")
         job = request.args.get("job") or None
-        return _streaming(node_log(hub, app, _count(), _flag("follow"), job))
+        since = request.args.get("since_ms")
+        if since is not None and not since.isdigit():
+            raise UserError(f"since_ms: expected a time in milliseconds, got {since[:20]!r}")
+        since_ms = int(since) if since is not None else None
+        return _streaming(node_log(hub, app, _count(), _flag("follow"), job, since_ms))
 
     return bp
 
@@ -126,6 +136,47 @@ def internal_log_blueprint(hub: LogHub) -> Blueprint:
 class _Feed:
     node: str
     item: dict[str, object]
+
+
+class LogSession:
+    """The node streams of one public log request; `ensure` (re)opens missing ones."""
+
+    def __init__(self, fanout: LogFanout, nursery: trio.Nursery, params: dict[str, str]) -> None:
+        self.fanout = fanout
+        self.nursery = nursery
+        self.params = params
+        self.send, self.feed = trio.open_memory_channel[_Feed](1000)
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.opened_ms = int(time.time() * 1000)
+        self.last_ms: dict[str, int] = {}  # the newest line seen per node
+
+    def ensure(self, *, catch_up: bool = False) -> None:
+        """A reader for every alive node without one. With `catch_up` (a node that
+        joined, or whose stream dropped), it starts with the lines that node wrote
+        since the last one seen from it, or since this request began."""
+        for peer in [self.fanout.self_peer, *self.fanout.peers()]:
+            if peer.name in self.scopes:
+                continue
+            params = self.params
+            if catch_up:
+                since = self.last_ms.get(peer.name, self.opened_ms)
+                params = {**params, "n": str(MAX_LINES), "since_ms": str(since)}
+            scope = self.scopes[peer.name] = trio.CancelScope()
+            self.nursery.start_soon(self.fanout._pump, peer, params, scope, self.send.clone())
+
+    def seen(self, feed: _Feed) -> None:
+        ts = feed.item.get("ts_ms")
+        if isinstance(ts, int) and ts > self.last_ms.get(feed.node, 0):
+            self.last_ms[feed.node] = ts
+
+    def ended(self, node: str) -> None:
+        self.scopes.pop(node, None)
+
+    def close(self) -> None:
+        for scope in self.scopes.values():
+            scope.cancel()
+        self.send.close()
+        self.feed.close()
 
 
 class LogFanout:
@@ -143,23 +194,15 @@ class LogFanout:
             task_status.started()
             await trio.sleep_forever()
 
-    def open(
-        self, app: str, n: int, follow: bool, job: str | None
-    ) -> tuple[list[trio.CancelScope], trio.MemoryReceiveChannel[_Feed], int]:
-        """Start one reader per node; cancel the returned scopes to stop them."""
+    def open(self, app: str, n: int, follow: bool, job: str | None) -> LogSession:
+        """Start one reader per alive node (this one included)."""
         assert self._nursery is not None, "LogFanout.run is not running"
-        send, recv = trio.open_memory_channel[_Feed](1000)
-        nodes = [self.self_peer, *self.peers()]
         params = {"app": app, "n": str(n), "follow": "1" if follow else "0"}
         if job:
             params["job"] = job
-        scopes = []
-        for peer in nodes:
-            scope = trio.CancelScope()
-            scopes.append(scope)
-            self._nursery.start_soon(self._pump, peer, params, scope, send.clone())
-        send.close()
-        return scopes, recv, len(nodes)
+        session = LogSession(self, self._nursery, params)
+        session.ensure()
+        return session
 
     async def _pump(
         self,
@@ -171,6 +214,8 @@ class LogFanout:
         with scope, send:
             try:
                 await self._read(peer, params, send)
+            except trio.BrokenResourceError:
+                pass  # the request is over
             except Exception:  # a bug here must not take the node down
                 log.exception("log stream from %s failed", peer.name)
 
@@ -205,69 +250,68 @@ async def merged_log(
     ptype: str | None,
     until_exit: bool,
 ) -> AsyncIterator[bytes]:
-    scopes, feed, nodes = fanout.open(app, n, follow, job)
+    session = fanout.open(app, n, follow, job)
+    feed = session.feed
     try:
-        with feed:
-            history: list[dict[str, object]] = []
-            done: set[str] = set()
-            with trio.move_on_after(HISTORY_WAIT_S):
-                while len(done) < nodes:
-                    try:
-                        got = await feed.receive()
-                    except trio.EndOfChannel:
-                        break
-                    event = got.item.get("event")
-                    if event in ("history-done", "eof", "error"):
-                        done.add(got.node)
-                    elif event is None and got.node not in done:
-                        history.append(_shown(ctx, got, ptype))
-            history = [h for h in history if h]
-            history.sort(key=lambda h: (h["ts_ms"], h["node"]))
-            for h in history[-n:] if n else []:
-                yield _dumps(h)
-            if not follow:
-                return
-            finished_at: float | None = None
-            told_blocked = False
-            quiet_since = trio.current_time()
-            while True:
-                if trio.current_time() - quiet_since >= HEARTBEAT_S:
+        history: list[dict[str, object]] = []
+        done: set[str] = set()
+        nodes = set(session.scopes)
+        with trio.move_on_after(HISTORY_WAIT_S):
+            while done < nodes:
+                got = await feed.receive()
+                event = got.item.get("event")
+                if event in ("history-done", "eof", "error"):
+                    done.add(got.node)
+                    if event != "history-done":
+                        session.ended(got.node)
+                elif event is None and got.node not in done:
+                    session.seen(got)
+                    history.append(_shown(ctx, got, ptype))
+        history = [h for h in history if h]
+        history.sort(key=lambda h: (h["ts_ms"], h["node"]))
+        for h in history[-n:] if n else []:
+            yield _dumps(h)
+        if not follow:
+            return
+        finished_at: float | None = None
+        told_blocked = False
+        quiet_since = checked_nodes = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now - quiet_since >= HEARTBEAT_S:
+                quiet_since = now
+                yield _dumps({"event": "heartbeat"})
+            if now - checked_nodes >= NODES_CHECK_S:
+                checked_nodes = now
+                session.ensure(catch_up=True)  # nodes that joined, streams that dropped
+            if until_exit and job and not told_blocked:
+                blocked = ctx.state.state.record(Blocked, job)
+                if blocked is not None:
+                    told_blocked = True
+                    yield _dumps({"event": "blocked", "reasons": list(blocked.reasons)})
+            if until_exit and job:
+                exit_info = _finished(ctx, job)
+                if exit_info is not None and finished_at is None:
+                    finished_at = now + EXIT_DRAIN_S
+                if finished_at is not None and now >= finished_at:
+                    yield _dumps({"event": "exit", **(exit_info or {})})
+                    return
+            live: _Feed | None = None
+            with trio.move_on_after(0.2 if until_exit else NODES_CHECK_S):
+                live = await feed.receive()
+            if live is None:
+                continue
+            event = live.item.get("event")
+            if event in ("eof", "error"):
+                session.ended(live.node)
+            elif event is None:
+                session.seen(live)
+                shown = _shown(ctx, live, ptype)
+                if shown:
                     quiet_since = trio.current_time()
-                    yield _dumps({"event": "heartbeat"})
-                if until_exit and job and not told_blocked:
-                    blocked = ctx.state.state.record(Blocked, job)
-                    if blocked is not None:
-                        told_blocked = True
-                        yield _dumps({"event": "blocked", "reasons": list(blocked.reasons)})
-                if until_exit and job:
-                    exit_info = _finished(ctx, job)
-                    if exit_info is not None and finished_at is None:
-                        finished_at = trio.current_time() + EXIT_DRAIN_S
-                    if finished_at is not None and trio.current_time() >= finished_at:
-                        yield _dumps({"event": "exit", **(exit_info or {})})
-                        return
-                wait = 0.2 if until_exit else HEARTBEAT_S
-                live: _Feed | None = None
-                with trio.move_on_after(wait) as idle:
-                    try:
-                        live = await feed.receive()
-                    except trio.EndOfChannel:
-                        live = None
-                if idle.cancelled_caught:
-                    continue
-                if live is None:
-                    if not until_exit:
-                        return
-                    await trio.sleep(0.2)
-                    continue
-                if live.item.get("event") is None:
-                    shown = _shown(ctx, live, ptype)
-                    if shown:
-                        quiet_since = trio.current_time()
-                        yield _dumps(shown)
+                    yield _dumps(shown)
     finally:
-        for scope in scopes:
-            scope.cancel()
+        session.close()
 
 
 def _shown(ctx: ClusterContext, got: _Feed, ptype: str | None) -> dict[str, object]:
