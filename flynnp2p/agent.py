@@ -37,7 +37,8 @@ from flynnp2p.config import (
     serf_binary,
     state_gc_interval_s,
 )
-from flynnp2p.errors import ConfigError
+from flynnp2p.errors import ClusterError, ConfigError
+from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
@@ -288,10 +289,13 @@ class Agent:
                 self.cfg.tags.pop(key, None)
             else:
                 self.cfg.tags[key] = value
-        await self.gossip.set_tags(
-            {f"t.{k}": v for k, v in tags.items() if v is not None},
-            [f"t.{k}" for k, v in tags.items() if v is None],
-        )
+        try:
+            await self.gossip.set_tags(
+                {f"t.{k}": v for k, v in tags.items() if v is not None},
+                [f"t.{k}" for k, v in tags.items() if v is None],
+            )
+        except SerfError as exc:
+            raise ClusterError(f"serf did not take the new tags (retry): {exc}") from None
         await trio.to_thread.run_sync(save_node, self.cfg, self.token)
         return dict(self.cfg.tags)
 

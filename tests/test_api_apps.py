@@ -339,6 +339,29 @@ async def test_unknown_process_type_names_the_types_the_release_has(node: tuple[
     assert "'clock'" in message and "web, worker" in message
 
 
+async def test_formation_constraints_per_type_are_kept_changed_and_checked(
+    node: tuple[Ctx, Api],
+) -> None:
+    _, api = node
+    await seed(api)
+    path = "/v1/apps/myapp/formation"
+    status, body = await api.call(
+        "PUT", path, {"processes": {"web": 1}, "constraints": {"web": {"disk": "ssd"}}}
+    )
+    assert status == 200 and body["formation"]["constraints"] == {"web": {"disk": "ssd"}}
+    status, body = await api.call("PUT", path, {"processes": {"web": 2}})  # kept
+    assert body["formation"]["constraints"] == {"web": {"disk": "ssd"}}
+    status, body = await api.call("PUT", path, {"processes": {"web": 2}, "constraints": {"web": {}}})
+    assert body["formation"]["constraints"] == {}  # {} drops them
+    for bad, where in (
+        ({"web": {"disk": "x" * 129}}, "formation.constraints.web.disk"),
+        ({"web": {"Disk": "ssd"}}, "formation.constraints.web"),
+        ({"web": "ssd"}, "formation.constraints.web"),
+    ):
+        status, body = await api.call("PUT", path, {"processes": {"web": 1}, "constraints": bad})
+        assert status == 400 and where in body["error"]["message"], body
+
+
 # -- env --------------------------------------------------------------------
 
 

@@ -111,6 +111,24 @@ async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) 
         assert done.stdout.decode().splitlines()[-1].startswith("scale completed in ")
         done = await cli(agents[0], "ps", "-a", "shop")
         assert done.stdout.decode().count(" up ") == 2
+        # a crashing type is restarted in place (0 s, then 10 s backoff); scaled to
+        # 0 while it waits for its restart, it is down, not stuck
+        await scale(c, "shop", web=2, crash=1)
+
+        async def crashed_twice() -> dict[str, object] | None:
+            crash = [j for j in (await jobs(c, "shop"))["jobs"] if j["process_type"] == "crash"]
+            ok = len(crash) == 1 and crash[0]["state"] == "crashed" and crash[0]["restarts"] >= 1
+            return crash[0] if ok else None
+
+        crashed = await wait_for(crashed_twice, 15, "the crash type to crash twice")
+        assert crashed["exit_code"] == 3 and crashed["reason"] == "exited with status 3"
+        await scale(c, "shop", web=2, crash=0)
+
+        async def crash_down() -> bool:
+            everything = (await jobs(c, "shop", all=True))["jobs"]
+            return [j["state"] for j in everything if j["id"] == crashed["id"]] == ["down"]
+
+        await wait_for(crash_down, 10, "the stopped crashed job to be down")
         # a finished one-off is not restarted
         await trio.sleep(1.0)
         one_offs = [j for j in (await jobs(c, "shop", all=True))["jobs"] if j["one_off"]]

@@ -305,3 +305,17 @@ async def test_as_root_jobs_run_as_their_apps_uid_in_their_own_namespaces(
     assert app_uid("app-2") != uid  # another app, another uid
     if backend.isolation == "namespaces":
         assert not Path("/app/made-here").exists(), "the bind mount must not leak to the host"
+
+
+async def test_forget_drops_an_exited_job_and_its_copy(backend: ProcessBackend, slug_app: Path) -> None:
+    job = await backend.start(spec(slug_app, "job-gone", "sleep 30"))
+    assert job.app_dir is not None and job.app_dir.exists()
+    backend.forget("job-gone")  # still running: nothing happens
+    assert job.app_dir.exists()
+    await backend.stop("job-gone", grace_s=1)
+    backend.forget("job-gone")
+    assert not job.app_dir.parent.exists()
+    with pytest.raises(NotFound):
+        backend.logs("job-gone")
+    again = await backend.start(spec(slug_app, "job-gone", "exit 0"))  # the id can run again
+    assert await backend.wait("job-gone") == 0 and again.pid != job.pid

@@ -192,3 +192,84 @@ def test_collect_finished_keeps_recent_and_drops_old_and_lost() -> None:
         ("job", "lost"), ("placement", "done-old"), ("placement", "lost"),
         ("placement", "oneoff"), ("run", "oneoff"),
     ]  # fmt: skip
+
+
+def _store_with(*records: object) -> MemoryStore:
+    store = MemoryStore("n1")
+    store.write([*records], physical_ms=1)  # type: ignore[list-item]
+    return store
+
+
+BASE = dict(app_id="a1", release_id="r1", epoch=1, created_at=0)
+
+
+def test_a_stopped_crashed_job_is_down_for_the_planner_and_collected() -> None:
+    from flynnp2p.scheduler.model import inputs_from_state
+
+    store = _store_with(
+        Placement(id="c1", host="h1", action="stop", process_type="crash", **BASE),
+        Job(id="c1", app_id="a1", release_id="r1", process_type="crash", host="h1",
+            state="crashed", created_at=0, updated_at=1_000),
+    )  # fmt: skip
+    (info,) = inputs_from_state(store.state, [Host("h1", True, {}, 1024)], 2_000).jobs
+    assert info.state == "down" and not info.holds_memory
+    changes = collect_finished(store.state, 1_000 + 300_000, 300_000, alive={"h1"})
+    assert [(c.kind, c.key) for c in changes if isinstance(c, Delete)] == [("placement", "c1")]
+
+
+def test_a_one_off_is_placed_once_even_when_killed_before_its_host_reported() -> None:
+    from flynnp2p.scheduler.model import inputs_from_state
+    from flynnp2p.scheduler.plan import plan
+    from flynnp2p.state.records import RunRequest
+
+    store = _store_with(
+        App(id="a1", name="shop", created_at=0),
+        Release(id="r1", app_id="a1", created_at=0),
+        RunRequest(id="run-1", app_id="a1", release_id="r1", args=("true",), created_at=0,
+                   memory_mb=2048),
+        Placement(id="run-1", host="h1", action="stop", process_type="run", one_off=True,
+                  reason="killed by a user", **BASE),
+    )  # fmt: skip
+    inputs = inputs_from_state(store.state, [Host("h1", True, {}, 4096)], 10)
+    assert inputs.one_offs == ()
+    assert plan(inputs, 10, 1).starts == ()
+
+
+async def test_a_one_off_placement_carries_its_memory(clock: trio.testing.MockClock) -> None:
+    from flynnp2p.state.records import RunRequest
+
+    async with trio.open_nursery() as nursery:
+        state, scheduler, _ = await start_world(nursery, [Host("h1", True, {}, 4096)])
+        await deploy(state, command="serve", web=0)
+        await state.write([RunRequest(id="run-9", app_id="a1", release_id="r1",
+                                      args=("make", "all"), created_at=T0_MS, memory_mb=2048)])  # fmt: skip
+        await scheduler.evaluate(1)
+        p = state.state.record(Placement, "run-9")
+        assert p is not None and p.one_off and p.memory_mb == 2048 and p.args == ("make", "all")
+        # it counts 2048 MB on its host: another 2048 MB one-off fits, a third does not
+        await state.write([RunRequest(id=f"run-{i}", app_id="a1", release_id="r1", args=("x",),
+                                      created_at=T0_MS, memory_mb=2048) for i in (10, 11)])  # fmt: skip
+        await scheduler.evaluate(1)
+        placed = {p.id for p in state.state.records(Placement)}
+        assert len(placed & {"run-10", "run-11"}) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_in_an_evaluation_does_not_end_the_leader_loop(
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flynnp2p.scheduler.service as svc
+
+    async with trio.open_nursery() as nursery:
+        _, scheduler, _ = await start_world(nursery, [Host("h1", True, {}, 4096)])
+        calls = []
+
+        def broken(*args: object) -> None:
+            calls.append(1)
+            raise ValueError("bug")
+
+        monkeypatch.setattr(svc, "plan", broken)
+        nursery.start_soon(scheduler.duty, 1)
+        await trio.sleep(12)
+        assert len(calls) >= 2 and scheduler.stats["errors"] == len(calls)
+        nursery.cancel_scope.cancel()

@@ -91,7 +91,15 @@ _NAME_ACCEPTED = (
     "and not ending with a dash"
 )
 _COUNTS = Dict(PROCESS_TYPE, Int(0, 10_000), max_items=64)
-_CONSTRAINTS = Dict(PROCESS_TYPE, META, max_items=64)
+_CONSTRAINTS = Dict(
+    PROCESS_TYPE,
+    Dict(
+        Str(r"[a-z][a-z0-9_.-]{0,30}", "a host tag name: lowercase letters, digits and _.-"),
+        Str(r"[A-Za-z0-9_.:/-]{0,128}", "a host tag value: up to 128 letters, digits and _.:/-"),
+        max_items=16,
+    ),
+    max_items=64,
+)
 _DIGEST = Str(DIGEST_RE, "'sha256:' and 64 lowercase hex digits")
 _ENV_NAME = Str(ENV_NAME_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
 _ENV_SET = Dict(_ENV_NAME, Str(None, "a string of up to 32768 characters", 32768, 0))

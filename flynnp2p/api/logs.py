@@ -254,6 +254,7 @@ async def merged_log(
     feed = session.feed
     try:
         history: list[dict[str, object]] = []
+        early: list[_Feed] = []  # live lines of nodes whose history is complete
         done: set[str] = set()
         nodes = set(session.scopes)
         with trio.move_on_after(HISTORY_WAIT_S):
@@ -262,17 +263,24 @@ async def merged_log(
                 event = got.item.get("event")
                 if event in ("history-done", "eof", "error"):
                     done.add(got.node)
-                    if event != "history-done":
+                    if event == "eof":
                         session.ended(got.node)
                 elif event is None and got.node not in done:
                     session.seen(got)
                     history.append(_shown(ctx, got, ptype))
+                elif event is None:
+                    early.append(got)
         history = [h for h in history if h]
         history.sort(key=lambda h: (h["ts_ms"], h["node"]))
         for h in history[-n:] if n else []:
             yield _dumps(h)
         if not follow:
             return
+        for got in early:
+            session.seen(got)
+            shown = _shown(ctx, got, ptype)
+            if shown:
+                yield _dumps(shown)
         finished_at: float | None = None
         told_blocked = False
         quiet_since = checked_nodes = trio.current_time()
@@ -302,7 +310,7 @@ async def merged_log(
             if live is None:
                 continue
             event = live.item.get("event")
-            if event in ("eof", "error"):
+            if event == "eof":  # (an "error" is always followed by its "eof")
                 session.ended(live.node)
             elif event is None:
                 session.seen(live)

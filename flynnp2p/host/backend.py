@@ -86,6 +86,10 @@ class JobBackend(Protocol):
 
     def logs(self, job_id: str) -> list[LogLine]: ...
 
+    def forget(self, job_id: str) -> None:
+        """Drop an exited job's bookkeeping (its ring) and working copy; no-op otherwise."""
+        ...
+
 
 class Stoppable(Protocol):
     """What `stop_within` needs of a backend's job bookkeeping."""

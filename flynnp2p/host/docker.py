@@ -527,6 +527,12 @@ class DockerBackend:
             )
         return job.status
 
+    def forget(self, job_id: str) -> None:
+        """Drop an exited job's entry (its container and copy went when it exited)."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.exited.is_set():
+            del self._jobs[job_id]
+
     def logs(self, job_id: str) -> list[LogLine]:
         return self._job(job_id).ring.lines()
 

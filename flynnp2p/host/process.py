@@ -59,6 +59,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import shutil
 import signal as _signal
 import subprocess
 import time
@@ -349,6 +350,14 @@ class ProcessBackend:
         await job.exited.wait()
         assert job.status is not None
         return job.status
+
+    def forget(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or not job.exited.is_set():
+            return
+        del self._jobs[job_id]
+        if job.running.app_dir is not None:
+            shutil.rmtree(job.running.app_dir.parent, ignore_errors=True)
 
     def logs(self, job_id: str) -> list[LogLine]:
         return self._job(job_id).ring.lines()

@@ -37,6 +37,7 @@ here and spreads later, so a report never fails a job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shlex
@@ -181,7 +182,7 @@ class HostRunner:
                     self._stop(run, reason)
                 elif p.id in self.adopted:
                     self._spawn(p.id, self._stop_adopted, p.id, reason)
-                elif job is not None and job.state not in ("down", "crashed"):
+                elif job is not None and not _finished(job):
                     record = dataclasses.replace(
                         job, state="down", reason=reason, updated_at=self.now_ms()
                     )
@@ -265,8 +266,16 @@ class HostRunner:
             await self._run_job_inner(run)
         except Exception:
             log.exception("job %s: the runner failed", p.id)
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.stop_grace_s + 5),
+                contextlib.suppress(FlynnError),
+            ):
+                await self.backend.stop(p.id, self.stop_grace_s)
             await self._report(p, "crashed", reason="the host agent failed to run it")
         finally:
+            with contextlib.suppress(FlynnError):
+                self.backend.forget(p.id)
             self.ports.release(p.id)
             if self.runs.get(p.id) is run:
                 del self.runs[p.id]
@@ -368,7 +377,7 @@ class HostRunner:
         spec_of = release.processes.get(p.process_type)
         if p.one_off:
             command = p.args[0] if len(p.args) == 1 else shlex.join(p.args)
-            proc = ProcessSpec(command=command or "true", memory_mb=512)
+            proc = ProcessSpec(command=command or "true", memory_mb=p.memory_mb or 512)
         elif spec_of is None:
             raise StartFailed(f"release {release.id} has no process type {p.process_type}")
         else:
@@ -462,6 +471,12 @@ class HostRunner:
             await self.state.write(changes)
         except FlynnError as exc:  # committed here; it spreads when peers answer
             log.info("job report not acknowledged by a peer yet: %s", exc)
+
+
+def _finished(job: Job) -> bool:
+    """Down, or a one-off that exited non-zero (a crashed service job still waits
+    for the leader: restarted, or stopped and then down)."""
+    return job.state == "down" or (job.one_off and job.state == "crashed")
 
 
 def _exit_reason(code: int) -> str:

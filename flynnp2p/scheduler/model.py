@@ -155,10 +155,12 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         if j is not None:
             job_state = "starting" if j.state == "pending" else j.state
             if p is not None and p.action == "stop" and job_state != "down":
-                job_state = "stopping"
+                # a crashed job runs nothing: stopped, it is as good as down
+                job_state = "down" if job_state == "crashed" else "stopping"
             elif p is not None and job_state == "crashed" and p.generation > j.generation:
                 job_state = "starting"  # a restart is ordered; the host has not acted yet
-            jobs.append(_job_info(j, job_state, memory(j.release_id, j.process_type), now_ms))
+            mem = p.memory_mb if p is not None and p.memory_mb else memory(j.release_id, j.process_type)
+            jobs.append(_job_info(j, job_state, mem, now_ms))
         elif p is not None and p.action == "start":  # placed, not reported yet
             jobs.append(
                 JobInfo(
@@ -169,7 +171,7 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
                     host=p.host,
                     state="starting",
                     created_at=p.created_at,
-                    memory_mb=memory(p.release_id, p.process_type),
+                    memory_mb=p.memory_mb or memory(p.release_id, p.process_type),
                     one_off=p.one_off,
                 )
             )
@@ -184,6 +186,7 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
             constraints=formations[r.app_id].tags if r.app_id in formations else EMPTY,
         )
         for r in state.records(RunRequest)
+        if r.id not in placements  # placed once, whatever became of it: never again
     )
     return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
 

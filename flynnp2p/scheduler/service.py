@@ -115,6 +115,10 @@ class Scheduler:
             self.stats["errors"] += 1
             log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
             return self.now_ms() + 1000
+        except Exception:  # a bug must not take the node (and every next leader) down
+            self.stats["errors"] += 1
+            log.exception("scheduler: evaluation at epoch %d failed (seed %s)", epoch, self.last_seed)
+            return self.now_ms() + 5000
 
     async def evaluate(self, epoch: int) -> int | None:
         """One evaluation; returns when the next restart falls due (or None)."""
@@ -122,11 +126,12 @@ class Scheduler:
         now = self.now_ms()
         seed = self.rng.getrandbits(63)
         self.last_seed = seed
-        result = plan(inputs_from_state(state, self.hosts(), now), now, seed)
+        hosts = self.hosts()
+        result = plan(inputs_from_state(state, hosts, now), now, seed)
         self.stats["evaluations"] += 1
         changes = changes_for(state, result, epoch, now)
         changes += blocked_changes(state, result.blocked, epoch, now)
-        alive = {h.name for h in self.hosts() if h.alive}
+        alive = {h.name for h in hosts if h.alive}
         changes += collect_finished(state, now, self.retain_ms, alive)
         if changes:
             self.stats["placed"] += len(result.starts)
@@ -154,12 +159,16 @@ def changes_for(state: State, result: Plan, epoch: int, now: int) -> list[Change
         request = state.record(RunRequest, s.job_id) if s.one_off else None
         p = placement(s, "start")
         if request is not None:
-            p = dataclasses.replace(p, one_off=True, args=request.args, env=request.env)
+            p = dataclasses.replace(
+                p, one_off=True, args=request.args, env=request.env, memory_mb=request.memory_mb
+            )
         changes.append(p)
     for stop in result.stops:
         # A job whose placement was collected gets one made to stop it.
         p = state.record(Placement, stop.job_id) or placement(stop, "stop")
-        changes.append(dataclasses.replace(p, action="stop", epoch=epoch, reason=stop.reason))
+        changes.append(
+            dataclasses.replace(p, action="stop", epoch=epoch, reason=stop.reason[:4096])
+        )
     for r in result.restarts_due(now):
         old, job = state.record(Placement, r.job_id), state.record(Job, r.job_id)
         generation = max(old.generation if old else 0, job.generation if job else 0) + 1
@@ -180,7 +189,7 @@ def blocked_changes(
             app_id=b.app,
             process_type=b.type,
             count=b.count,
-            reasons=b.reasons[:32],
+            reasons=tuple(r[:4096] for r in b.reasons[:32]),
             epoch=epoch,
             updated_at=now,
             job_id=b.job_id,
@@ -212,11 +221,13 @@ def collect_finished(
     for p in state.records(Placement):
         job = jobs.get(p.id)
         finished = job is not None and (
-            job.state == "down" or (p.one_off and job.state == "crashed")
+            job.state == "down" or (job.state == "crashed" and (p.one_off or p.action == "stop"))
         )
         lost = p.action == "stop" and p.host not in alive and job is not None
         if lost and job is not None and now - max(p.created_at, job.updated_at) >= retain_ms:
             changes += [Delete(Placement.KIND, p.id), Delete(Job.KIND, p.id)]
+            if p.one_off:
+                changes.append(Delete(RunRequest.KIND, p.id))
         elif finished and job is not None and now - job.updated_at >= retain_ms:
             changes.append(Delete(Placement.KIND, p.id))
             if p.one_off:

@@ -288,6 +288,7 @@ class Placement(Record):
     restarts: Annotated[int, Int(0, 2**31)] = 0
     reason: Annotated[str | None, Opt(TEXT)] = None
     env: Annotated[Mapping[str, str], ENV] = EMPTY
+    memory_mb: Annotated[int | None, Opt(Int(16, 1_048_576))] = None  # a one-off's own size
 
     @property
     def key(self) -> str:
