@@ -273,3 +273,25 @@ async def test_a_bug_in_an_evaluation_does_not_end_the_leader_loop(
         await trio.sleep(12)
         assert len(calls) >= 2 and scheduler.stats["errors"] == len(calls)
         nursery.cancel_scope.cancel()
+
+
+def test_a_one_off_its_host_refused_as_fenced_is_placed_again_as_a_new_generation() -> None:
+    from flynnp2p.scheduler.model import inputs_from_state
+    from flynnp2p.scheduler.plan import plan
+    from flynnp2p.scheduler.service import changes_for
+    from flynnp2p.state.records import RunRequest
+
+    store = _store_with(
+        App(id="a1", name="shop", created_at=0),
+        Release(id="r1", app_id="a1", created_at=0),
+        RunRequest(id="run-1", app_id="a1", release_id="r1", args=("true",), created_at=0),
+        Placement(id="run-1", host="h1", action="start", process_type="run", one_off=True, **BASE),
+        Job(id="run-1", app_id="a1", release_id="r1", process_type="run", host="h1", state="down",
+            created_at=0, updated_at=5, one_off=True,
+            reason="fenced: placed at epoch 1, the newest epoch is 2"),
+    )  # fmt: skip
+    inputs = inputs_from_state(store.state, [Host("h1", True, {}, 4096)], 10)
+    assert [o.id for o in inputs.one_offs] == ["run-1"] and inputs.jobs == ()
+    result = plan(inputs, 10, 1)
+    (p,) = changes_for(store.state, result, 2, 10)
+    assert isinstance(p, Placement) and p.id == "run-1" and p.epoch == 2 and p.generation == 1

@@ -21,8 +21,9 @@ spawns or signals per-job tasks:
   current leader replaces it.
 * a **stop** placement stops the local run (SIGTERM, grace, SIGKILL), or marks the
   record down if nothing runs here (a job lost with a previous agent run).
-* records of this node with no placement any more are deleted; local runs with no
-  placement are stopped.
+* records of this node whose placement was deleted are deleted; local runs whose
+  placement was deleted are stopped (a placement merely missing, as in a replica
+  being refilled after a reset, stops nothing).
 
 One task per run (`_run_job`) owns it from start to its last report: wait for the
 release and artifact to reach this replica, fetch and unpack the slug (`pending`),
@@ -53,6 +54,7 @@ from flynnp2p.host.backend import JobBackend, JobSpec
 from flynnp2p.host.health import HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.slug import unpack_slug
+from flynnp2p.scheduler.model import FENCED
 from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import (
     App,
@@ -195,7 +197,7 @@ class HostRunner:
             if job is None:
                 if p.epoch < floor and p.id not in self.adopted:
                     self.stats["fenced"] += 1
-                    reason = f"fenced: placed at epoch {p.epoch}, the newest epoch is {floor}"
+                    reason = f"{FENCED} placed at epoch {p.epoch}, the newest epoch is {floor}"
                     self._spawn(p.id, self._report, p, "down", None, None, None, reason)
                     continue
             elif p.generation < job.generation or (
@@ -203,8 +205,14 @@ class HostRunner:
             ):
                 continue
             self._start(p)
+        # Only a deleted placement (a tombstone) ends a run or a record: a replica that
+        # was reset and is refilling lacks placements without their being deleted.
+        def deleted(job_id: str) -> bool:
+            entry = state.get(Placement.KIND, job_id)
+            return entry is not None and entry.value is None
+
         for job_id, run in list(self.runs.items()):
-            if job_id not in placed:
+            if job_id not in placed and deleted(job_id):
                 self._stop(run, "its placement was removed")
         for job_id in list(self.adopted):
             if job_id not in self.runs:  # nothing here wants it any more
@@ -212,6 +220,7 @@ class HostRunner:
         orphans = [
             j for j in state.records(Job)
             if j.host == self.node and j.id not in placed and j.id not in self.runs
+            and deleted(j.id)
         ]  # fmt: skip
         for j in orphans:
             self._spawn(j.id, self._write, [Delete(Job.KIND, j.id)])

@@ -32,6 +32,7 @@ from flynnp2p.state.merge import State
 from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release, RunRequest
 from flynnp2p.state.schema import EMPTY, FrozenMap
 
+FENCED = "fenced:"  # how a host's reason starts when it refuses a stale placement
 DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
 LIVE_STATES = frozenset({"starting", "up", "crashed"})  # jobs that count towards a group
 
@@ -149,8 +150,11 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
     ]
     placements = {p.id: p for p in state.records(Placement)}
     records = {j.id: j for j in state.records(Job)}
+    # A one-off its host refused (placed by a deposed leader) was never run: it is
+    # placed again, as if it had never been.
+    fenced = {j.id for j in records.values() if j.one_off and is_fenced(j)}
     jobs = []
-    for job_id in sorted(placements.keys() | records.keys()):
+    for job_id in sorted((placements.keys() | records.keys()) - fenced):
         p, j = placements.get(job_id), records.get(job_id)
         if j is not None:
             job_state = "starting" if j.state == "pending" else j.state
@@ -186,9 +190,14 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
             constraints=formations[r.app_id].tags if r.app_id in formations else EMPTY,
         )
         for r in state.records(RunRequest)
-        if r.id not in placements  # placed once, whatever became of it: never again
+        if r.id not in placements or r.id in fenced  # placed once, never again (unless refused)
     )
     return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
+
+
+def is_fenced(job: Job) -> bool:
+    """The host refused the job's placement as coming from a deposed leader."""
+    return job.state == "down" and (job.reason or "").startswith(FENCED)
 
 
 def _desired(

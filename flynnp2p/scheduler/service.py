@@ -159,9 +159,12 @@ def changes_for(state: State, result: Plan, epoch: int, now: int) -> list[Change
         request = state.record(RunRequest, s.job_id) if s.one_off else None
         p = placement(s, "start")
         if request is not None:
+            old, job = state.record(Placement, s.job_id), state.record(Job, s.job_id)
             p = dataclasses.replace(
-                p, one_off=True, args=request.args, env=request.env, memory_mb=request.memory_mb
-            )
+                p, one_off=True, args=request.args, env=request.env, memory_mb=request.memory_mb,
+                # placed again after its host refused it: a new generation to act on
+                generation=max(old.generation if old else -1, job.generation if job else -1) + 1,
+            )  # fmt: skip
         changes.append(p)
     for stop in result.stops:
         # A job whose placement was collected gets one made to stop it.
