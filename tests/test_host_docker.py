@@ -9,12 +9,10 @@ them survives its teardown (the fixture removes them first either way).
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import signal
 import socket
-import tarfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,6 +42,7 @@ from flynnp2p.host.logs import LogLine
 from flynnp2p.host.slug import unpack_slug
 from flynnp2p.host.stack import ensure_stack_image
 from tests.harness import wait_for
+from tests.test_host_process import build_slug
 
 REQUIRE_DOCKER = os.environ.get("FLYNNP2P_REQUIRE_DOCKER", "") not in ("", "0")
 ADDR = "127.0.0.1"
@@ -193,25 +192,9 @@ def stack_image(docker_client: Any) -> str:
     return tag
 
 
-def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = mode
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 async def slug_app(tmp_path: Path) -> Path:
-    tarball = tmp_path / "slug.tgz"
-    with tarfile.open(tarball, "w:gz") as tar:
-        for d in ("./app", "./app/.profile.d"):
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tar.addfile(info)
-        add_file(tar, "./app/.profile.d/env.sh", b"export GREETING=hi\n")
-        add_file(tar, "./app/index.html", b"hello from the slug\n")
-    return await unpack_slug(tarball, tmp_path / "root", "sha256-abc")
+    return await unpack_slug(build_slug(tmp_path / "slug.tgz"), tmp_path / "root", "sha256-abc")
 
 
 @pytest.fixture

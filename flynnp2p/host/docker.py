@@ -92,7 +92,7 @@ from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import (
     DEFAULT_FILE_BYTES,
     DEFAULT_RING_LINES,
-    AppLogFile,
+    AppLogs,
     LogLine,
     LogRing,
     Stream,
@@ -432,7 +432,6 @@ class DockerBackend:
         self.node = node
         self._on_lines = on_lines
         self._ring_lines = ring_lines
-        self._log_file_bytes = log_file_bytes
         self._shutdown_grace_s = shutdown_grace_s
         self._client_factory = client_factory
         self._stack_image = stack_image
@@ -440,7 +439,7 @@ class DockerBackend:
         self._clock_ms = clock_ms
         self._jobs: dict[str, _Job] = {}
         self._starting: set[str] = set()
-        self._app_logs: dict[str, AppLogFile] = {}
+        self._app_logs = AppLogs(self.root_dir / "logs", log_file_bytes)
         self._followers = trio.CapacityLimiter(math.inf)  # a blocked thread per running job
         self._client: Any = None
         self._nursery: trio.Nursery | None = None
@@ -610,15 +609,6 @@ class DockerBackend:
                     raise DockerError(f"cannot build the stack image: {e}") from e
             return self._stack_image
 
-    def _app_log(self, app_name: str) -> AppLogFile:
-        log = self._app_logs.get(app_name)
-        if log is None:
-            log = AppLogFile(
-                self.root_dir / "logs" / f"{app_name}.log", max_bytes=self._log_file_bytes
-            )
-            self._app_logs[app_name] = log
-        return log
-
     async def _kill(self, job: _Job, sig: int) -> None:
         try:
             await trio.to_thread.run_sync(self._running()[1].api.kill, job.container_id, int(sig))
@@ -730,7 +720,7 @@ class DockerBackend:
         if self._on_lines is not None:
             self._on_lines(job.spec, out)
         try:
-            app_log = self._app_log(job.spec.app_name)
+            app_log = self._app_logs.of(job.spec.app_name)
             await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, out)
         except OSError:
             job.log_write_errors += 1  # a full disk must not stop the job; the ring has them

@@ -109,3 +109,20 @@ class AppLogFile:
             if self.old_path(n).exists():
                 os.replace(self.old_path(n), self.old_path(n + 1))
         os.replace(self.path, self.old_path(1))
+
+
+class AppLogs:
+    """One `AppLogFile` per app, ``<logs_dir>/<app name>.log``, made on first use."""
+
+    def __init__(self, logs_dir: Path, max_bytes: int = DEFAULT_FILE_BYTES) -> None:
+        self.logs_dir = logs_dir
+        self.max_bytes = max_bytes
+        self._files: dict[str, AppLogFile] = {}
+
+    def of(self, app_name: str) -> AppLogFile:
+        log = self._files.get(app_name)
+        if log is None:
+            log = self._files[app_name] = AppLogFile(
+                self.logs_dir / f"{app_name}.log", max_bytes=self.max_bytes
+            )
+        return log

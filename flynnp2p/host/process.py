@@ -71,7 +71,7 @@ import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
-from flynnp2p.host.logs import AppLogFile, LogLine, LogRing, Stream
+from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
 
 _LAUNCHER = (
@@ -207,12 +207,11 @@ class ProcessBackend:
         self._on_lines = on_lines
         self.isolation = detect_isolation() if isolate else "none"
         self._ring_lines = ring_lines
-        self._log_file_bytes = log_file_bytes
         self._shutdown_grace_s = shutdown_grace_s
         self._clock_ms = clock_ms
         self._jobs: dict[str, _Job] = {}
         self._starting: set[str] = set()  # ids reserved while their directory is prepared
-        self._app_logs: dict[str, AppLogFile] = {}
+        self._app_logs = AppLogs(self.root_dir / "logs", log_file_bytes)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -370,15 +369,6 @@ class ProcessBackend:
         except KeyError:
             raise NotFound(f"no job {job_id!r} on this host") from None
 
-    def _app_log(self, app_name: str) -> AppLogFile:
-        log = self._app_logs.get(app_name)
-        if log is None:
-            log = AppLogFile(
-                self.root_dir / "logs" / f"{app_name}.log", max_bytes=self._log_file_bytes
-            )
-            self._app_logs[app_name] = log
-        return log
-
     async def _supervise(self, job: _Job, *, task_status: trio.TaskStatus[None]) -> None:
         proc = job.process
         try:
@@ -412,7 +402,7 @@ class ProcessBackend:
 
     async def _pump(self, job: _Job, stream: trio.abc.ReceiveStream, name: Stream) -> None:
         buf = b""
-        app_log = self._app_log(job.spec.app_name)
+        app_log = self._app_logs.of(job.spec.app_name)
         while True:
             chunk = await stream.receive_some(_READ_CHUNK)
             buf += chunk
