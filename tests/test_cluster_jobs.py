@@ -88,6 +88,14 @@ async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) 
         only = await log_lines(c, "shop", n="1000", job=left["id"])
         assert {ln["job_id"] for ln in only} == {left["id"]}
 
+        # kill: the job stops and the scheduler replaces it
+        r = await c.delete(f"/v1/apps/shop/jobs/{left['id']}")
+        assert r.status_code == 200, r.text
+        (replacement,) = await wait_up(c, "shop", 1, check=lambda js: js[0]["id"] != left["id"])
+        killed = [j for j in (await jobs(c, "shop", all=True))["jobs"] if j["id"] == left["id"]]
+        assert killed[0]["state"] == "down" and killed[0]["reason"] == "killed by a user"
+        left = replacement
+
         # one-offs: output streamed back, exit code propagated
         r = await c.post("/v1/apps/shop/jobs", json={"args": ["python3", "-c", "print(42)"]})
         assert r.status_code == 201, r.text
