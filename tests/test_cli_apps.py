@@ -78,7 +78,7 @@ def test_create_list_info(cli: Any) -> None:
     code, out, _ = cli("create", "shop")
     assert code == 0
     assert "created app shop" in out and "http://shop.flynnp2p.localhost" in out
-    assert "/git/shop.git" in out
+    assert "release add -a shop --slug" in out
     code, out, _ = cli("apps")
     assert code == 0 and out.splitlines()[0].split() == ["NAME", "ID", "CREATED"]
     assert any(line.startswith("shop ") for line in out.splitlines())

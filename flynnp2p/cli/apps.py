@@ -109,7 +109,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"created app {app['name']} (id {app['id']}, on {resp['replicas']} node(s))")
     for route in resp["routes"]:
         print(f"  route: http://{route_address(route)}")
-    print(f"  push:  git remote add flynnp2p {client.url}/git/{app['name']}.git")
+    print(f"  deploy: flynnp2p release add -a {app['name']} --slug app.tgz   (git push comes later)")
     return 0
 
 
