@@ -6,9 +6,12 @@ import io
 import os
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -319,3 +322,44 @@ async def test_forget_drops_an_exited_job_and_its_copy(backend: ProcessBackend, 
         backend.logs("job-gone")
     again = await backend.start(spec(slug_app, "job-gone", "exit 0"))  # the id can run again
     assert await backend.wait("job-gone") == 0 and again.pid != job.pid
+
+
+def test_jobs_die_with_a_killed_agent(tmp_path: Path) -> None:
+    """A SIGKILLed agent takes its jobs along (the parent-death signal), though they
+    run in sessions of their own."""
+    slug = build_slug(tmp_path / "slug.tgz")
+    script = f"""
+import os, signal, sys, trio
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+from flynnp2p.host.backend import JobSpec
+from flynnp2p.host.process import open_process_backend
+from flynnp2p.host.slug import unpack_slug
+
+async def main():
+    root = Path({str(tmp_path / "root")!r})
+    app = await unpack_slug(Path({str(slug)!r}), root, "sha256-x")
+    async with open_process_backend(root) as backend:
+        job = await backend.start(JobSpec("j1", "demo", "app-1", "r1", "web", "sleep 300",
+                                          {{}}, None, app, 0))
+        print(job.pid, flush=True)
+        await trio.sleep(12)  # longer than trio keeps an idle worker thread
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trio.run(main)
+"""
+    agent = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, check=False)
+    assert agent.returncode == -signal.SIGKILL, agent.stderr.decode()
+    pid = int(agent.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while not _gone_or_zombie(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone_or_zombie(pid), "the job outlived its agent"
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

@@ -25,9 +25,10 @@ shielded, bounded cleanup (``shutdown_grace_s`` then SIGKILL, then at most
 Memory limits are ``RLIMIT_AS`` set in the child before exec (address space, not
 resident memory; cgroups come later).
 
-Jobs outlive a SIGKILLed agent (they are in their own sessions), so each running
-job has a pidfile, ``<root>/pids/<job id>``, holding its process group id and the
-kernel's start time of its leader. ``recover()``, called by the next agent run
+A job dies with a SIGKILLed agent through the parent-death signal (see
+``host.spawn``; its own children survive that), and each running job has a
+pidfile, ``<root>/pids/<job id>``, holding its process group id and the kernel's
+start time of its leader. ``recover()``, called by the next agent run
 before it starts anything, SIGKILLs every such group whose leader is still the
 same process (pid reuse is detected through the start time) and removes the
 files: the process backend cleans up rather than re-adopts (it cannot re-attach
@@ -73,6 +74,7 @@ from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
+from flynnp2p.host.spawn import SPAWNER, Child, set_pdeathsig
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
@@ -117,7 +119,8 @@ _UNSHARE = ["unshare", "--mount", "--uts", "--propagation", "private", "--"]
 APP_MOUNT = Path("/app")  # where a job in a mount namespace sees its working copy
 # In the job's own mount namespace, as root: its copy on /app, then the user switch.
 _BIND_APP = 'mount --bind "$1" /app && cd /app && shift && exec "$@"'
-_SETPRIV = ["setpriv", "--clear-groups", "--inh-caps=-all"]
+# --pdeathsig: the uid switch clears the parent-death signal; set it again.
+_SETPRIV = ["setpriv", "--clear-groups", "--inh-caps=-all", "--pdeathsig=KILL"]
 
 
 def app_uid(app_id: str) -> int:
@@ -167,9 +170,13 @@ def _write_pidfile(path: Path, pid: int) -> None:
     path.write_text(f"{pid} {_start_time(pid) or 0}\n")
 
 
-def _rlimit_as(limit_bytes: int) -> Callable[[], None]:
+def _preexec(limit_bytes: int | None) -> Callable[[], None]:
+    """In the child: die with the agent (see ``host.spawn``), and the memory limit."""
+
     def preexec() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+        set_pdeathsig()
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
     return preexec
 
@@ -177,7 +184,7 @@ def _rlimit_as(limit_bytes: int) -> Callable[[], None]:
 @dataclass
 class _Job:
     spec: JobSpec
-    process: trio.Process
+    process: Child
     running: RunningJob
     ring: LogRing
     exited: trio.Event = field(default_factory=trio.Event)
@@ -278,7 +285,7 @@ class ProcessBackend:
     def _pidfile(self, job_id: str) -> Path:
         return self.root_dir / "pids" / job_id
 
-    async def _spawn(self, spec: JobSpec) -> tuple[Path, trio.Process]:
+    async def _spawn(self, spec: JobSpec) -> tuple[Path, Child]:
         if spec.slug_dir is None:
             raise UserError(f"job {spec.job_id}: the process backend runs slugs, and it has none")
         app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
@@ -306,8 +313,8 @@ class ProcessBackend:
         env.setdefault("HOST", spec.host_addr)
         if spec.port is not None:
             env["PORT"] = str(spec.port)
-        preexec = _rlimit_as(spec.memory_mb * 1024 * 1024) if spec.memory_mb > 0 else None
-        process = await trio.lowlevel.open_process(
+        limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
+        process = await SPAWNER.spawn(
             [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
             cwd=app_dir,
             env=env,
@@ -315,7 +322,7 @@ class ProcessBackend:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=preexec,
+            preexec_fn=_preexec(limit),
         )
         return app_dir, process
 

@@ -1,0 +1,111 @@
+"""Job processes that die with the agent: one long-lived spawning thread, and pidfd waits.
+
+Theory of operation
+-------------------
+A job runs in its own session, so a SIGKILLed agent's process-group kill does not
+reach it. Linux's parent-death signal does: the child asks (``prctl
+PR_SET_PDEATHSIG``, or ``setpriv --pdeathsig`` after a credential change, which
+clears it) to be SIGKILLed when its parent dies. "Parent" means the *thread* that
+forked it, and trio forks from its worker threads, which exit after being idle
+for a while; so every job is forked by `Spawner`'s one thread, which lives as
+long as the agent. The job's own children are not covered (they are killed with
+its group on a normal stop, and by ``recover()`` after a crash).
+
+`Child` is the trio side of a `subprocess.Popen`: its pipes as trio streams and
+``wait()`` on a pidfd (no thread parked per job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+PR_SET_PDEATHSIG = 1
+_libc: Any = None
+
+
+def set_pdeathsig() -> None:
+    """In the child before exec: SIGKILL me when the thread that forked me ends."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Child:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        assert popen.stdout is not None and popen.stderr is not None
+        self.stdout = trio.lowlevel.FdStream(os.dup(popen.stdout.fileno()))
+        self.stderr = trio.lowlevel.FdStream(os.dup(popen.stderr.fileno()))
+        popen.stdout.close()
+        popen.stderr.close()
+        self._pidfd = os.pidfd_open(popen.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        """Its exit status (``-signal`` when a signal ended it), once it is reaped."""
+        while self._popen.returncode is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            self._popen.poll()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        return self._popen.returncode
+
+
+class Spawner:
+    """Forks from one thread that lives as long as the process (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _loop(self) -> None:
+        # This thread must never end: its end would SIGKILL every job it forked.
+        while True:
+            request = self._requests.get()
+            with contextlib.suppress(BaseException):  # e.g. the trio run that asked is gone
+                request()
+
+    async def spawn(self, argv: list[str], **popen_kwargs: Any) -> Child:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="flynnp2p-spawner", daemon=True
+                )
+                self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: dict[str, Any] = {}
+
+        def request() -> None:
+            try:
+                box["popen"] = subprocess.Popen(argv, **popen_kwargs)
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            token.run_sync_soon(done.set)  # (raises if that trio run is over: see _loop)
+
+        self._requests.put(request)
+        with trio.CancelScope(shield=True):  # a process made must reach a supervisor
+            await done.wait()
+        if "error" in box:
+            raise box["error"]
+        return Child(box["popen"])
+
+
+SPAWNER = Spawner()
