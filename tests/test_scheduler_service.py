@@ -17,6 +17,7 @@ import trio.testing
 
 from flynnp2p.scheduler.model import Host
 from flynnp2p.scheduler.service import Scheduler, collect_finished
+from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Delete
 from flynnp2p.state.records import App, Formation, Job, Placement, ProcessSpec, Release
 from flynnp2p.state.service import StateService
@@ -266,7 +267,7 @@ async def test_a_bug_in_an_evaluation_does_not_end_the_leader_loop(
 
         def broken(*args: object) -> None:
             calls.append(1)
-            raise ValueError("bug")
+            raise RecordError("blocked.reasons[0]", "a string of up to 4096 characters")
 
         monkeypatch.setattr(svc, "plan", broken)
         nursery.start_soon(scheduler.duty, 1)

@@ -74,7 +74,7 @@ from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
-from flynnp2p.host.spawn import SPAWNER, Child, set_pdeathsig
+from flynnp2p.host.spawn import Child, Spawner, set_pdeathsig
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
@@ -220,9 +220,11 @@ class ProcessBackend:
         self._starting: set[str] = set()  # ids reserved while their directory is prepared
         self._app_logs = AppLogs(self.root_dir / "logs", log_file_bytes)
         self._nursery: trio.Nursery | None = None
+        self._spawner = Spawner()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the job supervisors until cancelled; cancelling stops every job."""
+        self._spawner.start()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -230,6 +232,8 @@ class ProcessBackend:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            with trio.CancelScope(shield=True):  # every job is reaped by now
+                await trio.to_thread.run_sync(self._spawner.close)
 
     # -- the JobBackend protocol --------------------------------------------------
 
@@ -314,7 +318,7 @@ class ProcessBackend:
         if spec.port is not None:
             env["PORT"] = str(spec.port)
         limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
-        process = await SPAWNER.spawn(
+        process = await self._spawner.spawn(
             [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
             cwd=app_dir,
             env=env,

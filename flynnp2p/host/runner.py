@@ -273,15 +273,15 @@ class HostRunner:
         p = run.placement
         try:
             await self._run_job_inner(run)
-        except Exception:
-            log.exception("job %s: the runner failed", p.id)
+        except (FlynnError, OSError) as exc:  # the backend could not run it
+            log.warning("job %s: the backend failed: %s", p.id, exc)
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(self.stop_grace_s + 5),
                 contextlib.suppress(FlynnError),
             ):
                 await self.backend.stop(p.id, self.stop_grace_s)
-            await self._report(p, "crashed", reason="the host agent failed to run it")
+            await self._report(p, "crashed", reason=f"the {self.backend.name} backend failed: {exc}")
         finally:
             with contextlib.suppress(FlynnError):
                 self.backend.forget(p.id)

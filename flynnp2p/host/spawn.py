@@ -7,8 +7,8 @@ reach it. Linux's parent-death signal does: the child asks (``prctl
 PR_SET_PDEATHSIG``, or ``setpriv --pdeathsig`` after a credential change, which
 clears it) to be SIGKILLed when its parent dies. "Parent" means the *thread* that
 forked it, and trio forks from its worker threads, which exit after being idle
-for a while; so every job is forked by `Spawner`'s one thread, which lives as
-long as the agent. The job's own children are not covered (they are killed with
+for a while; so every job is forked by its backend's `Spawner`, one thread that
+lives as long as the backend runs. The job's own children are not covered (they are killed with
 its group on a normal stop, and by ``recover()`` after a crash).
 
 `Child` is the trio side of a `subprocess.Popen`: its pipes as trio streams and
@@ -17,7 +17,6 @@ its group on a normal stop, and by ``recover()`` after a crash).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import queue
@@ -68,27 +67,33 @@ class Child:
 
 
 class Spawner:
-    """Forks from one thread that lives as long as the process (see the module doc)."""
+    """Forks from one thread that lives as long as its owner (see the module doc).
+
+    The owner (``ProcessBackend.run``) calls `start` first and `close` last, once
+    every job this spawner forked has been reaped: the thread's end SIGKILLs any
+    that is left.
+    """
 
     def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="flynnp2p-spawner")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread (blocking: call it through ``trio.to_thread``)."""
+        if self._thread.is_alive():
+            self._requests.put(None)
+            self._thread.join()
 
     def _loop(self) -> None:
-        # This thread must never end: its end would SIGKILL every job it forked.
-        while True:
-            request = self._requests.get()
-            with contextlib.suppress(BaseException):  # e.g. the trio run that asked is gone
-                request()
+        while (request := self._requests.get()) is not None:
+            request()
 
     async def spawn(self, argv: list[str], **popen_kwargs: Any) -> Child:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="flynnp2p-spawner", daemon=True
-                )
-                self._thread.start()
+        if not self._thread.is_alive():
+            raise RuntimeError("Spawner.spawn called before start() or after close()")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         box: dict[str, Any] = {}
@@ -96,9 +101,9 @@ class Spawner:
         def request() -> None:
             try:
                 box["popen"] = subprocess.Popen(argv, **popen_kwargs)
-            except BaseException as exc:  # handed to the caller
-                box["error"] = exc
-            token.run_sync_soon(done.set)  # (raises if that trio run is over: see _loop)
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                box["error"] = exc  # raised in the caller
+            token.run_sync_soon(done.set)  # the caller waits shielded: its run is still on
 
         self._requests.put(request)
         with trio.CancelScope(shield=True):  # a process made must reach a supervisor
@@ -106,6 +111,3 @@ class Spawner:
         if "error" in box:
             raise box["error"]
         return Child(box["popen"])
-
-
-SPAWNER = Spawner()

@@ -40,6 +40,7 @@ from flynnp2p.scheduler.model import Host, inputs_from_state
 from flynnp2p.scheduler.plan import Blocked as PlanBlocked
 from flynnp2p.scheduler.plan import Plan, Start, plan
 from flynnp2p.scheduler.reconcile import Restart, Stop
+from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
 from flynnp2p.state.service import StateService
@@ -115,9 +116,11 @@ class Scheduler:
             self.stats["errors"] += 1
             log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
             return self.now_ms() + 1000
-        except Exception:  # a bug must not take the node (and every next leader) down
+        except RecordError as exc:
+            # A record the planner built is invalid: a bug, but one that must not
+            # take this node (and every next leader, on the same state) down.
             self.stats["errors"] += 1
-            log.exception("scheduler: evaluation at epoch %d failed (seed %s)", epoch, self.last_seed)
+            log.error("scheduler: evaluation at epoch %d (seed %s) failed: %s", epoch, self.last_seed, exc)
             return self.now_ms() + 5000
 
     async def evaluate(self, epoch: int) -> int | None:
