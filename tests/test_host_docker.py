@@ -25,19 +25,18 @@ import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobBackend, JobSpec
-from flynnp2p.host.docker import (
-    DockerBackend,
+from flynnp2p.host.containers import (
     DockerLogLines,
     container_args,
     container_name,
     exit_status,
     job_env,
     job_labels,
-    open_docker_backend,
     parse_timestamp_ns,
     spec_from_container,
     stop_signal,
 )
+from flynnp2p.host.docker import DockerBackend, open_docker_backend
 from flynnp2p.host.logs import LogLine
 from flynnp2p.host.slug import unpack_slug
 from flynnp2p.host.stack import ensure_stack_image
