@@ -40,22 +40,24 @@ from flynnp2p.cli.apps import env_pairs, process_counts, scale_items
 from flynnp2p.cli.client import ApiClient
 from flynnp2p.cli.jobs import (
     RunFollower,
-    ScaleProgress,
     age,
     blocked_text,
     exit_status,
     host_rows,
-    job_changes,
     log_line,
     ps_text,
     reason_text,
-    scale_progress,
-    scale_verdict,
     short_job,
     tag_changes,
-    wait_for_formation,
 )
 from flynnp2p.cli.main import build_parser, main
+from flynnp2p.cli.scale import (
+    ScaleProgress,
+    job_changes,
+    scale_progress,
+    scale_verdict,
+    wait_for_formation,
+)
 from flynnp2p.errors import ClusterError, UserError
 from flynnp2p.host.loghub import LogHub
 from flynnp2p.state.records import Blocked, Job, Placement, Record

@@ -370,8 +370,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
         resp = client.request("PUT", app_path(args, "formation"), json=body)
         formation = resp["formation"]
         if wait:
-            # Imported here: flynnp2p.cli.jobs imports this module.
-            from flynnp2p.cli.jobs import wait_for_formation
+            # Imported here: flynnp2p.cli.scale imports this module.
+            from flynnp2p.cli.scale import wait_for_formation
 
             return wait_for_formation(
                 client, app_path(args, "jobs"), formation,

@@ -1,12 +1,10 @@
-"""Job commands of the ``flynnp2p`` CLI: ps, log, run, kill, explain, host; scale's wait.
+"""Job commands of the ``flynnp2p`` CLI: ps, log, run, kill, explain, host.
 
 Theory of operation
 -------------------
 ``ps``, ``explain`` and ``scale``'s wait read ``GET /v1/apps/<app>/jobs``: the jobs
 not finished (``?all=1``: the finished ones too) and the ``blocked`` entries the
-leader wrote for jobs it could not place. Whether a scale is complete is the pure
-`scale_progress` over (formation, that body); `wait_for_formation` polls until it
-is, printing each job's state changes as they appear.
+leader wrote for jobs it could not place (``cli.scale`` has the wait).
 
 ``log`` and ``run`` read the app's merged log, NDJSON: one object per output line,
 and ``{"event": ...}`` objects (heartbeats every 10 s while following, and for
@@ -26,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -155,131 +153,6 @@ def tag_changes(items: Sequence[str]) -> dict[str, str | None]:
         else:
             raise UserError(f"expected KEY=VALUE to set a tag or KEY- to remove one, got {item!r}")
     return out
-
-
-# -- scale: is the formation running? (pure) ----------------------------------
-
-
-@dataclass(frozen=True)
-class ScaleProgress:
-    missing: tuple[str, ...]  # per process type not yet as wanted: what it has
-    blocked: tuple[str, ...]  # `blocked_text` of the app's blocked process types
-    settling: bool  # jobs pending, starting or stopping: the picture may still change
-
-    @property
-    def done(self) -> bool:
-        return not self.missing
-
-
-def scale_progress(formation: Mapping[str, Any], body: Mapping[str, Any]) -> ScaleProgress:
-    """Whether every type of `formation` has exactly its count of jobs up, all of its
-    release, and no other unfinished job (old release, surplus, stopping, crashed)."""
-    release, want = formation["release_id"], formation.get("processes") or {}
-    jobs = [j for j in body.get("jobs") or () if not j.get("one_off") and j["state"] != "down"]
-    missing = []
-    for ptype in sorted(set(want) | {j["process_type"] for j in jobs}):
-        count = want.get(ptype, 0)
-        of_type = [j for j in jobs if j["process_type"] == ptype]
-        current = [j for j in of_type if j["release_id"] == release]
-        up = sum(j["state"] == "up" for j in current)
-        old = len(of_type) - len(current)
-        if up == count == len(current) and not old:
-            continue
-        parts = [f"{up} of {count} up"]
-        parts += [f"{n} {s}" for s in ("pending", "starting", "crashed", "stopping")
-                  if (n := sum(j["state"] == s for j in current))]  # fmt: skip
-        if up > count:
-            parts.append(f"{up - count} too many")
-        if old:
-            parts.append(f"{old} of older releases")
-        missing.append(f"{ptype}: {', '.join(parts)}")
-    blocked = tuple(blocked_text(b) for b in body.get("blocked") or () if not b.get("job_id"))
-    return ScaleProgress(tuple(missing), blocked, any(j["state"] in IN_FLIGHT for j in jobs))
-
-
-Verdict = Literal["done", "wait", "blocked", "timeout"]
-
-
-def scale_verdict(progress: ScaleProgress, elapsed_s: float, timeout_s: float) -> Verdict:
-    if progress.done:
-        return "done"
-    if elapsed_s >= timeout_s:
-        return "blocked" if progress.blocked else "timeout"
-    if progress.blocked and not progress.settling and elapsed_s >= BLOCKED_SETTLE_S:
-        return "blocked"  # nothing in flight could still unblock it
-    return "wait"
-
-
-def job_change_line(job: Mapping[str, Any]) -> str:
-    line = f"{short_job(job['id'], '…')} {job['state']}"
-    if job["state"] in ("pending", "starting", "up", "crashed") and job.get("host"):
-        line += f" on {job['host']}"
-    if job["state"] == "up" and job.get("address"):
-        line += f" at {job['address']}"
-    why = reason_text(job)
-    return f"{line}: {why}" if why else line
-
-
-def job_changes(
-    before: Mapping[str, Mapping[str, Any]] | None, jobs: Sequence[Mapping[str, Any]]
-) -> list[str]:
-    """Lines for jobs that appeared or changed since `before`, and ``down`` for jobs
-    gone from the list (finished). With no `before` (the first look), the jobs that
-    are not up: what is in progress."""
-    out = []
-    for j in jobs:
-        old = before.get(j["id"]) if before is not None else None
-        if before is None:
-            changed = j["state"] != "up"
-        else:
-            changed = old is None or any(old.get(k) != j.get(k) for k in ("state", "host", "address"))
-        if changed:
-            out.append(job_change_line(j))
-    listed = {j["id"] for j in jobs}
-    out += [f"{short_job(i, '…')} down" for i in (before or {}) if i not in listed]
-    return out
-
-
-def wait_for_formation(
-    client: ApiClient,
-    jobs_path: str,
-    formation: Mapping[str, Any],
-    *,
-    started: float,
-    timeout_s: float,
-    as_json: bool,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> int:
-    """Poll the app's jobs until `formation` runs; 0, or a `ClusterError` saying what is
-    missing or blocked. `started` is `clock()` when the formation was written."""
-    seen: dict[str, Mapping[str, Any]] | None = None
-    told: set[str] = set()
-    while True:
-        body = client.get(jobs_path)
-        jobs = [j for j in body["jobs"] if not j.get("one_off")]
-        progress = scale_progress(formation, body)
-        elapsed = clock() - started
-        if not as_json:
-            for line in job_changes(seen, jobs):
-                print(line, flush=True)
-            for text in progress.blocked if elapsed >= BLOCKED_SETTLE_S else ():
-                if text not in told:
-                    told.add(text)
-                    print(f"blocked: {text}", flush=True)
-        seen = {j["id"]: j for j in jobs}
-        verdict = scale_verdict(progress, elapsed, timeout_s)
-        if verdict == "done":
-            if as_json:
-                print_json(body)
-            else:
-                print(f"scale completed in {elapsed:.2f}s")
-            return 0
-        if verdict == "blocked":
-            raise ClusterError(f"scale blocked: {' | '.join(progress.blocked)}")
-        if verdict == "timeout":
-            raise ClusterError(f"scale did not complete in {timeout_s:g}s: {'; '.join(progress.missing)}")
-        sleep(POLL_S)
 
 
 # -- streams ----------------------------------------------------------------------
