@@ -106,4 +106,7 @@ stop_dockerd() {
     kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true
+  # Its pid file and log go too (they are kept only while it runs, for diagnosis).
+  [ -n "$DOCKERD_DIR" ] && rm -rf "$DOCKERD_DIR"
+  DOCKERD_DIR=
 }
