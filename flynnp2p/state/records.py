@@ -91,18 +91,25 @@ class Record(Schema):
         return cls.decode_fields(cls.KIND, wire, skip=frozenset({"v"}))
 
 
+class IdRecord(Record):
+    """A record whose key is its ``id`` field."""
+
+    __slots__ = ()
+    id: str  # declared by each kind, with its check
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+
 @dataclass(frozen=True, slots=True)
-class App(Record):
+class App(IdRecord):
     KIND: ClassVar[str] = "app"
     id: Annotated[str, ID]
     name: Annotated[str, APP_NAME]
     created_at: Annotated[int, TIMESTAMP]
     meta: Annotated[Mapping[str, str], META] = EMPTY
     strategy: Annotated[str, Choice("all-at-once", "one-by-one")] = "all-at-once"
-
-    @property
-    def key(self) -> str:
-        return self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +135,7 @@ class ProcessSpec(Schema):
 
 
 @dataclass(frozen=True, slots=True)
-class Release(Record):
+class Release(IdRecord):
     KIND: ClassVar[str] = "release"
     id: Annotated[str, ID]
     app_id: Annotated[str, ID]
@@ -140,13 +147,9 @@ class Release(Record):
     ] = EMPTY
     meta: Annotated[Mapping[str, str], META] = EMPTY
 
-    @property
-    def key(self) -> str:
-        return self.id
-
 
 @dataclass(frozen=True, slots=True)
-class Artifact(Record):
+class Artifact(IdRecord):
     KIND: ClassVar[str] = "artifact"
     id: Annotated[str, ID]
     type: Annotated[str, Choice("slug", "docker")]
@@ -159,10 +162,6 @@ class Artifact(Record):
     def validate(self, path: str) -> None:
         if self.type == "slug" and self.digest is None:
             raise RecordError(f"{path}.digest", "required for slugs (they are content addressed)")
-
-    @property
-    def key(self) -> str:
-        return self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +190,7 @@ class Formation(Record):
 
 
 @dataclass(frozen=True, slots=True)
-class Route(Record):
+class Route(IdRecord):
     KIND: ClassVar[str] = "route"
     id: Annotated[str, ID]
     app_id: Annotated[str, ID]
@@ -216,16 +215,12 @@ class Route(Record):
             if self.domain is not None or self.path != "/" or self.certificate_id is not None:
                 raise RecordError(f"{path}.type", "tcp routes take no domain, path or certificate")
 
-    @property
-    def key(self) -> str:
-        return self.id
-
 
 JOB_STATES = ("pending", "starting", "up", "crashed", "stopping", "down")
 
 
 @dataclass(frozen=True, slots=True)
-class Job(Record):
+class Job(IdRecord):
     """A job as the host that runs it reports it (written by that host only).
 
     pending: placed, its artifact is being fetched; starting: running, its health
@@ -254,13 +249,9 @@ class Job(Record):
     up_since: Annotated[int | None, Opt(TIMESTAMP)] = None
     reason: Annotated[str | None, Opt(TEXT)] = None
 
-    @property
-    def key(self) -> str:
-        return self.id
-
 
 @dataclass(frozen=True, slots=True)
-class Placement(Record):
+class Placement(IdRecord):
     """The leader's decision that `host` should start (or stop) job `id`.
 
     The leader restarts a crashed job in place by bumping ``generation``
@@ -290,13 +281,9 @@ class Placement(Record):
     env: Annotated[Mapping[str, str], ENV] = EMPTY
     memory_mb: Annotated[int | None, Opt(Int(16, 1_048_576))] = None  # a one-off's own size
 
-    @property
-    def key(self) -> str:
-        return self.id
-
 
 @dataclass(frozen=True, slots=True)
-class RunRequest(Record):
+class RunRequest(IdRecord):
     """A one-off job asked for through the API (`flynnp2p run`); the leader places it
     under this id. ``args`` is the command line (run with ``bash -c`` when it is
     one element, else exec'd word by word after quoting)."""
@@ -314,10 +301,6 @@ class RunRequest(Record):
     def validate(self, path: str) -> None:
         if not self.args:
             raise RecordError(f"{path}.args", "a command of at least one word is required")
-
-    @property
-    def key(self) -> str:
-        return self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +326,7 @@ class Blocked(Record):
 
 
 @dataclass(frozen=True, slots=True)
-class Certificate(Record):
+class Certificate(IdRecord):
     KIND: ClassVar[str] = "certificate"
     id: Annotated[str, ID]
     domains: Annotated[tuple[str, ...], Seq(DOMAIN, max_items=100)]
@@ -354,10 +337,6 @@ class Certificate(Record):
     def validate(self, path: str) -> None:
         if not self.domains:
             raise RecordError(f"{path}.domains", "at least one domain is required")
-
-    @property
-    def key(self) -> str:
-        return self.id
 
 
 @dataclass(frozen=True, slots=True)
