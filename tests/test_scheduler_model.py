@@ -89,3 +89,27 @@ def test_a_placed_but_unreported_job_is_not_placed_again() -> None:
     f = Formation("app1", "r1", 0, processes={"web": 1})
     s = state_of(RELEASE, f, placement("pending", "start"))
     assert plan(inputs_from_state(s, [host("n1"), host("n2")], NOW), NOW, 0).empty
+
+
+def test_effective_state_merges_the_placement_and_the_report() -> None:
+    from flynnp2p.scheduler.model import effective_state
+    from flynnp2p.state.records import Job, Placement
+
+    def p(action: str = "start", generation: int = 0) -> Placement:
+        return Placement(id="j", app_id="a", release_id="r", process_type="web", host="h",
+                         action=action, epoch=1, created_at=0, generation=generation)  # fmt: skip
+
+    def j(state: str, generation: int = 0) -> Job:
+        return Job(id="j", app_id="a", release_id="r", process_type="web", host="h",
+                   state=state, created_at=0, updated_at=1, generation=generation)  # fmt: skip
+
+    assert effective_state(None, None) is None
+    assert effective_state(p(), None) == "pending"  # placed, not reported
+    assert effective_state(p("stop"), None) == "down"  # stopped before it was reported
+    assert effective_state(p(), j("up")) == "up"
+    assert effective_state(p("stop"), j("up")) == "stopping"
+    assert effective_state(p("stop"), j("crashed")) == "down"  # it runs nothing
+    assert effective_state(p("stop"), j("down")) == "down"
+    assert effective_state(p(generation=1), j("crashed")) == "pending"  # restart ordered
+    assert effective_state(p(generation=1), j("crashed", 1)) == "crashed"
+    assert effective_state(None, j("up")) == "up"

@@ -38,6 +38,7 @@ from flynnp2p.api.apps import (
 )
 from flynnp2p.api.render import show, wire
 from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.scheduler.model import effective_state
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import (
     ENV,
@@ -79,39 +80,32 @@ def jobs_of(
     out = []
     for job_id in placements.keys() | reports.keys():
         p, j = placements.get(job_id), reports.get(job_id)
-        if j is not None:
-            row = wire(j)
-            if p is not None and p.action == "stop" and j.state not in ("down", "crashed"):
-                lost = alive is not None and j.host not in alive
-                row["state"] = "down" if lost else "stopping"
-                if lost:
-                    row["reason"] = p.reason
-            elif p is not None and j.state == "crashed" and p.generation > j.generation:
-                row["state"] = "pending"  # restart ordered
-        elif p is not None and p.action == "stop":  # stopped before its host reported it
-            row = {
-                "id": p.id, "app_id": p.app_id, "release_id": p.release_id,
-                "process_type": p.process_type, "host": p.host, "state": "down",
-                "created_at": p.created_at, "updated_at": p.created_at, "one_off": p.one_off,
-                "restarts": p.restarts, "reason": p.reason, "address": None, "exit_code": None,
-            }  # fmt: skip
-        elif p is not None and p.action == "start":
-            row = {
-                "id": p.id, "app_id": p.app_id, "release_id": p.release_id,
-                "process_type": p.process_type, "host": p.host, "state": "pending",
-                "created_at": p.created_at, "updated_at": p.created_at, "one_off": p.one_off,
-                "restarts": p.restarts, "reason": None, "address": None, "exit_code": None,
-            }  # fmt: skip
-        else:
+        seen = effective_state(p, j)
+        if seen is None:
             continue
-        if p is not None and p.action == "stop" and p.reason and row["state"] == "down":
-            row["reason"] = row.get("reason") or p.reason
+        row = wire(j) if j is not None else _placed(p)  # type: ignore[arg-type]
+        row["state"] = seen
+        if p is not None and p.action == "stop":
+            if seen == "stopping" and alive is not None and p.host not in alive:
+                row["state"], row["reason"] = "down", p.reason
+            elif seen == "down":
+                row["reason"] = row.get("reason") or p.reason
         finished = row["state"] == "down" or (row["one_off"] and row["state"] == "crashed")
         if finished and not include_stopped:
             continue
         out.append(row)
     out.sort(key=lambda r: (str(r["process_type"]), int(r["created_at"]), str(r["id"])))  # type: ignore[call-overload]
     return out
+
+
+def _placed(p: Placement) -> dict[str, object]:
+    """The row of a job its host has not reported yet."""
+    return {
+        "id": p.id, "app_id": p.app_id, "release_id": p.release_id,
+        "process_type": p.process_type, "host": p.host, "created_at": p.created_at,
+        "updated_at": p.created_at, "one_off": p.one_off, "restarts": p.restarts,
+        "reason": None, "address": None, "exit_code": None,
+    }  # fmt: skip
 
 
 def blocked_of(state: State, app: App) -> list[dict[str, object]]:

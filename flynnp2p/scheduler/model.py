@@ -156,13 +156,9 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
     jobs = []
     for job_id in sorted((placements.keys() | records.keys()) - fenced):
         p, j = placements.get(job_id), records.get(job_id)
-        if j is not None:
-            job_state = "starting" if j.state == "pending" else j.state
-            if p is not None and p.action == "stop" and job_state != "down":
-                # a crashed job runs nothing: stopped, it is as good as down
-                job_state = "down" if job_state == "crashed" else "stopping"
-            elif p is not None and job_state == "crashed" and p.generation > j.generation:
-                job_state = "starting"  # a restart is ordered; the host has not acted yet
+        seen = effective_state(p, j)
+        job_state = "starting" if seen == "pending" else seen  # (the planner's vocabulary)
+        if j is not None and job_state is not None:
             mem = p.memory_mb if p is not None and p.memory_mb else memory(j.release_id, j.process_type)
             jobs.append(_job_info(j, job_state, mem, now_ms))
         elif p is not None and p.action == "start":  # placed, not reported yet
@@ -193,6 +189,22 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         if r.id not in placements or r.id in fenced  # placed once, never again (unless refused)
     )
     return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
+
+
+def effective_state(p: Placement | None, j: Job | None) -> str | None:
+    """A job's state from its host's report and the leader's placement (None: neither).
+
+    Placed but not reported, or a restart ordered the host has not acted on yet:
+    "pending". Stopped by the leader: "stopping" until its host reports it down, or
+    "down" at once if it had crashed (it runs nothing). Else what the host reported.
+    """
+    if j is None:
+        return None if p is None else ("pending" if p.action == "start" else "down")
+    if p is not None and p.action == "stop" and j.state != "down":
+        return "down" if j.state == "crashed" else "stopping"
+    if p is not None and j.state == "crashed" and p.generation > j.generation:
+        return "pending"
+    return j.state
 
 
 def is_fenced(job: Job) -> bool:
