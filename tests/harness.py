@@ -231,3 +231,12 @@ class Cluster:
     def kill_all(self) -> None:
         for agent in self.agents:
             agent.kill()
+
+
+def gone_or_zombie(pid: int) -> bool:
+    """The process has exited (a zombie counts: this sandbox's pid 1 reaps nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

@@ -98,12 +98,15 @@ async def test_docker_scale_spread_and_agent_restart(
         node.kill(jobs=False)
         node.start()
         await node.wait_ready(30)
-        await trio.sleep(1.0)
+
+        async def adopted() -> bool:
+            status = await node.status()
+            return status is not None and status["components"]["jobs"]["adopted"] == 1
+
+        await wait_for(adopted, 30, "the restarted agent to re-adopt the container")
         (again,) = await wait_up(c, "shop", 1, timeout=30)
         assert again["id"] == left["id"]
         after = await trio.to_thread.run_sync(containers_of, engine, node.name)
         assert after == before  # the same container, not a new one
         await answers(again["address"])
-        status = await node.status()
-        assert status is not None and status["components"]["jobs"]["adopted"] == 1
         assert len(live(await jobs(c, "shop"))) == 1

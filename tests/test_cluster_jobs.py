@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from tests.harness import AgentProc, Cluster, wait_for
+from tests.harness import AgentProc, Cluster, gone_or_zombie, wait_for
 from tests.jobs_app import answers, deploy, jobs, live, log_lines, make_slug, scale, wait_up
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ async def test_scale_spread_logs_and_one_offs(cluster: Cluster, tmp_path: Path) 
         followed: list[dict[str, object]] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_log, c, "shop", followed)
-            await trio.sleep(0.5)
+            await wait_for(lambda: followed, 10, "the follower's history (web=1's lines)")
             await scale(c, "shop", web=3)
             up = await wait_up(c, "shop", 3)
 
@@ -265,7 +265,7 @@ async def test_agent_restart_brings_its_jobs_back_without_orphans(
         node.kill(jobs=False)  # the agent and its serf die; its job dies with it
 
         async def job_died() -> bool:
-            return all(_gone_or_zombie(pgid) for pgid in before.values())
+            return all(gone_or_zombie(pgid) for pgid in before.values())
 
         await wait_for(job_died, 5, "the job to die with its agent")
         node.start()
@@ -280,10 +280,3 @@ async def test_agent_restart_brings_its_jobs_back_without_orphans(
         for j in again:
             await answers(j["address"])
 
-
-def _gone_or_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"

@@ -42,6 +42,7 @@ from flynnp2p.host.slug import unpack_slug
 from flynnp2p.host.stack import ensure_stack_image
 from tests.harness import wait_for
 from tests.test_host_process import build_slug
+from tests.test_host_process import spec as process_spec
 
 REQUIRE_DOCKER = os.environ.get("FLYNNP2P_REQUIRE_DOCKER", "") not in ("", "0")
 ADDR = "127.0.0.1"
@@ -51,20 +52,9 @@ ADDR = "127.0.0.1"
 
 
 def make_spec(job_id: str = "job-1", command: str = "run", **kw: Any) -> JobSpec:
-    fields: dict[str, Any] = dict(
-        job_id=job_id,
-        app_name="demo",
-        app_id="app-1",
-        release_id="rel-1",
-        process_type="web",
-        command=command,
-        env={"RELEASE_VAR": "from-release", "EMPTY": "", "WITH_EQUALS": "a=b=c"},
-        port=None,
-        slug_dir=Path("/srv/slugs/d1/app"),
-        memory_mb=0,
-    )
-    fields.update(kw)
-    return JobSpec(**fields)
+    """The process tests' spec, with env values that test the label round trip."""
+    kw.setdefault("env", {"RELEASE_VAR": "from-release", "EMPTY": "", "WITH_EQUALS": "a=b=c"})
+    return process_spec(kw.pop("slug_dir", Path("/srv/slugs/d1/app")), job_id, command, **kw)
 
 
 def test_timestamps_parse_to_nanoseconds() -> None:

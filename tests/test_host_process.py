@@ -8,10 +8,8 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobBackend, JobSpec
 from flynnp2p.host.process import ProcessBackend, app_uid, open_process_backend
 from flynnp2p.host.slug import SlugError, prepare_job_dir, unpack_slug
-from tests.harness import wait_for
+from tests.harness import gone_or_zombie, wait_for
 
 # The system's python: isolated jobs (the agent is root) cannot reach a venv under /root.
 PY = shlex.quote(shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable)
@@ -324,7 +322,7 @@ async def test_forget_drops_an_exited_job_and_its_copy(backend: ProcessBackend, 
     assert await backend.wait("job-gone") == 0 and again.pid != job.pid
 
 
-def test_jobs_die_with_a_killed_agent(tmp_path: Path) -> None:
+async def test_jobs_die_with_a_killed_agent(tmp_path: Path) -> None:
     """A SIGKILLed agent takes its jobs along (the parent-death signal), though they
     run in sessions of their own."""
     slug = build_slug(tmp_path / "slug.tgz")
@@ -348,18 +346,11 @@ async def main():
 
 trio.run(main)
 """
-    agent = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, check=False)
+    with trio.fail_after(60):
+        agent = await trio.run_process(
+            [sys.executable, "-c", script], capture_stdout=True, capture_stderr=True, check=False
+        )
     assert agent.returncode == -signal.SIGKILL, agent.stderr.decode()
     pid = int(agent.stdout.split()[0])
-    deadline = time.monotonic() + 5
-    while not _gone_or_zombie(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone_or_zombie(pid), "the job outlived its agent"
+    await wait_for(lambda: gone_or_zombie(pid), 5, "the job to die with its agent", interval=0.05)
 
-
-def _gone_or_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
