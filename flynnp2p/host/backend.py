@@ -74,10 +74,6 @@ class JobBackend(Protocol):
 
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None: ...
 
-    async def stop_all(self, grace_s: float | None = None) -> None:
-        """Stop every running job at once (a graceful shutdown of the node)."""
-        ...
-
     def signal(self, job_id: str, sig: int) -> None: ...
 
     async def wait(self, job_id: str) -> int:

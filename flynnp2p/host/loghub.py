@@ -4,16 +4,13 @@ Theory of operation
 -------------------
 Backends keep each job's ring and append every line to the per-app file
 (``<root>/logs/<app name>.log``, JSON lines, see `host.logs`), and hand every line
-to `LogHub.publish` as it is read. The hub numbers lines (``seq``, per node) and
-fans them out to subscribers of the app; a subscriber that falls
-``SUBSCRIBER_BUFFER`` lines behind is dropped (its stream ends; the client
-reconnects), so a slow reader never slows a job down.
+to `LogHub.publish` as it is read. The hub fans them out to subscribers of the
+app; a subscriber that falls ``SUBSCRIBER_BUFFER`` lines behind is dropped (its
+stream ends; the client reconnects), so a slow reader never slows a job down.
 
-`LogHub.stream` is what one node contributes to ``flynnp2p log``: the newest ``n``
-lines of the app from its files (the current one and the rotated ones), then, if
-``follow``, live lines. It subscribes *before* reading the files, and drops live
-lines that the history already held, so nothing is lost or doubled at the seam.
-Lines survive a job's exit because the files do.
+`LogHub.history` reads the newest lines of an app from its files (the current one
+and the rotated ones), so lines survive a job's exit. ``api.logs.node_log``
+subscribes *before* it reads the history, so no line falls between the two.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from pathlib import Path
 import trio
 
 from flynnp2p.host.backend import JobSpec
-from flynnp2p.host.logs import LogLine
+from flynnp2p.host.logs import DEFAULT_KEEP_FILES, AppLogFile, LogLine
 
 SUBSCRIBER_BUFFER = 10_000
 MAX_HISTORY = 100_000
@@ -42,19 +39,9 @@ class Line:
     stream: str
     text: str
 
-    def to_json(self, node: str, process_type: str | None = None) -> dict[str, object]:
-        return {
-            "ts_ms": self.ts_ms,
-            "node": node,
-            "job_id": self.job_id,
-            "type": process_type,
-            "stream": self.stream,
-            "text": self.text,
-        }
-
 
 class LogHub:
-    def __init__(self, logs_dir: Path, *, keep_files: int = 1) -> None:
+    def __init__(self, logs_dir: Path, *, keep_files: int = DEFAULT_KEEP_FILES) -> None:
         self.logs_dir = logs_dir
         self.keep_files = keep_files
         self._subscribers: dict[str, list[trio.MemorySendChannel[Line]]] = {}
@@ -91,12 +78,12 @@ class LogHub:
         return await trio.to_thread.run_sync(self._read_history, app, n, job_id)
 
     def _read_history(self, app: str, n: int, job_id: str | None) -> list[Line]:
-        base = self.logs_dir / f"{app}.log"
-        paths = [base.with_name(f"{base.name}.{i}") for i in range(self.keep_files, 0, -1)]
+        current = AppLogFile(self.logs_dir / f"{app}.log", keep=self.keep_files)
+        paths = [current.old_path(i) for i in range(self.keep_files, 0, -1)]
         out: deque[Line] = deque(maxlen=max(0, min(n, MAX_HISTORY)))
         if not out.maxlen:
             return []
-        for path in [*paths, base]:
+        for path in [*paths, current.path]:
             try:
                 f = path.open("rb")
             except FileNotFoundError:
@@ -111,22 +98,3 @@ class LogHub:
                     if job_id is None or line.job_id == job_id:
                         out.append(line)
         return list(out)
-
-    async def stream(
-        self, app: str, n: int, *, follow: bool, job_id: str | None = None
-    ) -> AsyncIterator[Line | None]:
-        """History, then ``None`` (the marker "history done"), then live lines if `follow`."""
-        async with self.subscribe(app) as live:
-            past = await self.history(app, n, job_id)
-            for line in past:
-                yield line
-            yield None
-            if not follow:
-                return
-            seen = {line for line in past if past and line.ts_ms >= past[-1].ts_ms - 1000}
-            async for line in live:
-                if job_id is not None and line.job_id != job_id:
-                    continue
-                if line in seen:
-                    continue
-                yield line

@@ -342,13 +342,6 @@ class ProcessBackend:
 
         await stop_within(job, grace_s, send, _signal.SIGTERM)
 
-    async def stop_all(self, grace_s: float | None = None) -> None:
-        grace = self._shutdown_grace_s if grace_s is None else grace_s
-        async with trio.open_nursery() as nursery:
-            for job_id, job in list(self._jobs.items()):
-                if not job.exited.is_set():
-                    nursery.start_soon(self.stop, job_id, grace)
-
     def signal(self, job_id: str, sig: int) -> None:
         """Send ``sig`` to the job's whole process group (no-op once it has exited)."""
         job = self._job(job_id)
