@@ -42,6 +42,7 @@ from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
+from flynnp2p.gossip.tags import role_list, serf_names, serf_tags, user_tags
 from flynnp2p.host.backend import JobBackend
 from flynnp2p.host.loghub import LogHub
 from flynnp2p.host.ports import PortAllocator
@@ -195,7 +196,7 @@ class Agent:
             "mem": str(memory_mb()),
             "v": flynnp2p.__version__,
         }
-        tags.update({f"t.{k}": v for k, v in c.tags.items()})
+        tags.update(serf_tags(c.tags))
         return tags
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
@@ -291,8 +292,8 @@ class Agent:
                 self.cfg.tags[key] = value
         try:
             await self.gossip.set_tags(
-                {f"t.{k}": v for k, v in tags.items() if v is not None},
-                [f"t.{k}" for k, v in tags.items() if v is None],
+                serf_tags({k: v for k, v in tags.items() if v is not None}),
+                serf_names(k for k, v in tags.items() if v is None),
             )
         except SerfError as exc:
             raise ClusterError(f"serf did not take the new tags (retry): {exc}") from None
@@ -309,10 +310,10 @@ class Agent:
                 "addr": m.addr,
                 "gossip_port": m.port,
                 "status": m.status,
-                "roles": [r for r in m.tags.get("roles", "").split(",") if r],
+                "roles": role_list(m.tags),
                 "api": m.tags.get("api", ""),
                 "leader": m.name == view.election.leader,
-                "tags": {k[2:]: v for k, v in m.tags.items() if k.startswith("t.")},
+                "tags": user_tags(m.tags),
             }
             for m in view.members
         ]

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from flynnp2p.gossip.tags import roles
+
 ROLE_SCHEDULER = "scheduler"
 ELECTORATE_STATUSES = frozenset({"alive", "failed"})
 
@@ -52,11 +54,11 @@ class Election:
 
 def parse_candidate(name: str, status: str, tags: dict[str, str]) -> Candidate:
     """Read a member's election-relevant tags; malformed tags count as 0/none."""
-    roles = frozenset(r for r in tags.get("roles", "").split(",") if r)
+    member_roles = roles(tags)
     return Candidate(
         name=name,
         status=status,
-        roles=roles,
+        roles=member_roles,
         start_ms=_int(tags.get("st")),
         epoch=_int(tags.get("ep")),
     )

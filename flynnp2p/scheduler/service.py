@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from flynnp2p.errors import FlynnError
+from flynnp2p.gossip.tags import roles, user_tags
 from flynnp2p.scheduler.model import Host, inputs_from_state
 from flynnp2p.scheduler.plan import Blocked as PlanBlocked
 from flynnp2p.scheduler.plan import Plan, Start, plan
@@ -251,12 +252,11 @@ def hosts_from_members(members: Sequence[Any]) -> list[Host]:
     """Hosts as the planner sees them: members with the "host" role."""
     hosts = []
     for m in members:
-        if "host" not in m.tags.get("roles", "").split(","):
+        if "host" not in roles(m.tags):
             continue
         try:
             memory = int(m.tags.get("mem", "0"))
         except ValueError:
             memory = 0
-        tags = {k[2:]: v for k, v in m.tags.items() if k.startswith("t.")}
-        hosts.append(Host(m.name, m.status == "alive", tags, memory))
+        hosts.append(Host(m.name, m.status == "alive", user_tags(m.tags), memory))
     return hosts
