@@ -619,6 +619,10 @@ class AppsApi:
                 "HTTP domains are allocated by the leader: retry later "
                 "(see 'flynnp2p cluster status')"
             )
+        return await self.forward(leader, "the leader")
+
+    async def forward(self, api: str, who: str) -> Response:
+        """This request, as sent to the node whose API is `api`, and its answer."""
         data = await request.get_data(cache=True, as_text=False, parse_form_data=False)
         headers = {
             "Authorization": f"Bearer {self.ctx.api_key}",
@@ -628,12 +632,10 @@ class AppsApi:
         try:
             async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT_S) as http:
                 resp = await http.request(
-                    request.method, f"http://{leader}{request.path}", content=data, headers=headers
+                    request.method, f"http://{api}{request.path}", content=data, headers=headers
                 )
         except httpx.HTTPError as exc:
-            raise ClusterError(
-                f"cannot reach the leader at {leader}: {exc or type(exc).__name__}"
-            ) from None
+            raise ClusterError(f"cannot reach {who} at {api}: {exc or type(exc).__name__}") from None
         return Response(
             resp.content,
             status=resp.status_code,

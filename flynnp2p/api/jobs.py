@@ -22,11 +22,9 @@ import secrets
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
 
-import httpx
 from quart import Blueprint, Response, request
 
 from flynnp2p.api.apps import (
-    FORWARD_TIMEOUT_S,
     FORWARDED,
     AppsApi,
     ClusterContext,
@@ -113,15 +111,9 @@ def blocked_of(state: State, app: App) -> list[dict[str, object]]:
 
 
 class JobsApi:
-    def __init__(
-        self,
-        ctx: JobsContext,
-        apps: AppsApi,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, ctx: JobsContext, apps: AppsApi) -> None:
         self.ctx = ctx
         self.apps = apps
-        self.transport = transport
 
     async def list_jobs(self, app: str) -> Response:
         state = self.ctx.state.state
@@ -226,25 +218,12 @@ class JobsApi:
             raise ClusterError(f"host {name} is {member['status']}: its tags can change once it is back")
         if request.headers.get(FORWARDED):
             raise ClusterError(f"host {name} is not this node; retry")
-        return await self._forward(member["api"], request.path, {"tags": tags})
-
-    async def _forward(self, api: str, path: str, body: Mapping[str, object]) -> Response:
-        headers = {"Authorization": f"Bearer {self.ctx.api_key}", FORWARDED: "1"}
-        try:
-            async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT_S) as http:
-                resp = await http.put(f"http://{api}{path}", json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ClusterError(f"cannot reach {api}: {exc or type(exc).__name__}") from None
-        return Response(resp.content, status=resp.status_code, content_type="application/json")
+        return await self.apps.forward(member["api"], f"host {name}")
 
 
-def jobs_blueprint(
-    ctx: JobsContext,
-    apps: AppsApi,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> Blueprint:
-    api = JobsApi(ctx, apps, transport)
+def jobs_blueprint(ctx: JobsContext, apps: AppsApi) -> Blueprint:
+    """The jobs and hosts API; forwarding goes through `apps` (and its transport)."""
+    api = JobsApi(ctx, apps)
     bp = Blueprint("jobs", __name__)
     rules: tuple[tuple[str, str, Callable[..., Awaitable[Response]]], ...] = (
         ("GET", "/v1/apps/<app>/jobs", api.list_jobs),
