@@ -1,16 +1,18 @@
 """The node agent: boot order of one flynnp2p node.
 
     api sockets bound (fail fast on a taken port)
-    → gossip (serf child + RPC + membership view + election)
+    → gossip (serf child + RPC + membership view)
     → node identity saved (only once the join has succeeded)
-    → API served
-    → leader duties
+    → API served, state copied from peers, blobs, logs, jobs
+    → etcd member (bootstrapped, restarted or joined as a learner) and the election
+    → leader duties (catch-up and claims, scheduler, etcd autopilot)
     … until SIGINT/SIGTERM: graceful serf leave, children stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import time
 from collections.abc import Mapping
@@ -21,9 +23,11 @@ import httpx
 import trio
 
 import flynnp2p
+from flynnp2p.api.allocate import route_keys
 from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
+from flynnp2p.api.coord import coord_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.jobs import jobs_blueprint
 from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
@@ -32,11 +36,18 @@ from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
 from flynnp2p.config import (
     NodeConfig,
+    etcd_binary,
     job_stop_grace_s,
     save_node,
     serf_binary,
     state_gc_interval_s,
 )
+from flynnp2p.coord.ca import ClusterCA
+from flynnp2p.coord.claims import CLAIM_PREFIX, Claims, app_key, owner_value
+from flynnp2p.coord.client import CoordError
+from flynnp2p.coord.election import LeaderElection, LeaderView
+from flynnp2p.coord.member import EtcdSettings
+from flynnp2p.coord.service import Coord
 from flynnp2p.errors import ClusterError, ConfigError
 from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.peers import GossipPeers
@@ -51,12 +62,15 @@ from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
-from flynnp2p.state.records import ClusterConfig
+from flynnp2p.state.records import App, ClusterConfig, Route
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 
 log = logging.getLogger(__name__)
+
+CLAIM_SWEEP_S = 30.0
+ORPHAN_CLAIM_MS = 120_000
 
 
 def memory_mb() -> int:
@@ -114,12 +128,28 @@ class Agent:
             binary=serf_binary(),
         )
         self.gossip = Gossip(settings, peers)
-        self.duties = LeaderDuties(self.gossip.leadership)
         self.http = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token.api_key}"},
             timeout=10.0,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
+        # What must be decided once: etcd (one member on scheduler-role nodes).
+        self.ca = ClusterCA(token.cluster_id, token.admin_secret)
+        etcd = EtcdSettings(
+            name=cfg.name, addr=cfg.addr, peer_port=cfg.coord_peer_port,
+            client_port=cfg.coord_client_port, data_dir=cfg.data_dir,
+            cluster_token=token.cluster_id_hex,
+        )  # fmt: skip
+        self.coord = Coord(
+            etcd, self.ca, self.http, self._scheduler_peer_apis,
+            enabled="scheduler" in cfg.roles, bootstrap=fresh and not peers,
+            binary=etcd_binary(), voters_wanted=cfg.coord_voters,
+        )  # fmt: skip
+        self.election = LeaderElection(
+            self.coord.client, cfg.name, self.api_url[len("http://"):], is_voter=self.coord.is_voter
+        )
+        self.duties = LeaderDuties(self.election.leadership)
+        self.duties.add(lambda _epoch: self.coord.autopilot(self._serf_statuses))
         try:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
         except StoreError as exc:
@@ -153,7 +183,8 @@ class Agent:
             self.runner = HostRunner(
                 cfg.name, cfg.addr, self.state, self.backend, self.blobs,
                 PortAllocator(lo, hi, ("0.0.0.0",)),
-                lambda: self.gossip.view.value.election.max_epoch, now_ms, jobs_dir,
+                lambda: max(self.gossip.view.value.max_epoch, self.election.view.value.epoch),
+                now_ms, jobs_dir,
                 stop_grace_s=job_stop_grace_s(),
             )  # fmt: skip
         self.fanout = LogFanout(
@@ -167,6 +198,7 @@ class Agent:
         app.register_blueprint(jobs_blueprint(self, apps_api))
         app.register_blueprint(logs_blueprint(self, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
+        app.register_blueprint(coord_blueprint(self.coord))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
 
     def _make_backend(self, jobs_dir: Path) -> JobBackend:
@@ -216,6 +248,9 @@ class Agent:
                 if self.backend is not None and self.runner is not None:
                     await nursery.start(self.backend.run)
                     await nursery.start(self.runner.run)
+                await nursery.start(self.coord.run)
+                await nursery.start(self.election.run)
+                nursery.start_soon(self._announce_leadership)
                 await nursery.start(self.duties.run)
                 self.ready = True
                 log.info("node %s is up: API %s", self.cfg.name, self.api_url)
@@ -223,6 +258,7 @@ class Agent:
         finally:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
+                await self.coord.aclose()
             self.state.store.close()
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
@@ -248,15 +284,23 @@ class Agent:
         return config.domain if config is not None else self.cfg.domain
 
     def is_leader(self) -> bool:
-        """Leader, and caught up with every peer since it became one."""
-        leading = self.gossip.leadership.value
+        """Leader, and caught up with every peer (and its claims) since it became one."""
+        leading = self.election.leadership.value
         return leading.is_leader and self.caught_up_epoch == leading.epoch
 
     async def _leader_catch_up(self, epoch: int) -> None:
-        """A new leader first pulls from every peer, so that the names and ports
-        its predecessor allocated last are known before it allocates any."""
+        """A new leader first pulls from every peer and makes sure etcd holds a
+        claim for every app and route the state holds (after ``cluster recover``,
+        or for data from before claims), so that no name it allocates is taken."""
         with trio.move_on_after(10):
             await self.state.catch_up()
+        while True:
+            try:
+                await self._reconcile_claims()
+                break
+            except CoordError as exc:
+                log.warning("leader: cannot reconcile the claims yet: %s", exc)
+                await trio.sleep(1)
         self.caught_up_epoch = epoch
         config = self.state.state.record(ClusterConfig, "config")
         if config is None:
@@ -266,12 +310,74 @@ class Agent:
                 "this cluster's domain is %s; this node's --domain %s is ignored",
                 config.domain, self.cfg.domain,
             )
-        await trio.sleep_forever()
+        while True:
+            await trio.sleep(CLAIM_SWEEP_S)
+            try:
+                await self._reconcile_claims()
+            except CoordError as exc:
+                log.info("claim sweep failed: %s", exc)
+
+    async def _reconcile_claims(self) -> None:
+        """Claims for what the state holds; claims nothing holds any more dropped."""
+        claims = Claims(self.coord.client)
+        state = self.state.state
+        held = await claims.owners(CLAIM_PREFIX)
+        wanted: dict[str, str] = {}
+        for app in sorted(state.records(App), key=lambda a: (a.created_at, a.id)):
+            wanted.setdefault(app_key(app.name), app.id)
+        for route in sorted(state.records(Route), key=lambda r: (r.created_at, r.id)):
+            for key in route_keys(route):
+                wanted.setdefault(key, route.app_id)
+        now = now_ms()
+        for key, app_id in wanted.items():
+            if key not in held:
+                await claims.claim([key], owner_value(app_id, None, now))
+        for key, owner in held.items():
+            if key in wanted or owner is None:
+                continue
+            gone = state.get(App.KIND, owner.app_id)
+            if (gone is not None and gone.value is None) or now - owner.at_ms > ORPHAN_CLAIM_MS:
+                await claims.drop(key, owner.raw)
+
+    def claims(self) -> Claims:
+        if not self.is_leader():
+            raise ClusterError("this node is not the leader (leadership moved); retry")
+        return Claims(self.coord.client)
+
+    def leader_view(self) -> LeaderView:
+        """Who leads: from etcd where this node has a voter, else from the ring's hint."""
+        if self.coord.is_voter():
+            return self.election.view.value
+        hint = self.gossip.view.value.leader_hint
+        if hint is None:
+            return LeaderView(None, None, 0, False, "no quorum: no leader is announced to this node")
+        member = self.gossip.view.value.member(hint.name)
+        api = member.tags.get("api") if member is not None else None
+        return LeaderView(hint.name, api, hint.leading, True, f"{hint.name} announces itself as leader")
 
     def leader_api(self) -> str | None:
+        view = self.leader_view()
+        return view.api if view.name is not None else None
+
+    async def _announce_leadership(self) -> None:
+        version, lead = self.election.leadership.version, self.election.leadership.value
+        while True:
+            await self.gossip.announce(lead.epoch if lead.is_leader else None)
+            version, lead = await self.election.leadership.wait_change(version)
+
+    def _serf_statuses(self) -> dict[str, str]:
+        return {m.name: m.status for m in self.gossip.view.value.members}
+
+    def _scheduler_peer_apis(self) -> list[str]:
         view = self.gossip.view.value
-        leader = view.member(view.election.leader) if view.election.leader else None
-        return leader.tags.get("api") if leader is not None else None
+        apis = [
+            m.tags["api"]
+            for m in view.members
+            if m.status == "alive" and m.name != view.self_name and m.tags.get("api")
+            and "scheduler" in role_list(m.tags)
+        ]
+        random.shuffle(apis)
+        return apis
 
     def now_ms(self) -> int:
         return now_ms()
@@ -281,7 +387,7 @@ class Agent:
         return self.cfg.name
 
     def leader_epoch(self) -> int:
-        return self.gossip.leadership.value.epoch
+        return self.election.leadership.value.epoch
 
     async def set_host_tags(self, tags: Mapping[str, str | None]) -> dict[str, str]:
         """Change this host's tags (None removes one): serf tags, and the node file."""
@@ -304,6 +410,7 @@ class Agent:
 
     def members(self) -> list[dict[str, Any]]:
         view = self.gossip.view.value
+        leader = self.leader_view().name
         return [
             {
                 "name": m.name,
@@ -312,17 +419,16 @@ class Agent:
                 "status": m.status,
                 "roles": role_list(m.tags),
                 "api": m.tags.get("api", ""),
-                "leader": m.name == view.election.leader,
+                "leader": m.name == leader,
                 "tags": user_tags(m.tags),
             }
             for m in view.members
         ]
 
     def status(self) -> dict[str, Any]:
-        view = self.gossip.view.value
-        e = view.election
+        e = self.leader_view()
         serf = self.gossip.serf
-        leading = self.gossip.leadership.value
+        leading = self.election.leadership.value
         return {
             "node": {
                 "name": self.cfg.name,
@@ -334,11 +440,9 @@ class Agent:
             },
             "cluster_id": self.token.cluster_id_hex,
             "leader": {
-                "name": e.leader,
-                "epoch": e.leader_epoch,
+                "name": e.name,
+                "epoch": e.epoch,
                 "quorum": e.quorum,
-                "alive": e.alive,
-                "electorate": e.electorate,
                 "reason": e.reason,
             },
             "members": self.members(),
@@ -360,6 +464,7 @@ class Agent:
                     **self.state.stats,
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
+                "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),
                 "jobs": {

@@ -32,6 +32,9 @@ DEFAULT_HTTPS_PORT = 8443
 DEFAULT_ROLES = ("scheduler", "host")
 DEFAULT_DOMAIN = "flynnp2p.localhost"
 DEFAULT_JOB_PORTS = "20000-29999"
+DEFAULT_COORD_PEER_PORT = 2380
+DEFAULT_COORD_CLIENT_PORT = 2379
+DEFAULT_COORD_VOTERS = 5
 BACKENDS = ("auto", "process", "docker")
 DOMAIN_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -60,6 +63,10 @@ def default_name() -> str:
 
 def serf_binary() -> str:
     return os.environ.get("FLYNNP2P_SERF", "serf")
+
+
+def etcd_binary() -> str:
+    return os.environ.get("FLYNNP2P_ETCD", "etcd")
 
 
 def state_gc_interval_s() -> float:
@@ -97,6 +104,9 @@ class NodeConfig:
     domain: str = DEFAULT_DOMAIN
     backend: str = "auto"
     job_ports: str = DEFAULT_JOB_PORTS
+    coord_peer_port: int = DEFAULT_COORD_PEER_PORT
+    coord_client_port: int = DEFAULT_COORD_CLIENT_PORT
+    coord_voters: int = DEFAULT_COORD_VOTERS
 
     def validate(self) -> None:
         if not NAME_RE.match(self.name):
@@ -113,6 +123,8 @@ class NodeConfig:
             ("--gossip-port", self.gossip_port),
             ("--http-port", self.http_port),
             ("--https-port", self.https_port),
+            ("--coord-peer-port", self.coord_peer_port),
+            ("--coord-client-port", self.coord_client_port),
         ):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"invalid {label} {port}: use 1-65535")
@@ -121,6 +133,8 @@ class NodeConfig:
         for key in self.tags:
             if not TAG_KEY_RE.match(key):
                 raise ConfigError(f"invalid tag key {key!r}: use lowercase letters, digits, '_.-'")
+        if self.coord_voters not in (1, 3, 5):
+            raise ConfigError(f"invalid --coord-voters {self.coord_voters}: use 1, 3 or 5")
         if self.backend not in BACKENDS:
             raise ConfigError(f"invalid --backend {self.backend!r}: use {', '.join(BACKENDS)}")
         self.port_range()
@@ -196,6 +210,9 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             domain=raw.get("domain", DEFAULT_DOMAIN),
             backend=raw.get("backend", "auto"),
             job_ports=raw.get("job_ports", DEFAULT_JOB_PORTS),
+            coord_peer_port=int(raw.get("coord_peer_port", DEFAULT_COORD_PEER_PORT)),
+            coord_client_port=int(raw.get("coord_client_port", DEFAULT_COORD_CLIENT_PORT)),
+            coord_voters=int(raw.get("coord_voters", DEFAULT_COORD_VOTERS)),
         )
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from flynnp2p.gossip.service import Leadership
+from flynnp2p.coord.election import Leadership
 from flynnp2p.watch import Watched
 
 log = logging.getLogger(__name__)

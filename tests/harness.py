@@ -209,7 +209,24 @@ class Cluster:
                 agent.start(peers=[seed.gossip])
         for agent in new:
             await agent.wait_ready(timeout)
+        await self.wait_coord(timeout=30)
         return new
+
+    async def wait_coord(self, timeout: float = 30.0) -> None:
+        """etcd settled: as many voters as there can be (up to 5) among the running
+        scheduler agents, and every running agent sees the same leader."""
+        running = [a for a in self.agents if a.running]
+
+        async def settled() -> bool:
+            statuses = [await a.status() for a in running]
+            if any(s is None for s in statuses):
+                return False
+            roles = [s["components"]["coord"]["role"] for s in statuses if s]
+            leaders = {s["leader"]["name"] for s in statuses if s}
+            schedulers = sum("scheduler" in s["node"]["roles"] for s in statuses if s)
+            return roles.count("voter") >= min(schedulers, 5) and len(leaders) == 1 and None not in leaders
+
+        await wait_for(settled, timeout, "etcd to settle (voters and one leader)", interval=0.2)
 
     async def wait_converged(
         self, agents: list[AgentProc], alive: int, timeout: float = 15.0

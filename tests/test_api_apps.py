@@ -24,11 +24,13 @@ from quart_trio import QuartTrio
 
 from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import FORWARDED, apps_blueprint
+from flynnp2p.coord.claims import Claims
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Artifact, Formation, Release, Route
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import MemoryStore
 from flynnp2p.token import ClusterToken
+from tests.fake_etcd import MemoryEtcd
 
 TOKEN = ClusterToken.generate()
 AUTH = {"Authorization": f"Bearer {TOKEN.api_key}"}
@@ -75,6 +77,7 @@ class Ctx:
     leader_addr: str | None = "leader.test:7100"
     api_key: str = TOKEN.api_key
     cluster_domain: str = "flynnp2p.localhost"
+    etcd: MemoryEtcd = field(default_factory=MemoryEtcd)
 
     def is_leader(self) -> bool:
         return self.leader
@@ -84,6 +87,9 @@ class Ctx:
 
     def now_ms(self) -> int:
         return self.clock()
+
+    def claims(self) -> Claims:
+        return Claims(self.etcd)
 
 
 @dataclass

@@ -27,13 +27,14 @@ each request's writes are one atomic batch (`ReplicatedState.write`), so a reade
 never sees an app without its default route, or a new env release that the
 formation does not point at yet.
 
-Uniqueness. The replicated map resolves concurrent writes last-writer-wins, which
-cannot keep app names, TCP ports or HTTP domain+path unique. So those are allocated
-by one node, the leader: any other node forwards the request to the leader's API
-(marked ``X-Flynnp2p-Forwarded: 1``, so it is never forwarded twice) and relays the
-answer; on the leader one lock serialises check-then-write. The window this leaves
-is a leadership change: an old and a new leader overlapping for a moment, or a new
-leader that has not yet received its predecessor's last allocation.
+Uniqueness and order. The replicated map resolves concurrent writes
+last-writer-wins, which cannot keep app names, TCP ports or HTTP domain+path
+unique, nor serialise an app's releases. So every write to an app goes to the
+leader: any other node forwards the request to the leader's API (marked
+``X-Flynnp2p-Forwarded: 1``, so it is never forwarded twice) and relays the
+answer. On the leader, names and routes are claimed in etcd first and releases
+are numbered by an etcd compare-and-swap (`flynnp2p.api.allocate`), so even two
+nodes that both believe they lead cannot both win.
 
 The event stream lives in `flynnp2p.api.events`.
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import re
 import secrets
@@ -56,11 +58,14 @@ import httpx
 import trio
 from quart import Blueprint, Response, jsonify, request
 
+from flynnp2p.api.allocate import Allocator, idempotency_key, route_keys
 from flynnp2p.api.app import error_response
 from flynnp2p.api.events import events
 from flynnp2p.api.render import show as _show
 from flynnp2p.api.render import wire
 from flynnp2p.build.procfile import process_specs, read_slug_procfile
+from flynnp2p.coord.claims import Claims, app_key
+from flynnp2p.coord.client import CoordError
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
 from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Change, Delete, Entry, State
@@ -80,8 +85,11 @@ from flynnp2p.state.records import (
 )
 from flynnp2p.state.schema import Dict, Int, Seq, Str
 
+log = logging.getLogger(__name__)
+
 FORWARDED = "X-Flynnp2p-Forwarded"
-FORWARD_TIMEOUT_S = 15.0
+FORWARD_TIMEOUT = httpx.Timeout(15.0, connect=2.0)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 _REF = re.compile(ID_RE)
 _REF_ACCEPTED = "1-128 letters, digits and _.:@-, starting with a letter or digit"
@@ -177,6 +185,10 @@ class ClusterContext(Protocol):
         ...
 
     def now_ms(self) -> int: ...
+
+    def claims(self) -> Claims:
+        """The etcd claims (on the leader, whose etcd member is a voter)."""
+        ...
 
 
 # -- input at the edge ------------------------------------------------------
@@ -306,7 +318,7 @@ class AppsApi:
         self.slug_path = slug_path
         self.transport = transport
         self.rng = rng or secrets.SystemRandom()
-        self.unique = trio.Lock()
+        self.alloc = Allocator(ctx.state, ctx.claims, ctx.now_ms)  # type: ignore[arg-type]
 
     # apps
 
@@ -314,30 +326,57 @@ class AppsApi:
         body = await _json_body({"name", "meta"}, empty_ok=True)
         name = None if body.get("name") is None else app_name(body["name"])
         meta = META.decode("app.meta", body.get("meta", {}))
+        idem = idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
         relayed = await self._via_leader()
         if relayed is not None:
             return relayed
-        async with self.unique:
-            state = self.ctx.state.state
-            taken = {a.name: a for a in state.records(App)}
-            if name is None:
-                name = self._fresh_name(taken)
-            elif name in taken:
-                raise Conflict(f"an app named {name!r} already exists (id {taken[name].id})")
-            now = self.ctx.now_ms()
-            app = App(id=uuid.uuid4().hex, name=name, created_at=now, meta=meta)
-            route = Route(
-                id=uuid.uuid4().hex,
-                app_id=app.id,
-                type="http",
-                created_at=now,
-                domain=f"{name}.{self.ctx.cluster_domain}",
-            )
-            clash = route_clash(state, route)
-            if clash is not None:
-                raise Conflict(f"cannot create app {name!r}: its default {clash}")
-            result = await self.ctx.state.write([app, route])
+        for _ in range(1 if name is not None else 5):
+            chosen = name or self._fresh_name({a.name for a in self.ctx.state.state.records(App)})
+            try:
+                return await self._create_app(chosen, meta, idem)
+            except Conflict:
+                if name is not None:
+                    raise
+        raise ClusterError("could not find a free app name; pass one")
+
+    async def _create_app(self, name: str, meta: Mapping[str, str], idem: str | None) -> Response:
+        state = self.ctx.state.state
+        taken = next((a for a in state.records(App) if a.name == name), None)
+        if taken is not None and not await self._is_replay(app_key(name), idem):
+            raise Conflict(f"an app named {name!r} already exists (id {taken.id})")
+        now = self.ctx.now_ms()
+        app = App(id=uuid.uuid4().hex, name=name, created_at=now, meta=meta)
+        route = Route(
+            id=uuid.uuid4().hex,
+            app_id=app.id,
+            type="http",
+            created_at=now,
+            domain=f"{name}.{self.ctx.cluster_domain}",
+        )
+        clash = route_clash(state, route)
+        if clash is not None and taken is None:
+            raise Conflict(f"cannot create app {name!r}: its default {clash}")
+        result = await self.alloc.claim_and_write(
+            app.id, [app_key(name), *route_keys(route)], [app, route], idem,
+            f"an app named {name!r} already exists (or its domain {route.domain} is taken)",
+        )  # fmt: skip
+        if result is None:  # a retry of a create that was made: answer with that app
+            return await self._replayed_app(name)
         return _json({"app": wire(app), "routes": [wire(route)], "replicas": result.replicas}, 201)
+
+    async def _is_replay(self, key: str, idem: str | None) -> bool:
+        if idem is None:
+            return False
+        owner = await self.ctx.claims().owner(key)
+        return owner is not None and owner.idem == idem
+
+    async def _replayed_app(self, name: str) -> Response:
+        owner = await self.ctx.claims().owner(app_key(name))
+        found = None if owner is None else await self.alloc.wait_record(App, owner.app_id)
+        if not isinstance(found, App):
+            raise ClusterError(f"app {name!r} was created but has not reached this node yet; retry")
+        routes = routes_of(self.ctx.state.state, found)
+        return _json({"app": wire(found), "routes": [wire(r) for r in routes], "replicas": 1}, 201)
 
     def _fresh_name(self, taken: Collection[str]) -> str:
         for _ in range(100):
@@ -372,22 +411,36 @@ class AppsApi:
         if not body:
             raise UserError("body: nothing to change; accepted fields: meta, strategy")
         found = find_app(self.ctx.state.state, _ref("app", app))
-        meta = dict(found.meta)
         patch = body.get("meta", {})
         if not isinstance(patch, dict):
             raise UserError(f"app.meta: expected a map of label to string or null, got {_show(patch)}")
-        for key, value in patch.items():
-            if value is None:
-                meta.pop(key, None)  # JSON merge patch: null removes the key
-            else:
-                meta[key] = value
-        updated = dataclasses.replace(found, meta=meta, strategy=body.get("strategy", found.strategy))
-        result = await self.ctx.state.write([updated])
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.alloc.app_lock(found.id):  # per key: each patch on the last one
+            found = find_app(self.ctx.state.state, found.id)
+            meta = dict(found.meta)
+            for key, value in patch.items():
+                if value is None:
+                    meta.pop(key, None)  # JSON merge patch: null removes the key
+                else:
+                    meta[key] = value
+            updated = dataclasses.replace(
+                found, meta=meta, strategy=body.get("strategy", found.strategy)
+            )
+            result = await self.ctx.state.write([updated])
         return _json({"app": wire(updated), "replicas": result.replicas})
 
     async def delete_app(self, app: str) -> Response:
+        found = find_app(self.ctx.state.state, _ref("app", app))
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.alloc.app_lock(found.id):
+            return await self._delete_app(found)
+
+    async def _delete_app(self, found: App) -> Response:
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
         routes = routes_of(state, found)
         changes: list[Change] = [Delete(App.KIND, found.id)]
         changes += [Delete(Route.KIND, r.id) for r in routes]
@@ -395,6 +448,7 @@ class AppsApi:
         if had_formation:
             changes.append(Delete(Formation.KIND, found.id))
         result = await self.ctx.state.write(changes)
+        await self._drop_claims(found.id, Allocator.claims_of_app(found, routes), forget=True)
         deleted = {
             "app": found.id,
             "name": found.name,
@@ -416,8 +470,22 @@ class AppsApi:
         for i, artifact in enumerate(release.artifacts):
             if state.record(Artifact, artifact) is None:
                 raise UserError(f"release.artifacts[{i}]: no artifact {artifact!r} in the cluster")
-        result = await self.ctx.state.write([release])
-        return _json({"release": wire(release), "replicas": result.replicas}, 201)
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        made, _, result = await self._next_release(
+            found, lambda _base, n: (dataclasses.replace(release, version=n), [])
+        )
+        return _json({"release": wire(made), "replicas": result.replicas}, 201)
+
+    async def _next_release(
+        self, app: App, build: Callable[[Release | None, int], tuple[Release, list[Change]]]
+    ) -> tuple[Release, list[Change], WriteOutcome]:
+        state = self.ctx.state.state
+        return await self.alloc.next_release(
+            app, build, lambda: current_release(self.ctx.state.state, app),
+            len(releases_of(state, app)),
+        )  # fmt: skip
 
     async def _release_from_slug(self, app: App, body: dict[str, Any]) -> Response:
         """A release of an uploaded slug: its Procfile gives the process types; the
@@ -425,6 +493,8 @@ class AppsApi:
         if "artifacts" in body or "processes" in body:
             raise UserError("body: 'slug' comes with neither 'artifacts' nor 'processes' (the Procfile gives them)")
         digest = _DIGEST.decode("release.slug", body["slug"])
+        env_given = _ENV_SET.decode("release.env", body.get("env", {}))
+        meta = META.decode("release.meta", body.get("meta", {}))
         if self.slug_path is None:
             raise ClusterError("this node cannot read slugs")
         try:
@@ -436,32 +506,40 @@ class AppsApi:
         types = await trio.to_thread.run_sync(read_slug_procfile, path)
         if not types:
             raise UserError("release.slug: the slug has no ./app/Procfile (need lines 'TYPE: COMMAND')")
-        state = self.ctx.state.state
-        now = self.ctx.now_ms()
-        current = current_release(state, app)
-        env = {} if current is None else dict(current.env)
-        env.update(_ENV_SET.decode("release.env", body.get("env", {})))
         size = (await trio.to_thread.run_sync(path.stat)).st_size
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        now = self.ctx.now_ms()
         artifact = Artifact(
             id=uuid.uuid4().hex, type="slug", uri=f"blob:{digest}", created_at=now,
             digest=digest, size=size,
         )  # fmt: skip
-        release = Release(
-            id=uuid.uuid4().hex, app_id=app.id, created_at=now, artifacts=(artifact.id,),
-            env=env, processes=process_specs(types), meta=META.decode("release.meta", body.get("meta", {})),
-        )  # fmt: skip
-        formation = state.record(Formation, app.id)
-        if formation is None:
-            counts = {"web": 1} if "web" in types else {}
-            formation = Formation(app_id=app.id, release_id=release.id, updated_at=now, processes=counts)
-        else:
-            counts = {t: n for t, n in formation.processes.items() if t in types}
-            formation = dataclasses.replace(
-                formation, release_id=release.id, updated_at=now, processes=counts
-            )
-        result = await self.ctx.state.write([artifact, release, formation])
+
+        def build(base: Release | None, number: int) -> tuple[Release, list[Change]]:
+            env = {} if base is None else dict(base.env)
+            env.update(env_given)
+            release = Release(
+                id=uuid.uuid4().hex, app_id=app.id, created_at=now, artifacts=(artifact.id,),
+                env=env, processes=process_specs(types), meta=meta, version=number,
+            )  # fmt: skip
+            formation = self.ctx.state.state.record(Formation, app.id)
+            if formation is None:
+                counts = {"web": 1} if "web" in types else {}
+                formation = Formation(
+                    app_id=app.id, release_id=release.id, updated_at=now, processes=counts
+                )
+            else:
+                counts = {t: n for t, n in formation.processes.items() if t in types}
+                formation = dataclasses.replace(
+                    formation, release_id=release.id, updated_at=now, processes=counts
+                )
+            return release, [artifact, formation]
+
+        release, extra, result = await self._next_release(app, build)
         return _json(
-            {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
+            {"release": wire(release), "formation": wire(_formation_in(extra)), "replicas": result.replicas},
+            201,
         )
 
     async def list_releases(self, app: str) -> Response:
@@ -484,14 +562,28 @@ class AppsApi:
 
     async def put_formation(self, app: str) -> Response:
         body = await _json_body({"processes", "release_id", "constraints"}, required={"processes"})
-        state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
+        found = find_app(self.ctx.state.state, _ref("app", app))
         counts = _COUNTS.decode("formation.processes", body["processes"])
         given = _CONSTRAINTS.decode("formation.constraints", body.get("constraints", {}))
-        current = state.record(Formation, found.id)
-        release: Release | None
+        release_id = None
         if body.get("release_id") is not None:
             release_id = ID.decode("formation.release_id", body["release_id"])
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.alloc.app_lock(found.id):
+            formation = self._formation(found, counts, given, release_id)
+            result = await self.ctx.state.write([formation])
+        return _json({"formation": wire(formation), "replicas": result.replicas})
+
+    def _formation(
+        self, found: App, counts: Mapping[str, int], given: Mapping[str, Mapping[str, str]],
+        release_id: str | None,
+    ) -> Formation:  # fmt: skip
+        state = self.ctx.state.state
+        current = state.record(Formation, found.id)
+        release: Release | None
+        if release_id is not None:
             release = state.record(Release, release_id)
             if release is None or release.app_id != found.id:
                 raise UserError(f"formation.release_id: app {found.name!r} has no release {release_id!r}")
@@ -515,7 +607,7 @@ class AppsApi:
                 constraints[ptype] = tags
             else:
                 constraints.pop(ptype, None)
-        formation = Formation(
+        return Formation(
             app_id=found.id,
             release_id=release.id,
             updated_at=self.ctx.now_ms(),
@@ -523,8 +615,6 @@ class AppsApi:
             tags=current.tags if current is not None else {},
             constraints=constraints,
         )
-        result = await self.ctx.state.write([formation])
-        return _json({"formation": wire(formation), "replicas": result.replicas})
 
     # env
 
@@ -536,8 +626,7 @@ class AppsApi:
 
     async def patch_env(self, app: str) -> Response:
         body = await _json_body({"set", "unset"})
-        state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
+        found = find_app(self.ctx.state.state, _ref("app", app))
         to_set = _ENV_SET.decode("env.set", body.get("set", {}))
         to_unset = _ENV_UNSET.decode("env.unset", body.get("unset", []))
         if not to_set and not to_unset:
@@ -545,28 +634,36 @@ class AppsApi:
         both = sorted(set(to_set) & set(to_unset))
         if both:
             raise UserError(f"env: {both[0]!r} is both set and unset")
-        now = self.ctx.now_ms()
-        current = current_release(state, found)
-        env = {} if current is None else dict(current.env)
-        for name in to_unset:
-            env.pop(name, None)
-        env.update(to_set)
-        new_id = uuid.uuid4().hex
-        if current is None:
-            release = Release(id=new_id, app_id=found.id, created_at=now, env=env)
-        else:
-            release = dataclasses.replace(current, id=new_id, created_at=now, env=env)
-        formation = state.record(Formation, found.id)
-        if formation is None:
-            formation = Formation(app_id=found.id, release_id=new_id, updated_at=now)
-        else:
-            formation = dataclasses.replace(formation, release_id=new_id, updated_at=now)
-        result = await self.ctx.state.write([release, formation])
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
+
+        def build(current: Release | None, number: int) -> tuple[Release, list[Change]]:
+            now = self.ctx.now_ms()
+            env = {} if current is None else dict(current.env)
+            for name in to_unset:
+                env.pop(name, None)
+            env.update(to_set)
+            new_id = uuid.uuid4().hex
+            if current is None:
+                release = Release(id=new_id, app_id=found.id, created_at=now, env=env, version=number)
+            else:
+                release = dataclasses.replace(
+                    current, id=new_id, created_at=now, env=env, version=number
+                )
+            formation = self.ctx.state.state.record(Formation, found.id)
+            if formation is None:
+                formation = Formation(app_id=found.id, release_id=new_id, updated_at=now)
+            else:
+                formation = dataclasses.replace(formation, release_id=new_id, updated_at=now)
+            return release, [formation]
+
+        release, extra, result = await self._next_release(found, build)
         return _json(
             {
                 "env": dict(release.env),
                 "release": wire(release),
-                "formation": wire(formation),
+                "formation": wire(_formation_in(extra)),
                 "replicas": result.replicas,
             }
         )
@@ -585,24 +682,46 @@ class AppsApi:
         found = find_app(self.ctx.state.state, _ref("app", app))
         fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.ctx.now_ms()}
         route = Route.decode_fields("route", {**fields, **body})
+        idem = idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
         relayed = await self._via_leader()
         if relayed is not None:
             return relayed
-        async with self.unique:
+        async with self.alloc.app_lock(found.id):
             state = self.ctx.state.state
             if state.record(App, found.id) is None:
                 raise NotFound(f"app {found.name!r} was deleted meanwhile")
             clash = route_clash(state, route)
             if clash is not None:
                 raise Conflict(clash)
-            result = await self.ctx.state.write([route])
+            result = await self.alloc.claim_and_write(
+                found.id, route_keys(route), [route], None if idem is None else f"{idem}:{route.id}",
+                f"{'tcp port ' + str(route.port) if route.type == 'tcp' else 'http route ' + str(route.domain) + route.path} is taken",
+            )  # fmt: skip
+        if result is None:
+            raise Conflict("this route was added already (a retried request)")
         return _json({"route": wire(route), "replicas": result.replicas}, 201)
 
     async def delete_route(self, app: str, route_id: str) -> Response:
         state = self.ctx.state.state
-        route = _of_app(state, find_app(state, _ref("app", app)), Route, route_id)
+        found = find_app(state, _ref("app", app))
+        route = _of_app(state, found, Route, route_id)
+        relayed = await self._via_leader()
+        if relayed is not None:
+            return relayed
         result = await self.ctx.state.write([Delete(Route.KIND, route.id)])
+        await self._drop_claims(found.id, route_keys(route))
         return _json({"deleted": route.id, "replicas": result.replicas})
+
+    async def _drop_claims(self, app_id: str, keys: Sequence[str], *, forget: bool = False) -> None:
+        """Best effort: a claim left behind is dropped by the leader's claim sweep."""
+        try:
+            with trio.move_on_after(3):
+                claims = self.ctx.claims()
+                await claims.drop_owned_by(keys, app_id)
+                if forget:
+                    await claims.forget_app(app_id)
+        except (CoordError, ClusterError) as exc:
+            log.warning("could not drop the claims of app %s (the sweep will): %s", app_id, exc)
 
     # uniqueness: the leader allocates
 
@@ -629,18 +748,27 @@ class AppsApi:
             "Content-Type": "application/json",
             FORWARDED: "1",
         }
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem:
+            headers[IDEMPOTENCY_HEADER] = idem
         try:
-            async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT_S) as http:
+            async with httpx.AsyncClient(transport=self.transport, timeout=FORWARD_TIMEOUT) as http:
                 resp = await http.request(
                     request.method, f"http://{api}{request.path}", content=data, headers=headers
                 )
         except httpx.HTTPError as exc:
-            raise ClusterError(f"cannot reach {who} at {api}: {exc or type(exc).__name__}") from None
+            reason = str(exc) or type(exc).__name__
+            raise ClusterError(f"cannot reach {who} at {api}: {reason}; retry") from None
         return Response(
             resp.content,
             status=resp.status_code,
             content_type=resp.headers.get("content-type", "application/json"),
         )
+
+
+def _formation_in(changes: Sequence[Change]) -> Formation:
+    return next(c for c in changes if isinstance(c, Formation))
+
 
 _Owned = TypeVar("_Owned", Release, Route)
 

@@ -1,24 +1,14 @@
-"""Leader election on top of gossip membership: a pure function of one node's view.
+"""What the gossip ring says about leadership: hints and epochs, never decisions.
 
-Theory of operation
--------------------
-Serf has no consensus, so the leader is *derived*: every node looks at the
-members it sees and computes the same answer when views agree.
+The leader is decided by etcd (`flynnp2p.coord.election`); serf tags only
+spread two facts fast and cheaply to every node, including nodes without an
+etcd member:
 
-* The electorate is every known member that has not left (``alive`` and
-  ``failed``; ``left``/``leaving`` members dropped out of the cluster on purpose).
-* A node has quorum when strictly more than half of the electorate is alive in
-  its view.  A node without quorum names no leader and never schedules: in a
-  partition only the majority side can have a leader.
-* The leader is the alive member with the ``scheduler`` role and the smallest
-  (start time, name).
-* Epochs fence leaders.  Every node publishes, in its ``ep`` tag, the highest
-  epoch it has seen; a node that becomes leader takes ``max(all ep tags) + 1``.
-  Because every alive node republishes the old leader's epoch, a new leader's
-  epoch is strictly higher than any epoch a majority has seen.  Two nodes that
-  briefly both believe they lead may pick the same number; receivers order
-  leaders by (epoch, name), and such overlaps are short by construction
-  (both views converge within one gossip round).
+* ``ld`` — set by the leader to its epoch while it leads, removed when it stops.
+  Nodes that cannot read etcd themselves forward to the alive member with the
+  highest ``ld`` (a hint: the node it names refuses if it no longer leads).
+* ``ep`` — the highest epoch a member has seen; every node republishes the
+  maximum, and hosts refuse placements from an older epoch (fencing).
 """
 
 from __future__ import annotations
@@ -26,87 +16,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flynnp2p.gossip.tags import roles
-
-ROLE_SCHEDULER = "scheduler"
-ELECTORATE_STATUSES = frozenset({"alive", "failed"})
-
 
 @dataclass(frozen=True)
-class Candidate:
+class TagView:
+    """One member's leadership tags."""
+
     name: str
     status: str
-    roles: frozenset[str]
-    start_ms: int
-    epoch: int
+    epoch: int  # ``ep``
+    leading: int  # ``ld`` (0: not leading)
 
 
-@dataclass(frozen=True)
-class Election:
-    leader: str | None
-    quorum: bool
-    alive: int
-    electorate: int
-    max_epoch: int
-    leader_epoch: int
-    reason: str
-
-
-def parse_candidate(name: str, status: str, tags: dict[str, str]) -> Candidate:
-    """Read a member's election-relevant tags; malformed tags count as 0/none."""
-    member_roles = roles(tags)
-    return Candidate(
-        name=name,
-        status=status,
-        roles=member_roles,
-        start_ms=_int(tags.get("st")),
-        epoch=_int(tags.get("ep")),
-    )
+def parse_tags(name: str, status: str, tags: dict[str, str]) -> TagView:
+    """Read a member's leadership tags; malformed tags count as 0."""
+    return TagView(name, status, _int(tags.get("ep")), _int(tags.get("ld")))
 
 
 def _int(value: str | None) -> int:
     try:
-        return int(value) if value is not None else 0
+        return max(0, int(value)) if value is not None else 0
     except ValueError:
         return 0
 
 
-def elect(members: Iterable[Candidate]) -> Election:
-    """The leader as seen from one node's membership view."""
-    electorate = [m for m in members if m.status in ELECTORATE_STATUSES]
-    alive = [m for m in electorate if m.status == "alive"]
-    max_epoch = max((m.epoch for m in electorate), default=0)
-    quorum = 2 * len(alive) > len(electorate)
-    if not quorum:
-        return Election(
-            None,
-            False,
-            len(alive),
-            len(electorate),
-            max_epoch,
-            0,
-            f"no quorum: {len(alive)} of {len(electorate)} known members alive",
-        )
-    eligible = sorted(
-        (m for m in alive if ROLE_SCHEDULER in m.roles), key=lambda m: (m.start_ms, m.name)
-    )
-    if not eligible:
-        return Election(
-            None,
-            True,
-            len(alive),
-            len(electorate),
-            max_epoch,
-            0,
-            "no alive member has the scheduler role",
-        )
-    leader = eligible[0]
-    return Election(
-        leader.name,
-        True,
-        len(alive),
-        len(electorate),
-        max_epoch,
-        leader.epoch,
-        f"{leader.name} is the oldest alive scheduler",
-    )
+def max_epoch(members: Iterable[TagView]) -> int:
+    """The highest epoch any member (alive or failed) has published."""
+    return max((max(m.epoch, m.leading) for m in members), default=0)
+
+
+def leader_hint(members: Iterable[TagView]) -> TagView | None:
+    """The alive member announcing the newest term, or None."""
+    leading = [m for m in members if m.status == "alive" and m.leading > 0]
+    return max(leading, key=lambda m: (m.leading, m.name), default=None)

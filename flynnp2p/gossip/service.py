@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 One task (``_refresh_loop``) owns the membership view.  It re-reads
 ``members`` from serf whenever a member event arrives on the stream (events come
-1-3 s late, coalesced) and at least every ``POLL_S`` seconds, computes the
-election (``election.elect``) and publishes an immutable ``ClusterView``
-through a ``Watched``.  Everything else (the API, leader duties, the epoch tag)
-reads or waits on that value.
+1-3 s late, coalesced) and at least every ``POLL_S`` seconds, and publishes an
+immutable ``ClusterView`` through a ``Watched``.  Everything else (the API, the
+scheduler, the epoch tag) reads or waits on that value.  Leadership is etcd's
+(`flynnp2p.coord.election`); the ring only carries its hints and epochs
+(`flynnp2p.gossip.election`): the leader announces itself with `announce`.
 
 Serf alone leaves stragglers for a minute after a partition heals or a node
 restarts, so while this node knows of failed members (or sees nobody but
@@ -28,7 +29,7 @@ import trio
 
 from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.codec import SerfError
-from flynnp2p.gossip.election import Election, elect, parse_candidate
+from flynnp2p.gossip.election import TagView, leader_hint, max_epoch, parse_tags
 from flynnp2p.gossip.rpc import Member, SerfRPC, open_serf_rpc
 from flynnp2p.gossip.serf_agent import SerfAgent, SerfSettings
 from flynnp2p.watch import Watched
@@ -47,26 +48,15 @@ LEADER_EVENT = "f2p-leader"
 class ClusterView:
     self_name: str
     members: tuple[Member, ...]
-    election: Election
-
-    @property
-    def is_leader(self) -> bool:
-        return self.election.leader == self.self_name
+    max_epoch: int = 0
+    leader_hint: TagView | None = None
 
     def member(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
 
 
-@dataclass(frozen=True)
-class Leadership:
-    """This node's own leadership: ``epoch`` is the fencing token of its term."""
-
-    is_leader: bool
-    epoch: int
-
-
 def _empty_view(name: str) -> ClusterView:
-    return ClusterView(name, (), elect([]))
+    return ClusterView(name, ())
 
 
 def gossip_target(peer: str) -> str:
@@ -96,7 +86,7 @@ class Gossip:
         self.known = _load_known(self.known_path)
         self.tags: dict[str, str] = dict(settings.tags)
         self.view: Watched[ClusterView] = Watched(_empty_view(settings.node_name))
-        self.leadership: Watched[Leadership] = Watched(Leadership(False, 0))
+        self.leading = 0  # the epoch this node announces as leader (0: none)
         self._rpc: SerfRPC | None = None
         self._poke = trio.Event()
 
@@ -169,40 +159,44 @@ class Gossip:
 
     async def _refresh(self) -> None:
         members = tuple(sorted(await self.rpc.members(), key=lambda m: m.name))
-        election = elect(parse_candidate(m.name, m.status, m.tags) for m in members)
-        view = ClusterView(self.settings.node_name, members, election)
-        old = self.view.value.election
-        if (old.leader, old.quorum) != (election.leader, election.quorum):
-            log.info("leader: %s (%s)", election.leader or "none", election.reason)
+        tags = [parse_tags(m.name, m.status, m.tags) for m in members]
+        view = ClusterView(self.settings.node_name, members, max_epoch(tags), leader_hint(tags))
         self.view.set(view)
         self._remember(view)
-        await self._update_epoch(view)
+        await self._publish_epoch(view)
 
-    async def _update_epoch(self, view: ClusterView) -> None:
-        """Keep the ``ep`` tag at the highest epoch seen; take a new one on promotion.
-
-        Serf answers a tag change only once it has broadcast it, and under load
-        that times out ("timeout waiting for update broadcast"); then nothing
-        changes here and the next refresh tries again.  A node is leader only
-        once its new epoch is published."""
-        mine = int(self.tags.get("ep", "0"))
-        current = self.leadership.value
+    async def announce(self, epoch: int | None) -> None:
+        """Tell the ring this node leads in ``epoch`` (None: it stopped leading)."""
+        old = self.leading
+        self.leading = epoch or 0
         try:
-            if view.is_leader and not current.is_leader:
-                epoch = max(view.election.max_epoch, mine) + 1
-                await self.set_tags({"ep": str(epoch)})
-                log.info("this node is now the leader, epoch %d", epoch)
-                self.leadership.set(Leadership(True, epoch))
-                # Tell everyone at once (member-update events lag 1-3 s).
+            if epoch:
+                await self.set_tags({"ep": str(max(epoch, self.view.value.max_epoch)), "ld": str(epoch)})
+                # Everyone refreshes at once (member-update events lag 1-3 s).
                 await self.rpc.user_event(
                     LEADER_EVENT, f"{self.settings.node_name} {epoch}".encode(), coalesce=False
                 )
-            elif not view.is_leader:
-                if current.is_leader:
-                    log.info("this node is no longer the leader")
-                    self.leadership.set(Leadership(False, current.epoch))
-                if view.election.max_epoch > mine:
-                    await self.set_tags({"ep": str(view.election.max_epoch)})
+            elif old:
+                await self.set_tags({}, ["ld"])
+        except SerfError as exc:
+            log.warning("could not announce the leader tags (will retry): %s", exc)
+            self._poke.set()
+
+    async def _publish_epoch(self, view: ClusterView) -> None:
+        """Keep ``ep`` at the highest epoch seen, and ``ld`` as announced.
+
+        Serf answers a tag change only once it has broadcast it, and under load
+        that times out ("timeout waiting for update broadcast"); then nothing
+        changes here and the next refresh tries again."""
+        mine = int(self.tags.get("ep", "0"))
+        announced = int(self.tags.get("ld", "0"))
+        try:
+            if self.leading and announced != self.leading:
+                await self.set_tags({"ld": str(self.leading)})
+            elif not self.leading and "ld" in self.tags:
+                await self.set_tags({}, ["ld"])
+            if view.max_epoch > mine:
+                await self.set_tags({"ep": str(view.max_epoch)})
         except SerfError as exc:
             log.warning("could not publish the epoch tag (will retry): %s", exc)
             self._poke.set()

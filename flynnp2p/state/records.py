@@ -146,6 +146,9 @@ class Release(IdRecord):
         Mapping[str, ProcessSpec], Dict(PROCESS_TYPE, Nested(ProcessSpec), max_items=64)
     ] = EMPTY
     meta: Annotated[Mapping[str, str], META] = EMPTY
+    # v1, v2, ... per app, as Heroku numbers them (0: made before numbering);
+    # the leader takes each number from etcd by compare-and-swap.
+    version: Annotated[int, Int(0)] = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,194 @@
+"""The leader's side of the writes that must be decided once.
+
+Theory of operation
+-------------------
+App names, HTTP domain+path and TCP ports are claimed in etcd
+(`flynnp2p.coord.claims`) before the records are written to the replicated
+state; a clash is a 409, etcd without quorum a 503 naming the cause.  The
+claim is dropped again if the state write fails outright (nothing committed);
+when the write is committed here but not yet acknowledged by a peer (a 503),
+the claim stays, since the record will spread, and a retry with the same
+``Idempotency-Key`` is answered with the app already made.
+
+Releases of one app are serialised on this node by a per-app lock and across
+leaders by the release counter's compare-and-swap: each new release is built
+on the release the counter names (waiting, bounded, until that record has
+reached this node), so concurrent env changes never lose one another.
+Formation and meta changes take the same per-app lock, so the leader applies
+them one after another on the record it wrote last.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from flynnp2p.coord.claims import (
+    Claims,
+    ReleaseCounter,
+    app_key,
+    http_key,
+    owner_value,
+    tcp_key,
+)
+from flynnp2p.errors import ClusterError, Conflict, FlynnError, UserError
+from flynnp2p.state.merge import Change, Entry, State
+from flynnp2p.state.records import App, Release, Route
+
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+RECORD_WAIT_S = 5.0
+CAS_TRIES = 8
+
+
+class Outcome(Protocol):
+    @property
+    def replicas(self) -> int: ...
+
+
+class Writer(Protocol):
+    @property
+    def state(self) -> State: ...
+
+    async def write(self, changes: Sequence[Change]) -> Outcome: ...
+
+    async def catch_up(self) -> None: ...
+
+    def subscribe(
+        self, kinds: Collection[str] | None = None
+    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]: ...
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if IDEMPOTENCY_KEY.fullmatch(value) is None:
+        raise UserError(
+            "Idempotency-Key: expected 1-128 letters, digits and _.:- (a uuid is a good one)"
+        )
+    return value
+
+
+def route_keys(route: Route) -> list[str]:
+    if route.type == "tcp" and route.port is not None:
+        return [tcp_key(route.port)]
+    if route.type == "http" and route.domain is not None:
+        return [http_key(route.domain, route.path)]
+    return []
+
+
+class Allocator:
+    """One per node; used on the leader only."""
+
+    def __init__(self, state: Writer, claims: Callable[[], Claims], now_ms: Callable[[], int]) -> None:
+        self.state = state
+        self.claims = claims
+        self.now_ms = now_ms
+        self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    @asynccontextmanager
+    async def app_lock(self, app_id: str) -> AsyncIterator[None]:
+        lock = self._locks[app_id]
+        async with lock:
+            yield
+        if not lock.locked() and not lock.statistics().tasks_waiting:
+            self._locks.pop(app_id, None)
+
+    async def wait_record(self, cls: type[Release] | type[App], key: str) -> Release | App | None:
+        """The record once it has reached this node (pulled from peers meanwhile),
+        or None after ``RECORD_WAIT_S``."""
+        with trio.move_on_after(RECORD_WAIT_S):
+            async with self.state.subscribe({cls.KIND}) as (snapshot, changes):
+                found = snapshot.record(cls, key)
+                if found is not None:
+                    return found
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.state.catch_up)
+                    async for batch in changes:
+                        for entry in batch:
+                            if entry.key == key and isinstance(entry.value, cls):
+                                nursery.cancel_scope.cancel()
+                                return entry.value
+        return None
+
+    # -- unique claims ---------------------------------------------------------
+
+    async def claim_and_write(
+        self,
+        app_id: str,
+        keys: Sequence[str],
+        changes: Sequence[Change],
+        idem: str | None,
+        clash: str,
+    ) -> Outcome | None:
+        """Claim ``keys`` for ``app_id`` and write ``changes``; None when the claim
+        belongs to the same ``idem`` already (a retried request)."""
+        claims = self.claims()
+        value = owner_value(app_id, idem, self.now_ms())
+        if not await claims.claim(keys, value):
+            for key in keys:
+                owner = await claims.owner(key)
+                if owner is not None and idem is not None and owner.idem == idem:
+                    return None
+            raise Conflict(clash)
+        try:
+            return await self.state.write(changes)
+        except ClusterError:
+            raise  # committed here, not yet acknowledged: it spreads; the claim stays
+        except FlynnError:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                for key in keys:
+                    await claims.drop(key, value)
+            raise
+
+    @staticmethod
+    def claims_of_app(app: App, routes: Sequence[Route]) -> list[str]:
+        keys = [app_key(app.name)]
+        for route in routes:
+            keys += route_keys(route)
+        return keys
+
+    # -- releases --------------------------------------------------------------
+
+    async def next_release(
+        self,
+        app: App,
+        build: Callable[[Release | None, int], tuple[Release, list[Change]]],
+        current: Callable[[], Release | None],
+        legacy_count: int,
+    ) -> tuple[Release, list[Change], Outcome]:
+        """Number and write the app's next release, built by ``build(base, number)``
+        on the release the counter names (``current()`` before numbering began)."""
+        claims = self.claims()
+        async with self.app_lock(app.id):
+            for _ in range(CAS_TRIES):
+                counter = await claims.release_counter(app.id)
+                base = await self._base(app, counter, current)
+                number = counter.number + 1 if counter.number else legacy_count + 1
+                release, extra = build(base, number)
+                if await claims.advance_release(app.id, _as_seen(counter, number), release.id):
+                    result = await self.state.write([release, *extra])
+                    return release, extra, result
+            raise ClusterError(f"app {app.name!r}: releases are changing concurrently; retry")
+
+    async def _base(
+        self, app: App, counter: ReleaseCounter, current: Callable[[], Release | None]
+    ) -> Release | None:
+        if counter.release_id is None:
+            return current()
+        found = await self.wait_record(Release, counter.release_id)
+        if not isinstance(found, Release):
+            raise ClusterError(
+                f"app {app.name!r}: release v{counter.number} ({counter.release_id}) has not "
+                "reached this node yet; retry"
+            )
+        return found
+
+
+def _as_seen(counter: ReleaseCounter, number: int) -> ReleaseCounter:
+    """The counter to compare against, with ``number - 1`` as the number it holds."""
+    return ReleaseCounter(number - 1, counter.release_id, counter.mod_revision)

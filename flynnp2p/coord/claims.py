@@ -1,0 +1,139 @@
+"""What must be decided once, as etcd transactions: unique names, routes, release numbers.
+
+Theory of operation
+-------------------
+A claim is a key under ``f2p/claim/`` created by a transaction that succeeds
+only if none of its keys exists (compare-and-create): two nodes, or two
+leaders in a partition, can never both own an app name, an HTTP domain+path or
+a TCP port.  Its value names the owner: ``{"app": id, "idem": key, "at": ms}``
+(``idem`` is the client's Idempotency-Key, so a retried create is recognised).
+
+An app's release numbers are a counter ``f2p/release/<app id>`` holding
+``{"n": N, "id": release id}``, advanced by compare-and-swap on its
+modification revision: concurrent changes serialise, each one built on the
+release the counter names.
+
+Everything here can be derived again from the replicated state (`expected`):
+after ``cluster recover`` the leader re-creates the claims of every app and
+route the state holds, and drops claims no record owns any more.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from flynnp2p.coord.client import KV, CoordError
+
+CLAIM_PREFIX = "f2p/claim/"
+RELEASE_PREFIX = "f2p/release/"
+
+
+def app_key(name: str) -> str:
+    return f"{CLAIM_PREFIX}app/{name}"
+
+
+def http_key(domain: str, path: str) -> str:
+    return f"{CLAIM_PREFIX}http/{domain}{path}"
+
+
+def tcp_key(port: int) -> str:
+    return f"{CLAIM_PREFIX}tcp/{port}"
+
+
+def release_key(app_id: str) -> str:
+    return f"{RELEASE_PREFIX}{app_id}"
+
+
+def owner_value(app_id: str, idem: str | None, now_ms: int) -> bytes:
+    return json.dumps({"app": app_id, "idem": idem, "at": now_ms}, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class Owner:
+    app_id: str
+    idem: str | None
+    at_ms: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ReleaseCounter:
+    number: int
+    release_id: str | None
+    mod_revision: int
+
+
+def _owner(raw: bytes) -> Owner | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("app"), str):
+        return None
+    idem = data.get("idem")
+    at = data.get("at")
+    return Owner(data["app"], idem if isinstance(idem, str) else None, at if isinstance(at, int) else 0, raw)
+
+
+class KeyStore(Protocol):
+    """The part of `flynnp2p.coord.client.EtcdClient` the claims use."""
+
+    async def get(self, key: str, *, serializable: bool = False) -> KV | None: ...
+
+    async def get_prefix(self, prefix: str, *, serializable: bool = False) -> list[KV]: ...
+
+    async def create(self, puts: dict[str, bytes | str], lease: int = 0) -> tuple[bool, int]: ...
+
+    async def swap(self, key: str, value: bytes | str, mod_revision: int) -> bool: ...
+
+    async def delete_if(self, key: str, value: bytes) -> bool: ...
+
+    async def delete(self, key: str) -> int: ...
+
+
+class Claims:
+    def __init__(self, client: KeyStore) -> None:
+        self.client = client
+
+    async def claim(self, keys: Iterable[str], value: bytes) -> bool:
+        """Create every key with ``value``, or none of them (False: one is taken)."""
+        ok, _ = await self.client.create(dict.fromkeys(keys, value))
+        return ok
+
+    async def owner(self, key: str) -> Owner | None:
+        kv = await self.client.get(key)
+        return None if kv is None else _owner(kv.value)
+
+    async def owners(self, prefix: str = CLAIM_PREFIX) -> dict[str, Owner | None]:
+        return {kv.key: _owner(kv.value) for kv in await self.client.get_prefix(prefix)}
+
+    async def drop(self, key: str, value: bytes) -> bool:
+        """Remove a claim only while ``value`` still owns it."""
+        return await self.client.delete_if(key, value)
+
+    async def drop_owned_by(self, keys: Iterable[str], app_id: str) -> None:
+        for key in keys:
+            kv = await self.client.get(key)
+            owner = None if kv is None else _owner(kv.value)
+            if kv is not None and owner is not None and owner.app_id == app_id:
+                await self.client.delete_if(key, kv.value)
+
+    async def release_counter(self, app_id: str) -> ReleaseCounter:
+        kv = await self.client.get(release_key(app_id))
+        if kv is None:
+            return ReleaseCounter(0, None, 0)
+        data = kv.json()
+        if not isinstance(data, dict) or not isinstance(data.get("n"), int):
+            raise CoordError(f"the release counter of app {app_id} is not readable")
+        rid = data.get("id")
+        return ReleaseCounter(data["n"], rid if isinstance(rid, str) else None, kv.mod_revision)
+
+    async def advance_release(self, app_id: str, seen: ReleaseCounter, release_id: str) -> bool:
+        value = json.dumps({"n": seen.number + 1, "id": release_id})
+        return await self.client.swap(release_key(app_id), value, seen.mod_revision)
+
+    async def forget_app(self, app_id: str) -> None:
+        await self.client.delete(release_key(app_id))
