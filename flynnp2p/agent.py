@@ -115,8 +115,10 @@ class Agent:
         )
         self.gossip = Gossip(settings, peers)
         self.duties = LeaderDuties(self.gossip.leadership)
+        # Node-to-node requests (state push/pull, blob copies, log fan-out)
+        # present the peer credential: /v1/internal/* accepts nothing else.
         self.http = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {token.api_key}"},
+            headers={"Authorization": f"Bearer {token.peer_key}"},
             timeout=10.0,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
