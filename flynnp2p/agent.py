@@ -39,6 +39,7 @@ from flynnp2p.config import (
 )
 from flynnp2p.errors import ClusterError, ConfigError
 from flynnp2p.gossip.codec import SerfError
+from flynnp2p.gossip.heartbeat import Heartbeats, HeartbeatSettings, HttpProber
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
@@ -122,6 +123,10 @@ class Agent:
             timeout=10.0,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
+        # Which alive members stopped answering (what the API shows; not replicated).
+        self.heartbeats = Heartbeats(
+            GossipPeers(self.gossip).alive_peers, HttpProber(self.http, HeartbeatSettings().timeout_s)
+        )
         try:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
         except StoreError as exc:
@@ -166,7 +171,7 @@ class Agent:
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self, api=apps_api))
-        app.register_blueprint(jobs_blueprint(self, apps_api))
+        app.register_blueprint(jobs_blueprint(self, apps_api, self.heartbeats.unresponsive))
         app.register_blueprint(logs_blueprint(self, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
@@ -212,6 +217,7 @@ class Agent:
                 # The API serves peers' pulls as soon as it is up; the state
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
+                await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
                 await nursery.start(self.fanout.run)
