@@ -78,6 +78,7 @@ async def test_jobs_of_a_killed_host_are_lost_before_serf_marks_it_failed(
             return await member_status(c, victim.name) == "failed"
 
         await wait_for(failed, 20, f"serf to mark {victim.name} failed")
+        print(f"serf marked {victim.name} failed {trio.current_time() - t0:.2f}s after SIGKILL")
         hosts = {h["name"]: h for h in (await c.get("/v1/hosts")).json()["hosts"]}
         assert hosts[victim.name]["status"] == "failed" and hosts[victim.name]["silent_s"] is None
         # …and its jobs do not go back to their stale "up": lost until the leader stops them.
