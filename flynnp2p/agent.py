@@ -50,6 +50,7 @@ from flynnp2p.coord.member import EtcdSettings
 from flynnp2p.coord.service import Coord
 from flynnp2p.errors import ClusterError, ConfigError
 from flynnp2p.gossip.codec import SerfError
+from flynnp2p.gossip.heartbeat import Heartbeats, HeartbeatSettings, HttpProber
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
@@ -128,8 +129,10 @@ class Agent:
             binary=serf_binary(),
         )
         self.gossip = Gossip(settings, peers)
+        # Node-to-node requests (state push/pull, blob copies, log fan-out,
+        # forwarding) present the peer credential: /v1/internal/* takes nothing else.
         self.http = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {token.api_key}"},
+            headers={"Authorization": f"Bearer {token.peer_key}"},
             timeout=10.0,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
@@ -150,6 +153,10 @@ class Agent:
         )
         self.duties = LeaderDuties(self.election.leadership)
         self.duties.add(lambda _epoch: self.coord.autopilot(self._serf_statuses))
+        # Which alive members stopped answering (what the API shows; not replicated).
+        self.heartbeats = Heartbeats(
+            GossipPeers(self.gossip).alive_peers, HttpProber(self.http, HeartbeatSettings().timeout_s)
+        )
         try:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
         except StoreError as exc:
@@ -195,7 +202,7 @@ class Agent:
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self, api=apps_api))
-        app.register_blueprint(jobs_blueprint(self, apps_api))
+        app.register_blueprint(jobs_blueprint(self, apps_api, self.heartbeats.unresponsive))
         app.register_blueprint(logs_blueprint(self, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
         app.register_blueprint(coord_blueprint(self.coord))
@@ -242,6 +249,7 @@ class Agent:
                 # The API serves peers' pulls as soon as it is up; the state
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
+                await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
                 await nursery.start(self.fanout.run)
@@ -274,8 +282,8 @@ class Agent:
     # -- what the API needs (flynnp2p.api.apps.ClusterContext) ---------------
 
     @property
-    def api_key(self) -> str:
-        return self.token.api_key
+    def peer_key(self) -> str:
+        return self.token.peer_key
 
     @property
     def cluster_domain(self) -> str:

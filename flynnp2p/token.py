@@ -7,12 +7,19 @@ Layout (then base64url without padding)::
 The gossip key encrypts serf traffic (AES-256-GCM); the admin secret is what the
 HTTP API accepts as its bearer token (``api_key``).  A token is a secret: it is
 written 0600 and never logged.
+
+Nodes talk to each other with a third credential, ``peer_key``: an HMAC-SHA256 of
+the admin secret under a fixed label.  Every node derives the same one from the
+token, it cannot be turned back into the user's key, and a user's key (or the
+whole token) is not it, so the API can keep ``/v1/internal/*`` (raw state deltas)
+and the ``X-Flynnp2p-Forwarded`` mark to the nodes themselves.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -22,6 +29,9 @@ from flynnp2p.errors import UserError
 _MAGIC = b"F2P"
 _VERSION = 1
 _LEN = len(_MAGIC) + 1 + 16 + 32 + 32
+# Changing the label changes every node's peer key: nodes of mixed versions would
+# refuse each other's state pushes, so it is versioned with the token layout.
+_PEER_LABEL = b"flynnp2p peer credential v1"
 
 
 def _b64(raw: bytes) -> str:
@@ -75,12 +85,21 @@ class ClusterToken:
     def api_key(self) -> str:
         return _b64(self.admin_secret)
 
+    @property
+    def peer_key(self) -> str:
+        """The bearer credential nodes present to each other (never given to users)."""
+        return _b64(hmac.new(self.admin_secret, _PEER_LABEL, hashlib.sha256).digest())
+
     def accepts_bearer(self, presented: str) -> bool:
         """True if ``presented`` is this cluster's API key or its whole token."""
         presented = presented.strip()
         if hmac.compare_digest(presented.encode(), self.api_key.encode()):
             return True
         return hmac.compare_digest(presented.encode(), self.encode().encode())
+
+    def accepts_peer(self, presented: str) -> bool:
+        """True if ``presented`` is this cluster's peer credential."""
+        return hmac.compare_digest(presented.strip().encode(), self.peer_key.encode())
 
     def __repr__(self) -> str:  # never print the secrets
         return f"ClusterToken(cluster_id={self.cluster_id_hex})"

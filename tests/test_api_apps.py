@@ -75,7 +75,7 @@ class Ctx:
     clock: Clock
     leader: bool = True
     leader_addr: str | None = "leader.test:7100"
-    api_key: str = TOKEN.api_key
+    peer_key: str = TOKEN.peer_key
     cluster_domain: str = "flynnp2p.localhost"
     etcd: MemoryEtcd = field(default_factory=MemoryEtcd)
 
@@ -646,7 +646,7 @@ async def test_a_follower_forwards_app_creation_to_the_leader(two: TwoNodes) -> 
     (req,) = two.forwarded
     assert str(req.url) == "http://leader.test:7100/v1/apps"
     assert req.headers[FORWARDED] == "1"
-    assert req.headers["authorization"] == f"Bearer {TOKEN.api_key}"
+    assert req.headers["authorization"] == f"Bearer {TOKEN.peer_key}"
 
     status, body = await two.follower_api.call("POST", "/v1/apps", {"name": "fwd"})
     assert status == 409 and body["error"]["code"] == "conflict"
@@ -681,9 +681,8 @@ async def test_no_leader_is_a_503(two: TwoNodes) -> None:
 
 
 async def test_a_forwarded_request_is_never_forwarded_again(two: TwoNodes) -> None:
-    status, body = await two.follower_api.call(
-        "POST", "/v1/apps", {"name": "x"}, headers={FORWARDED: "1"}
-    )
+    peer = {FORWARDED: "1", "Authorization": f"Bearer {TOKEN.peer_key}"}  # as a node forwards
+    status, body = await two.follower_api.call("POST", "/v1/apps", {"name": "x"}, headers=peer)
     assert status == 503 and "no longer the leader" in body["error"]["message"]
     assert two.forwarded == []
 

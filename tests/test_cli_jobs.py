@@ -645,7 +645,7 @@ def serve(root: Path, started: queue.Queue[Served], stop: threading.Event) -> No
         async with trio.open_nursery() as nursery:
             service = await start_service(nursery)
             ctx = JobsCtx(service, Clock())
-            http = httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.api_key}"}, timeout=10.0)
+            http = httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"}, timeout=10.0)
             blobs = BlobService(BlobStore(root / "blobs"), service, NoPeers(), http, "n1", ctx.now_ms)
             hub = LogHub(root / "logs")
             fanout = LogFanout(http, lambda: [], Peer("n1", "unbound"))

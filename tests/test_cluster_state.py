@@ -99,7 +99,7 @@ async def test_stopped_node_catches_up_and_new_node_gets_a_full_copy(cluster: Cl
               Hlc(now, i), "bulk/test", i + 1)
         for i in range(10_000)
     )
-    async with a.client() as client:
+    async with a.client(token=a.token.peer_key) as client:
         r = await client.post(
             "/v1/internal/state/push",
             content=msgpack.packb(envelope(Delta(entries, {}, {}, False))),

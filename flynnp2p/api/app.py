@@ -1,8 +1,24 @@
 """The HTTP API: a quart-trio app over the node's components.
 
-Every route but ``/healthz`` needs ``Authorization: Bearer <api key>``.  Every
+Every route but ``/healthz`` needs ``Authorization: Bearer <credential>``.  Every
 error is JSON ``{"error": {"code", "message"}}`` with a 4xx for the user's
 mistakes; an unexpected failure is a 500 whose body names no internals.
+
+Two kinds of caller
+-------------------
+Users present the API key (or the whole cluster token); nodes present the peer
+credential (`ClusterToken.peer_key`, which users are never given).
+
+    path                  user key / token        peer credential
+    /healthz              (no auth)               (no auth)
+    /v1/internal/*        403                     yes
+    everything else       yes                     yes
+
+Some headers are marks one node puts on a request to another (`PEER_HEADERS`:
+"already forwarded", "this blob is a replica"). They are trusted only from a
+peer: on a user's request they are removed before any view sees it, so a user
+who sets one gets exactly the answer they would get without it.
+`is_peer_request()` says which kind of caller the current request came from.
 """
 
 from __future__ import annotations
@@ -10,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
@@ -28,6 +44,21 @@ PEER_PREFIX = "/v1/internal/"
 MAX_BLOB_BODY = 4 << 30
 BLOB_PREFIX = "/v1/blobs/"
 PUBLIC_PATHS = frozenset({"/healthz"})
+# Marks only nodes may set (flynnp2p.api.apps.FORWARDED, flynnp2p.build.blobs.REPLICA_HEADER;
+# spelled out here because both of those modules import this one).
+PEER_HEADERS = ("X-Flynnp2p-Forwarded", "X-Flynnp2p-Replica")
+
+
+class Forbidden(Unauthorized):
+    """A valid credential that may not do this (a user's key on a peer-only path)."""
+
+    status = 403
+    code = "forbidden"
+
+
+def is_peer_request() -> bool:
+    """True if the current request presented the peer credential (it comes from a node)."""
+    return bool(g.get("peer", False))
 
 
 class _Request(TrioRequest):
@@ -67,14 +98,27 @@ def create_app(node: NodeStatus) -> QuartTrio:
 
     @app.before_request
     async def authenticate() -> None:
+        g.peer = False
         if request.path in PUBLIC_PATHS:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if not header:
             raise Unauthorized("missing 'Authorization: Bearer <token>' header")
-        if scheme.lower() != "bearer" or not node.token.accepts_bearer(presented):
+        bearer = scheme.lower() == "bearer"
+        if bearer and node.token.accepts_peer(presented):
+            g.peer = True
+            return
+        if not bearer or not node.token.accepts_bearer(presented):
             raise Unauthorized("invalid API token (give the cluster token or its API key)")
+        if request.path.startswith(PEER_PREFIX):
+            raise Forbidden(
+                f"{request.path} is for the cluster's nodes only: they authenticate with "
+                "the peer credential, not with the user's API key or cluster token"
+            )
+        for name in PEER_HEADERS:
+            if name in request.headers:
+                del request.headers[name]
 
     @app.errorhandler(FlynnError)
     async def flynn_error(exc: FlynnError) -> Response:

@@ -169,8 +169,8 @@ class ClusterContext(Protocol):
     def state(self) -> ReplicatedState: ...
 
     @property
-    def api_key(self) -> str:
-        """The bearer this node presents when it forwards a request to the leader."""
+    def peer_key(self) -> str:
+        """The peer credential this node presents when it forwards a request."""
         ...
 
     @property
@@ -744,7 +744,7 @@ class AppsApi:
         """This request, as sent to the node whose API is `api`, and its answer."""
         data = await request.get_data(cache=True, as_text=False, parse_form_data=False)
         headers = {
-            "Authorization": f"Bearer {self.ctx.api_key}",
+            "Authorization": f"Bearer {self.ctx.peer_key}",
             "Content-Type": "application/json",
             FORWARDED: "1",
         }

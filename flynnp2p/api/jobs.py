@@ -12,6 +12,13 @@ the scheduler then replaces the job like any other that stopped. ``run`` writes 
 `RunRequest` on any node; the leader places it. Host tags belong to the host:
 ``PUT /v1/hosts/<name>/tags`` is forwarded to that node, which sets its serf tags
 and keeps them in its node file.
+
+A host that serf still calls alive but that has stopped answering this node's
+heartbeats (`flynnp2p.gossip.heartbeat`) is shown ``unresponsive`` in the hosts
+list, and the jobs it reported pending, starting or up are shown ``lost``: serf
+takes 5-7 s to call it failed, and until then its last report is stale.  They
+stay ``lost`` once serf calls the host failed, until the leader stops them (then
+``down``).  This is this node's own view; the scheduler still acts on serf's.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
 TAG_VALUE = re.compile(r"[A-Za-z0-9_.:/-]{0,128}")
 _ARGS = Seq(TEXT, max_items=256)
 _MEMORY = Int(16, 1_048_576)
+# What a job on an unresponsive host shows instead of its last report.
+LOST = "lost"
+_LOSABLE = frozenset({"pending", "starting", "up"})
+NO_SILENT_HOSTS: Callable[[], Mapping[str, float]] = dict
 
 
 class JobsContext(ClusterContext, Protocol):
@@ -67,12 +78,14 @@ class JobsContext(ClusterContext, Protocol):
 
 
 def jobs_of(
-    state: State, app: App, include_stopped: bool, alive: Collection[str] | None = None
+    state: State, app: App, include_stopped: bool, alive: Collection[str] | None = None,
+    lost_hosts: Mapping[str, str] | None = None,
 ) -> list[dict[str, object]]:
     """The app's jobs as `ps` shows them, oldest first.
 
     A job the leader stopped on a host that is not `alive` (failed or gone) is shown
-    down: its host cannot report it, and the scheduler has replaced it."""
+    down: its host cannot report it, and the scheduler has replaced it. A pending,
+    starting or up job on one of the `lost_hosts` (name → why) is shown lost."""
     placements = {p.id: p for p in state.records(Placement) if p.app_id == app.id}
     reports = {j.id: j for j in state.records(Job) if j.app_id == app.id}
     out = []
@@ -88,6 +101,9 @@ def jobs_of(
                 row["state"], row["reason"] = "down", p.reason
             elif seen == "down":
                 row["reason"] = row.get("reason") or p.reason
+        host = str(row["host"])
+        if lost_hosts and host in lost_hosts and row["state"] in _LOSABLE:
+            row["state"], row["reason"] = LOST, lost_hosts[host]
         finished = row["state"] == "down" or (row["one_off"] and row["state"] == "crashed")
         if finished and not include_stopped:
             continue
@@ -111,25 +127,39 @@ def blocked_of(state: State, app: App) -> list[dict[str, object]]:
 
 
 class JobsApi:
-    def __init__(self, ctx: JobsContext, apps: AppsApi) -> None:
+    def __init__(
+        self, ctx: JobsContext, apps: AppsApi, silent_hosts: Callable[[], Mapping[str, float]]
+    ) -> None:
         self.ctx = ctx
         self.apps = apps
+        self.silent_hosts = silent_hosts
 
     async def list_jobs(self, app: str) -> Response:
         state = self.ctx.state.state
         found = find_app(state, _ref("app", app))
         include = request.args.get("all", "") in ("1", "true", "yes")
-        rows = jobs_of(state, found, include, self._alive())
+        rows = jobs_of(state, found, include, self._alive(), self._lost_hosts())
         return _json({"jobs": rows, "blocked": blocked_of(state, found)})
 
     def _alive(self) -> set[str]:
         return {m["name"] for m in self.ctx.members() if m["status"] == "alive"}
 
+    def _lost_hosts(self) -> dict[str, str]:
+        """Hosts whose reports are stale: silent to our heartbeats, or failed per serf."""
+        silent = self.silent_hosts()
+        lost = {}
+        for m in self.ctx.members():
+            if m["status"] == "alive" and m["name"] in silent:
+                lost[m["name"]] = f"host {m['name']} has not answered for {silent[m['name']]:.1f}s"
+            elif m["status"] != "alive":
+                lost[m["name"]] = f"host {m['name']} is {m['status']}"
+        return lost
+
     async def get_job(self, app: str, job_id: str) -> Response:
         state = self.ctx.state.state
         found = find_app(state, _ref("app", app))
         job_id = _ref("job", job_id)
-        for row in jobs_of(state, found, True, self._alive()):
+        for row in jobs_of(state, found, True, self._alive(), self._lost_hosts()):
             if row["id"] == job_id:
                 return _json({"job": row})
         for b in state.records(Blocked):
@@ -190,7 +220,14 @@ class JobsApi:
         for j in state.records(Job):
             if j.state in ("pending", "starting", "up"):
                 counts[j.host] = counts.get(j.host, 0) + 1
+        silent = self.silent_hosts()
         hosts = [{**m, "jobs": counts.get(m["name"], 0)} for m in self.ctx.members()]
+        for h in hosts:
+            # Serf's word stays in "gossip_status"; "status" says what this node sees.
+            h["gossip_status"] = h["status"]
+            h["silent_s"] = None
+            if h["status"] == "alive" and h["name"] in silent:
+                h["status"], h["silent_s"] = "unresponsive", round(silent[h["name"]], 1)
         return _json({"hosts": hosts})
 
     async def tag_host(self, name: str) -> Response:
@@ -221,9 +258,15 @@ class JobsApi:
         return await self.apps.forward(member["api"], f"host {name}")
 
 
-def jobs_blueprint(ctx: JobsContext, apps: AppsApi) -> Blueprint:
-    """The jobs and hosts API; forwarding goes through `apps` (and its transport)."""
-    api = JobsApi(ctx, apps)
+def jobs_blueprint(
+    ctx: JobsContext, apps: AppsApi,
+    silent_hosts: Callable[[], Mapping[str, float]] = NO_SILENT_HOSTS,
+) -> Blueprint:
+    """The jobs and hosts API; forwarding goes through `apps` (and its transport).
+
+    `silent_hosts` names the hosts that stopped answering heartbeats (with how long
+    they have been silent), e.g. `flynnp2p.gossip.heartbeat.Heartbeats.unresponsive`."""
+    api = JobsApi(ctx, apps, silent_hosts)
     bp = Blueprint("jobs", __name__)
     rules: tuple[tuple[str, str, Callable[..., Awaitable[Response]]], ...] = (
         ("GET", "/v1/apps/<app>/jobs", api.list_jobs),

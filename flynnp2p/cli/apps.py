@@ -101,7 +101,7 @@ def formation_text(formation: Mapping[str, Any] | None) -> str:
 def cmd_create(args: argparse.Namespace) -> int:
     client = client_for(args)
     body = {"name": args.name} if args.name else {}
-    resp = client.request("POST", "/v1/apps", json=body)
+    resp = client.create("/v1/apps", json=body)
     if args.json:
         print_json(resp)
         return 0
@@ -313,7 +313,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"type": "http", "domain": domain, "path": slash + path or "/"}
     else:
         body = {"type": "tcp", "port": args.port}
-    resp = client.request("POST", app_path(args, "routes"), json=body)
+    resp = client.create(app_path(args, "routes"), json=body)
     if args.json:
         print_json(resp)
         return 0

@@ -5,11 +5,25 @@ Client config (``~/.config/flynnp2p/config.json``, 0600)::
     {"default": "NAME", "clusters": {"NAME": {"url": "...", "token": "..."}}}
 
 ``FLYNNP2P_URL`` and ``FLYNNP2P_TOKEN`` override the chosen cluster.
+
+Retries
+-------
+A 503 means the cluster cannot do it *right now*: the leader is changing, quorum
+is missing for a moment.  `ApiClient.request` tries again on a 503, after
+`RETRY_DELAYS_S` (about 10 s in all), when the request is safe to repeat: GET,
+HEAD, PUT and DELETE, and creates sent with `ApiClient.create`, which carry an
+``Idempotency-Key`` (one uuid per create, the same on each of its retries) so the
+server can answer a repeated create with what it made the first time.  Other
+POSTs and PATCHes are sent once: a 503 may come after the write was made.  On
+success nothing is printed; if every try fails, the last answer is the error.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,20 +71,55 @@ class ClientConfig:
         return url, token
 
 
+IDEMPOTENCY_KEY = "Idempotency-Key"
+# The pauses before each retry of a 503: 9.75 s in all, which outlasts a leader
+# change (a lease of a few seconds plus an election).
+RETRY_DELAYS_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
+RETRY_SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+
+
 class ApiClient:
-    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 10.0, *,
+        transport: httpx.BaseTransport | None = None,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key_from(token)}"},
             timeout=timeout,
+            transport=transport,
         )
+        self.retry_delays_s = tuple(retry_delays_s)
+        self.sleep = sleep
+
+    def create(self, path: str, **kwargs: Any) -> Any:
+        """POST a create with an idempotency key, so that it may be retried."""
+        headers = {**kwargs.pop("headers", {}), IDEMPOTENCY_KEY: str(uuid.uuid4())}
+        return self.request("POST", path, headers=headers, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = kwargs.get("headers") or {}
+        retry = method.upper() in RETRY_SAFE_METHODS or IDEMPOTENCY_KEY in headers
+        delays = iter(self.retry_delays_s if retry else ())
+        while True:
+            resp = self._send(method, path, kwargs)
+            if resp.status_code != 503:
+                return self._answer(resp)
+            delay = next(delays, None)
+            if delay is None:
+                return self._answer(resp)
+            self.sleep(delay)
+
+    def _send(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
         try:
-            resp = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ClusterError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from None
+
+    def _answer(self, resp: httpx.Response) -> Any:
         try:
             body = resp.json()
         except ValueError:

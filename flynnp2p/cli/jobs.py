@@ -46,8 +46,9 @@ STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 RUN_HISTORY_LINES = 10_000
 RECONNECT_PAUSE_S = 0.5
 RECONNECT_GIVE_UP_S = 60.0
-REASON_STATES = ("crashed", "down", "stopping")
-IN_FLIGHT = ("pending", "starting", "stopping")
+REASON_STATES = ("crashed", "down", "stopping", "lost")
+# "lost": its host stopped answering; it is replaced once serf calls the host failed.
+IN_FLIGHT = ("pending", "starting", "stopping", "lost")
 
 
 class StreamBroken(ClusterError):
@@ -78,7 +79,7 @@ def short_job(job_id: str, mark: str = "") -> str:
 
 
 def reason_text(job: Mapping[str, Any]) -> str:
-    """Why a crashed, down or stopping job is what it is ('' for the others)."""
+    """Why a crashed, down, stopping or lost job is what it is ('' for the others)."""
     if job.get("state") not in REASON_STATES:
         return ""
     parts = [str(job["reason"])] if job.get("reason") else []

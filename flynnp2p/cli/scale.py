@@ -56,7 +56,7 @@ def scale_progress(formation: Mapping[str, Any], body: Mapping[str, Any]) -> Sca
         if up == count == len(current) and not old:
             continue
         parts = [f"{up} of {count} up"]
-        parts += [f"{n} {s}" for s in ("pending", "starting", "crashed", "stopping")
+        parts += [f"{n} {s}" for s in ("pending", "starting", "crashed", "stopping", "lost")
                   if (n := sum(j["state"] == s for j in current))]  # fmt: skip
         if up > count:
             parts.append(f"{up - count} too many")
@@ -82,7 +82,7 @@ def scale_verdict(progress: ScaleProgress, elapsed_s: float, timeout_s: float) -
 
 def job_change_line(job: Mapping[str, Any]) -> str:
     line = f"{short_job(job['id'], '…')} {job['state']}"
-    if job["state"] in ("pending", "starting", "up", "crashed") and job.get("host"):
+    if job["state"] in ("pending", "starting", "up", "crashed", "lost") and job.get("host"):
         line += f" on {job['host']}"
     if job["state"] == "up" and job.get("address"):
         line += f" at {job['address']}"
