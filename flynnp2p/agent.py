@@ -36,6 +36,7 @@ from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
 from flynnp2p.config import (
     NodeConfig,
+    coord_dead_after_s,
     etcd_binary,
     job_stop_grace_s,
     save_node,
@@ -71,6 +72,7 @@ from flynnp2p.token import ClusterToken
 log = logging.getLogger(__name__)
 
 CLAIM_SWEEP_S = 30.0
+CATCH_UP_S = 3.0
 ORPHAN_CLAIM_MS = 120_000
 
 
@@ -133,7 +135,8 @@ class Agent:
         # forwarding) present the peer credential: /v1/internal/* takes nothing else.
         self.http = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token.peer_key}"},
-            timeout=10.0,
+            # A peer behind a partition drops SYNs: give up on it in 2 s, not 10.
+            timeout=httpx.Timeout(10.0, connect=2.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         # What must be decided once: etcd (one member on scheduler-role nodes).
@@ -147,6 +150,7 @@ class Agent:
             etcd, self.ca, self.http, self._scheduler_peer_apis,
             enabled="scheduler" in cfg.roles, bootstrap=fresh and not peers,
             binary=etcd_binary(), voters_wanted=cfg.coord_voters,
+            dead_after_s=coord_dead_after_s(),
         )  # fmt: skip
         self.election = LeaderElection(
             self.coord.client, cfg.name, self.api_url[len("http://"):], is_voter=self.coord.is_voter
@@ -170,6 +174,7 @@ class Agent:
             self.http, cfg.name, now_ms,
         )
         self.caught_up_epoch = -1
+        self._caught_up = trio.Event()
         self.duties.add(self._leader_catch_up)
         self.scheduler = Scheduler(
             self.state,
@@ -296,11 +301,23 @@ class Agent:
         leading = self.election.leadership.value
         return leading.is_leader and self.caught_up_epoch == leading.epoch
 
+    async def acting_leader(self) -> bool:
+        """Leader and caught up; a node just elected waits (bounded) for its catch-up."""
+        with trio.move_on_after(CATCH_UP_S + 2):
+            while True:
+                leading = self.election.leadership.value
+                if not leading.is_leader:
+                    return False
+                if self.caught_up_epoch == leading.epoch:
+                    return True
+                await self._caught_up.wait()
+        return self.is_leader()
+
     async def _leader_catch_up(self, epoch: int) -> None:
         """A new leader first pulls from every peer and makes sure etcd holds a
         claim for every app and route the state holds (after ``cluster recover``,
         or for data from before claims), so that no name it allocates is taken."""
-        with trio.move_on_after(10):
+        with trio.move_on_after(CATCH_UP_S):  # peers behind a partition add nothing
             await self.state.catch_up()
         while True:
             try:
@@ -310,6 +327,8 @@ class Agent:
                 log.warning("leader: cannot reconcile the claims yet: %s", exc)
                 await trio.sleep(1)
         self.caught_up_epoch = epoch
+        self._caught_up.set()
+        self._caught_up = trio.Event()
         config = self.state.state.record(ClusterConfig, "config")
         if config is None:
             await self.state.write([ClusterConfig(domain=self.cfg.domain, created_at=now_ms())])
@@ -452,6 +471,10 @@ class Agent:
                 "epoch": e.epoch,
                 "quorum": e.quorum,
                 "reason": e.reason,
+                "alive": sum(m.status == "alive" for m in self.gossip.view.value.members),
+                "electorate": sum(
+                    m.status in ("alive", "failed") for m in self.gossip.view.value.members
+                ),
             },
             "members": self.members(),
             "components": {

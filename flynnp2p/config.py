@@ -69,6 +69,14 @@ def etcd_binary() -> str:
     return os.environ.get("FLYNNP2P_ETCD", "etcd")
 
 
+def coord_dead_after_s() -> float:
+    """How long an etcd voter's node may be failed before the autopilot replaces it."""
+    try:
+        return max(1.0, float(os.environ.get("FLYNNP2P_COORD_DEAD_AFTER_S", "30")))
+    except ValueError:
+        return 30.0
+
+
 def state_gc_interval_s() -> float:
     """How often a node tries to collect tombstones (tests shorten it)."""
     try:

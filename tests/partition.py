@@ -13,12 +13,14 @@ reaches every node's API.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 from types import TracebackType
 
 from tests.harness import AgentProc
 
-_ids = itertools.count(0xF200)
+# Unique per test process: two suites on one machine must not share chains or marks.
+_ids = itertools.count(0x10000 + (os.getpid() % 60000) * 64)
 
 
 def _ipt(*args: str, check: bool = True) -> None:

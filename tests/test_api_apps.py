@@ -82,6 +82,9 @@ class Ctx:
     def is_leader(self) -> bool:
         return self.leader
 
+    async def acting_leader(self) -> bool:
+        return self.leader
+
     def leader_api(self) -> str | None:
         return self.leader_addr
 

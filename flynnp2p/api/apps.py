@@ -180,6 +180,11 @@ class ClusterContext(Protocol):
 
     def is_leader(self) -> bool: ...
 
+    async def acting_leader(self) -> bool:
+        """Whether this node acts as the leader; a node just elected first waits
+        (bounded) until it has caught up, rather than refusing."""
+        ...
+
     def leader_api(self) -> str | None:
         """The leader's API as ``host:port``, or None while there is no leader."""
         ...
@@ -727,7 +732,7 @@ class AppsApi:
 
     async def _via_leader(self) -> Response | None:
         """None if this node is the leader (allocate here); else the leader's answer."""
-        if self.ctx.is_leader():
+        if await self.ctx.acting_leader():
             return None
         if request.headers.get(FORWARDED):
             raise ClusterError("this node is no longer the leader (leadership moved); retry")

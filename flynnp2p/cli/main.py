@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     st = cls.add_parser("status", help="members, their state and the leader")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_cluster_status)
+    rc = cls.add_parser(
+        "recover",
+        help="rebuild etcd from this node when its quorum is lost for good",
+        description="Restart the etcd member of the node the CLI talks to as a one-member "
+        "cluster that keeps its data (etcd's --force-new-cluster). Use it only when most etcd "
+        "voters are gone for good: the other nodes then join it again as learners, and the "
+        "leader re-creates every claim from the replicated state.",
+    )
+    rc.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rc.set_defaults(func=cmd_cluster_recover)
 
     # App commands (create, apps, info, delete, env, release, route, scale).
     # Imported here: flynnp2p.cli.apps imports this module.
@@ -175,11 +185,26 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         for m in status["members"]
     ]
     print(table(rows, ("NAME", "ADDRESS", "STATUS", "ROLES", "LEADER")))
+    coord = status.get("components", {}).get("coord", {})
     if leader["name"]:
         print(f"\nleader: {leader['name']} (epoch {leader['epoch']}); "
-              f"{leader['alive']} of {leader['electorate']} members alive")
+              f"{leader['alive']} of {leader['electorate']} members alive; "
+              f"this node's etcd member: {coord.get('role', '?')}")
     else:
         print(f"\nno leader: {leader['reason']}")
+    return 0
+
+
+def cmd_cluster_recover(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("cluster recover needs -y when not run at a terminal")
+        answer = input(f"rebuild etcd from the node at {client.url}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not recovered")
+            return 1
+    print(client.request("POST", "/v1/cluster/recover", json={})["message"])
     return 0
 
 

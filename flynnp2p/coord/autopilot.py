@@ -60,7 +60,8 @@ def plan_membership(
         if status in ("left", "leaving"):
             return "its node left the cluster"
         if status is None:
-            return "its node is gone from the gossip ring"
+            waited = down_for.get(m.name, 0.0)
+            return f"its node has been unknown to the gossip ring for {waited:.0f}s" if waited >= dead_after_s else None
         if status == "failed" and down_for.get(m.name, 0.0) >= dead_after_s:
             return f"its node has been failed for {down_for[m.name]:.0f}s"
         return None

@@ -238,6 +238,7 @@ class Coord:
             now = trio.current_time()
             seen = statuses()
             down_keys = {n for n, st in seen.items() if st != "alive"}
+            down_keys |= {m.name for m in members if m.name and m.name not in seen}
             down_keys |= {f"url:{m.peer_urls[0]}" for m in members if not m.name and m.peer_urls}
             first_down = {k: first_down.get(k, now) for k in down_keys}
             down_for = {k: now - t for k, t in first_down.items()}

@@ -100,22 +100,34 @@ class Gossip:
         s = self.settings
         async with trio.open_nursery() as nursery:
             await nursery.start(self.serf.run)
-            async with open_serf_rpc(s.rpc_addr, s.rpc_port, s.rpc_auth) as rpc:
+            # Serf answers one RPC connection's commands in order, and a join of
+            # a peer behind a partition blocks for serf's 10 s TCP timeout: joins
+            # get a connection of their own, so membership reads never wait.
+            async with open_serf_rpc(s.rpc_addr, s.rpc_port, s.rpc_auth) as rpc, open_serf_rpc(
+                s.rpc_addr, s.rpc_port, s.rpc_auth
+            ) as joins:
                 self._rpc = rpc
                 if self.peers:
                     await self.join(self.peers)
-                elif self.known:
-                    with trio.move_on_after(JOIN_TIMEOUT_S):
-                        try:
-                            await rpc.join(self.known)
-                        except SerfError as exc:
-                            log.info("could not rejoin known peers yet: %s", exc)
+                else:
+                    nursery.start_soon(self._rejoin_known, joins)
                 await self._refresh()
                 nursery.start_soon(self._watch_member_events)
                 nursery.start_soon(self._refresh_loop)
-                nursery.start_soon(self._rejoin_loop)
+                nursery.start_soon(self._rejoin_loop, joins)
                 task_status.started(self)
                 await trio.sleep_forever()
+
+    async def _rejoin_known(self, joins: SerfRPC) -> None:
+        """A restarted node rejoins the members it last saw, without holding up its start."""
+        if not self.known:
+            return
+        with trio.move_on_after(JOIN_TIMEOUT_S):
+            try:
+                await joins.join(self.known)
+            except SerfError as exc:
+                log.info("could not rejoin known peers yet: %s", exc)
+        self._poke.set()
 
     async def join(self, targets: Sequence[str]) -> int:
         """Join through any of ``targets``, retrying an unreachable peer for up to
@@ -201,7 +213,7 @@ class Gossip:
             log.warning("could not publish the epoch tag (will retry): %s", exc)
             self._poke.set()
 
-    async def _rejoin_loop(self) -> None:
+    async def _rejoin_loop(self, joins: SerfRPC) -> None:
         rng = random.Random()
         while True:
             await trio.sleep(REJOIN_S * (0.5 + rng.random()))
@@ -215,7 +227,7 @@ class Gossip:
             target = rng.choice(targets)
             with trio.move_on_after(JOIN_TIMEOUT_S):
                 try:
-                    await self.rpc.join([target])
+                    await joins.join([target])
                 except SerfError as exc:
                     log.debug("re-join %s failed: %s", target, exc)
 

@@ -5,6 +5,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 ensure_system_packages() {
   have serf || need_apt+=(serf)
+  have etcd || need_apt+=(etcd-server)
   have git || need_apt+=(git)
   have iptables || need_apt+=(iptables)
   have ip || need_apt+=(iproute2)
