@@ -822,3 +822,69 @@ def test_certificate_private_keys_never_leave_in_responses_or_events() -> None:
                        key_pem="-----BEGIN PRIVATE KEY-----\nsecret\n", created_at=1)  # fmt: skip
     shown = wire(cert)
     assert "secret" not in json.dumps(shown) and "v" not in shown
+
+
+# -- retried creates (the CLI retries a 503 with one Idempotency-Key) -----------
+
+
+async def test_a_retried_create_answers_with_the_app_it_made(node: tuple[Ctx, Api]) -> None:
+    ctx, api = node
+    key = {"Idempotency-Key": "3f1c2b9e-retry"}
+    status, first = await api.call("POST", "/v1/apps", {"name": "again"}, headers=key)
+    assert status == 201, first
+    status, second = await api.call("POST", "/v1/apps", {"name": "again"}, headers=key)
+    assert status == 201 and second["app"]["id"] == first["app"]["id"]
+    assert [a.name for a in ctx.state.state.records(App)] == ["again"]  # one app, not two
+    status, body = await api.call("POST", "/v1/apps", {"name": "again"}, headers={"Idempotency-Key": "other"})
+    assert status == 409, body
+    status, body = await api.call("POST", "/v1/apps", {"name": "x"}, headers={"Idempotency-Key": "bad key!"})
+    assert status == 400 and "Idempotency-Key" in body["error"]["message"]
+
+
+async def test_a_retried_route_create_answers_with_the_route_it_made(node: tuple[Ctx, Api]) -> None:
+    _, api = node
+    await api.call("POST", "/v1/apps", {"name": "rt"})
+    key = {"Idempotency-Key": "route-retry-1"}
+    route = {"type": "tcp", "port": 6000}
+    status, first = await api.call("POST", "/v1/apps/rt/routes", route, headers=key)
+    assert status == 201, first
+    status, second = await api.call("POST", "/v1/apps/rt/routes", route, headers=key)
+    assert status == 201 and second["route"]["id"] == first["route"]["id"]
+    status, body = await api.call("POST", "/v1/apps/rt/routes", route)
+    assert status == 409 and "6000" in body["error"]["message"]
+
+
+async def test_releases_are_numbered_and_each_builds_on_the_last(node: tuple[Ctx, Api]) -> None:
+    _, api = node
+    await api.call("POST", "/v1/apps", {"name": "nums"})
+    for i in range(5):
+        status, body = await api.call("PATCH", "/v1/apps/nums/env", {"set": {f"K{i}": "v"}})
+        assert status == 200, body
+        assert body["release"]["version"] == i + 1
+    _, body = await api.call("GET", "/v1/apps/nums/releases")
+    versions = [(r["version"], sorted(r["env"])) for r in body["releases"]]
+    assert versions == [(5 - i, [f"K{k}" for k in range(5 - i)]) for i in range(5)]
+
+
+async def test_a_release_number_whose_release_never_committed_is_skipped(
+    node: tuple[Ctx, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json as _json
+
+    from flynnp2p.api import allocate
+    from flynnp2p.coord.claims import release_key
+
+    ctx, api = node
+    monkeypatch.setattr(allocate, "RECORD_WAIT_S", 0.2)
+    _, created = await api.call("POST", "/v1/apps", {"name": "orphan"})
+    await api.call("PATCH", "/v1/apps/orphan/env", {"set": {"A": "1"}})  # v1
+    # A leader advanced the counter to v2 and died before committing v2 anywhere.
+    key = release_key(created["app"]["id"])
+    ghost = {"n": 2, "id": "ghost-release", "at": ctx.clock.ms}
+    ctx.etcd._put(key, _json.dumps(ghost))
+    status, body = await api.call("PATCH", "/v1/apps/orphan/env", {"set": {"B": "2"}})
+    assert status == 503 and "v2" in body["error"]["message"]  # it may still arrive: refuse, retry
+    ctx.etcd._put(key, _json.dumps({**ghost, "at": ctx.clock.ms - 60_000}))
+    status, body = await api.call("PATCH", "/v1/apps/orphan/env", {"set": {"B": "2"}})
+    assert status == 200, body
+    assert body["release"]["version"] == 3 and body["env"] == {"A": "1", "B": "2"}

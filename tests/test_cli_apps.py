@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -156,9 +157,9 @@ def test_releases_and_scale(cli: Any, server_url: str) -> None:
     assert r.status_code == 201
     rid = r.json()["release"]["id"]
     code, out, _ = cli("release", "-a", "scaled")
-    assert code == 0 and f"* {rid}" in out and "web,worker" in out
+    assert code == 0 and re.search(rf"^\* v1 +{rid} ", out, re.M) and "web,worker" in out
     code, out, _ = cli("release", "-a", "scaled", "show", rid)
-    assert "process:   web: serve" in out
+    assert "process:   web: serve" in out and "version:   v1" in out
     code, out, _ = cli("scale", "-a", "scaled", "-n", "web=2")
     assert code == 0 and out.splitlines() == ["TYPE  COUNT  TAGS", "web   2      -", "", f"release: {rid}"]
     code, out, _ = cli("scale", "-a", "scaled", "-n", "worker=1", "--json")

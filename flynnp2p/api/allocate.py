@@ -43,6 +43,7 @@ from flynnp2p.state.records import App, Release, Route
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 RECORD_WAIT_S = 5.0
 CAS_TRIES = 8
+ORPHAN_RELEASE_MS = 30_000
 
 
 class Outcome(Protocol):
@@ -170,7 +171,8 @@ class Allocator:
                 base = await self._base(app, counter, current)
                 number = counter.number + 1 if counter.number else legacy_count + 1
                 release, extra = build(base, number)
-                if await claims.advance_release(app.id, _as_seen(counter, number), release.id):
+                seen = _as_seen(counter, number)
+                if await claims.advance_release(app.id, seen, release.id, self.now_ms()):
                     result = await self.state.write([release, *extra])
                     return release, extra, result
             raise ClusterError(f"app {app.name!r}: releases are changing concurrently; retry")
@@ -182,6 +184,8 @@ class Allocator:
             return current()
         found = await self.wait_record(Release, counter.release_id)
         if not isinstance(found, Release):
+            if self.now_ms() - counter.at_ms > ORPHAN_RELEASE_MS:
+                return current()  # its leader died before committing it: skip the number
             raise ClusterError(
                 f"app {app.name!r}: release v{counter.number} ({counter.release_id}) has not "
                 "reached this node yet; retry"
@@ -191,4 +195,4 @@ class Allocator:
 
 def _as_seen(counter: ReleaseCounter, number: int) -> ReleaseCounter:
     """The counter to compare against, with ``number - 1`` as the number it holds."""
-    return ReleaseCounter(number - 1, counter.release_id, counter.mod_revision)
+    return ReleaseCounter(number - 1, counter.release_id, counter.mod_revision, counter.at_ms)

@@ -696,14 +696,18 @@ class AppsApi:
             if state.record(App, found.id) is None:
                 raise NotFound(f"app {found.name!r} was deleted meanwhile")
             clash = route_clash(state, route)
-            if clash is not None:
+            keys = route_keys(route)
+            if clash is not None and not (keys and await self._is_replay(keys[0], idem)):
                 raise Conflict(clash)
-            result = await self.alloc.claim_and_write(
-                found.id, route_keys(route), [route], None if idem is None else f"{idem}:{route.id}",
-                f"{'tcp port ' + str(route.port) if route.type == 'tcp' else 'http route ' + str(route.domain) + route.path} is taken",
-            )  # fmt: skip
-        if result is None:
-            raise Conflict("this route was added already (a retried request)")
+            what = f"tcp port {route.port}" if route.type == "tcp" else f"http route {route.domain}{route.path}"
+            result = None
+            if clash is None:
+                result = await self.alloc.claim_and_write(found.id, keys, [route], idem, f"{what} is taken")
+        if result is None:  # a retry of a create that was made: answer with that route
+            made = next((r for r in routes_of(self.ctx.state.state, found) if route_keys(r) == keys), None)
+            if made is None:
+                raise ClusterError("the route was added but has not reached this node yet; retry")
+            return _json({"route": wire(made), "replicas": 1}, 201)
         return _json({"route": wire(route), "replicas": result.replicas}, 201)
 
     async def delete_route(self, app: str, route_id: str) -> Response:

@@ -264,7 +264,8 @@ def cmd_release(args: argparse.Namespace) -> int:
             print_json(resp)
             return 0
         r = resp["release"]
-        print(f"id:        {r['id']}\ncreated:   {when(r['created_at'])}")
+        version = f"v{r['version']}" if r.get("version") else "-"
+        print(f"id:        {r['id']}\nversion:   {version}\ncreated:   {when(r['created_at'])}")
         print(f"artifacts: {', '.join(r['artifacts']) or 'none'}")
         for ptype, spec in sorted(r["processes"].items()):
             print(f"process:   {ptype}: {spec['command']}")
@@ -279,14 +280,15 @@ def cmd_release(args: argparse.Namespace) -> int:
     current_id = current["id"] if current else None
     rows = [
         (
-            ("* " if r["id"] == current_id else "  ") + r["id"],
+            ("* " if r["id"] == current_id else "  ") + (f"v{r['version']}" if r.get("version") else "-"),
+            r["id"],
             when(r["created_at"]),
             ",".join(sorted(r["processes"])) or "-",
             str(len(r["env"])),
         )
         for r in resp["releases"]
     ]
-    print(table(rows, ("  ID", "CREATED", "TYPES", "ENV")))
+    print(table(rows, ("  VERSION", "ID", "CREATED", "TYPES", "ENV")))
     return 0
 
 

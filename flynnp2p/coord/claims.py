@@ -9,9 +9,11 @@ a TCP port.  Its value names the owner: ``{"app": id, "idem": key, "at": ms}``
 (``idem`` is the client's Idempotency-Key, so a retried create is recognised).
 
 An app's release numbers are a counter ``f2p/release/<app id>`` holding
-``{"n": N, "id": release id}``, advanced by compare-and-swap on its
+``{"n": N, "id": release id, "at": ms}``, advanced by compare-and-swap on its
 modification revision: concurrent changes serialise, each one built on the
-release the counter names.
+release the counter names.  A leader that died between advancing the counter
+and committing the release leaves a number no node holds: after
+``ORPHAN_RELEASE_MS`` the next change builds on the newest release there is.
 
 Everything here can be derived again from the replicated state (`expected`):
 after ``cluster recover`` the leader re-creates the claims of every app and
@@ -64,6 +66,7 @@ class ReleaseCounter:
     number: int
     release_id: str | None
     mod_revision: int
+    at_ms: int = 0
 
 
 def _owner(raw: bytes) -> Owner | None:
@@ -128,11 +131,16 @@ class Claims:
         data = kv.json()
         if not isinstance(data, dict) or not isinstance(data.get("n"), int):
             raise CoordError(f"the release counter of app {app_id} is not readable")
-        rid = data.get("id")
-        return ReleaseCounter(data["n"], rid if isinstance(rid, str) else None, kv.mod_revision)
+        rid, at = data.get("id"), data.get("at")
+        return ReleaseCounter(
+            data["n"], rid if isinstance(rid, str) else None, kv.mod_revision,
+            at if isinstance(at, int) else 0,
+        )  # fmt: skip
 
-    async def advance_release(self, app_id: str, seen: ReleaseCounter, release_id: str) -> bool:
-        value = json.dumps({"n": seen.number + 1, "id": release_id})
+    async def advance_release(
+        self, app_id: str, seen: ReleaseCounter, release_id: str, now_ms: int = 0
+    ) -> bool:
+        value = json.dumps({"n": seen.number + 1, "id": release_id, "at": now_ms})
         return await self.client.swap(release_key(app_id), value, seen.mod_revision)
 
     async def forget_app(self, app_id: str) -> None:
