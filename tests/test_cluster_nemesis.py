@@ -7,6 +7,9 @@ and asserts it all survived, on every node:
 * every acknowledged create is there, with the id it was acknowledged with;
 * every acknowledged env key is there;
 * at most one node ever acted as leader for a given epoch;
+* the formation (scaled concurrently) is the same on every node, comes from an
+  acknowledged write that no later acknowledged write followed, and that many
+  jobs run;
 * all nodes converge within 30 s of the last heal.
 """
 
@@ -39,6 +42,7 @@ class Checker:
         self.failed: collections.Counter[str] = collections.Counter()
         self.created: dict[str, str] = {}  # acknowledged name -> app id
         self.env_keys: set[str] = set()
+        self.scaled: list[tuple[float, float, int]] = [(0.0, 0.0, 1)]  # acknowledged (start, end, count)
         self.leaders: dict[int, set[str]] = collections.defaultdict(set)
         self.faults: collections.Counter[str] = collections.Counter()
 
@@ -77,6 +81,15 @@ async def client(agents: list[AgentProc], check: Checker, rng: random.Random, de
                 check.created[name] = body["app"]["id"]
             elif code != 409:
                 check.fail("create", str(code))
+        elif rng.random() < 0.3:
+            count = rng.randrange(3)
+            check.ops["scale"] += 1
+            began = trio.current_time()
+            code, _ = await request(agent, "PUT", "/v1/apps/nem/formation", {"processes": {"worker": count}})
+            if code == 200:
+                check.scaled.append((began, trio.current_time(), count))
+            else:
+                check.fail("scale", str(code))
         else:
             key = f"K{rng.randrange(1 << 30)}"
             check.ops["env"] += 1
@@ -138,6 +151,11 @@ async def test_nemesis(cluster: Cluster) -> None:
     await cluster.wait_converged(agents, alive=5)
     code, body = await request(agents[0], "POST", "/v1/apps", {"name": "nem"})
     assert code == 201, body
+    worker = {"processes": {"worker": {"command": "sleep 600", "memory_mb": 64}}}
+    code, body = await request(agents[0], "POST", "/v1/apps/nem/releases", worker)
+    assert code == 201, body
+    code, body = await request(agents[0], "PUT", "/v1/apps/nem/formation", {"processes": {"worker": 1}})
+    assert code == 200, body
     check = Checker()
     deadline = trio.current_time() + FAULT_S
     async with trio.open_nursery() as nursery:
@@ -181,4 +199,20 @@ async def test_nemesis(cluster: Cluster) -> None:
         missing = check.env_keys - set(body["env"])
         assert not missing, (a.name, sorted(missing)[:5], len(missing))
     assert all(len(names) == 1 for names in check.leaders.values()), dict(check.leaders)
+    # The formation is one of the acknowledged counts, the same everywhere, and runs.
+    formations = []
+    for a in agents:
+        code, body = await request(a, "GET", "/v1/apps/nem/formation", None)
+        formations.append(body["formation"]["processes"].get("worker", 0))
+    # It must come from a write that was not over before another acknowledged one began.
+    last_start = max(start for start, _, _ in check.scaled)
+    allowed = {count for _, end, count in check.scaled if end >= last_start}
+    assert len(set(formations)) == 1 and formations[0] in allowed, (formations, check.scaled)
+
+    async def running() -> bool:
+        code, body = await request(agents[0], "GET", "/v1/apps/nem/jobs", None)
+        up = [j for j in body.get("jobs", []) if j["process_type"] == "worker" and j["state"] == "up"]
+        return code == 200 and len(up) == formations[0]
+
+    await wait_for(running, 40, f"{formations[0]} worker jobs up")
     assert sum(check.ops.values()) > 50 and check.env_keys and check.created
