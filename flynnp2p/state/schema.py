@@ -13,6 +13,8 @@ it comes from Python code, the wire or the database. `to_wire` is the inverse:
 plain dicts, lists, str, int, bool and None, safe for msgpack and JSON.
 
 Every failure is a `RecordError` naming the dotted field path and what is accepted.
+Every string (values and map keys alike) must be valid Unicode without NUL, so
+that whatever a check accepts can be encoded for peers (see `unencodable_char`).
 """
 
 from __future__ import annotations
@@ -96,14 +98,36 @@ class Str(Check[str]):
         self.accepted = accepted or f"a string of {min_len} to {max_len} characters"
 
     def decode(self, path: str, value: object) -> str:
-        if (
-            type(value) is not str
-            or not self.min_len <= len(value) <= self.max_len
-            or "\x00" in value
-            or (self.pattern is not None and self.pattern.fullmatch(value) is None)
-        ):
+        if type(value) is not str or not self.min_len <= len(value) <= self.max_len:
+            raise self.fail(path, value)
+        bad = unencodable_char(value)
+        if bad is not None:
+            raise RecordError(
+                path,
+                f"{bad} is not accepted: expected {self.accepted}, in valid Unicode text "
+                "(encodable as UTF-8, no NUL)",
+            )
+        if self.pattern is not None and self.pattern.fullmatch(value) is None:
             raise self.fail(path, value)
         return value
+
+
+def unencodable_char(text: str) -> str | None:
+    """Why `text` cannot be stored and sent to peers, or None if it can.
+
+    Peers exchange records as msgpack, which carries UTF-8: a lone surrogate
+    (which JSON's ``"\\udfff"`` escape can produce) would commit here and then
+    fail every push and pull of it.  NUL is refused as well (C strings, serf tags,
+    process arguments)."""
+    if text.isascii():
+        i = text.find("\x00")
+        return None if i < 0 else f"NUL at index {i}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"the lone surrogate U+{ord(text[exc.start]):04X} at index {exc.start}"
+    i = text.find("\x00")
+    return None if i < 0 else f"NUL at index {i}"
 
 
 class Choice(Check[str]):
