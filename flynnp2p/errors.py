@@ -6,7 +6,8 @@
     │   ├── NotFound (404)
     │   └── Conflict (409)
     ├── ConfigError                 the node cannot start as configured (exit code 2)
-    └── ClusterError (503)          the cluster cannot do it right now (no leader, no quorum, peer down)
+    ├── ClusterError (503)          the cluster cannot do it right now (no leader, no quorum, peer down)
+    └── InsufficientStorage (507)   this node's disk is full: nothing was stored; reads still work
 
 The gossip client has its own tree rooted at ``flynnp2p.gossip.codec.SerfError``;
 the agent turns those into ``ConfigError`` or ``ClusterError`` at its edge.
@@ -55,3 +56,8 @@ class ConfigError(FlynnError):
 class ClusterError(FlynnError):
     status = 503
     code = "unavailable"
+
+
+class InsufficientStorage(FlynnError):
+    status = 507
+    code = "insufficient_storage"

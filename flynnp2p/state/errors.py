@@ -9,6 +9,8 @@
      ├── StaleReplicaError        this replica missed tombstones a peer has already
      │                            collected; it must be reset and resynced from scratch
      └── StoreError (500)         the local database is unusable (in use, corrupt, newer schema)
+          └── StoreFullError      the disk holding it is full: the change was rolled back, the
+                                  store is intact and takes the next change once space frees
 
 `RecordError` is what a peer's bad data or a bad API request produces: the API
 returns it as a 400, the sync service treats it as the peer misbehaving.
@@ -54,3 +56,7 @@ class StaleReplicaError(StateError):
 
 class StoreError(StateError):
     """The local state database cannot be used."""
+
+
+class StoreFullError(StoreError):
+    """The database's disk (or quota) is full; the transaction was rolled back."""

@@ -22,6 +22,20 @@ from a random alive peer every few seconds repair anything lost; a pull sends
 this replica's version vector and gets back, streamed in chunks, every entry it
 lacks.  A new node pulls a full copy before it reports ready.
 
+Nothing unencodable commits.  Every record of a local write is encoded as the
+peer protocol will encode it (msgpack, UTF-8) before it commits; one that
+cannot be is that write's RecordError (400), so no replica ever holds a value its
+peers cannot read.  A push or pull that fails, for whatever reason, is one
+failed attempt: it is logged and counted, and hints and anti-entropy pull again.
+An entry that cannot be encoded when serving a pull is skipped and logged rather
+than failing the whole pull.
+
+A full disk.  A commit that fails for lack of space fails its writes with 507
+(`InsufficientStorage`) and marks the service ``degraded`` (shown in
+``/v1/status``); the state in memory is untouched, so reads go on.  While degraded,
+the service probes the store every few seconds, and the first commit that
+succeeds, a probe or a write, clears it.
+
 Watch.  ``subscribe`` registers the subscriber and takes the snapshot without a
 checkpoint in between, so no change falls in a gap; subscribers that fall
 behind their bounded buffer are closed (they resubscribe).  Applied entries are
@@ -30,6 +44,7 @@ also kept in a bounded ring with local event ids for ``/v1/events`` resumption.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import deque
@@ -43,9 +58,9 @@ import httpx
 import msgpack
 import trio
 
-from flynnp2p.errors import ClusterError
-from flynnp2p.state.errors import RecordError, StaleReplicaError
-from flynnp2p.state.merge import Change, Delta, Entry, State, VersionVector, delta_of
+from flynnp2p.errors import ClusterError, InsufficientStorage
+from flynnp2p.state.errors import RecordError, StaleReplicaError, StoreError, StoreFullError
+from flynnp2p.state.merge import Change, Delete, Delta, Entry, State, VersionVector, delta_of
 from flynnp2p.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +73,7 @@ HINT_MIN_INTERVAL_S = 0.2
 CHUNK_ENTRIES = 2000
 EVENT_RING = 10_000
 SUBSCRIBER_BUFFER = 1024
+PROBE_INTERVAL_S = 2.0
 MSGPACK = "application/x-msgpack"
 
 
@@ -103,6 +119,7 @@ class _Call:
     fn: Callable[[], Any]
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -136,7 +153,39 @@ def check_version(message: Any) -> dict[str, Any]:
 
 
 def open_envelope(message: Any) -> Delta:
-    return Delta.from_wire(check_version(message).get("delta"))
+    try:
+        return Delta.from_wire(check_version(message).get("delta"))
+    except (TypeError, KeyError, AttributeError) as exc:  # e.g. an unhashable "kind"
+        raise RecordError("message.delta", f"malformed: {exc or type(exc).__name__}") from None
+
+
+def unencodable(changes: Sequence[Change]) -> RecordError | None:
+    """Why one of `changes` cannot be sent to peers, or None.
+
+    The schema refuses what it knows to be unencodable; this is the last check,
+    as the peer protocol itself encodes, so that nothing a peer cannot read commits."""
+    for change in changes:
+        if isinstance(change, Delete):
+            continue
+        try:
+            pack(change.to_wire())
+        except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+            return RecordError(change.KIND, f"cannot be sent to peers: {exc or type(exc).__name__}")
+    return None
+
+
+def _packable(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries that encode for peers (the others are logged)."""
+    out = []
+    for e in entries:
+        try:
+            pack(e.to_wire())
+        except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+            log.error("entry %s/%s (%s #%d) cannot be encoded for peers, skipped: %s",
+                      e.kind, e.key, e.origin, e.seq, exc)  # fmt: skip
+            continue
+        out.append(e)
+    return out
 
 
 class StateService:
@@ -163,7 +212,12 @@ class StateService:
         self._pulling: set[str] = set()
         self.peer_vectors: dict[str, VersionVector] = {}
         self.gc_interval_s = gc_interval_s
-        self.stats = {"pushes": 0, "pulls": 0, "pull_failures": 0, "resets": 0, "collected": 0}
+        self.stats = {
+            "pushes": 0, "push_failures": 0, "pulls": 0, "pull_failures": 0, "resets": 0,
+            "collected": 0, "skipped_unencodable": 0,
+        }  # fmt: skip
+        self.degraded: str | None = None  # why commits fail (the disk is full), or None
+        self._degraded_event = trio.Event()
 
     # -- reads ---------------------------------------------------------------
 
@@ -213,6 +267,8 @@ class StateService:
         op = _Call(fn)
         await self._ops_send.send(op)
         await op.done.wait()
+        if op.error is not None:
+            raise op.error
         return op.result
 
     async def receive(self, wire: Any) -> list[Entry]:
@@ -237,6 +293,7 @@ class StateService:
             nursery.start_soon(self._hint_listener)
             nursery.start_soon(self._anti_entropy)
             nursery.start_soon(self._collect_tombstones)
+            nursery.start_soon(self._probe_while_degraded)
             task_status.started(self)
 
     async def _owner(self) -> None:
@@ -257,10 +314,44 @@ class StateService:
                 if isinstance(op, _Apply):
                     await self._commit_apply(op)
                 elif isinstance(op, _Call):
-                    op.result = await trio.to_thread.run_sync(op.fn)
+                    try:
+                        op.result = await trio.to_thread.run_sync(op.fn)
+                    except StoreError as exc:
+                        self._store_failed(exc)
+                        op.error = exc
+                    else:
+                        self._store_ok()
                     op.done.set()
 
+    def _store_failed(self, exc: StoreError) -> Exception:
+        """The error a write answers with; a full disk degrades the service."""
+        if isinstance(exc, StoreFullError):
+            if self.degraded is None:
+                log.error("state writes fail, this node is degraded: %s", exc)
+                self._degraded_event.set()
+            self.degraded = str(exc)
+            return InsufficientStorage(
+                f"this node's disk is full, nothing was written ({exc}); "
+                "reads still work, and writes will once space is freed"
+            )
+        log.error("local commit failed: %s", exc)
+        return ClusterError(f"the local commit failed: {exc}")
+
+    def _store_ok(self) -> None:
+        if self.degraded is not None:
+            log.warning("state writes succeed again: no longer degraded")
+            self.degraded = None
+            self._degraded_event = trio.Event()
+
     async def _commit_writes(self, writes: list[_Write]) -> None:
+        bad = await trio.to_thread.run_sync(lambda: [unencodable(w.changes) for w in writes])
+        for w, error in zip(writes, bad, strict=True):
+            if error is not None:
+                w.error = error
+                w.done.set()
+        writes = [w for w, error in zip(writes, bad, strict=True) if error is None]
+        if not writes:
+            return
         changes = [c for w in writes for c in w.changes]
         now = self.clock_ms()
         try:
@@ -268,11 +359,19 @@ class StateService:
                 lambda: self.store.write(changes, physical_ms=now)
             )
         except Exception as exc:  # a failed commit fails every write of the batch
-            log.exception("local commit failed")
+            failure: Exception
+            if isinstance(exc, StoreError):
+                failure = self._store_failed(exc)
+            elif isinstance(exc, RecordError):
+                failure = exc
+            else:
+                log.exception("local commit failed")
+                failure = ClusterError(f"the local commit failed: {exc or type(exc).__name__}")
             for w in writes:
-                w.error = ClusterError(f"the local commit failed: {exc}")
+                w.error = failure
                 w.done.set()
             return
+        self._store_ok()
         i = 0
         for w in writes:
             w.entries = entries[i : i + len(w.changes)]
@@ -298,7 +397,10 @@ class StateService:
             op.applied = await trio.to_thread.run_sync(apply)
         except (RecordError, StaleReplicaError) as exc:
             op.error = exc
+        except StoreError as exc:
+            op.error = self._store_failed(exc)
         else:
+            self._store_ok()
             self._publish(op.applied)
         op.done.set()
 
@@ -345,11 +447,22 @@ class StateService:
     async def _push(self, peers: list[Peer], entries: list[Entry]) -> int:
         # Entries and vector from one snapshot (delta_of drops entries that a
         # later write already replaced), so the receiver's horizon check holds.
-        body = pack(envelope(delta_of(self.state, entries)))
+        delta = delta_of(self.state, entries)
+        try:
+            body = pack(envelope(delta))
+        except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+            # Unreachable while writes are checked before they commit; if it is
+            # reached, push what encodes and leave the rest to the logged skip.
+            good = _packable(delta.entries)
+            self.stats["skipped_unencodable"] += len(delta.entries) - len(good)
+            body = pack(envelope(Delta(tuple(good), delta.vv, delta.horizon, delta.complete)))
         acks = 0
 
         async def one(peer: Peer) -> None:
             nonlocal acks
+            # One attempt: whatever fails it (the network, a malformed address in
+            # the peer's tags, an error answer) leaves the entries to hints and
+            # anti-entropy, and must not end the replicator (the agent with it).
             try:
                 r = await self.http.post(
                     f"http://{peer.api}/v1/internal/state/push",
@@ -357,12 +470,14 @@ class StateService:
                     headers={"Content-Type": MSGPACK},
                     timeout=PUSH_TIMEOUT_S,
                 )
-            except httpx.HTTPError as exc:
-                log.debug("push to %s failed: %s", peer.name, exc)
+            except Exception as exc:
+                self.stats["push_failures"] += 1
+                log.info("push to %s failed: %s", peer.name, exc or type(exc).__name__)
                 return
             if r.status_code == 200:
                 acks += 1
             else:
+                self.stats["push_failures"] += 1
                 log.warning("push to %s answered %d: %s", peer.name, r.status_code, r.text[:200])
 
         with trio.move_on_after(PUSH_TIMEOUT_S + 1):
@@ -419,7 +534,10 @@ class StateService:
             known = [v for v in vectors if v is not None]
             if len(known) != len(vectors):
                 continue
-            dropped = await self._owned(partial(self.store.collect_tombstones, known))
+            try:
+                dropped = await self._owned(partial(self.store.collect_tombstones, known))
+            except StoreError:
+                continue  # logged, and shown as degraded; tried again next round
             if dropped:
                 self.stats["collected"] += len(dropped)
                 log.info("collected %d tombstones", len(dropped))
@@ -447,11 +565,12 @@ class StateService:
                 await self.pull(peer)
                 return True
             log.warning("pull from %s timed out", peer.name)
-        except (httpx.HTTPError, RecordError, ValueError, msgpack.UnpackException) as exc:
-            self.stats["pull_failures"] += 1
-            log.info("pull from %s failed: %s", peer.name, exc)
         except StaleReplicaError:
             self.stats["pull_failures"] += 1
+        except Exception as exc:
+            # One attempt (see _push): logged, counted and tried again later.
+            self.stats["pull_failures"] += 1
+            log.info("pull from %s failed: %s", peer.name, exc or type(exc).__name__)
         finally:
             self._pulling.discard(peer.name)
         return False
@@ -490,8 +609,24 @@ class StateService:
             for start in range(0, max(len(entries), 1), CHUNK_ENTRIES):
                 part = entries[start : start + CHUNK_ENTRIES]
                 last = start + CHUNK_ENTRIES >= len(entries)
-                out.append(pack(envelope(Delta(part, delta.vv, delta.horizon, last))))
+                try:
+                    out.append(pack(envelope(Delta(part, delta.vv, delta.horizon, last))))
+                except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+                    # An entry no peer can read must not fail every pull from here.
+                    good = tuple(_packable(part))
+                    self.stats["skipped_unencodable"] += len(part) - len(good)
+                    out.append(pack(envelope(Delta(good, delta.vv, delta.horizon, last))))
             return out
 
         for chunk in await trio.to_thread.run_sync(chunks):
             yield chunk
+
+    async def _probe_while_degraded(self) -> None:
+        """While commits fail for lack of space, try an empty one now and then, so
+        that the node stops reporting degraded once space frees even with no writes."""
+        while True:
+            await self._degraded_event.wait()
+            await trio.sleep(PROBE_INTERVAL_S)
+            if self.degraded is not None:
+                with contextlib.suppress(StoreError):  # still full: stays degraded
+                    await self._owned(self.store.probe)

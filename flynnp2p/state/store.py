@@ -26,13 +26,23 @@ that peers skip as already seen, losing them silently. FULL costs an fsync per
 commit, and writes are batched per transaction, so it is cheap where it matters.
 If a peer ever shows this origin further ahead than the disk (a restored backup),
 the store switches to a fresh incarnation rather than reuse numbers.
+
+A full disk is a `StoreFullError`: the transaction is rolled back and the
+in-memory state is not swapped, so the replica stays exactly as it was, readable,
+and the next change (or a `probe`) succeeds once space frees.
+
+Strings that older versions accepted but peers cannot decode (a lone surrogate
+from a JSON ``"\\udfff"`` escape) are loaded with U+FFFD in their place, so such a
+record can be served to peers again instead of failing every pull of it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -41,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
-from flynnp2p.state.errors import RecordError, StoreError
+from flynnp2p.state.errors import RecordError, StoreError, StoreFullError
 from flynnp2p.state.hlc import ZERO, Hlc, HlcClock
 from flynnp2p.state.merge import (
     Change,
@@ -55,7 +65,9 @@ from flynnp2p.state.merge import (
     delta_since,
     local_entries,
 )
-from flynnp2p.state.records import NODE, decode_record
+from flynnp2p.state.records import NODE, Record, decode_record
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -74,6 +86,7 @@ class StateStore(Protocol):
     def delta_since(self, vv: VersionVector) -> Delta: ...
     def collect_tombstones(self, vectors: Iterable[VersionVector]) -> list[Entry]: ...
     def reset(self) -> None: ...
+    def probe(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -162,6 +175,9 @@ class MemoryStore:
             self._wipe()
             self._state = State()
 
+    def probe(self) -> None:
+        """Commit an empty change: StoreFullError while the disk is still full."""
+
     def close(self) -> None:
         pass
 
@@ -214,13 +230,14 @@ class SqliteStore(MemoryStore):
         path.mkdir(parents=True, exist_ok=True)
         self._lockfile: int | None = _lock_directory(path / "state.lock")
         try:
-            self._db = sqlite3.connect(
-                path / self.FILENAME, isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+            with _sqlite_errors(f"{path / self.FILENAME}: cannot open"):
+                self._db = sqlite3.connect(
+                    path / self.FILENAME, isolation_level=None, check_same_thread=False
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
             version = int(meta.get("schema", SCHEMA_VERSION))
             if version != SCHEMA_VERSION:
                 raise StoreError(f"{path}: database schema {version}, this node reads 1")
@@ -232,7 +249,7 @@ class SqliteStore(MemoryStore):
                 hlc=Hlc(*json.loads(meta["hlc"])) if "hlc" in meta else ZERO,
             )
             if not meta:
-                with self._transaction():
+                with _sqlite_errors(f"{path / self.FILENAME}: cannot initialise"), self._transaction():
                     self._save_meta()
         except BaseException:
             self.close()
@@ -254,7 +271,7 @@ class SqliteStore(MemoryStore):
         )
         for kind, key, origin, seq, wall_ms, counter, value in rows:
             try:
-                record = None if value is None else decode_record(kind, json.loads(value))
+                record = None if value is None else _decode_stored(kind, key, json.loads(value))
                 entry = Entry(kind, key, record, Hlc(wall_ms, counter), origin, seq)
             except (RecordError, ValueError) as e:
                 raise StoreError(f"unreadable entry {kind}/{key} in the state database: {e}") from e
@@ -275,7 +292,7 @@ class SqliteStore(MemoryStore):
                 None if e.value is None else json.dumps(e.value.to_wire(), separators=(",", ":"))
             )
             rows.append((kind, key, e.origin, e.seq, e.hlc.wall_ms, e.hlc.counter, value))
-        with self._transaction():
+        with _sqlite_errors("the state database cannot commit"), self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?)", rows)
             self._db.executemany(
                 "DELETE FROM entries WHERE kind = ? AND key = ?",
@@ -292,8 +309,12 @@ class SqliteStore(MemoryStore):
             self._save_meta()
         self._state = new
 
+    def probe(self) -> None:
+        with self._lock, _sqlite_errors("the state database cannot commit"), self._transaction():
+            self._save_meta()
+
     def _wipe(self) -> None:
-        with self._transaction():
+        with _sqlite_errors("the state database cannot commit"), self._transaction():
             self._db.execute("DELETE FROM entries")
             self._db.execute("DELETE FROM vectors")
             self._save_meta()
@@ -326,9 +347,63 @@ class _Transaction:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         if t is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (SQLITE_FULL) leaves the transaction open:
+                # without this every later BEGIN would fail too.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        elif self._db.in_transaction:
             self._db.execute("ROLLBACK")
+
+
+class _sqlite_errors:
+    """Turns sqlite3 errors into StoreError (StoreFullError for a full disk)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not isinstance(e, sqlite3.Error):
+            return
+        code = getattr(e, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+            raise StoreFullError(f"{self.what}: the disk is full ({e})") from None
+        raise StoreError(f"{self.what}: {e or type(e).__name__}") from None
+
+
+def _decode_stored(kind: str, key: str, wire: object) -> Record:
+    """A stored record; one with lone surrogates (accepted before they were
+    refused at the edge) is repaired, U+FFFD in their place."""
+    try:
+        return decode_record(kind, wire)
+    except RecordError:
+        repaired = _replace_surrogates(wire)
+        if repaired == wire:
+            raise
+    record = decode_record(kind, repaired)
+    log.warning("stored record %s/%s held lone surrogates: loaded with U+FFFD instead", kind, key)
+    return record
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(wire: object) -> object:
+    if isinstance(wire, str):
+        return _SURROGATE.sub("\ufffd", wire)
+    if isinstance(wire, list):
+        return [_replace_surrogates(v) for v in wire]
+    if isinstance(wire, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in wire.items()}
+    return wire
 
 
 def _lock_directory(path: Path) -> int:
