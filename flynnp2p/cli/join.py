@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -75,6 +76,32 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
 
 
 def run_join(args: argparse.Namespace) -> int:
+    """Run the agent; 2 (after one line on stderr) if the node cannot start as configured.
+
+    ``cli.main`` answers a ConfigError with exit code 1 (its status is 500), so
+    join, where every ConfigError comes from, says 2 itself, as the README promises."""
+    try:
+        return _run_join(args)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        err = _config_error(exc)
+        if err is None:
+            raise
+        print(f"flynnp2p: error: {err.message}", file=sys.stderr)
+        return 2
+
+
+def _config_error(exc: BaseException) -> ConfigError | None:
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _config_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _run_join(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=conf.log_level(),
@@ -84,7 +111,6 @@ def run_join(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg, token, fresh = resolve_node(args)
     created = fresh and not args.peers and not args.token
-    agent = Agent(cfg, token, list(args.peers), fresh=fresh)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -92,8 +118,30 @@ def run_join(args: argparse.Namespace) -> int:
             if created:
                 _print_banner(agent)
 
-    trio.run(main)
+    try:
+        agent = Agent(cfg, token, list(args.peers), fresh=fresh)
+        trio.run(main)
+    except (OSError, BaseExceptionGroup) as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        # A full data dir is the operator's to fix, like any other ConfigError.
+        raise ConfigError(
+            f"the data dir {cfg.data_dir} is full ({full.strerror or full}): free space and restart"
+        ) from None
     return 0
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error in `exc` (or in its groups), if any."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _disk_full(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _print_banner(agent: Agent) -> None:

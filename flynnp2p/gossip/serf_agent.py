@@ -19,6 +19,7 @@ SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,10 +145,15 @@ class SerfAgent:
     def write_config(self) -> None:
         path = self.settings.config_path
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.settings.config(), f)
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.settings.config(), f)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk, a read-only data dir
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ConfigError(f"cannot write serf's config {path}: {exc.strerror or exc}") from None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         binary = find_serf(self.settings.binary)
@@ -185,8 +191,11 @@ class SerfAgent:
             )
         finally:
             logf.close()
-        s.pid_path.write_text(str(proc.pid))
         try:
+            try:
+                s.pid_path.write_text(str(proc.pid))
+            except OSError as exc:  # a full disk: only a stale serf's cleanup needs it
+                log.warning("cannot write %s: %s", s.pid_path, exc.strerror or exc)
             await self._wait_ready(proc)
             self.running = True
             task_status.started()
