@@ -485,7 +485,9 @@ class Agent:
                 },
                 "api": {"ok": True},
                 "state": {
-                    "ok": self.ready,
+                    "ok": self.ready and self.state.degraded is None,
+                    # Why writes fail here (a full disk), or None; reads go on.
+                    "degraded": self.state.degraded,
                     "origin": self.state.origin,
                     "records": len(self.state.state),
                     "tombstones": sum(

@@ -13,12 +13,14 @@ the file, renames it into place and fsyncs the directory.  The rename is atomic,
 so a reader sees the whole blob or none of it; a digest mismatch, an error or a
 cancellation mid-stream deletes the temp file and leaves nothing behind.  Two
 concurrent writes of one digest write identical bytes: the later rename wins
-harmlessly.  All blocking file I/O runs in worker threads, a chunk at a time, so
+harmlessly.  A full disk (ENOSPC, EDQUOT) is `InsufficientStorage` (507), the
+temp file removed.  All blocking file I/O runs in worker threads, a chunk at a time, so
 a multi-gigabyte blob never sits in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -30,11 +32,12 @@ from typing import BinaryIO
 
 import trio
 
-from flynnp2p.errors import NotFound, UserError
+from flynnp2p.errors import InsufficientStorage, NotFound, UserError
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 DIGEST_ACCEPTED = "'sha256:' followed by 64 lowercase hex digits"
 CHUNK = 256 << 10
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def check_digest(text: str) -> str:
@@ -81,6 +84,17 @@ class BlobStore:
     async def write(self, digest: str, chunks: AsyncIterable[bytes]) -> int:
         """Store the bytes of `chunks` as `digest`; its size.  UserError on a mismatch."""
         final = self.path(digest)
+        try:
+            return await self._write(digest, final, chunks)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            raise InsufficientStorage(
+                f"this node's disk is full: blob {digest} was not stored ({exc.strerror}); "
+                "retry once space is freed"
+            ) from None
+
+    async def _write(self, digest: str, final: Path, chunks: AsyncIterable[bytes]) -> int:
         fd, tmp_name = await trio.to_thread.run_sync(self._open_temp)
         tmp = Path(tmp_name)
         done = False

@@ -1,0 +1,136 @@
+"""A full disk, for real: one node's data dir on a small tmpfs, filled with a file.
+
+Writes to it answer 507 and it reports itself degraded, it keeps serving reads
+and stays alive, and it recovers by itself once the file is deleted.  Started on
+a full disk it exits 2 with one line, like any other configuration error.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import AgentProc, Cluster, wait_for
+from tests.test_cluster_state import converged, create, get_app
+
+pytestmark = pytest.mark.slow
+
+SIZE = "24m"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, cluster: Cluster) -> Iterator[Path]:
+    """A tmpfs of SIZE; unmounted at the end even if the test fails (its agents
+    are killed first, or the mount would be busy)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0700", "tmpfs", str(mnt)],
+                   check=True)  # fmt: skip
+    try:
+        yield mnt
+    finally:
+        cluster.kill_all()
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk has no free page left."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+async def state_status(agent: AgentProc) -> dict[str, Any]:
+    status = await agent.status()
+    assert status is not None, f"{agent.name} does not answer:\n{agent.log_tail()}"
+    return status["components"]["state"]  # type: ignore[no-any-return]
+
+
+async def test_a_full_disk_is_507_degraded_alive_and_recovers(
+    cluster: Cluster, small_disk: Path
+) -> None:
+    a = cluster.add()
+    a.start()
+    await a.wait_ready()
+    b = cluster.add()
+    b.data_dir = small_disk / b.name
+    b.start(peers=[a.gossip])
+    await b.wait_ready()
+    await cluster.wait_converged([a, b], alive=2)
+    await create(a, "web")
+    await wait_for(lambda: get_app(b, "web"), 10, "the app on b")
+
+    filler = fill(small_disk)
+    # SQLite may still find room in pages its WAL already holds: write until it cannot.
+    answers = []
+    async with b.client() as c:
+        for i in range(200):
+            r = await c.patch("/v1/apps/web", json={"meta": {f"k{i}": "x" * 4000}})
+            answers.append(r.status_code)
+            if r.status_code != 200:
+                break
+    assert answers[-1] == 507, answers
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_storage" and error["message"]
+    assert b.running
+    st = await state_status(b)
+    assert st["degraded"] and st["ok"] is False
+    assert await get_app(b, "web") is not None  # reads go on
+
+    data = os.urandom(256 << 10)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with b.client() as c:
+        r = await c.put(f"/v1/blobs/{digest}", content=data)
+    assert r.status_code == 507, r.text
+    assert r.json()["error"]["code"] == "insufficient_storage"
+    assert b.running and a.running
+
+    filler.unlink()
+
+    async def recovered() -> bool:
+        return (await state_status(b))["degraded"] is None
+
+    await wait_for(recovered, 10, "b to clear its degraded state without a write")
+    async with b.client() as c:
+        r = await c.patch("/v1/apps/web", json={"meta": {"after": "space freed"}})
+        assert r.status_code == 200, r.text
+        r = await c.put(f"/v1/blobs/{digest}", content=data)
+        assert r.status_code == 201, r.text
+    await converged([a, b])
+    assert (await get_app(a, "web") or {})["meta"]["after"] == "space freed"
+
+    # A restart on a full disk: one line, exit code 2.
+    assert b.stop() == 0
+    filler = fill(small_disk)
+    logged = b.log_path.stat().st_size
+    b.start(peers=[a.gossip])
+    assert b.proc is not None
+    await wait_for(lambda: b.proc.poll() is not None, 30, "b to give up on the full disk")  # type: ignore[union-attr]
+    with open(b.log_path, "rb") as f:
+        f.seek(logged)
+        output = f.read().decode(errors="replace")
+    assert b.proc.returncode == 2, output
+    assert "Traceback" not in output, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("flynnp2p: error: ") and "full" in last, output
+
+    filler.unlink()
+    b.start(peers=[a.gossip])
+    await b.wait_ready()
+    await converged([a, b])
