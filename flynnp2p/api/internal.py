@@ -22,8 +22,10 @@ async def _msgpack_body() -> Any:
     data = await request.get_data(cache=False)
     try:
         return msgpack.unpackb(data, raw=False)
-    except (msgpack.UnpackException, ValueError) as exc:
-        raise UserError(f"body is not msgpack: {exc}") from None
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        # Some unpack errors carry no message (an empty body, "garbage"):
+        # the reason is never empty.
+        raise UserError(f"body is not msgpack: {exc or type(exc).__name__}") from None
 
 
 def internal_blueprint(state: StateService) -> Blueprint:
