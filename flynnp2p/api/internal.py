@@ -25,7 +25,7 @@ async def _msgpack_body() -> Any:
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         # Some unpack errors carry no message (an empty body, "garbage"):
         # the reason is never empty.
-        raise UserError(f"body is not msgpack: {exc or type(exc).__name__}") from None
+        raise UserError(f"body is not msgpack: {str(exc) or type(exc).__name__}") from None
 
 
 def internal_blueprint(state: StateService) -> Blueprint:

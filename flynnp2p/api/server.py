@@ -1,9 +1,16 @@
-"""Serves the API app with hypercorn inside the agent's nursery."""
+"""Serves the API app with hypercorn inside the agent's nursery.
+
+Every HTTP request passes `FramingGuard` first: a body length that can be read
+two ways, or one over the endpoint's limit, is answered here (see
+`flynnp2p.api.framing`) and the app never sees the request.
+"""
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -11,12 +18,65 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from flynnp2p.api.app import BLOB_PREFIX, MAX_BLOB_BODY, MAX_BODY, MAX_PEER_BODY, PEER_PREFIX
+from flynnp2p.api.framing import Refusal, framing_problem
 from flynnp2p.errors import ConfigError
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def body_limit(path: str) -> int:
+    """The largest body an endpoint takes (as `flynnp2p.api.app._Request` enforces)."""
+    if path.startswith(PEER_PREFIX):
+        return MAX_PEER_BODY
+    if path.startswith(BLOB_PREFIX):
+        return MAX_BLOB_BODY
+    return MAX_BODY
+
+
+class FramingGuard:
+    """ASGI middleware: refuses ambiguous or oversized framing before the app runs."""
+
+    def __init__(self, app: Asgi, limit: Callable[[str], int] = body_limit) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = framing_problem(scope["headers"], self.limit(scope.get("path", "")))
+            if refusal is not None:
+                await _refuse(send, refusal)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, refusal: Refusal) -> None:
+    body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+    try:
+        await send({
+            "type": "http.response.start",
+            "status": refusal.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                # The unread body is still on its way: the connection is done.
+                (b"connection", b"close"),
+            ],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+        # The client closed as the answer went out: hypercorn's reader task is
+        # closing the socket at the same moment.  Nothing is left to tell anyone.
+        pass
 
 
 class ApiServer:
     def __init__(self, app: Any, addr: str, port: int) -> None:
-        self.app = wrap_app(app, 1 << 20, None)
+        guarded: Any = FramingGuard(app)  # hypercorn's ASGI types are TypedDicts; ours plain dicts
+        self.app = wrap_app(guarded, 1 << 20, None)
         self.config = Config()
         host = f"[{addr}]" if ":" in addr else addr
         self.config.bind = [f"{host}:{port}"]

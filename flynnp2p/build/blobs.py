@@ -136,7 +136,7 @@ class BlobService:
             try:
                 await self._push(peer, digest, size)
             except (httpx.HTTPError, ClusterError, OSError) as exc:
-                failures.append(f"{peer.name}: {exc or type(exc).__name__}")
+                failures.append(f"{peer.name}: {str(exc) or type(exc).__name__}")
                 continue
             holders += 1
             self.stats["replicated"] += 1
@@ -212,7 +212,7 @@ class BlobService:
                     size = await self.store.write(digest, resp.aiter_bytes())
             except (httpx.HTTPError, ClusterError, UserError) as exc:
                 # UserError: the peer's bytes did not match (a corrupt copy there).
-                failures.append(f"{peer.name}: {exc or type(exc).__name__}")
+                failures.append(f"{peer.name}: {str(exc) or type(exc).__name__}")
                 continue
             self.stats["fetched"] += 1
             await self._record(digest, size)

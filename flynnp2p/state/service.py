@@ -156,7 +156,7 @@ def open_envelope(message: Any) -> Delta:
     try:
         return Delta.from_wire(check_version(message).get("delta"))
     except (TypeError, KeyError, AttributeError) as exc:  # e.g. an unhashable "kind"
-        raise RecordError("message.delta", f"malformed: {exc or type(exc).__name__}") from None
+        raise RecordError("message.delta", f"malformed: {str(exc) or type(exc).__name__}") from None
 
 
 def unencodable(changes: Sequence[Change]) -> RecordError | None:
@@ -170,7 +170,7 @@ def unencodable(changes: Sequence[Change]) -> RecordError | None:
         try:
             pack(change.to_wire())
         except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
-            return RecordError(change.KIND, f"cannot be sent to peers: {exc or type(exc).__name__}")
+            return RecordError(change.KIND, f"cannot be sent to peers: {str(exc) or type(exc).__name__}")
     return None
 
 
@@ -366,7 +366,7 @@ class StateService:
                 failure = exc
             else:
                 log.exception("local commit failed")
-                failure = ClusterError(f"the local commit failed: {exc or type(exc).__name__}")
+                failure = ClusterError(f"the local commit failed: {str(exc) or type(exc).__name__}")
             for w in writes:
                 w.error = failure
                 w.done.set()
@@ -472,7 +472,7 @@ class StateService:
                 )
             except Exception as exc:
                 self.stats["push_failures"] += 1
-                log.info("push to %s failed: %s", peer.name, exc or type(exc).__name__)
+                log.info("push to %s failed: %s", peer.name, str(exc) or type(exc).__name__)
                 return
             if r.status_code == 200:
                 acks += 1
@@ -570,7 +570,7 @@ class StateService:
         except Exception as exc:
             # One attempt (see _push): logged, counted and tried again later.
             self.stats["pull_failures"] += 1
-            log.info("pull from %s failed: %s", peer.name, exc or type(exc).__name__)
+            log.info("pull from %s failed: %s", peer.name, str(exc) or type(exc).__name__)
         finally:
             self._pulling.discard(peer.name)
         return False

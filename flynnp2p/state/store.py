@@ -376,7 +376,7 @@ class _sqlite_errors:
         code = getattr(e, "sqlite_errorcode", None)
         if code == sqlite3.SQLITE_FULL or "disk is full" in str(e):
             raise StoreFullError(f"{self.what}: the disk is full ({e})") from None
-        raise StoreError(f"{self.what}: {e or type(e).__name__}") from None
+        raise StoreError(f"{self.what}: {str(e) or type(e).__name__}") from None
 
 
 def _decode_stored(kind: str, key: str, wire: object) -> Record:
