@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flynnp2p.api.framing import framing_problem
+from flynnp2p.api.framing import framing_problem, target_problem
 
 LIMIT = 1 << 20
 
@@ -51,3 +51,14 @@ def test_ambiguous_or_oversized_framing_is_refused_with_a_reason(
 )
 def test_one_unambiguous_framing_passes(headers: list[tuple[bytes, bytes]]) -> None:
     assert framing_problem(headers, LIMIT) is None
+
+
+@pytest.mark.parametrize("path", ["/v1/apps/\x00", "/v1/apps/a\nb/jobs", "/v1/apps/\x7f", "/\t"])
+def test_a_path_with_a_control_character_is_refused(path: str) -> None:
+    refusal = target_problem(path)
+    assert refusal is not None and refusal.status == 400 and "control character" in refusal.message
+
+
+@pytest.mark.parametrize("path", ["/v1/apps/web", "/v1/apps/caf\u00e9", "/v1/apps/\ufffd", "/ "])
+def test_a_printable_path_passes(path: str) -> None:
+    assert target_problem(path) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 import trio
@@ -159,3 +160,47 @@ async def test_garbage_msgpack_to_peer_endpoints_names_a_reason(agent: AgentProc
         message = r.json()["error"]["message"]
         assert message.startswith("body is not msgpack: ") and message.split(": ", 1)[1].strip()
     await wait_for(agent.status, 5, "the agent to answer")
+
+
+async def test_a_path_with_a_control_character_is_400_with_a_reason(agent: AgentProc) -> None:
+    async with agent.client() as c:
+        for method, path in (("DELETE", "/v1/apps/%00/jobs/%00"), ("GET", "/v1/apps/a%0Ab")):
+            r = await c.request(method, path)
+            assert r.status_code == 400, r.text
+            assert "control character" in r.json()["error"]["message"]
+
+
+def answer_then_late_body(agent: AgentProc) -> bytes | None:
+    """A 404 that goes out before its request's body has arrived; then the body
+    and a second request on the same connection.  What the second read gets
+    (b"" for a closed connection), or None if nothing came at all."""
+    body = b'{"x": 1}'
+    with socket.create_connection((agent.addr, agent.api_port), timeout=5) as s:
+        s.sendall(
+            f"DELETE /v1/apps/nope HTTP/1.1\r\nHost: {agent.addr}\r\n"
+            f"Authorization: Bearer {agent.token.api_key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        got = b""
+        while not got.endswith(b"}\n"):  # the whole JSON error
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 404"), got
+        try:
+            s.sendall(body)
+            time.sleep(0.1)  # part of the input: the body and the next request as two segments
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {agent.addr}\r\n\r\n".encode())
+            return s.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+        except TimeoutError:
+            return None
+
+
+async def test_a_connection_is_answered_or_closed_after_an_early_answer(agent: AgentProc) -> None:
+    """Never left hanging: the next request is answered, or the connection closed."""
+    for _ in range(3):
+        second = await trio.to_thread.run_sync(answer_then_late_body, agent)
+        assert second is not None, "the connection hung"
+        assert second == b"" or second.startswith(b"HTTP/1.1 200"), second

@@ -15,7 +15,11 @@ one that also covers what it lets through (both headers at once, identical
 duplicate lengths) and gives every refusal a reason.  A length over the
 endpoint's limit is answered 413 at once, without reading any of the body.
 
-`framing_problem` is pure: the raw ASGI headers in, the refusal (if any) out.
+The decoded request path is checked here too (`target_problem`): no name, id or
+digest the API takes holds a control character, and a path with one (``%00``)
+cannot even be forwarded to the leader (httpx refuses to build such a URL).
+
+Both checks are pure: the raw ASGI headers or path in, the refusal (if any) out.
 """
 
 from __future__ import annotations
@@ -74,3 +78,14 @@ def _bad(message: str) -> Refusal:
 def _show(value: bytes) -> str:
     text = repr(value.decode("latin-1"))
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def target_problem(path: str) -> Refusal | None:
+    """Why the (percent-decoded) request path is refused, or None."""
+    for i, char in enumerate(path):
+        if char < " " or char == "\x7f":
+            return _bad(
+                f"the request path has the control character {char!r} at {i}: "
+                "names, ids and digests are printable"
+            )
+    return None

@@ -3,6 +3,14 @@
 Every HTTP request passes `FramingGuard` first: a body length that can be read
 two ways, or one over the endpoint's limit, is answered here (see
 `flynnp2p.api.framing`) and the app never sees the request.
+
+The guard also shields the last send of every response (bounded, like any
+cleanup).  quart-trio cancels a request's tasks as soon as hypercorn reports
+the stream closed, which hypercorn does from *inside* that last send, before it
+has either recycled the connection or closed it; cancelled there, the
+connection is left open and the next request on it is never answered
+(measured: a 404 to a DELETE whose body arrived 200 ms after its headers, then
+a GET on the same connection that hung until the client gave up).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from flynnp2p.api.app import BLOB_PREFIX, MAX_BLOB_BODY, MAX_BODY, MAX_PEER_BODY, PEER_PREFIX
-from flynnp2p.api.framing import Refusal, framing_problem
+from flynnp2p.api.framing import Refusal, framing_problem, target_problem
 from flynnp2p.errors import ConfigError
 
 Scope = dict[str, Any]
@@ -38,19 +46,38 @@ def body_limit(path: str) -> int:
 
 
 class FramingGuard:
-    """ASGI middleware: refuses ambiguous or oversized framing before the app runs."""
+    """ASGI middleware: refuses ambiguous or oversized framing, and paths with control
+    characters, before the app runs."""
 
     def __init__(self, app: Asgi, limit: Callable[[str], int] = body_limit) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            refusal = framing_problem(scope["headers"], self.limit(scope.get("path", "")))
-            if refusal is not None:
-                await _refuse(send, refusal)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        refusal = framing_problem(scope["headers"], self.limit(path)) or target_problem(path)
+        if refusal is not None:
+            await _refuse(send, refusal)
+            return
+        await self.app(scope, receive, _shield_last_send(send))
+
+
+FINAL_SEND_S = 10.0
+
+
+def _shield_last_send(send: Send) -> Send:
+    async def shielded(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FINAL_SEND_S
+                await send(message)
+        else:
+            await send(message)
+
+    return shielded
 
 
 async def _refuse(send: Send, refusal: Refusal) -> None:
