@@ -92,6 +92,12 @@ async def test_a_full_disk_is_507_degraded_alive_and_recovers(
     st = await state_status(b)
     assert st["degraded"] and st["ok"] is False
     assert await get_app(b, "web") is not None  # reads go on
+    # A write on the other node: committed there, b cannot take the push (507),
+    # so nobody else holds it: 503, and b lives on.
+    async with a.client() as c:
+        r = await c.patch("/v1/apps/web", json={"meta": {"from-a": "x" * 4000}})
+    assert r.status_code == 503, r.text
+    assert b.running
 
     data = os.urandom(256 << 10)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
