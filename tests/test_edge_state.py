@@ -20,15 +20,9 @@ from flynnp2p.state.errors import RecordError, StoreFullError
 from flynnp2p.state.merge import Change, Entry
 from flynnp2p.state.records import App, RunRequest
 from flynnp2p.state.schema import FrozenMap
-from flynnp2p.state.service import (
-    PROBE_INTERVAL_S,
-    Peer,
-    StateService,
-    open_envelope,
-    pack,
-    unencodable,
-)
+from flynnp2p.state.service import PROBE_INTERVAL_S, Peer, StateService
 from flynnp2p.state.store import MemoryStore, SqliteStore
+from flynnp2p.state.wire import open_envelope, pack, unencodable
 from tests.test_api_apps import Peers as NoPeers
 
 T0 = 1_700_000_000_000

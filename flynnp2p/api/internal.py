@@ -15,7 +15,8 @@ from quart import Blueprint, Response, request
 from flynnp2p.errors import UserError
 from flynnp2p.state.errors import RecordError, StaleReplicaError
 from flynnp2p.state.merge import decode_vector
-from flynnp2p.state.service import MSGPACK, StateService, check_version, pack
+from flynnp2p.state.service import MSGPACK, StateService
+from flynnp2p.state.wire import check_version, pack
 
 
 async def _msgpack_body() -> Any:

@@ -60,8 +60,17 @@ import trio
 
 from flynnp2p.errors import ClusterError, InsufficientStorage
 from flynnp2p.state.errors import RecordError, StaleReplicaError, StoreError, StoreFullError
-from flynnp2p.state.merge import Change, Delete, Delta, Entry, State, VersionVector, delta_of
+from flynnp2p.state.merge import Change, Delta, Entry, State, VersionVector, delta_of
 from flynnp2p.state.store import StateStore
+from flynnp2p.state.wire import (
+    PACK_ERRORS,
+    WIRE_VERSION,
+    envelope,
+    open_envelope,
+    pack,
+    packable,
+    unencodable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,64 +137,6 @@ class _Apply:
     done: trio.Event = field(default_factory=trio.Event)
     applied: list[Entry] = field(default_factory=list)
     error: BaseException | None = None
-
-
-WIRE_VERSION = 1
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def envelope(delta: Delta) -> dict[str, Any]:
-    """Every message between peers carries the wire version."""
-    return {"v": WIRE_VERSION, "delta": delta.to_wire()}
-
-
-def check_version(message: Any) -> dict[str, Any]:
-    if not isinstance(message, dict):
-        raise RecordError("message", "expected a map")
-    if message.get("v") != WIRE_VERSION:
-        raise RecordError(
-            "message.v", f"unsupported wire version {message.get('v')!r}; this node speaks {WIRE_VERSION}"
-        )
-    return message
-
-
-def open_envelope(message: Any) -> Delta:
-    try:
-        return Delta.from_wire(check_version(message).get("delta"))
-    except (TypeError, KeyError, AttributeError) as exc:  # e.g. an unhashable "kind"
-        raise RecordError("message.delta", f"malformed: {str(exc) or type(exc).__name__}") from None
-
-
-def unencodable(changes: Sequence[Change]) -> RecordError | None:
-    """Why one of `changes` cannot be sent to peers, or None.
-
-    The schema refuses what it knows to be unencodable; this is the last check,
-    as the peer protocol itself encodes, so that nothing a peer cannot read commits."""
-    for change in changes:
-        if isinstance(change, Delete):
-            continue
-        try:
-            pack(change.to_wire())
-        except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
-            return RecordError(change.KIND, f"cannot be sent to peers: {str(exc) or type(exc).__name__}")
-    return None
-
-
-def _packable(entries: Sequence[Entry]) -> list[Entry]:
-    """The entries that encode for peers (the others are logged)."""
-    out = []
-    for e in entries:
-        try:
-            pack(e.to_wire())
-        except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
-            log.error("entry %s/%s (%s #%d) cannot be encoded for peers, skipped: %s",
-                      e.kind, e.key, e.origin, e.seq, exc)  # fmt: skip
-            continue
-        out.append(e)
-    return out
 
 
 class StateService:
@@ -450,10 +401,10 @@ class StateService:
         delta = delta_of(self.state, entries)
         try:
             body = pack(envelope(delta))
-        except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+        except PACK_ERRORS:
             # Unreachable while writes are checked before they commit; if it is
             # reached, push what encodes and leave the rest to the logged skip.
-            good = _packable(delta.entries)
+            good = packable(delta.entries)
             self.stats["skipped_unencodable"] += len(delta.entries) - len(good)
             body = pack(envelope(Delta(tuple(good), delta.vv, delta.horizon, delta.complete)))
         acks = 0
@@ -611,9 +562,9 @@ class StateService:
                 last = start + CHUNK_ENTRIES >= len(entries)
                 try:
                     out.append(pack(envelope(Delta(part, delta.vv, delta.horizon, last))))
-                except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+                except PACK_ERRORS:
                     # An entry no peer can read must not fail every pull from here.
-                    good = tuple(_packable(part))
+                    good = tuple(packable(part))
                     self.stats["skipped_unencodable"] += len(part) - len(good)
                     out.append(pack(envelope(Delta(good, delta.vv, delta.horizon, last))))
             return out
