@@ -14,6 +14,7 @@ import urllib.parse
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import trio
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -62,6 +63,38 @@ bodies = st.one_of(
     st.binary(max_size=40),
     st.sampled_from([b"", b"[" * 100_000, b'{"meta": {"k": "\\udfff"}}', b"\xff\xfe{}"]),
 )
+
+
+def to_msgpack(obj: object) -> bytes:
+    """As a hostile peer would send it: lone surrogates as invalid UTF-8."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogatepass")  # type: ignore[no-any-return]
+    except (OverflowError, TypeError, ValueError):  # ints beyond 64 bits
+        return b"\xc1"
+
+
+# A peer's push shaped like the real thing, junk inside (no horizon: a junk
+# horizon would rightly make the node reset and refill, which is not this test).
+entry_like = st.fixed_dictionaries({
+    "kind": st.one_of(st.sampled_from(["app", "route", "formation", "release", "run"]), junk),
+    "key": st.one_of(text, junk), "value": junk,
+    "hlc": st.one_of(st.lists(numbers, max_size=3), junk),
+    "origin": st.one_of(st.sampled_from(["n1/abc", "n2/def"]), text), "seq": numbers,
+})  # fmt: skip
+peer_bodies = st.one_of(
+    st.fixed_dictionaries({
+        "v": st.sampled_from([1, 1, 2, None]),
+        "delta": st.fixed_dictionaries({
+            "entries": st.lists(entry_like, max_size=3), "vv": st.just({}),
+            "horizon": st.just({}), "complete": st.one_of(st.booleans(), junk),
+        }),
+    }).map(to_msgpack),
+    st.fixed_dictionaries({"v": st.just(1), "vv": junk, "node": junk}).map(to_msgpack),
+    junk.map(to_msgpack),
+    st.binary(max_size=40),
+)  # fmt: skip
+bodies_for = {"/v1/internal/state/push": peer_bodies, "/v1/internal/state/sync": peer_bodies}
+
 ENDPOINTS = [
     ("POST", "/v1/apps"),
     ("PATCH", "/v1/apps/{app}"),
@@ -74,13 +107,17 @@ ENDPOINTS = [
     ("POST", "/v1/apps/{app}/jobs"),
     ("DELETE", "/v1/apps/{app}/jobs/{id}"),
     ("PUT", "/v1/hosts/{host}/tags"),
+    ("POST", "/v1/internal/state/push"),
+    ("POST", "/v1/internal/state/sync"),
 ]
-requests = st.tuples(
-    st.sampled_from(ENDPOINTS),
-    st.one_of(st.sampled_from(["fuzz", "fuzz"]), text),  # the app mostly exists
-    st.one_of(st.sampled_from(["n1", "n2"]), text),
-    st.integers(0, 1),  # which node is asked
-    bodies,
+requests = st.sampled_from(ENDPOINTS).flatmap(
+    lambda endpoint: st.tuples(
+        st.just(endpoint),
+        st.one_of(st.sampled_from(["fuzz", "fuzz"]), text),  # the app mostly exists
+        st.one_of(st.sampled_from(["n1", "n2"]), text),
+        st.integers(0, 1),  # which node is asked
+        bodies_for.get(endpoint[1], bodies),
+    )
 )
 
 

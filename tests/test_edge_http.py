@@ -187,6 +187,7 @@ def answer_then_late_body(agent: AgentProc) -> bytes | None:
             assert chunk, got
             got += chunk
         assert got.startswith(b"HTTP/1.1 404"), got
+        assert b"\r\nconnection: close\r\n" in got.lower(), got  # so no client reuses it
         try:
             s.sendall(body)
             time.sleep(0.1)  # part of the input: the body and the next request as two segments

@@ -4,13 +4,15 @@ Every HTTP request passes `FramingGuard` first: a body length that can be read
 two ways, or one over the endpoint's limit, is answered here (see
 `flynnp2p.api.framing`) and the app never sees the request.
 
-The guard also shields the last send of every response (bounded, like any
-cleanup).  quart-trio cancels a request's tasks as soon as hypercorn reports
-the stream closed, which hypercorn does from *inside* that last send, before it
-has either recycled the connection or closed it; cancelled there, the
-connection is left open and the next request on it is never answered
-(measured: a 404 to a DELETE whose body arrived 200 ms after its headers, then
-a GET on the same connection that hung until the client gave up).
+A response that starts before the app has read the whole request body (an
+early 4xx, most often) says ``Connection: close``, and the last send of every
+response is shielded (bounded, like any cleanup).  quart-trio cancels a
+request's tasks as soon as hypercorn reports the stream closed, which hypercorn
+does from *inside* that last send, before it has either recycled the connection
+or closed it; cancelled there, the connection is left open and the next request
+on it is never answered (measured: a 404 to a DELETE whose body arrived 200 ms
+after its headers, then a GET on the same connection that hung until the
+client gave up).
 """
 
 from __future__ import annotations
@@ -62,10 +64,47 @@ class FramingGuard:
         if refusal is not None:
             await _refuse(send, refusal)
             return
-        await self.app(scope, receive, _shield_last_send(send))
+        body = _BodyTracker(scope["headers"], receive)
+        await self.app(scope, body.receive, _shield_last_send(body.mark_close(send)))
 
 
-FINAL_SEND_S = 10.0
+class _BodyTracker:
+    """Knows whether the app read the request body to its end.
+
+    A response that starts before that says ``Connection: close``: hypercorn
+    closes such a connection after the response (the rest of the body is still
+    on its way), and a client told so opens a new one instead of reusing it just
+    as it closes (which httpx reports as "Server disconnected")."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], receive: Receive) -> None:
+        length = b"0"
+        chunked = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = value.strip()
+            elif lower == b"transfer-encoding":
+                chunked = True
+        self.done = not chunked and length == b"0"
+        self._receive = receive
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.done = True
+        return message
+
+    def mark_close(self, send: Send) -> Send:
+        async def marked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not self.done:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        return marked
+
+
+FINAL_SEND_S = 3.0  # quart's last send is the empty end of the body; a stuck client cannot hold shutdown long
 
 
 def _shield_last_send(send: Send) -> Send:
