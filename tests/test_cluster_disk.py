@@ -134,7 +134,7 @@ async def test_a_full_disk_is_507_degraded_alive_and_recovers(
     assert b.proc.returncode == 2, output
     assert "Traceback" not in output, output
     last = output.strip().splitlines()[-1]
-    assert last.startswith("flynnp2p: error: ") and "full" in last, output
+    assert last.startswith("flynnp2p: error: ") and "disk is full" in last, output
 
     filler.unlink()
     b.start(peers=[a.gossip])

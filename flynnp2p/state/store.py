@@ -230,7 +230,7 @@ class SqliteStore(MemoryStore):
         path.mkdir(parents=True, exist_ok=True)
         self._lockfile: int | None = _lock_directory(path / "state.lock")
         try:
-            with _sqlite_errors(f"{path / self.FILENAME}: cannot open"):
+            with _sqlite_errors(f"{path / self.FILENAME}: cannot open", path):
                 self._db = sqlite3.connect(
                     path / self.FILENAME, isolation_level=None, check_same_thread=False
                 )
@@ -249,7 +249,7 @@ class SqliteStore(MemoryStore):
                 hlc=Hlc(*json.loads(meta["hlc"])) if "hlc" in meta else ZERO,
             )
             if not meta:
-                with _sqlite_errors(f"{path / self.FILENAME}: cannot initialise"), self._transaction():
+                with _sqlite_errors(f"{path / self.FILENAME}: cannot initialise", path), self._transaction():
                     self._save_meta()
         except BaseException:
             self.close()
@@ -360,10 +360,16 @@ class _Transaction:
 
 
 class _sqlite_errors:
-    """Turns sqlite3 errors into StoreError (StoreFullError for a full disk)."""
+    """Turns sqlite3 errors into StoreError (StoreFullError for a full disk).
 
-    def __init__(self, what: str) -> None:
+    SQLite says "disk is full" only for a write that runs out of room; creating
+    its -wal and -shm files on a full disk is a "disk I/O error".  With a
+    `directory`, an error while its filesystem has no block free is named a
+    full disk too, which is what the operator has to fix."""
+
+    def __init__(self, what: str, directory: Path | None = None) -> None:
         self.what = what
+        self.directory = directory
 
     def __enter__(self) -> None:
         pass
@@ -374,9 +380,17 @@ class _sqlite_errors:
         if not isinstance(e, sqlite3.Error):
             return
         code = getattr(e, "sqlite_errorcode", None)
-        if code == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(e) or self._no_space_left():
             raise StoreFullError(f"{self.what}: the disk is full ({e})") from None
         raise StoreError(f"{self.what}: {str(e) or type(e).__name__}") from None
+
+    def _no_space_left(self) -> bool:
+        if self.directory is None:
+            return False
+        try:
+            return os.statvfs(self.directory).f_bavail == 0
+        except OSError:
+            return False
 
 
 def _decode_stored(kind: str, key: str, wire: object) -> Record:
