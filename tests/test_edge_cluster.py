@@ -135,11 +135,12 @@ def check(r: httpx.Response, what: str) -> None:
 
 def hammer(agents: list[AgentProc]) -> int:
     """Run the Hypothesis search (synchronously: the agents are other processes)."""
-    clients = [
-        httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {a.token.api_key}"},
-                     timeout=15.0)
-        for a in agents
-    ]  # fmt: skip
+    def client(a: AgentProc, key: str) -> httpx.Client:
+        return httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {key}"}, timeout=15.0)
+
+    clients = [client(a, a.token.api_key) for a in agents]
+    # /v1/internal/* takes only the nodes' own credential: junk from a "peer".
+    peers = [client(a, a.token.peer_key) for a in agents]
     sent = 0
 
     @settings(
@@ -163,7 +164,8 @@ def hammer(agents: list[AgentProc]) -> int:
             path = url(template, app, host)
             what = f"{method} {path} {body[:200]!r} on {agents[node].name}"
             try:
-                r = clients[node].request(
+                via = peers if path.startswith("/v1/internal/") else clients
+                r = via[node].request(
                     method, path, content=body, headers={"Content-Type": "application/json"}
                 )
             except httpx.HTTPError as exc:
@@ -176,7 +178,7 @@ def hammer(agents: list[AgentProc]) -> int:
     try:
         run()
     finally:
-        for c in clients:
+        for c in clients + peers:
             c.close()
     return sent
 

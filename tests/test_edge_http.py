@@ -154,7 +154,7 @@ async def test_a_length_far_over_the_limit_is_413_at_once(agent: AgentProc) -> N
 @pytest.mark.parametrize("body", [b"", b"\xc1", b"garbage", b"\x81\x91\x01\x02", b"\xd9"])
 async def test_garbage_msgpack_to_peer_endpoints_names_a_reason(agent: AgentProc, body: bytes) -> None:
     for path in ("/v1/internal/state/push", "/v1/internal/state/sync"):
-        async with agent.client() as c:
+        async with agent.client(token=agent.token.peer_key) as c:
             r = await c.post(path, content=body, headers={"Content-Type": "application/x-msgpack"})
         assert r.status_code == 400, r.text
         message = r.json()["error"]["message"]
