@@ -203,7 +203,7 @@ class Agent:
             self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
         )
         app = create_app(self)
-        apps_api = AppsApi(self, slug_path=self.blobs.local_path)
+        apps_api = AppsApi(self, slug_path=self.blobs.local_path, http=self.http)
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self, api=apps_api))
