@@ -115,7 +115,7 @@ class EtcdClient:
         except httpx.TimeoutException:
             raise CoordError("etcd did not answer in time (no quorum?)") from None
         except httpx.HTTPError as exc:
-            raise CoordError(f"etcd is not answering ({exc or type(exc).__name__})") from None
+            raise CoordError(f"etcd is not answering ({str(exc) or type(exc).__name__})") from None
         try:
             data = resp.json()
         except ValueError:

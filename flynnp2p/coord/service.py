@@ -176,7 +176,7 @@ class Coord:
                 with trio.fail_after(5):
                     resp = await self.http.post(f"http://{api}{MEMBERS_PATH}", json=body)
             except (httpx.HTTPError, trio.TooSlowError) as exc:
-                self.last_error = f"cannot reach {api} to join etcd: {exc or type(exc).__name__}"
+                self.last_error = f"cannot reach {api} to join etcd: {str(exc) or type(exc).__name__}"
                 continue
             if resp.status_code == 200:
                 cluster = resp.json().get("initial_cluster")
