@@ -300,6 +300,18 @@ class ClientConnection:
                 await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
                 self.sh.stats.record("-", status, 0.0, by_router=True)
                 return
+            if value.version not in ("1.0", "1.1"):
+                await self._send(http1.simple_response(
+                    505, "505: this router speaks HTTP versions 1.0 and 1.1 only\n", close=True))  # fmt: skip
+                return
+            # the parser may have refused the body's framing right after the head:
+            # answer that before anything reaches a backend
+            error = next((v for k, v in self.events if k == ERROR), None)
+            if error is not None and all(k in (BODY, ERROR) for k, _ in self.events):
+                status, why = error
+                await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
+                self.sh.stats.record("-", status, 0.0, by_router=True)
+                return
             if not value.has_body and self.events and self.events[0][0] == END:
                 self.events.popleft()  # a bodiless request ends with its head
             if not await self._handle(value) or (self.dead and not self.events):
