@@ -10,10 +10,10 @@ names) never cross.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 
-Headers = list[tuple[bytes, bytes]]
+Headers = list[tuple[bytes, bytes]]  # (name, value) as received
 
 HOP_BY_HOP = frozenset(
     {
@@ -26,9 +26,73 @@ ROUTER_SET = frozenset(
     {b"x-forwarded-proto", b"x-forwarded-port", b"x-request-start", b"x-request-id",
      b"x-forwarded-for"}
 )  # fmt: skip
+# Headers the parser callbacks set aside (by lowercase name) instead of rendering:
+# everything the proxy drops, replaces or reads.
+REQUEST_SPECIAL = HOP_BY_HOP | ROUTER_SET | {b"host"}
+RESPONSE_SPECIAL = HOP_BY_HOP | {b"x-request-id"}
+PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9+/=_.:-]{20,200}")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class HeadersTooLarge(Exception):
+    """Raised from a parser callback: the head is over a limit (stops the parser)."""
+
+
+class HeadBuilder:
+    """Collects a head's headers as the parser reports them: end-to-end ones are
+    rendered at once (``name: value\r\n``), the special ones kept by lowercase name
+    (repeated ones joined with ", ", as RFC 9110 5.3 allows for list headers; a
+    repeated Content-Length never gets here, the parser refuses it)."""
+
+    __slots__ = ("count", "error", "lines", "max_count", "max_size", "size", "special",
+                 "special_names")  # fmt: skip
+
+    def __init__(self, special_names: frozenset[bytes], max_size: int = 65536,
+                 max_count: int = 256) -> None:  # fmt: skip
+        self.special_names = special_names
+        self.max_size = max_size
+        self.max_count = max_count
+        self.error: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the next head (new containers: a built head keeps the old ones)."""
+        self.lines: list[bytes] = []
+        self.special: dict[bytes, bytes] = {}
+        self.size = 0
+        self.count = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        self.size += len(name) + len(value) + 4
+        if self.size > self.max_size or self.count > self.max_count:
+            self.error = (
+                f"headers exceed {self.max_size} bytes" if self.size > self.max_size
+                else f"more than {self.max_count} headers"
+            )  # fmt: skip
+            raise HeadersTooLarge(self.error)
+        n = name.lower()
+        if n in self.special_names:
+            old = self.special.get(n)
+            self.special[n] = value if old is None else old + b", " + value
+        else:
+            self.lines.append(name + b": " + value + b"\r\n")
+
+    def end_to_end(self) -> list[bytes]:
+        """The rendered lines, without any the Connection header names (rare)."""
+        conn = self.special.get(b"connection")
+        if conn is None:
+            return self.lines
+        tokens = {t.strip().lower() for t in conn.split(b",")} - PLAIN_TOKENS
+        if not tokens:
+            return self.lines
+        return [line for line in self.lines if line.split(b":", 1)[0].lower() not in tokens]
+
+
+def _tokens(value: bytes | None) -> frozenset[bytes]:
+    return frozenset() if value is None else frozenset(t.strip().lower() for t in value.split(b","))
 
 
 @dataclass(slots=True)
@@ -37,18 +101,33 @@ class RequestHead:
 
     method: str
     target: bytes
-    version: str  # "1.0" | "1.1"
-    headers: Headers
+    version: str  # "1.0" | "1.1" (others are refused)
     keep_alive: bool
-    upgrade: bool = False
-    host: bytes = b""
-    content_length: int | None = None
-    chunked: bool = False
-    expect_continue: bool = False
-    connection_tokens: frozenset[bytes] = frozenset()
-    forwarded_for: bytes = b""
-    request_id: bytes = b""
-    upgrade_proto: bytes = b""
+    lines: list[bytes]  # end-to-end headers, rendered
+    host: bytes
+    content_length: int | None
+    chunked: bool
+    upgrade: bytes | None  # the protocol asked for, with Connection: upgrade
+    expect_continue: bool
+    forwarded_for: bytes | None
+    request_id: bytes | None
+
+    @classmethod
+    def build(cls, method: str, target: bytes, version: str, keep_alive: bool,
+              h: HeadBuilder) -> RequestHead:  # fmt: skip
+        sp = h.special
+        cl = sp.get(b"content-length")
+        upgrade = sp.get(b"upgrade")
+        if upgrade is not None and b"upgrade" not in _tokens(sp.get(b"connection")):
+            upgrade = None
+        expect = sp.get(b"expect")
+        return cls(
+            method, target, version, keep_alive, h.end_to_end(), sp.get(b"host", b""),
+            None if cl is None else int(cl),  # the parser checked it is one number
+            b"transfer-encoding" in sp,  # the parser refuses any other final coding
+            upgrade, expect is not None and expect.lower() == b"100-continue",
+            sp.get(b"x-forwarded-for"), sp.get(b"x-request-id"),
+        )  # fmt: skip
 
     @property
     def has_body(self) -> bool:
@@ -67,83 +146,46 @@ class RequestHead:
 @dataclass(slots=True)
 class ResponseHead:
     status: int
-    version: str
-    headers: Headers
     keep_alive: bool
-    content_length: int | None = None
-    chunked: bool = False
-    connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+    lines: list[bytes]
+    content_length: int | None
+    chunked: bool
+    upgrade: bytes | None
 
-
-def classify_request(head: RequestHead) -> None:
-    """Fill the framing and routing fields of `head` from its headers."""
-    for name, value in head.headers:
-        n = name.lower()
-        if n == b"host":
-            head.host = value
-        elif n == b"content-length":
-            head.content_length = int(value)  # the parser has checked it is one number
-        elif n == b"transfer-encoding":
-            head.chunked = True  # the parser refuses any other final coding
-        elif n == b"connection":
-            head.connection_tokens |= {t.strip().lower() for t in value.split(b",")}
-        elif n == b"expect":
-            head.expect_continue = value.lower() == b"100-continue"
-        elif n == b"x-forwarded-for":
-            head.forwarded_for = value
-        elif n == b"x-request-id":
-            head.request_id = value
-        elif n == b"upgrade":
-            head.upgrade_proto = value
-
-
-def classify_response(head: ResponseHead) -> None:
-    for name, value in head.headers:
-        n = name.lower()
-        if n == b"content-length":
-            head.content_length = int(value)
-        elif n == b"transfer-encoding":
-            head.chunked = value.lower().rstrip().endswith(b"chunked")
-        elif n == b"connection":
-            head.connection_tokens |= {t.strip().lower() for t in value.split(b",")}
+    @classmethod
+    def build(cls, status: int, keep_alive: bool, h: HeadBuilder) -> ResponseHead:
+        sp = h.special
+        cl = sp.get(b"content-length")
+        te = sp.get(b"transfer-encoding")
+        return cls(
+            status, keep_alive, h.end_to_end(), None if cl is None else int(cl),
+            te is not None and te.lower().rstrip().endswith(b"chunked"), sp.get(b"upgrade"),
+        )  # fmt: skip
 
 
 def valid_request_id(value: bytes) -> bool:
     return REQUEST_ID_RE.fullmatch(value) is not None
 
 
-def _end_to_end(headers: Headers, tokens: frozenset[bytes], drop: frozenset[bytes]) -> list[bytes]:
-    out = []
-    for name, value in headers:
-        n = name.lower()
-        if n in HOP_BY_HOP or n in drop or n in tokens:
-            continue
-        out.append(name + b": " + value + b"\r\n")
-    return out
-
-
 def upstream_request(
-    head: RequestHead, *, client_ip: str, proto: str, port: int, request_id: bytes,
+    head: RequestHead, *, client_ip: bytes, proto_port: bytes, request_id: bytes,
     start_ms: int,
 ) -> bytes:  # fmt: skip
-    """The head sent to a backend: end-to-end headers, the router's, one framing."""
-    lines = [f"{head.method} ".encode() + head.target + b" HTTP/1.1\r\n"]
-    lines += _end_to_end(head.headers, head.connection_tokens, ROUTER_SET)
-    xff = (head.forwarded_for + b", " if head.forwarded_for else b"") + client_ip.encode()
-    lines.append(
-        b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: " + proto.encode()
-        + b"\r\nX-Forwarded-Port: " + str(port).encode()
-        + b"\r\nX-Request-Id: " + request_id
-        + b"\r\nX-Request-Start: t=" + str(start_ms).encode() + b"\r\n"
-    )  # fmt: skip
-    if head.upgrade:
-        lines.append(b"Connection: Upgrade\r\nUpgrade: " + head.upgrade_proto + b"\r\n")
+    """The head sent to a backend: end-to-end headers, the router's, one framing.
+    `proto_port` is the listener's pre-rendered X-Forwarded-Proto/Port lines."""
+    xff = head.forwarded_for + b", " + client_ip if head.forwarded_for else client_ip
     if head.chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        framing = b"Transfer-Encoding: chunked\r\n"
     elif head.content_length is not None:
-        lines.append(b"Content-Length: " + str(head.content_length).encode() + b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        framing = b"Content-Length: %d\r\n" % head.content_length
+    else:
+        framing = b""
+    if head.upgrade is not None:
+        framing += b"Connection: Upgrade\r\nUpgrade: " + head.upgrade + b"\r\n"
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\n%sX-Request-Id: %s\r\nX-Request-Start: t=%d\r\n%s\r\n" % (
+        head.method.encode(), head.target, head.host, b"".join(head.lines), xff, proto_port,
+        request_id, start_ms, framing,
+    )  # fmt: skip
 
 
 def client_response(
@@ -152,23 +194,22 @@ def client_response(
 ) -> bytes:  # fmt: skip
     """The head sent to the client. `body_framing`: "length", "chunked", "close" or
     "none" (HEAD, 1xx, 204, 304: the upstream's Content-Length is passed on as is)."""
-    reason = _REASONS.get(head.status, b"Unknown")
-    lines = [b"HTTP/1.1 " + str(head.status).encode() + b" " + reason + b"\r\n"]
-    lines += _end_to_end(head.headers, head.connection_tokens, frozenset({b"x-request-id"}))
-    lines.append(b"X-Request-Id: " + request_id + b"\r\n")
     if body_framing == "chunked":
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    elif body_framing in ("length", "none") and head.content_length is not None:
-        lines.append(b"Content-Length: " + str(head.content_length).encode() + b"\r\n")
+        framing = b"Transfer-Encoding: chunked\r\n"
+    elif body_framing != "close" and head.content_length is not None:
+        framing = b"Content-Length: %d\r\n" % head.content_length
+    else:
+        framing = b""
     if head.status == 101:
-        lines.append(b"Connection: Upgrade\r\n")
-        lines += [n + b": " + v + b"\r\n" for n, v in head.headers if n.lower() == b"upgrade"]
+        framing += b"Connection: Upgrade\r\nUpgrade: " + (head.upgrade or b"") + b"\r\n"
     elif not keep_alive:
-        lines.append(b"Connection: close\r\n")
+        framing += b"Connection: close\r\n"
     elif client_version == "1.0":
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        framing += b"Connection: keep-alive\r\n"
+    return b"HTTP/1.1 %d %s\r\n%sX-Request-Id: %s\r\n%s\r\n" % (
+        head.status, _REASONS.get(head.status, b"Unknown"), b"".join(head.lines), request_id,
+        framing,
+    )  # fmt: skip
 
 
 def chunk(data: bytes) -> bytes:

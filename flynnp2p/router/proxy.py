@@ -28,9 +28,11 @@ Failure rules:
   obs-fold, oversize): 400/413/414/431 and close, upstream connection dropped
   if a head was already sent, so nothing smuggled reaches a backend.
 
-Timeouts use one cancel scope per connection whose deadline is moved as the
-connection goes from phase to phase (a scope per read would cost more than the
-parse); when it fires, ``phase`` says what to answer.
+Timeouts: each connection has one cancel scope and an ``expires_at`` time that it
+moves as it goes from phase to phase; the router's sweeper task cancels the
+scopes of expired connections every ``timer_tick``. (Moving a trio deadline, or
+a scope per read, cost more than parsing the request.) When the scope is
+cancelled, ``phase`` says what to answer.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
@@ -69,6 +71,7 @@ class ProxyConfig:
     pool_idle_per_backend: int = 64
     pool_idle_seconds: float = 30.0
     max_connections: int = 20000
+    timer_tick: float = 0.25  # timeouts fire up to this late
 
 
 class Pool:
@@ -82,7 +85,12 @@ class Pool:
         stack = self.idle.get(address)
         while stack:
             sock, since = stack.pop()
-            if now - since < self.cfg.pool_idle_seconds and not sock.peer_closed_nowait():
+            idle = now - since
+            # A backend that closes an idle connection does so after a keep-alive
+            # timeout (seconds, not milliseconds); one that closes after a response
+            # says "Connection: close" and never gets here. So only a connection idle
+            # for a while is worth a system call to check.
+            if idle < self.cfg.pool_idle_seconds and (idle < 1.0 or not sock.peer_closed_nowait()):
                 return sock
             sock.close()
         return None
@@ -117,6 +125,7 @@ class Shared:
     stats: Stats
     rng: random.Random
     wall_ms: Callable[[], int]
+    live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
         return b"%032x" % self.rng.getrandbits(128)
@@ -143,26 +152,23 @@ class _UpstreamFailed(Exception):
 class _ResponseSide:
     """Callbacks of one upstream response parser."""
 
-    __slots__ = ("_headers", "events", "messages", "parser")
+    __slots__ = ("_head", "events", "messages", "on_header", "parser")
 
     def __init__(self) -> None:
-        self.events: deque[Event] = deque()
+        self.events: list[Event] = []
         self.messages = 0
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = http1.HeadBuilder(http1.RESPONSE_SPECIAL)
+        self.on_header = self._head.add
         self.parser = httptools.HttpResponseParser(self)
 
     def on_message_begin(self) -> None:
         self.messages += 1
-        self._headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self.messages > 1:  # after an interim (1xx) response
+            self._head.reset()
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        head = ResponseHead(p.get_status_code(), p.get_http_version(), self._headers,
-                            p.should_keep_alive())  # fmt: skip
-        http1.classify_response(head)
+        head = ResponseHead.build(p.get_status_code(), p.should_keep_alive(), self._head)
         self.events.append((HEAD, head))
 
     def on_body(self, body: bytes) -> None:
@@ -181,26 +187,30 @@ class ClientConnection:
         self.proto = proto
         self.port = port
         self.events: deque[Event] = deque()
-        self.parser = httptools.HttpRequestParser(self)
         self.dead = False  # the parser stopped: error, end of stream or upgrade
         self.error: tuple[int, str] | None = None
         self.upgrade_extra = b""
+        self.begun = False  # a request has begun and its head is not complete
         self.begun_at: float | None = None
-        self.timer = trio.CancelScope()
+        self.timer = trio.CancelScope()  # cancelled by the router's sweeper at expires_at
+        self.expires_at = float("inf")
         self.phase = "idle"
         self.current: tuple[str, float, bytes] | None = None  # app, start, request id
         self.upstream: Sock | None = None
+        self.proto_port = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (proto.encode(), port)
+        self.ip = client_ip.encode()
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
+        self._head = http1.HeadBuilder(http1.REQUEST_SPECIAL, self.cfg.max_header_bytes,
+                                       self.cfg.max_headers)  # fmt: skip
+        self.on_header = self._head.add  # the parser calls it directly: no wrapper on the hot path
+        self.parser = httptools.HttpRequestParser(self)  # last: it looks its callbacks up now
 
     # -- parser callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = []
-        self._header_bytes = 0
-        self.begun_at = trio.current_time()
+        self._head.reset()
+        self.begun = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -208,22 +218,11 @@ class ClientConnection:
             self.error = (414, "the request target is too long")
             raise _Refused
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.cfg.max_header_bytes:
-            self.error = (431, f"request headers exceed {self.cfg.max_header_bytes} bytes")
-            raise _Refused
-        if len(self._headers) > self.cfg.max_headers:
-            self.error = (431, f"more than {self.cfg.max_headers} request headers")
-            raise _Refused
-
     def on_headers_complete(self) -> None:
         p = self.parser
-        head = RequestHead(p.get_method().decode("ascii"), self._url, p.get_http_version(),
-                           self._headers, p.should_keep_alive())  # fmt: skip
-        http1.classify_request(head)
-        head.upgrade = b"upgrade" in head.connection_tokens and bool(head.upgrade_proto)
+        head = RequestHead.build(p.get_method().decode("ascii"), self._url,
+                                 p.get_http_version(), p.should_keep_alive(), self._head)  # fmt: skip
+        self.begun = False
         self.begun_at = None
         self.events.append((HEAD, head))
 
@@ -242,6 +241,8 @@ class ClientConnection:
             self.upgrade_extra = data[e.args[0] :]
             self.dead = True
         except httptools.HttpParserError as e:
+            if self._head.error is not None:
+                self.error = (431, f"request {self._head.error}")
             self.events.append((ERROR, self.error or (400, f"malformed request: {e}")))
             self.dead = True
 
@@ -251,19 +252,21 @@ class ClientConnection:
                 return EOF, None
             now = trio.current_time()
             if phase != "head":
-                self.timer.deadline = now + self.cfg.idle_timeout
-            elif self.begun_at is None:
-                self.phase, self.timer.deadline = "idle", now + self.cfg.idle_timeout
+                self.expires_at = now + self.cfg.idle_timeout
+            elif not self.begun:
+                self.phase, self.expires_at = "idle", now + self.cfg.idle_timeout
             else:
+                if self.begun_at is None:
+                    self.begun_at = now
                 self.phase = "head"
-                self.timer.deadline = self.begun_at + self.cfg.header_timeout
+                self.expires_at = self.begun_at + self.cfg.header_timeout
             try:
                 data = await self.sock.recv()
             except OSError:
                 raise _ClientGone from None
             if not data:
                 self.dead = True
-                if self.begun_at is not None or phase != "head":
+                if self.begun or phase != "head":
                     return ERROR, (400, "the request ended early")
                 return EOF, None
             self._feed(data)
@@ -278,6 +281,7 @@ class ClientConnection:
     # -- the connection ----------------------------------------------------------------
 
     async def serve(self) -> None:
+        self.sh.live.add(self)
         try:
             with self.timer:
                 await self._serve()
@@ -286,6 +290,7 @@ class ClientConnection:
         except _ClientGone:
             pass
         finally:
+            self.sh.live.discard(self)
             if self.upstream is not None:
                 self.upstream.close()
             self.sock.close()
@@ -333,7 +338,7 @@ class ClientConnection:
     ) -> bool:  # fmt: skip
         """A response of the router's own; the connection is kept only if nothing of
         the request is left unread."""
-        keep = head.keep_alive and not close and not head.has_body and not head.upgrade
+        keep = head.keep_alive and not close and not head.has_body and head.upgrade is None
         await self._send(http1.simple_response(status, text, close=not keep, request_id=rid, extra=extra))  # fmt: skip
         self.sh.stats.record(app, status, trio.current_time() - start, by_router=status >= 500)
         return keep
@@ -364,9 +369,9 @@ class ClientConnection:
             return await self._reply(head, app, start, rid, 503, http1.unavailable_page(app, route.process_type))  # fmt: skip
         self.current = (app, start, rid)
         up_head = http1.upstream_request(
-            head, client_ip=self.client_ip, proto=self.proto, port=self.port, request_id=rid,
+            head, client_ip=self.ip, proto_port=self.proto_port, request_id=rid,
             start_ms=sh.wall_ms(),
-        )
+        )  # fmt: skip
         return await self._proxy(head, route, backends, up_head, app, start, rid)
 
     async def _proxy(
@@ -390,7 +395,7 @@ class ClientConnection:
             if up is None:
                 host, port = backend.host_port
                 self.phase = "connect"
-                self.timer.deadline = float("inf")
+                self.expires_at = float("inf")
                 try:
                     with trio.move_on_after(cfg.connect_timeout) as scope:
                         up = await connect(host, port, address)
@@ -470,11 +475,11 @@ class ClientConnection:
         self, head: RequestHead, up_head: bytes, up: Sock, address: str, start: float,
         rid: bytes, app: str,
     ) -> bool:  # fmt: skip
-        cfg, timer = self.cfg, self.timer
+        cfg = self.cfg
         await self._send_request(head, up_head, up)
         side = _ResponseSide()
         self.phase = "response-head"
-        timer.deadline = trio.current_time() + cfg.response_header_timeout
+        self.expires_at = trio.current_time() + cfg.response_header_timeout
         resp: ResponseHead | None = None
         framing = "none"
         keep = False
@@ -532,7 +537,7 @@ class ClientConnection:
             if out:
                 await self._send(out)
                 out = bytearray()
-            timer.deadline = trio.current_time() + cfg.idle_timeout
+            self.expires_at = trio.current_time() + cfg.idle_timeout
         assert resp is not None
         self.sh.stats.record(app, resp.status, trio.current_time() - start)
         self.upstream = None
@@ -554,7 +559,7 @@ class ClientConnection:
 
     def _framing(self, head: RequestHead, resp: ResponseHead) -> tuple[str, bool]:
         """How the body goes to the client, and whether the connection stays open."""
-        keep = head.keep_alive and not head.upgrade
+        keep = head.keep_alive and head.upgrade is None
         if resp.status == 101:
             return "none", False
         if head.method == "HEAD" or resp.status in (204, 304):
@@ -570,7 +575,7 @@ class ClientConnection:
     async def _tunnel(self, up: Sock, upstream_extra: bytes) -> None:
         """After a 101: the bytes that came with the heads, then both ways until done."""
         self.phase = "tunnel"
-        self.timer.deadline = float("inf")
+        self.expires_at = float("inf")
         try:
             if self.upgrade_extra:
                 await up.sendall(self.upgrade_extra)

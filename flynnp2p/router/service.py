@@ -87,6 +87,7 @@ class Router:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_http, listener, "http", self.bound_port)
                 nursery.start_soon(self._reconcile_tcp, nursery)
+                nursery.start_soon(self._sweep_timeouts)
                 task_status.started(self.bound_port)
         finally:
             trio.lowlevel.notify_closing(listener)
@@ -109,6 +110,15 @@ class Router:
             "pool": self.shared.pool.counts(),
             "apps": self.shared.stats.as_dict(),
         }
+
+    async def _sweep_timeouts(self) -> None:
+        live = self.shared.live
+        while True:
+            await trio.sleep(self.config.timer_tick)
+            now = trio.current_time()
+            for conn in [c for c in live if c.expires_at <= now]:
+                conn.timer.cancel()
+            self.shared.balancer.expire(now)
 
     # -- accepting -----------------------------------------------------------------------
 

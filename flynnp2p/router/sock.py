@@ -23,6 +23,7 @@ import trio
 
 RECV_SIZE = 65536  # 64 KiB or less doubled body throughput against 256 KiB (FACTS.md)
 FAIR_OPS = 16
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class ConnectError(OSError):
@@ -84,7 +85,7 @@ class Sock:
     def peer_closed_nowait(self) -> bool:
         """Whether an idle connection has been closed by its peer (or has stray bytes)."""
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, _PEEK_NOWAIT)
         except BlockingIOError:
             return False
         except OSError:
