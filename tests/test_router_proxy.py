@@ -241,3 +241,40 @@ async def test_wait_for_helper_fails_on_deadline() -> None:
     except trio.TooSlowError:
         return
     raise AssertionError("wait_for returned on a false predicate")
+
+
+async def test_connect_timeout_answers_504_and_skips_the_backend() -> None:
+    """A listener whose accept queue is full drops SYNs: connects to it hang."""
+    cfg = ProxyConfig(connect_timeout=0.3)
+    async with trio.open_nursery() as nursery:
+        full = trio.socket.socket()
+        await full.bind((LOCAL, 0))
+        full.listen(0)
+        address = f"{LOCAL}:{full.getsockname()[1]}"
+        fillers = []
+        for _ in range(3):  # fill the accept queue (what fits, without waiting on the rest)
+            s = trio.socket.socket()
+            with trio.move_on_after(0.2):
+                await s.connect(full.getsockname())
+            fillers.append(s)
+        table = table_of([route("r1", "h.test")], {SVC: [address]})
+        router, _, port = await start_router(nursery, table, cfg)
+        with trio.fail_after(5):
+            out = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 504 ") and b"timed out" in out
+        assert address in router.status()["balancer"]["skipped"]  # type: ignore[index]
+        for s in fillers:
+            s.close()
+        full.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_https_only_route_redirects_plain_http() -> None:
+    async with trio.open_nursery() as nursery:
+        backend = HttpBackend("b")
+        table = table_of([route("r1", "secure.test", https_only=True)], {SVC: [await backend.start(nursery)]})
+        _, _, port = await start_router(nursery, table)
+        out = await raw_exchange(port, b"GET /a?b=1 HTTP/1.1\r\nHost: secure.test:8080\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 308 ") and b"Location: https://secure.test/a?b=1\r\n" in out
+        assert backend.hits == 0
+        nursery.cancel_scope.cancel()
