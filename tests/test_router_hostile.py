@@ -13,6 +13,7 @@ from tests.test_router_helpers import (
     HttpBackend,
     raw_exchange,
     route,
+    serve,
     start_router,
     table_of,
     wait_for,
@@ -160,4 +161,39 @@ async def test_idle_keep_alive_connections_are_closed() -> None:
         assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"hello from b")
         assert router.connections == 0
         await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def raw_backend(reply: bytes):  # type: ignore[no-untyped-def]
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            await stream.receive_some(65536)
+            await stream.send_all(reply)
+        finally:
+            await stream.aclose()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("reply", "want"),
+    [
+        (b"garbage\r\n\r\n", b"HTTP/1.1 502 "),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         b"HTTP/1.1 502 "),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", b"HTTP/1.1 502 "),
+        (b"", b"HTTP/1.1 502 "),  # closed without a response
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b"HTTP/1.1 200 OK"),  # cut short
+    ],
+)
+async def test_a_misbehaving_backend_gets_502_or_a_closed_connection(reply: bytes, want: bytes) -> None:
+    async with trio.open_nursery() as nursery:
+        port_b = await serve(nursery, raw_backend(reply))
+        table = table_of([route("r1", "h.test")], {SVC: [f"{LOCAL}:{port_b}"]})
+        router, _, port = await start_router(nursery, table, CFG)
+        out = await raw_exchange(port, b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n")
+        assert out.startswith(want), out
+        if want.endswith(b"200 OK"):
+            assert out.endswith(b"short")  # the router closed: the client sees the truncation
+        await wait_for(lambda: router.connections == 0)
         nursery.cancel_scope.cancel()
