@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import h11
 import trio
 
 from tests.test_router_helpers import (
@@ -110,5 +111,73 @@ async def test_upgrade_bytes_right_behind_the_head_reach_the_backend() -> None:
             while b"echo: early" not in out:
                 out += await stream.receive_some(65536)
         assert out.startswith(b"HTTP/1.1 101 ")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_streamed_echo_is_full_duplex() -> None:
+    """20 MB echoed while it is sent: the router relays the response as the body goes up
+    (sending the whole body first would deadlock once the socket buffers fill)."""
+    size = 20 * 1024 * 1024
+    async with trio.open_nursery() as nursery:
+        backend = HttpBackend("b")
+        table = table_of([route("r1", "h.test")], {SVC: [await backend.start(nursery)]})
+        _, _, port = await start_router(nursery, table)
+        stream = await trio.open_tcp_stream(LOCAL, port)
+        got = 0
+
+        async def upload() -> None:
+            await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: h.test\r\n"
+                                  b"Content-Length: %d\r\n\r\n" % size)  # fmt: skip
+            for _ in range(size // 65536):
+                await stream.send_all(b"e" * 65536)
+
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="POST", target="/echo",
+                                headers=[("Host", "h.test"), ("Content-Length", str(size))]))  # fmt: skip
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(upload)
+                done = False
+                while not done:
+                    client.receive_data(await stream.receive_some(65536))
+                    while (event := client.next_event()) is not h11.NEED_DATA:
+                        if isinstance(event, h11.Data):
+                            got += len(event.data)
+                        elif isinstance(event, h11.EndOfMessage):
+                            done = True
+                            break
+        assert got == size
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_early_response_reaches_the_client_while_it_is_still_sending() -> None:
+    async def refuse(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)  # the head (and some body), never the rest
+        await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
+                              b"Connection: close\r\n\r\nbig!")  # fmt: skip
+        await trio.sleep_forever()  # keep the connection open, reading nothing
+
+    async with trio.open_nursery() as nursery:
+        port_b = await serve(nursery, refuse)
+        table = table_of([route("r1", "h.test")], {SVC: [f"{LOCAL}:{port_b}"]})
+        _, _, port = await start_router(nursery, table)
+        stream = await trio.open_tcp_stream(LOCAL, port)
+
+        async def upload() -> None:
+            await stream.send_all(b"PUT /f HTTP/1.1\r\nHost: h.test\r\nContent-Length: %d\r\n\r\n" % SIZE)
+            with trio.move_on_after(10):  # until the router stops reading
+                for _ in range(SIZE // 65536):
+                    await stream.send_all(b"p" * 65536)
+
+        out = b""
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(upload)
+                while not out.endswith(b"big!"):
+                    out += await stream.receive_some(65536)
+                inner.cancel_scope.cancel()
+        assert out.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in out
         await stream.aclose()
         nursery.cancel_scope.cancel()

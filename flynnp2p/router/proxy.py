@@ -14,8 +14,11 @@ For each request: route lookup → backend choice (`Balancer`, power of two
 choices) → an idle pooled upstream connection or a new one → the rebuilt head
 and the body → the upstream response parsed by a fresh ``httptools`` response
 parser and re-framed to the client (``Content-Length`` passed on, otherwise
-chunked, or close-delimited for HTTP/1.0 clients). The upstream connection goes
-back to the pool only after a complete response that allows it.
+chunked, or close-delimited for HTTP/1.0 clients). A request body is uploaded
+by a second task while the response is relayed, so a backend that answers
+early or streams its answer back is never blocked behind the upload (a body
+left unread then closes the client connection). The upstream connection goes
+back to the pool only after a complete request and response that allow it.
 
 Failure rules:
 
@@ -434,8 +437,6 @@ class ClientConnection:
             except OSError as e:
                 raise _UpstreamFailed(f"send: {e}") from None
             return
-        if head.expect_continue:
-            await self._send(http1.CONTINUE)
         self.phase = "request-body"
         sent = 0
         chunked = head.chunked
@@ -475,8 +476,58 @@ class ClientConnection:
         self, head: RequestHead, up_head: bytes, up: Sock, address: str, start: float,
         rid: bytes, app: str,
     ) -> bool:  # fmt: skip
+        """One request to `up` and its response back; whether the client connection stays."""
+        if not head.has_body:
+            await self._send_request(head, up_head, up)
+            return await self._relay_response(head, up, address, start, rid, app, True)
+        # A body is sent while the response is relayed: a backend may answer before it
+        # has read it all (401, 413) or stream it back (echo), and must never wait on us.
+        if head.expect_continue:
+            await self._send(http1.CONTINUE)
+        uploaded = False
+        refused = client_gone = False
+
+        async def upload() -> None:
+            nonlocal uploaded, refused, client_gone
+            try:
+                await self._send_request(head, up_head, up)
+                uploaded = True
+                self.phase = "response-head"
+                self.expires_at = trio.current_time() + self.cfg.response_header_timeout
+            except _UpstreamFailed:
+                if self.dead and self.events and self.events[-1][0] == ERROR:
+                    refused = True  # the client's body is bad: drop the exchange
+                    nursery.cancel_scope.cancel()
+                # else the backend stopped reading: its response, or its absence, decides
+            except _ClientGone:
+                client_gone = True
+                nursery.cancel_scope.cancel()
+
+        failure: Exception | None = None
+        keep = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            try:
+                keep = await self._relay_response(head, up, address, start, rid, app,
+                                                  lambda: uploaded)  # fmt: skip
+            except (_UpstreamFailed, _ClientGone) as e:
+                failure = e
+            nursery.cancel_scope.cancel()  # the response is complete: stop uploading
+        if client_gone:
+            raise _ClientGone
+        if refused:
+            if self.phase == "response-body":
+                raise _ClientGone  # the response had begun: only closing is left
+            raise _UpstreamFailed("the request body was refused")
+        if failure is not None:
+            raise failure
+        return keep and uploaded  # a body left unread closes the client connection
+
+    async def _relay_response(
+        self, head: RequestHead, up: Sock, address: str, start: float, rid: bytes, app: str,
+        uploaded: bool | Callable[[], bool],
+    ) -> bool:  # fmt: skip
         cfg = self.cfg
-        await self._send_request(head, up_head, up)
         side = _ResponseSide()
         self.phase = "response-head"
         self.expires_at = trio.current_time() + cfg.response_header_timeout
@@ -516,6 +567,8 @@ class ClientConnection:
                         continue  # interim responses stop here (the router sent its own 100)
                     resp = value
                     framing, keep = self._framing(head, value)
+                    if not (uploaded is True or (callable(uploaded) and uploaded())):
+                        keep = False  # the client's body will be left unread: say so now
                     out += http1.client_response(
                         value, body_framing=framing, keep_alive=keep,
                         client_version=head.version, request_id=rid,
@@ -551,7 +604,7 @@ class ClientConnection:
             resp.keep_alive and head.method != "HEAD" and side.messages == 1 + interim
             and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
         )  # fmt: skip
-        if reusable:
+        if reusable and (uploaded is True or (callable(uploaded) and uploaded())):
             self.sh.pool.put(address, up, trio.current_time())
         else:
             up.close()
