@@ -241,3 +241,21 @@ async def test_fuzzed_requests_get_well_formed_answers_or_a_close_and_never_cras
         async with httpx.AsyncClient(base_url=f"http://{LOCAL}:{port}", headers={"Host": "h.test"}) as client:
             assert (await client.get("/")).status_code == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_connections_over_the_cap_are_closed_at_once() -> None:
+    async with trio.open_nursery() as nursery:
+        backend = HttpBackend("b")
+        table = table_of([route("r1", "h.test")], {SVC: [await backend.start(nursery)]})
+        router, _, port = await start_router(nursery, table, ProxyConfig(max_connections=2))
+        held = [await trio.open_tcp_stream(LOCAL, port) for _ in range(2)]
+        await wait_for(lambda: router.connections == 2)
+        extra = await trio.open_tcp_stream(LOCAL, port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(100) == b""  # closed without a byte
+        await held[0].send_all(b"GET / HTTP/1.1\r\n" + H + b"\r\n")  # the held ones still work
+        with trio.fail_after(5):
+            assert (await held[0].receive_some(1000)).startswith(b"HTTP/1.1 200 ")
+        for s in [*held, extra]:
+            await s.aclose()
+        nursery.cancel_scope.cancel()

@@ -2,7 +2,8 @@
 """The router against nginx as a reverse proxy, per core, on loopback.
 
 A small-response backend (nginx, ``return 200``) and wrk share core 1; the proxy
-under test runs alone on core 0 (``taskset``). In alternating rounds: backend
+under test is pinned to core 0 (``taskset``; other tenants of the machine are not
+kept off it, so compare the CPU µs per request more than req/s). In alternating rounds: backend
 direct, nginx (1 worker, upstream keepalive), the flynnp2p router (one
 process). ``wrk -t2 -c64`` and ``-c1``: req/s, p50/p99 latency, the proxy's
 CPU µs per request (from /proc), and each as a ratio to nginx. Installs
@@ -188,7 +189,7 @@ def main() -> None:
                     print(f"round {rnd + 1} c{conns:<3} {name:16} {r['rps']:9.0f} req/s  "
                           f"p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  cpu {r['cpu_us']:.1f} us/req"
                           + ("  ERRORS" if r["errors"] or r["socket_errors"] else ""), flush=True)  # fmt: skip
-        print(f"\nmedians over {args.rounds} rounds, wrk -t2 -d{args.duration}s, proxy alone on core "
+        print(f"\nmedians over {args.rounds} rounds, wrk -t2 -d{args.duration}s, proxy pinned to core "
               f"{PROXY_CORE}, backend and wrk on core {OTHER_CORE}")  # fmt: skip
         print(f"{'variant':18}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/req':>12}"
               f"{'x nginx req/s':>15}{'x nginx p99':>13}")  # fmt: skip
