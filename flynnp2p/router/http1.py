@@ -111,6 +111,7 @@ class RequestHead:
     expect_continue: bool
     forwarded_for: bytes | None
     request_id: bytes | None
+    has_body: bool = False
 
     @classmethod
     def build(cls, method: str, target: bytes, version: str, keep_alive: bool,
@@ -121,17 +122,13 @@ class RequestHead:
         if upgrade is not None and b"upgrade" not in _tokens(sp.get(b"connection")):
             upgrade = None
         expect = sp.get(b"expect")
+        length = None if cl is None else int(cl)  # the parser checked it is one number
+        chunked = b"transfer-encoding" in sp  # the parser refuses any other final coding
         return cls(
             method, target, version, keep_alive, h.end_to_end(), sp.get(b"host", b""),
-            None if cl is None else int(cl),  # the parser checked it is one number
-            b"transfer-encoding" in sp,  # the parser refuses any other final coding
-            upgrade, expect is not None and expect.lower() == b"100-continue",
-            sp.get(b"x-forwarded-for"), sp.get(b"x-request-id"),
+            length, chunked, upgrade, expect is not None and expect.lower() == b"100-continue",
+            sp.get(b"x-forwarded-for"), sp.get(b"x-request-id"), chunked or bool(length),
         )  # fmt: skip
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     @property
     def path(self) -> str:

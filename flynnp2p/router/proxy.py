@@ -128,6 +128,7 @@ class Shared:
     stats: Stats
     rng: random.Random
     wall_ms: Callable[[], int]
+    now: Callable[[], float]  # monotonic seconds: timeouts, latencies, passive-health marks
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
@@ -253,7 +254,7 @@ class ClientConnection:
         while not self.events:
             if self.dead:
                 return EOF, None
-            now = trio.current_time()
+            now = self.sh.now()
             if phase != "head":
                 self.expires_at = now + self.cfg.idle_timeout
             elif not self.begun:
@@ -332,7 +333,7 @@ class ClientConnection:
             app, start, rid = self.current
             self.sock.send_nowait(http1.simple_response(
                 504, "504: the app did not answer in time\n", close=True, request_id=rid))  # fmt: skip
-            self.sh.stats.record(app, 504, trio.current_time() - start, by_router=True)
+            self.sh.stats.record(app, 504, self.sh.now() - start, by_router=True)
 
     async def _reply(
         self, head: RequestHead, app: str, start: float, rid: bytes, status: int, text: str,
@@ -343,12 +344,12 @@ class ClientConnection:
         the request is left unread."""
         keep = head.keep_alive and not close and not head.has_body and head.upgrade is None
         await self._send(http1.simple_response(status, text, close=not keep, request_id=rid, extra=extra))  # fmt: skip
-        self.sh.stats.record(app, status, trio.current_time() - start, by_router=status >= 500)
+        self.sh.stats.record(app, status, self.sh.now() - start, by_router=status >= 500)
         return keep
 
     async def _handle(self, head: RequestHead) -> bool:
         sh, cfg = self.sh, self.cfg
-        start = trio.current_time()
+        start = self.sh.now()
         rid = head.request_id if head.request_id and http1.valid_request_id(head.request_id) \
             else sh.new_request_id()  # fmt: skip
         host = head.host.decode("latin-1")
@@ -388,7 +389,7 @@ class ClientConnection:
         for attempt in range(cfg.max_tries):
             if attempt:
                 sh.stats.retried(app)
-            now = trio.current_time()
+            now = self.sh.now()
             backend = sh.balancer.choose(backends, now, tried)
             if backend is None:
                 break
@@ -405,7 +406,7 @@ class ClientConnection:
                     if scope.cancelled_caught:
                         raise ConnectError(address, "timed out", timed_out=True)
                 except ConnectError as e:
-                    sh.balancer.mark_down(address, trio.current_time())
+                    sh.balancer.mark_down(address, self.sh.now())
                     why, timed_out = str(e), e.timed_out
                     continue
             assert up is not None
@@ -493,7 +494,7 @@ class ClientConnection:
                 await self._send_request(head, up_head, up)
                 uploaded = True
                 self.phase = "response-head"
-                self.expires_at = trio.current_time() + self.cfg.response_header_timeout
+                self.expires_at = self.sh.now() + self.cfg.response_header_timeout
             except _UpstreamFailed:
                 if self.dead and self.events and self.events[-1][0] == ERROR:
                     refused = True  # the client's body is bad: drop the exchange
@@ -530,7 +531,7 @@ class ClientConnection:
         cfg = self.cfg
         side = _ResponseSide()
         self.phase = "response-head"
-        self.expires_at = trio.current_time() + cfg.response_header_timeout
+        self.expires_at = self.sh.now() + cfg.response_header_timeout
         resp: ResponseHead | None = None
         framing = "none"
         keep = False
@@ -590,9 +591,9 @@ class ClientConnection:
             if out:
                 await self._send(out)
                 out = bytearray()
-            self.expires_at = trio.current_time() + cfg.idle_timeout
+            self.expires_at = self.sh.now() + cfg.idle_timeout
         assert resp is not None
-        self.sh.stats.record(app, resp.status, trio.current_time() - start)
+        self.sh.stats.record(app, resp.status, self.sh.now() - start)
         self.upstream = None
         self.current = None
         if resp.status == 101:
@@ -605,7 +606,7 @@ class ClientConnection:
             and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
         )  # fmt: skip
         if reusable and (uploaded is True or (callable(uploaded) and uploaded())):
-            self.sh.pool.put(address, up, trio.current_time())
+            self.sh.pool.put(address, up, self.sh.now())
         else:
             up.close()
         return keep and not self.dead

@@ -64,6 +64,7 @@ class Router:
         config: ProxyConfig | None = None,
         seed: int | None = None,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.table = table
         self.address = address
@@ -73,7 +74,7 @@ class Router:
         self.shared = Shared(
             table=table, cfg=self.config, balancer=Balancer(rng, self.config.skip_seconds),
             pool=Pool(self.config), stats=Stats(), rng=rng,
-            wall_ms=lambda: int(wall_clock() * 1000),
+            wall_ms=lambda: int(wall_clock() * 1000), now=clock,
         )  # fmt: skip
         self.connections = 0
         self.tcp_listeners: dict[int, trio.CancelScope] = {}
@@ -96,7 +97,7 @@ class Router:
 
     def status(self) -> dict[str, object]:
         """What `/v1/router/status` will show for this node."""
-        now = trio.current_time()
+        now = self.shared.now()
         table = self.table.value
         return {
             "listeners": {"http": self.bound_port, "tcp": sorted(self.tcp_listeners)},
@@ -115,7 +116,7 @@ class Router:
         live = self.shared.live
         while True:
             await trio.sleep(self.config.timer_tick)
-            now = trio.current_time()
+            now = self.shared.now()
             for conn in [c for c in live if c.expires_at <= now]:
                 conn.timer.cancel()
             self.shared.balancer.expire(now)
@@ -210,7 +211,7 @@ class Router:
                 target = self.table.value.lookup_tcp(port)
                 if target is None:
                     return
-                backend = sh.balancer.choose(target.backends, trio.current_time(), tried)
+                backend = sh.balancer.choose(target.backends, self.shared.now(), tried)
                 if backend is None:
                     return
                 tried.append(backend.address)
@@ -221,7 +222,7 @@ class Router:
                     if scope.cancelled_caught:
                         raise ConnectError(backend.address, "timed out", timed_out=True)
                 except ConnectError:
-                    sh.balancer.mark_down(backend.address, trio.current_time())
+                    sh.balancer.mark_down(backend.address, self.shared.now())
                     continue
                 sh.balancer.acquire(backend.address)
                 try:

@@ -45,12 +45,6 @@ class Sock:
         self.closed = False
         self._budget = FAIR_OPS
 
-    async def _fair(self) -> None:
-        self._budget -= 1
-        if self._budget <= 0:
-            self._budget = FAIR_OPS
-            await trio.lowlevel.checkpoint()
-
     async def recv(self, size: int = RECV_SIZE) -> bytes:
         """Up to `size` bytes; b"" at end of stream. Raises OSError on a reset."""
         sock = self.sock
@@ -61,21 +55,32 @@ class Sock:
                 self._budget = FAIR_OPS
                 await trio.lowlevel.wait_readable(sock)
                 continue
-            await self._fair()
+            self._budget -= 1  # (inlined: this is the per-request path)
+            if self._budget <= 0:
+                self._budget = FAIR_OPS
+                await trio.lowlevel.checkpoint()
             return data
 
     async def sendall(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock
-        view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                self._budget = FAIR_OPS
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            view = view[sent:]
-        await self._fair()
+        try:
+            sent = sock.send(data)  # most sends take everything at once
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            view = memoryview(data)[sent:]
+            while view:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    self._budget = FAIR_OPS
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[sent:]
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIR_OPS
+            await trio.lowlevel.checkpoint()
 
     def send_nowait(self, data: bytes) -> None:
         """Best effort, never blocks (an error page on a connection being dropped)."""
