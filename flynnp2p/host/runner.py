@@ -54,7 +54,7 @@ from flynnp2p.host.backend import JobBackend, JobSpec
 from flynnp2p.host.health import HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.slug import unpack_slug
-from flynnp2p.scheduler.model import FENCED
+from flynnp2p.state.jobs import fenced_reason, is_finished
 from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import (
     App,
@@ -184,7 +184,7 @@ class HostRunner:
                     self._stop(run, reason)
                 elif p.id in self.adopted:
                     self._spawn(p.id, self._stop_adopted, p.id, reason)
-                elif job is not None and not _finished(job):
+                elif job is not None and not is_finished(job.state, job.one_off):
                     record = dataclasses.replace(
                         job, state="down", reason=reason, updated_at=self.now_ms()
                     )
@@ -197,8 +197,7 @@ class HostRunner:
             if job is None:
                 if p.epoch < floor and p.id not in self.adopted:
                     self.stats["fenced"] += 1
-                    reason = f"{FENCED} placed at epoch {p.epoch}, the newest epoch is {floor}"
-                    self._spawn(p.id, self._report, p, "down", None, None, None, reason)
+                    self._spawn(p.id, self._report, p, "down", None, None, None, fenced_reason(p.epoch, floor))
                     continue
             elif p.generation < job.generation or (
                 p.generation == job.generation and job.state in ("down", "crashed")
@@ -480,12 +479,6 @@ class HostRunner:
             await self.state.write(changes)
         except FlynnError as exc:  # committed here; it spreads when peers answer
             log.info("job report not acknowledged by a peer yet: %s", exc)
-
-
-def _finished(job: Job) -> bool:
-    """Down, or a one-off that exited non-zero (a crashed service job still waits
-    for the leader: restarted, or stopped and then down)."""
-    return job.state == "down" or (job.one_off and job.state == "crashed")
 
 
 def _exit_reason(code: int) -> str:
