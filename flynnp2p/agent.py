@@ -31,6 +31,7 @@ from flynnp2p.api.coord import coord_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.jobs import jobs_blueprint
 from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
+from flynnp2p.api.router import router_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
@@ -51,8 +52,9 @@ from flynnp2p.coord.member import EtcdSettings
 from flynnp2p.coord.service import Coord
 from flynnp2p.errors import ClusterError, ConfigError
 from flynnp2p.gossip.codec import SerfError
-from flynnp2p.gossip.heartbeat import Heartbeats, HeartbeatSettings, HttpProber
+from flynnp2p.gossip.heartbeat import Heartbeats
 from flynnp2p.gossip.peers import GossipPeers
+from flynnp2p.gossip.ping import UdpPinger
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
 from flynnp2p.gossip.tags import role_list, serf_names, serf_tags, user_tags
@@ -62,12 +64,16 @@ from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.process import ProcessBackend
 from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
+from flynnp2p.router.feed import feed_routes
+from flynnp2p.router.service import Router
+from flynnp2p.router.table import RouteTable
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.records import App, ClusterConfig, Route
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
+from flynnp2p.watch import Watched
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +164,11 @@ class Agent:
         self.duties = LeaderDuties(self.election.leadership)
         self.duties.add(lambda _epoch: self.coord.autopilot(self._serf_statuses))
         # Which alive members stopped answering (what the API shows; not replicated).
+        # Pings are UDP datagrams on the API's address and port number (HTTP
+        # heartbeats cost ~1.5 % of a core per node at three nodes).
+        self.pinger = UdpPinger(token.peer_key, cfg.addr, cfg.api_port)
         self.heartbeats = Heartbeats(
-            GossipPeers(self.gossip).alive_peers, HttpProber(self.http, HeartbeatSettings().timeout_s)
+            GossipPeers(self.gossip).alive_peers, self.pinger
         )
         try:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
@@ -202,6 +211,9 @@ class Agent:
         self.fanout = LogFanout(
             self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
         )
+        # The router: every node proxies every app's routes to its jobs anywhere.
+        self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
+        self.router = Router(self.routes, address=cfg.addr, http_port=cfg.http_port)
         app = create_app(self)
         apps_api = AppsApi(self, slug_path=self.blobs.local_path, http=self.http)
         app.register_blueprint(internal_blueprint(self.state))
@@ -211,6 +223,7 @@ class Agent:
         app.register_blueprint(logs_blueprint(self, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
         app.register_blueprint(coord_blueprint(self.coord))
+        app.register_blueprint(router_blueprint(self.router))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
 
     def _make_backend(self, jobs_dir: Path) -> JobBackend:
@@ -254,9 +267,18 @@ class Agent:
                 # The API serves peers' pulls as soon as it is up; the state
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
+                await nursery.start(self.pinger.run)
                 await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
+                await nursery.start(feed_routes, self.state, self.routes)
+                try:
+                    await nursery.start(self.router.run)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"router HTTP port {self.cfg.addr}:{self.cfg.http_port} cannot be used "
+                        f"({exc.strerror}; choose --http-port)"
+                    ) from None
                 await nursery.start(self.fanout.run)
                 if self.backend is not None and self.runner is not None:
                     await nursery.start(self.backend.run)

@@ -86,6 +86,22 @@ def http_server(status: int, requests: list[h11.Request]) -> Handler:
     return handle
 
 
+async def test_tcp_probe_fails_on_a_proxy_that_accepts_and_closes_at_once() -> None:
+    async def close_at_once(stream: trio.SocketStream) -> None:  # docker-proxy, nothing behind
+        await stream.aclose()
+
+    async def greet(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"220 hello\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(GUARD_S):
+        async with serving(close_at_once) as port:
+            reason = await probe(TCP, LOCAL, port)
+            assert reason is not None and "at once" in reason
+        async with serving(greet) as port:
+            assert await probe(TCP, LOCAL, port) is None
+
+
 @pytest.mark.parametrize(
     ("status", "expected"), [(200, None), (302, None), (503, "HTTP 503 from /health")]
 )

@@ -117,7 +117,7 @@ class ApiClient:
         try:
             return self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ClusterError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from None
+            raise ClusterError(f"cannot reach {self.url}: {str(exc) or type(exc).__name__}") from None
 
     def _answer(self, resp: httpx.Response) -> Any:
         try:

@@ -192,7 +192,7 @@ def open_ndjson(client: ApiClient, path: str, params: Mapping[str, str]) -> Iter
                 raise _http_error(client, resp)
             yield _items(resp)
     except httpx.TransportError as exc:
-        raise StreamBroken(f"the log stream from {client.url} broke: {exc or type(exc).__name__}") from None
+        raise StreamBroken(f"the log stream from {client.url} broke: {str(exc) or type(exc).__name__}") from None
 
 
 def _emit(text: str, to: TextIO) -> None:

@@ -56,8 +56,11 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         )
         fresh = True
     # Explicit flags override what the data dir holds (ports may move).
-    for attr in ("addr", "api_port", "gossip_port", "http_port", "https_port"):
-        value = getattr(args, attr)
+    for attr in (
+        "addr", "api_port", "gossip_port", "http_port", "https_port",
+        "coord_peer_port", "coord_client_port", "coord_voters",
+    ):  # fmt: skip
+        value = getattr(args, attr, None)
         if value is not None:
             setattr(cfg, attr, value)
     if args.roles is not None:

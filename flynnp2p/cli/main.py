@@ -46,6 +46,10 @@ def _add_join(sub: Any) -> None:
         "engine answers, else processes; the default)",
     )  # fmt: skip
     p.add_argument("--job-ports", metavar="LO-HI", help="host ports for jobs (default 20000-29999)")
+    p.add_argument("--coord-peer-port", type=int, help="etcd peer port, TLS (default 2380)")
+    p.add_argument("--coord-client-port", type=int, help="etcd client port, loopback only (default 2379)")
+    p.add_argument("--coord-voters", type=int, choices=(1, 3, 5),
+                   help="how many etcd voters the cluster keeps (default 5; fewer nodes: all of them)")
     p.set_defaults(func=cmd_join)
 
 
@@ -230,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err is None:
             raise
         print(f"flynnp2p: error: {err.message}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError | UserError) and err.status < 401 else 1
+        usage = isinstance(err, ConfigError) or (isinstance(err, UserError) and err.status < 401)
+        return 2 if usage else 1
     except KeyboardInterrupt:
         return 130
 

@@ -115,7 +115,7 @@ class EtcdClient:
         except httpx.TimeoutException:
             raise CoordError("etcd did not answer in time (no quorum?)") from None
         except httpx.HTTPError as exc:
-            raise CoordError(f"etcd is not answering ({exc or type(exc).__name__})") from None
+            raise CoordError(f"etcd is not answering ({str(exc) or type(exc).__name__})") from None
         try:
             data = resp.json()
         except ValueError:
@@ -189,6 +189,27 @@ class EtcdClient:
         compare = {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
         ok, _, _ = await self.txn([compare], [{"requestDeleteRange": {"key": _b64(key)}}])
         return ok
+
+    async def wait_deleted(self, key: str, from_revision: int) -> None:
+        """Return once ``key`` is deleted at or after ``from_revision`` (a watch:
+        no polling); the caller bounds the wait, since a member cut off from its
+        quorum just stays silent."""
+        body = {"create_request": {"key": _b64(key), "start_revision": str(from_revision)}}
+        try:
+            async with self.http.stream("POST", "/v3/watch", json=body, timeout=None) as resp:
+                if resp.status_code != 200:
+                    raise CoordError(f"etcd refused the watch ({resp.status_code})")
+                async for line in resp.aiter_lines():
+                    try:
+                        result = json.loads(line).get("result", {})
+                    except ValueError:
+                        raise CoordError("etcd sent a watch event that is not JSON") from None
+                    for event in result.get("events") or ():
+                        if event.get("type") == "DELETE":
+                            return
+        except httpx.HTTPError as exc:
+            raise CoordError(f"etcd watch broke ({str(exc) or type(exc).__name__})") from None
+        raise CoordError("etcd ended the watch")
 
     # -- leases ------------------------------------------------------------
 

@@ -19,8 +19,11 @@ it demotes itself at once: the leader duties are cancelled before etcd could
 let anyone else take the key.  On a clean stop it revokes its lease, so a
 successor takes over without waiting for the TTL.
 
-Every voter also reads the key (linearizably) every ``poll_s`` to publish who
-leads, for forwarding and status; a failed read says "no quorum here".
+Every voter also reads the key (linearizably) to publish who leads, for
+forwarding and status, then watches it: the leader's key deleted (its lease
+revoked or expired) wakes the followers at once.  The read is repeated every
+``reread_s`` anyway, since a member cut off from its quorum hears nothing; a
+failed read says "no quorum here".
 Learners and nodes without a member follow the leader's gossip tag instead
 (a learner's local read could be stale forever behind a partition).
 """
@@ -75,6 +78,8 @@ class LeaseStore(Protocol):
 
     async def revoke(self, lease: int) -> None: ...
 
+    async def wait_deleted(self, key: str, from_revision: int) -> None: ...
+
 
 class LeaderElection:
     def __init__(
@@ -85,9 +90,10 @@ class LeaderElection:
         *,
         is_voter: Callable[[], bool],
         ttl_s: int = 2,
-        renew_s: float = 0.5,
+        renew_s: float = 0.6,
         margin_s: float = 0.5,
         poll_s: float = 0.25,
+        reread_s: float = 2.0,
     ) -> None:
         self.store = store
         self.name = name
@@ -97,6 +103,7 @@ class LeaderElection:
         self.renew_s = renew_s
         self.margin_s = margin_s
         self.poll_s = poll_s
+        self.reread_s = reread_s
         self.leadership: Watched[Leadership] = Watched(Leadership(False, 0))
         self.view: Watched[LeaderView] = Watched(
             LeaderView(None, None, 0, False, "etcd has not answered yet")
@@ -120,7 +127,16 @@ class LeaderElection:
             self._publish(kv)
             if kv is None:
                 await self._campaign()
-            await trio.sleep(self.poll_s)
+                await trio.sleep(self.poll_s)
+                continue
+            # Someone leads: wait for its key to go (a watch, so a successor starts
+            # at once), reading again every `reread_s` to keep "quorum" honest.
+            with trio.move_on_after(self.reread_s):
+                try:
+                    await self.store.wait_deleted(LEADER_KEY, kv.mod_revision + 1)
+                except CoordError as exc:
+                    log.debug("leader watch failed: %s", exc)
+                    await trio.sleep(self.poll_s)
 
     def _publish(self, kv: KV | None) -> None:
         if kv is None:

@@ -49,8 +49,9 @@ from flynnp2p.coord.member import (
 log = logging.getLogger(__name__)
 
 JOIN_RETRY_S = 1.0
-ROLE_POLL_S = 1.0
-AUTOPILOT_S = 1.0
+ROLE_POLL_S = 0.5
+VOTER_POLL_S = 5.0
+AUTOPILOT_S = 2.0
 MEMBERS_PATH = "/v1/internal/coord/members"
 
 
@@ -176,7 +177,7 @@ class Coord:
                 with trio.fail_after(5):
                     resp = await self.http.post(f"http://{api}{MEMBERS_PATH}", json=body)
             except (httpx.HTTPError, trio.TooSlowError) as exc:
-                self.last_error = f"cannot reach {api} to join etcd: {exc or type(exc).__name__}"
+                self.last_error = f"cannot reach {api} to join etcd: {str(exc) or type(exc).__name__}"
                 continue
             if resp.status_code == 200:
                 cluster = resp.json().get("initial_cluster")
@@ -198,7 +199,8 @@ class Coord:
                     self.member_id = mine.id
                     self.settings.mark_joined(mine.id)
                     self.role = "learner" if mine.is_learner else "voter"
-            await trio.sleep(ROLE_POLL_S)
+            # A learner waits for its promotion; a voter stays one until removed.
+            await trio.sleep(ROLE_POLL_S if self.role != "voter" else VOTER_POLL_S)
 
     def recover(self) -> None:
         """Restart the local member as a one-member cluster keeping its data

@@ -5,11 +5,11 @@ Theory of operation
 Serf marks a member failed 5-7 s after it stops (probes, indirect probes, then a
 suspicion window for it to refute).  That caution is right for membership (a
 false "failed" moves jobs), but for those seconds the API would show the jobs of
-a SIGKILLed host as ``up``.  So every node also asks each *other* member that
-serf calls alive for its ``/healthz``, every `HeartbeatSettings.interval_s`, with
-a deadline of `HeartbeatSettings.timeout_s`, and keeps when it last heard from
-each (`LastHeard`).  Any HTTP answer counts, a 503 "not ready" too: the process
-is there.  A member not heard from for more than `unresponsive_after_s` is
+a SIGKILLed host as ``up``.  So every node also pings each *other* member that
+serf calls alive (a UDP datagram, `flynnp2p.gossip.ping`), every
+`HeartbeatSettings.interval_s`, with a deadline of `HeartbeatSettings.timeout_s`,
+and keeps when it last heard from each (`LastHeard`).  An answer means the
+node's process is there.  A member not heard from for more than `unresponsive_after_s` is
 *unresponsive*.
 
 A member is counted as heard when it is first tracked, that is when serf first
@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import httpx
 import trio
 
 log = logging.getLogger(__name__)
@@ -91,21 +90,6 @@ class Prober(Protocol):
     async def __call__(self, api: str) -> bool:
         """True if the node whose API is `api` answered."""
         ...
-
-
-class HttpProber:
-    """Asks ``GET /healthz``; any HTTP answer means the node's process is there."""
-
-    def __init__(self, http: httpx.AsyncClient, timeout_s: float) -> None:
-        self.http = http
-        self.timeout_s = timeout_s
-
-    async def __call__(self, api: str) -> bool:
-        try:
-            await self.http.get(f"http://{api}/healthz", timeout=self.timeout_s)
-        except httpx.HTTPError:
-            return False
-        return True
 
 
 class Heartbeats:

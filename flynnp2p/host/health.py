@@ -36,6 +36,7 @@ import trio
 from flynnp2p.state.records import HealthCheck
 
 FIRST_DELAY_S = 0.05  # wait after the first probe; doubles up to the check's interval
+TCP_SETTLE_S = 0.05  # how long an accepted probe connection must stay open
 ALIVE_POLL_S = 0.1  # how often ``is_alive`` is asked while waiting between probes
 USER_AGENT = "flynnp2p-health/1"
 _RECEIVE_BYTES = 4096
@@ -68,9 +69,23 @@ async def probe(check: HealthCheck, host: str, port: int) -> str | None:
             return describe_os_error(exc)
         async with stream:
             if check.type == "tcp":
-                return None
+                return await settled(stream)
             return await probe_http_stream(stream, host_header(host, port), check.path or "/")
     return f"timed out after {timeout_s}s"
+
+
+async def settled(stream: trio.abc.Stream) -> str | None:
+    """A connect alone can lie: Docker's userland proxy accepts on the published port
+    and closes at once while nothing listens in the container yet.  A server that
+    is up keeps the connection open (or greets): EOF within ``TCP_SETTLE_S`` fails."""
+    with trio.move_on_after(TCP_SETTLE_S):
+        try:
+            data = await stream.receive_some(1)
+        except trio.BrokenResourceError:
+            return "connection reset at once"
+        if not data:
+            return "connection closed at once (nothing listening yet?)"
+    return None
 
 
 async def probe_http_stream(stream: trio.abc.Stream, host: str, path: str) -> str | None:

@@ -1,1 +1,16 @@
+"""The router: HTTP and TCP routes to app jobs anywhere in the cluster.
 
+Pure core: `table` (the immutable `RouteTable` and its lookups), `build`
+(`table_from_state`: a `RouteTable` from a state snapshot), `http1` (head
+rewriting), `balance` (power of two choices, passive health), `stats`.
+I/O: `sock` (non-blocking sockets on trio's readiness waits), `proxy` (one
+HTTP/1.1 client connection), `service` (`Router.run`: listeners, TCP routes,
+timeouts).
+
+Wiring, for the agent::
+
+    routes = Watched(table_from_state(state.value))
+    router = Router(routes, address=cfg.addr, http_port=cfg.http_port)
+    port = await nursery.start(router.run)
+    ...  # on every state change: routes.set(table_from_state(new_state))
+"""

@@ -7,6 +7,7 @@ ensure_system_packages() {
   have serf || need_apt+=(serf)
   have etcd || need_apt+=(etcd-server)
   have git || need_apt+=(git)
+  have curl || need_apt+=(curl)
   have iptables || need_apt+=(iptables)
   have ip || need_apt+=(iproute2)
   if [ ${#need_apt[@]} -gt 0 ]; then

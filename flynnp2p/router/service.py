@@ -1,0 +1,235 @@
+"""The router service: listeners, the TCP route listeners kept in step with the table.
+
+`Router.run` binds the HTTP listener, reports its port through
+``task_status.started``, then serves until cancelled. The agent owns the
+`Watched[RouteTable]` and sets a new table whenever the state changes (built by
+`flynnp2p.router.build.table_from_state`); each request reads
+``table.value`` once, so a swap needs no lock and applies to the next request.
+
+A reconciler task watches the table: it opens a listener for every TCP route
+port that appears and closes the ones whose route went away (their open
+connections are left to finish), and drops pooled connections to backends
+that left the table. A TCP port that cannot be bound is reported in `status`
+and tried again on the next table change.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from flynnp2p.router.balance import Balancer
+from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared
+from flynnp2p.router.sock import ConnectError, Sock, connect, tunnel
+from flynnp2p.router.stats import Stats
+from flynnp2p.router.table import RouteTable
+from flynnp2p.watch import Watched
+
+ACCEPT_BATCH = 64
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((address, port))
+        s.listen(1024)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class Router:
+    """HTTP and TCP routes of the cluster, served on `address`.
+
+    `table`: the route table, swapped by its owner (the agent) at any time.
+    `http_port`: 0 picks a free port (tests); the bound port is what
+    ``await nursery.start(router.run)`` returns.
+    """
+
+    def __init__(
+        self,
+        table: Watched[RouteTable],
+        *,
+        address: str = "127.0.0.1",
+        http_port: int = 8080,
+        config: ProxyConfig | None = None,
+        seed: int | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.table = table
+        self.address = address
+        self.http_port = http_port
+        self.config = config or ProxyConfig()
+        rng = random.Random(seed)
+        self.shared = Shared(
+            table=table, cfg=self.config, balancer=Balancer(rng, self.config.skip_seconds),
+            pool=Pool(self.config), stats=Stats(), rng=rng,
+            wall_ms=lambda: int(wall_clock() * 1000), now=clock,
+        )  # fmt: skip
+        self.connections = 0
+        self.tcp_listeners: dict[int, trio.CancelScope] = {}
+        self.tcp_errors: dict[int, str] = {}
+        self.bound_port: int | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = _listen(self.address, self.http_port)
+        try:
+            self.bound_port = listener.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_http, listener, "http", self.bound_port)
+                nursery.start_soon(self._reconcile_tcp, nursery)
+                nursery.start_soon(self._sweep_timeouts)
+                task_status.started(self.bound_port)
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+            self.shared.pool.close_all()
+
+    def status(self) -> dict[str, object]:
+        """What `/v1/router/status` will show for this node."""
+        now = self.shared.now()
+        table = self.table.value
+        return {
+            "listeners": {"http": self.bound_port, "tcp": sorted(self.tcp_listeners)},
+            "tcp_errors": dict(sorted(self.tcp_errors.items())),
+            "connections": self.connections,
+            "routes": len(table.routes),
+            "backends": {
+                f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.backends.items())
+            },
+            "balancer": self.shared.balancer.status(now),
+            "pool": self.shared.pool.counts(),
+            "apps": self.shared.stats.as_dict(),
+        }
+
+    async def _sweep_timeouts(self) -> None:
+        live = self.shared.live
+        while True:
+            await trio.sleep(self.config.timer_tick)
+            now = self.shared.now()
+            for conn in [c for c in live if c.expires_at <= now]:
+                conn.timer.cancel()
+            self.shared.balancer.expire(now)
+
+    # -- accepting -----------------------------------------------------------------------
+
+    async def _accept_loop(
+        self, listener: socket.socket, handle: Callable[[socket.socket, str], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> None:  # fmt: skip
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        await trio.sleep(0.05)  # out of descriptors: let connections finish
+                        break
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue
+                    raise
+                if self.connections >= self.config.max_connections:
+                    conn.close()
+                    continue
+                nursery.start_soon(handle, conn, peer[0])
+            await trio.lowlevel.checkpoint()
+
+    async def _serve_http(self, listener: socket.socket, proto: str, port: int) -> None:
+        async def handle(conn: socket.socket, peer_ip: str) -> None:
+            self.connections += 1
+            try:
+                await ClientConnection(self.shared, Sock(conn), peer_ip, proto, port).serve()
+            finally:
+                self.connections -= 1
+
+        async with trio.open_nursery() as nursery:
+            await self._accept_loop(listener, handle, nursery)
+
+    # -- TCP routes ----------------------------------------------------------------------
+
+    async def _reconcile_tcp(self, nursery: trio.Nursery) -> None:
+        version = -1
+        while True:
+            version, table = await self.table.wait_change(version)
+            wanted = table.tcp_ports
+            for port in sorted(set(self.tcp_listeners) - wanted):
+                self.tcp_listeners.pop(port).cancel()
+            self.tcp_errors = {p: e for p, e in self.tcp_errors.items() if p in wanted}
+            for port in sorted(wanted - set(self.tcp_listeners)):
+                try:
+                    listener = _listen(self.address, port)
+                except OSError as e:
+                    self.tcp_errors[port] = str(e)
+                    continue
+                self.tcp_errors.pop(port, None)
+                scope = trio.CancelScope()
+                self.tcp_listeners[port] = scope
+                nursery.start_soon(self._serve_tcp, listener, port, scope)
+            keep = {b.address for bs in table.backends.values() for b in bs}
+            self.shared.pool.prune(keep)
+
+    async def _serve_tcp(self, listener: socket.socket, port: int, scope: trio.CancelScope) -> None:
+        async def handle(conn: socket.socket, peer_ip: str) -> None:
+            self.connections += 1
+            try:
+                await self._proxy_tcp(Sock(conn), port)
+            finally:
+                self.connections -= 1
+
+        try:
+            async with trio.open_nursery() as conns:
+                with scope:
+                    await self._accept_loop(listener, handle, conns)
+                # the route went away: stop accepting, let open connections finish
+                trio.lowlevel.notify_closing(listener)
+                listener.close()
+        finally:
+            if self.tcp_listeners.get(port) is scope:
+                del self.tcp_listeners[port]
+            if listener.fileno() != -1:
+                trio.lowlevel.notify_closing(listener)
+                listener.close()
+
+    async def _proxy_tcp(self, client: Sock, port: int) -> None:
+        sh = self.shared
+        tried: list[str] = []
+        try:
+            for _ in range(self.config.max_tries):
+                target = self.table.value.lookup_tcp(port)
+                if target is None:
+                    return
+                backend = sh.balancer.choose(target.backends, self.shared.now(), tried)
+                if backend is None:
+                    return
+                tried.append(backend.address)
+                host, bport = backend.host_port
+                try:
+                    with trio.move_on_after(self.config.connect_timeout) as scope:
+                        up = await connect(host, bport, backend.address)
+                    if scope.cancelled_caught:
+                        raise ConnectError(backend.address, "timed out", timed_out=True)
+                except ConnectError:
+                    sh.balancer.mark_down(backend.address, self.shared.now())
+                    continue
+                sh.balancer.acquire(backend.address)
+                try:
+                    await tunnel(client, up)
+                finally:
+                    sh.balancer.release(backend.address)
+                    up.close()
+                return
+        finally:
+            client.close()

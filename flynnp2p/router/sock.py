@@ -1,0 +1,155 @@
+"""Non-blocking sockets driven directly by trio's readiness waits (the I/O seam).
+
+Why not `trio.SocketStream`: each of its operations costs a trip through the
+scheduler (a checkpoint even when the kernel has the bytes), and on the
+router's per-request path that overhead, not parsing, is most of the CPU (see
+FACTS.md). Here an operation first tries the system call and only waits
+(`wait_readable`/`wait_writable`) when the kernel says it would block, so a
+send to a socket with room in its buffer costs one system call. To stay fair to
+other tasks and responsive to cancellation, a `Sock` that has not had to wait
+for `FAIR_OPS` operations yields once with a checkpoint.
+
+One task may receive and another send on the same `Sock` (a tunnel does); two
+tasks must not receive at once (trio raises `BusyResourceError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+
+import trio
+
+RECV_SIZE = 65536  # 64 KiB or less doubled body throughput against 256 KiB (FACTS.md)
+FAIR_OPS = 16
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+class ConnectError(OSError):
+    """Connecting to a backend failed (refused, unreachable) or timed out."""
+
+    def __init__(self, address: str, why: str, timed_out: bool = False) -> None:
+        super().__init__(f"connect to {address}: {why}")
+        self.timed_out = timed_out
+
+
+class Sock:
+    __slots__ = ("_budget", "closed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.closed = False
+        self._budget = FAIR_OPS
+
+    async def recv(self, size: int = RECV_SIZE) -> bytes:
+        """Up to `size` bytes; b"" at end of stream. Raises OSError on a reset."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                self._budget = FAIR_OPS
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            self._budget -= 1  # (inlined: this is the per-request path)
+            if self._budget <= 0:
+                self._budget = FAIR_OPS
+                await trio.lowlevel.checkpoint()
+            return data
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self.sock
+        try:
+            sent = sock.send(data)  # most sends take everything at once
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            view = memoryview(data)[sent:]
+            while view:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    self._budget = FAIR_OPS
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[sent:]
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIR_OPS
+            await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, data: bytes) -> None:
+        """Best effort, never blocks (an error page on a connection being dropped)."""
+        with contextlib.suppress(OSError):
+            self.sock.send(data)
+
+    def peer_closed_nowait(self) -> bool:
+        """Whether an idle connection has been closed by its peer (or has stray bytes)."""
+        try:
+            self.sock.recv(1, _PEEK_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True  # end of stream, stray bytes or an error: not reusable
+
+    def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+async def connect(host: str, port: int, address: str) -> Sock:
+    """Connect to a numeric `host`:`port`, or raise ConnectError (the caller bounds the time)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    s = Sock(raw)
+    try:
+        err = raw.connect_ex((host, port))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            await trio.lowlevel.wait_writable(raw)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectError(address, errno.errorcode.get(err, str(err)))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+async def pipe(src: Sock, dst: Sock) -> int:
+    """Copy bytes from `src` to `dst` until end of stream, then half-close `dst`."""
+    total = 0
+    try:
+        while True:
+            data = await src.recv()
+            if not data:
+                break
+            await dst.sendall(data)
+            total += len(data)
+    finally:
+        dst.shutdown_write()
+    return total
+
+
+async def tunnel(a: Sock, b: Sock) -> None:
+    """Bytes both ways until both directions have ended (half-close is passed on)."""
+
+    async def one_way(src: Sock, dst: Sock) -> None:
+        try:
+            await pipe(src, dst)
+        except OSError:  # a reset ends both directions
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one_way, a, b)
+        nursery.start_soon(one_way, b, a)

@@ -1,0 +1,102 @@
+"""The router on every node, with real agents and real jobs: any node routes an
+app's domain to its jobs wherever they run, spreads over them, answers 404 for
+an unknown host and 503 with no backend, follows scaling within a second, and
+loses no request when a backend's node is SIGKILLed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.harness import AgentProc, Cluster, wait_for
+from tests.jobs_app import deploy, make_slug, scale, wait_up
+
+pytestmark = pytest.mark.slow
+
+HOST = "shop.flynnp2p.localhost"
+
+
+async def via(agent: AgentProc, host: str = HOST, timeout: float = 5.0) -> tuple[int, str]:
+    async with httpx.AsyncClient(timeout=timeout) as c:
+        r = await c.get(f"http://{agent.addr}:8080/", headers={"Host": host})
+        return r.status_code, r.text
+
+
+async def test_any_node_routes_to_jobs_anywhere(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, alive=3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await scale(c, "shop", web=2)
+        up = await wait_up(c, "shop", 2, timeout=60)
+    job_ids = {j["id"] for j in up}
+
+    async def codes() -> list[int]:
+        return [(await via(a))[0] for a in agents]
+
+    async def routed_everywhere() -> bool:
+        return await codes() == [200] * len(agents)
+
+    await wait_for(routed_everywhere, 10, "every node's router to serve shop")
+    for a in agents:
+        seen = set()
+        for _ in range(30):
+            code, body = await via(a)
+            assert code == 200, body
+            seen.add(body.split()[0])
+        assert seen == job_ids, (a.name, seen, job_ids)  # both backends, from every node
+
+    code, body = await via(agents[1], host="nope.flynnp2p.localhost")
+    assert code == 404 and "nope.flynnp2p.localhost" in body
+
+    async with agents[0].client() as c:
+        await scale(c, "shop", web=0)
+
+    async def unavailable_everywhere() -> bool:
+        return await codes() == [503] * len(agents)
+
+    await wait_for(unavailable_everywhere, 20, "503 from every node with web=0")
+    async with agents[0].client() as c:
+        await scale(c, "shop", web=1)
+        await wait_up(c, "shop", 1, timeout=60)
+    seen_up = time.monotonic()
+
+    await wait_for(routed_everywhere, 5, "every node to serve again", interval=0.05)
+    assert time.monotonic() - seen_up < 1.5  # the job's "up" reaches every router within ~1 s
+
+
+async def test_no_request_fails_when_a_backends_node_is_killed(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, alive=3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await scale(c, "shop", web=3)
+        up = await wait_up(c, "shop", 3, timeout=60)
+    front = agents[0]
+    victim = next(a for a in agents if a is not front and any(j["host"] == a.name for j in up))
+    await wait_for(lambda: _ok(front), 10, "the router to serve shop")
+    results: list[int] = []
+
+    async def loop(deadline: float) -> None:
+        async with httpx.AsyncClient(timeout=10) as c:
+            while trio.current_time() < deadline:
+                r = await c.get(f"http://{front.addr}:8080/", headers={"Host": HOST})
+                results.append(r.status_code)
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop, trio.current_time() + 8)
+        await trio.sleep(1.5)
+        victim.kill()  # agent, serf, etcd and its jobs
+    failed = [code for code in results if code != 200]
+    assert len(results) > 100 and not failed, (len(results), failed[:10])
+
+
+async def _ok(agent: AgentProc) -> bool:
+    return (await via(agent))[0] == 200

@@ -1,0 +1,78 @@
+"""TCP routes: listeners follow the table, bytes both ways, half-close, retry on refusal."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from flynnp2p.router.table import Backend, RouteSpec, RouteTable
+from tests.test_router_helpers import LOCAL, serve, start_router, tcp_echo, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return int(s.getsockname()[1])
+
+
+def tcp_table(port: int, addrs: list[str]) -> RouteTable:
+    return RouteTable.build(
+        [RouteSpec(id="t1", app_id="app1", type="tcp", port=port, process_type="echo")],
+        {("app1", "echo"): [Backend(f"j{i}", a) for i, a in enumerate(addrs)]},
+    )
+
+
+async def test_tcp_route_proxies_both_ways_with_half_close_and_follows_the_table() -> None:
+    async with trio.open_nursery() as nursery:
+        echo = f"{LOCAL}:{await serve(nursery, tcp_echo)}"
+        refused = f"{LOCAL}:{free_port()}"
+        port = free_port()
+        router, watched, _ = await start_router(nursery, RouteTable())
+        watched.set(tcp_table(port, [refused, echo]))
+        await wait_for(lambda: port in router.status()["listeners"]["tcp"])  # type: ignore[index]
+        payload = bytes(range(256)) * 4096 * 5  # 5 MiB
+        for _ in range(3):  # each connection may pick the refusing backend first
+            stream = await trio.open_tcp_stream(LOCAL, port)
+            got = bytearray()
+
+            async def sender(stream: trio.SocketStream = stream) -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()  # half-close: the echo still answers everything
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(sender)
+                    while chunk := await stream.receive_some(65536):
+                        got += chunk
+            assert bytes(got) == payload
+            await stream.aclose()
+        assert refused in router.status()["balancer"]["skipped"]  # type: ignore[index]
+
+        watched.set(RouteTable())  # the route is removed: the port closes
+        await wait_for(lambda: router.status()["listeners"]["tcp"] == [])  # type: ignore[index]
+        with trio.fail_after(5):
+            try:
+                await trio.open_tcp_stream(LOCAL, port)
+            except OSError:
+                pass
+            else:
+                raise AssertionError("the removed TCP route still accepts connections")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tcp_port_in_use_is_reported_not_fatal() -> None:
+    async with trio.open_nursery() as nursery:
+        with socket.socket() as taken:
+            taken.bind((LOCAL, 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            router, watched, http_port = await start_router(nursery, RouteTable())
+            watched.set(tcp_table(port, []))
+            await wait_for(lambda: port in router.status()["tcp_errors"])  # type: ignore[operator]
+            stream = await trio.open_tcp_stream(LOCAL, http_port)  # the router still serves
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n")
+            with trio.fail_after(5):
+                assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 404 ")
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
