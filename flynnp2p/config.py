@@ -39,14 +39,22 @@ BACKENDS = ("auto", "process", "docker")
 DOMAIN_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def absolute_path(raw: str | Path) -> Path:
+    """`raw` (``~`` expanded) made absolute against the current directory, once, at
+    the edge. The agent hands its paths to processes that run in other directories
+    (a job's ``/app`` mount, serf's and etcd's files), where a relative path names
+    another place: every path option and variable goes through here."""
+    return Path(os.path.abspath(os.path.expanduser(raw)))
+
+
 def default_data_dir() -> Path:
     env = os.environ.get("FLYNNP2P_DATA_DIR")
     if env:
-        return Path(env)
+        return absolute_path(env)
     if os.geteuid() == 0:
         return Path("/var/lib/flynnp2p")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "flynnp2p"
+    return absolute_path(base) / "flynnp2p"
 
 
 def default_addr() -> str:
@@ -62,11 +70,16 @@ def default_name() -> str:
 
 
 def serf_binary() -> str:
-    return os.environ.get("FLYNNP2P_SERF", "serf")
+    return _binary(os.environ.get("FLYNNP2P_SERF", "serf"))
 
 
 def etcd_binary() -> str:
-    return os.environ.get("FLYNNP2P_ETCD", "etcd")
+    return _binary(os.environ.get("FLYNNP2P_ETCD", "etcd"))
+
+
+def _binary(value: str) -> str:
+    """A bare name is looked up on PATH; a path (``./bin/serf``) is made absolute."""
+    return str(absolute_path(value)) if os.sep in value else value
 
 
 def coord_dead_after_s() -> float:
@@ -117,6 +130,8 @@ class NodeConfig:
     coord_voters: int = DEFAULT_COORD_VOTERS
 
     def validate(self) -> None:
+        if not self.data_dir.is_absolute():  # resolve it at the edge: `absolute_path`
+            raise ConfigError(f"data dir {self.data_dir} must be an absolute path")
         if not NAME_RE.match(self.name):
             raise ConfigError(
                 f"invalid node name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-', "

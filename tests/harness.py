@@ -70,6 +70,9 @@ class AgentProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
         self.backend = "process"
+        # Run the agent from this directory and pass --data-dir relative to it (as
+        # an operator typing `--data-dir rel/n1` would); None: the absolute path.
+        self.cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -80,8 +83,9 @@ class AgentProc:
         return f"{self.addr}:{self.gossip_port}"
 
     def command(self, peers: Iterable[str] = (), extra: Iterable[str] = (), token: bool = True) -> list[str]:
+        data_dir = os.path.relpath(self.data_dir, self.cwd) if self.cwd else str(self.data_dir)
         cmd = [sys.executable, "-m", "flynnp2p", "join", "--name", self.name, "--addr", self.addr,
-               "--data-dir", str(self.data_dir)]
+               "--data-dir", data_dir]
         if token:
             cmd += ["--token", self.token.encode()]
         extra = list(extra)
@@ -98,6 +102,7 @@ class AgentProc:
                 start_new_session=True,
                 env={**os.environ, "FLYNNP2P_LOG": "info", "FLYNNP2P_STOP_GRACE_S": "3", **self.env},
                 group=self.gid,
+                cwd=self.cwd,
             )
 
     def log_tail(self, n: int = 30) -> str:

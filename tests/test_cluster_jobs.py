@@ -280,3 +280,21 @@ async def test_agent_restart_brings_its_jobs_back_without_orphans(
         for j in again:
             await answers(j["address"])
 
+
+
+async def test_a_relative_data_dir_runs_web_jobs(cluster: Cluster, tmp_path: Path) -> None:
+    """`join --data-dir rel/n1` from another directory: the node resolves the path
+    once, at start, so its jobs (whose processes run elsewhere) find their files."""
+    agent = cluster.add()
+    agent.data_dir = tmp_path / "rel" / agent.name
+    agent.cwd = tmp_path
+    agent.start()
+    await agent.wait_ready()
+    await cluster.wait_coord()
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agent.client() as c:
+        await deploy(c, "shop", slug, digest)
+        (web,) = await wait_up(c, "shop", 1)
+        assert (await answers(web["address"])).split()[0] == web["id"]
+    stored = json.loads((agent.data_dir / "node.json").read_text())
+    assert stored["data_dir"] == str(agent.data_dir)  # what a restart from elsewhere reads

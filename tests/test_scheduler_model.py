@@ -92,7 +92,7 @@ def test_a_placed_but_unreported_job_is_not_placed_again() -> None:
 
 
 def test_effective_state_merges_the_placement_and_the_report() -> None:
-    from flynnp2p.scheduler.model import effective_state
+    from flynnp2p.state.jobs import effective_state
     from flynnp2p.state.records import Job, Placement
 
     def p(action: str = "start", generation: int = 0) -> Placement:

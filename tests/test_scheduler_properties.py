@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from flynnp2p.scheduler import Desired, Host, Inputs, JobInfo, OneOff, Plan, plan
 from flynnp2p.scheduler.feasible import check_host
-from flynnp2p.scheduler.model import LIVE_STATES
+from flynnp2p.state.jobs import LIVE as LIVE_STATES
 from flynnp2p.state.records import JOB_STATES
 from tests.test_scheduler_helpers import apply_plan, used_mb
 

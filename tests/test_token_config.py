@@ -62,3 +62,41 @@ def test_gossip_target_defaults_port() -> None:
     assert gossip_target("host1:8000") == "host1:8000"
     assert gossip_target("::1") == "[::1]:7946"
     assert gossip_target("[::1]:99") == "[::1]:99"
+
+
+def test_a_relative_data_dir_is_made_absolute_at_the_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flynnp2p.cli.join import resolve_node
+    from flynnp2p.cli.main import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["join", "--name", "n1", "--addr", "127.0.0.2", "--data-dir", "rel/n1"])
+    cfg, _, fresh = resolve_node(args)
+    assert fresh and cfg.data_dir == tmp_path / "rel" / "n1"
+    assert (tmp_path / "rel" / "n1").is_dir()
+    monkeypatch.chdir(tmp_path / "rel")  # a restart from elsewhere, by its absolute path
+    args = build_parser().parse_args(["join", "--data-dir", str(tmp_path / "rel" / "n1")])
+    save_node(cfg, ClusterToken.generate())
+    again, _, fresh = resolve_node(args)
+    assert not fresh and again.data_dir == tmp_path / "rel" / "n1"
+
+
+def test_path_variables_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flynnp2p import config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYNNP2P_DATA_DIR", "data")
+    monkeypatch.setenv("FLYNNP2P_SERF", "bin/serf")
+    monkeypatch.setenv("FLYNNP2P_ETCD", "etcd")  # a bare name: looked up on PATH
+    assert config.default_data_dir() == tmp_path / "data"
+    assert config.serf_binary() == str(tmp_path / "bin" / "serf")
+    assert config.etcd_binary() == "etcd"
+    assert config.absolute_path("~/x") == Path.home() / "x"
+    assert config.absolute_path("a/../b") == tmp_path / "b"
+
+
+def test_a_relative_data_dir_in_a_config_is_refused(tmp_path: Path) -> None:
+    cfg = NodeConfig(name="n1", addr="127.0.0.2", data_dir=Path("rel/n1"))
+    with pytest.raises(ConfigError, match="absolute"):
+        cfg.validate()

@@ -43,7 +43,7 @@ from flynnp2p.api.apps import (
 )
 from flynnp2p.api.render import show, wire
 from flynnp2p.errors import ClusterError, NotFound, UserError
-from flynnp2p.scheduler.model import effective_state
+from flynnp2p.state.jobs import ACTIVE, DOWN, LOST, STOP, STOPPING, effective_state, is_finished
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import (
     ENV,
@@ -60,9 +60,6 @@ TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
 TAG_VALUE = re.compile(r"[A-Za-z0-9_.:/-]{0,128}")
 _ARGS = Seq(TEXT, max_items=256)
 _MEMORY = Int(16, 1_048_576)
-# What a job on an unresponsive host shows instead of its last report.
-LOST = "lost"
-_LOSABLE = frozenset({"pending", "starting", "up"})
 NO_SILENT_HOSTS: Callable[[], Mapping[str, float]] = dict
 
 
@@ -96,16 +93,15 @@ def jobs_of(
             continue
         row = wire(j) if j is not None else _placed(p)  # type: ignore[arg-type]
         row["state"] = seen
-        if p is not None and p.action == "stop":
-            if seen == "stopping" and alive is not None and p.host not in alive:
-                row["state"], row["reason"] = "down", p.reason
-            elif seen == "down":
+        if p is not None and p.action == STOP:
+            if seen == STOPPING and alive is not None and p.host not in alive:
+                row["state"], row["reason"] = DOWN, p.reason
+            elif seen == DOWN:
                 row["reason"] = row.get("reason") or p.reason
         host = str(row["host"])
-        if lost_hosts and host in lost_hosts and row["state"] in _LOSABLE:
+        if lost_hosts and host in lost_hosts and row["state"] in ACTIVE:
             row["state"], row["reason"] = LOST, lost_hosts[host]
-        finished = row["state"] == "down" or (row["one_off"] and row["state"] == "crashed")
-        if finished and not include_stopped:
+        if is_finished(str(row["state"]), bool(row["one_off"])) and not include_stopped:
             continue
         out.append(row)
     out.sort(key=lambda r: (str(r["process_type"]), int(r["created_at"]), str(r["id"])))  # type: ignore[call-overload]
@@ -218,7 +214,7 @@ class JobsApi:
         state = self.ctx.state.state
         counts: dict[str, int] = {}
         for j in state.records(Job):
-            if j.state in ("pending", "starting", "up"):
+            if j.state in ACTIVE:
                 counts[j.host] = counts.get(j.host, 0) + 1
         silent = self.silent_hosts()
         hosts = [{**m, "jobs": counts.get(m["name"], 0)} for m in self.ctx.members()]

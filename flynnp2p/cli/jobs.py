@@ -47,8 +47,6 @@ RUN_HISTORY_LINES = 10_000
 RECONNECT_PAUSE_S = 0.5
 RECONNECT_GIVE_UP_S = 60.0
 REASON_STATES = ("crashed", "down", "stopping", "lost")
-# "lost": its host stopped answering; it is replaced once serf calls the host failed.
-IN_FLIGHT = ("pending", "starting", "stopping", "lost")
 
 
 class StreamBroken(ClusterError):

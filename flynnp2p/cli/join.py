@@ -6,7 +6,6 @@ import argparse
 import errno
 import logging
 import sys
-from pathlib import Path
 
 import trio
 
@@ -28,7 +27,7 @@ def _parse_tags(items: list[str]) -> dict[str, str]:
 
 def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToken, bool]:
     """(config, token, fresh): from the data dir if it holds a node, else from flags."""
-    data_dir = Path(args.data_dir) if args.data_dir else conf.default_data_dir()
+    data_dir = conf.absolute_path(args.data_dir) if args.data_dir else conf.default_data_dir()
     conf.prepare_data_dir(data_dir)
     try:
         given = ClusterToken.parse(args.token) if args.token else None

@@ -21,13 +21,13 @@ from flynnp2p.cli.apps import print_json
 from flynnp2p.cli.client import ApiClient
 from flynnp2p.cli.jobs import (
     BLOCKED_SETTLE_S,
-    IN_FLIGHT,
     POLL_S,
     blocked_text,
     reason_text,
     short_job,
 )
 from flynnp2p.errors import ClusterError
+from flynnp2p.state.jobs import IN_FLIGHT, is_finished
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def scale_progress(formation: Mapping[str, Any], body: Mapping[str, Any]) -> Sca
     """Whether every type of `formation` has exactly its count of jobs up, all of its
     release, and no other unfinished job (old release, surplus, stopping, crashed)."""
     release, want = formation["release_id"], formation.get("processes") or {}
-    jobs = [j for j in body.get("jobs") or () if not j.get("one_off") and j["state"] != "down"]
+    jobs = [j for j in body.get("jobs") or () if not j.get("one_off") and not is_finished(j["state"], False)]
     missing = []
     for ptype in sorted(set(want) | {j["process_type"] for j in jobs}):
         count = want.get(ptype, 0)

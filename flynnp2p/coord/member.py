@@ -16,14 +16,13 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from flynnp2p.children import find_binary, kill_stale, spawn, stop
 from flynnp2p.coord.ca import ClusterCA
-from flynnp2p.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -157,28 +156,12 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def find_etcd(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        raise ConfigError(
-            f"the etcd binary '{binary}' was not found on PATH: install etcd "
-            "(Debian/Ubuntu: apt-get install etcd-server)"
-        )
-    return path
+    return find_binary(binary, "etcd", "etcd-server")
 
 
 def stop_stale(settings: EtcdSettings) -> None:
     """Kill an etcd left running by an agent that died without stopping it."""
-    try:
-        pid = int(settings.pid_path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if b"etcd" in cmdline and str(settings.member_dir).encode() in cmdline:
-        log.warning("stopping etcd (pid %d) left over from an earlier agent", pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+    kill_stale(settings.pid_path, b"etcd", settings.member_dir)
 
 
 def log_tail(settings: EtcdSettings, size: int = 4000) -> str:
@@ -203,28 +186,10 @@ async def run_member(
 ) -> int:
     """Run etcd once until it exits (its exit status) or until cancelled (then it is
     stopped: SIGTERM, a grace period, SIGKILL, shielded)."""
-    logf = open(settings.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child
-    try:
-        proc = await trio.lowlevel.open_process(
-            args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf
-        )
-    finally:
-        logf.close()
-    settings.pid_path.write_text(str(proc.pid))
+    proc = await spawn(args, settings.log_path, settings.pid_path)
     try:
         task_status.started(proc.pid)
         return await proc.wait()
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(STOP_GRACE_S):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            try:
-                if settings.pid_path.read_text().strip() == str(proc.pid):
-                    settings.pid_path.unlink()
-            except OSError:
-                pass
+            await stop(proc, signal.SIGTERM, STOP_GRACE_S, settings.pid_path)

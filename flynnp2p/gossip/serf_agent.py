@@ -23,16 +23,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from flynnp2p.children import find_binary, kill_stale, spawn, stop
 from flynnp2p.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,28 +94,12 @@ def free_port(addr: str) -> int:
 
 
 def find_serf(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        raise ConfigError(
-            f"the serf binary '{binary}' was not found on PATH: install HashiCorp Serf "
-            "(Debian/Ubuntu: apt-get install serf)"
-        )
-    return path
+    return find_binary(binary, "serf", "serf")
 
 
 def stop_stale_serf(pid_path: Path, config_path: Path) -> None:
     """Kill a serf left running by an agent that died without stopping it."""
-    try:
-        pid = int(pid_path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if b"serf" in cmdline and str(config_path).encode() in cmdline:
-        log.warning("stopping serf (pid %d) left over from an earlier agent", pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+    kill_stale(pid_path, b"serf", config_path)
 
 
 def _port_error(text: str, settings: SerfSettings) -> str | None:
@@ -180,22 +163,10 @@ class SerfAgent:
 
     async def _run_once(self, binary: str, task_status: trio.TaskStatus[None]) -> None:
         s = self.settings
-        # Opening a local log file for append does not block in any way that matters.
-        logf = open(s.log_path, "ab")  # noqa: SIM115, ASYNC230 - closed below, handed to the child
+        proc = await spawn(
+            [binary, "agent", f"-config-file={s.config_path}"], s.log_path, s.pid_path
+        )
         try:
-            proc = await trio.lowlevel.open_process(
-                [binary, "agent", f"-config-file={s.config_path}"],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-            )
-        finally:
-            logf.close()
-        try:
-            try:
-                s.pid_path.write_text(str(proc.pid))
-            except OSError as exc:  # a full disk: only a stale serf's cleanup needs it
-                log.warning("cannot write %s: %s", s.pid_path, exc.strerror or exc)
             await self._wait_ready(proc)
             self.running = True
             task_status.started()
@@ -233,15 +204,5 @@ class SerfAgent:
         return f"serf failed to start: {last[0].strip()}"
 
     async def _stop(self, proc: trio.Process) -> None:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT if self.leave_on_stop else signal.SIGTERM)
-            with trio.move_on_after(STOP_GRACE_S):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        try:
-            if self.settings.pid_path.read_text().strip() == str(proc.pid):
-                self.settings.pid_path.unlink()
-        except OSError:
-            pass
+        sig = signal.SIGINT if self.leave_on_stop else signal.SIGTERM
+        await stop(proc, sig, STOP_GRACE_S, self.settings.pid_path)

@@ -1,8 +1,7 @@
 """Build a `RouteTable` from a snapshot of the replicated state (pure).
 
-A job takes traffic when its state, as the scheduler reads it
-(`flynnp2p.scheduler.model.effective_state`: the host's report combined with the
-leader's placement), is ``up``: a job whose placement says "stop" is
+A job takes traffic when the job lifecycle says so (`flynnp2p.state.jobs.takes_traffic`:
+the host reports it up and its placement is not a stop): a job whose placement says "stop" is
 ``stopping`` and leaves the table at once, before its host acts (that is the
 routers' half of draining). One-off jobs and jobs without an address never take
 traffic.
@@ -14,17 +13,13 @@ table picks it up the day the field lands.
 from __future__ import annotations
 
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
-from flynnp2p.scheduler.model import effective_state
+from flynnp2p.state.jobs import takes_traffic
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Job, Placement, Route
 
 
-def takes_traffic(job: Job, placement: Placement | None) -> bool:
-    return (
-        not job.one_off
-        and job.address is not None
-        and effective_state(placement, job) == "up"
-    )
+def _backend(job: Job, placement: Placement | None) -> bool:
+    return not job.one_off and job.address is not None and takes_traffic(placement, job)
 
 
 def table_from_state(state: State) -> RouteTable:
@@ -53,7 +48,7 @@ def table_from_state(state: State) -> RouteTable:
     backends: dict[tuple[str, str], list[Backend]] = {}
     for j in state.records(Job):
         service = (j.app_id, j.process_type)
-        if service in wanted and takes_traffic(j, placements.get(j.id)):
+        if service in wanted and _backend(j, placements.get(j.id)):
             assert j.address is not None
             backends.setdefault(service, []).append(Backend(j.id, j.address))
     return RouteTable.build(routes, backends)

@@ -28,13 +28,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from flynnp2p.state.jobs import effective_state, is_fenced, is_finished
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release, RunRequest
 from flynnp2p.state.schema import EMPTY, FrozenMap
 
-FENCED = "fenced:"  # how a host's reason starts when it refuses a stale placement
 DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
-LIVE_STATES = frozenset({"starting", "up", "crashed"})  # jobs that count towards a group
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +77,7 @@ class JobInfo:
     release: str
     type: str
     host: str
-    state: str  # starting | up | crashed | stopping | down
+    state: str  # starting | up | crashed | stopping | down (`flynnp2p.state.jobs`; pending is starting)
     created_at: int
     memory_mb: int = DEFAULT_MEMORY_MB
     restarts: int = 0
@@ -92,9 +91,9 @@ class JobInfo:
 
     @property
     def holds_memory(self) -> bool:
-        if self.state == "crashed":
-            return not self.one_off  # a crashed one-off is finished; nothing will restart it
-        return self.state in ("starting", "up", "stopping")
+        # A crashed service job keeps its slot for its restart; a finished job
+        # (down, or a crashed one-off) holds nothing.
+        return not is_finished(self.state, self.one_off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,27 +188,6 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         if r.id not in placements or r.id in fenced  # placed once, never again (unless refused)
     )
     return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
-
-
-def effective_state(p: Placement | None, j: Job | None) -> str | None:
-    """A job's state from its host's report and the leader's placement (None: neither).
-
-    Placed but not reported, or a restart ordered the host has not acted on yet:
-    "pending". Stopped by the leader: "stopping" until its host reports it down, or
-    "down" at once if it had crashed (it runs nothing). Else what the host reported.
-    """
-    if j is None:
-        return None if p is None else ("pending" if p.action == "start" else "down")
-    if p is not None and p.action == "stop" and j.state != "down":
-        return "down" if j.state == "crashed" else "stopping"
-    if p is not None and j.state == "crashed" and p.generation > j.generation:
-        return "pending"
-    return j.state
-
-
-def is_fenced(job: Job) -> bool:
-    """The host refused the job's placement as coming from a deposed leader."""
-    return job.state == "down" and (job.reason or "").startswith(FENCED)
 
 
 def _desired(

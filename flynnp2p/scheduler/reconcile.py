@@ -33,7 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flynnp2p.scheduler.feasible import Eligible, check_host, eligible
-from flynnp2p.scheduler.model import LIVE_STATES, Desired, Host, Inputs, JobInfo, OneOff
+from flynnp2p.scheduler.model import Desired, Host, Inputs, JobInfo, OneOff
+from flynnp2p.state.jobs import LIVE
 
 BACKOFF_MS = (0, 10_000, 30_000)  # by restarts so far; the last value repeats
 RESET_AFTER_UP_MS = 5 * 60_000
@@ -107,7 +108,7 @@ def reconcile(inputs: Inputs, now_ms: int) -> Reconciled:
     counted: dict[tuple[str, str], list[JobInfo]] = {}
     stops: list[Stop] = []
     for job in sorted(inputs.jobs, key=lambda j: j.id):
-        if job.state not in LIVE_STATES:
+        if job.state not in LIVE:
             continue
         if job.one_off:
             if job.state != "crashed" and not _alive(hosts, job.host):

@@ -42,6 +42,7 @@ from flynnp2p.scheduler.plan import Blocked as PlanBlocked
 from flynnp2p.scheduler.plan import Plan, Start, plan
 from flynnp2p.scheduler.reconcile import Restart, Stop
 from flynnp2p.state.errors import RecordError
+from flynnp2p.state.jobs import DOWN, STOP, effective_state, is_finished
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
 from flynnp2p.state.service import StateService
@@ -227,10 +228,9 @@ def collect_finished(
     changes: list[Change] = []
     for p in state.records(Placement):
         job = jobs.get(p.id)
-        finished = job is not None and (
-            job.state == "down" or (job.state == "crashed" and (p.one_off or p.action == "stop"))
-        )
-        lost = p.action == "stop" and p.host not in alive and job is not None
+        seen = effective_state(p, job)  # (a crashed job the leader stopped is down)
+        finished = job is not None and seen is not None and is_finished(seen, p.one_off)
+        lost = p.action == STOP and p.host not in alive and job is not None
         if lost and job is not None and now - max(p.created_at, job.updated_at) >= retain_ms:
             changes += [Delete(Placement.KIND, p.id), Delete(Job.KIND, p.id)]
             if p.one_off:
@@ -239,11 +239,11 @@ def collect_finished(
             changes.append(Delete(Placement.KIND, p.id))
             if p.one_off:
                 changes.append(Delete(RunRequest.KIND, p.id))
-        elif job is None and p.action == "stop" and now - p.created_at >= retain_ms:
+        elif job is None and p.action == STOP and now - p.created_at >= retain_ms:
             changes.append(Delete(Placement.KIND, p.id))
     placed = {p.id for p in state.records(Placement)}
     for job in jobs.values():
-        if job.id not in placed and job.state == "down" and now - job.updated_at >= 2 * retain_ms:
+        if job.id not in placed and job.state == DOWN and now - job.updated_at >= 2 * retain_ms:
             changes.append(Delete(Job.KIND, job.id))  # its host never came back to do it
     return changes
 

@@ -1,0 +1,122 @@
+"""Everything a run needs before the backend starts it: its records, its slug, its port.
+
+Theory of operation
+-------------------
+A placement can reach this node before the release, app or artifact it names
+(they replicate independently). `wait_record` subscribes to that kind *before*
+reading the snapshot, so no write lands unseen between the two, and returns as
+soon as the record arrives (`RECORD_WAIT_S` at most). `prepare_spec` then fetches
+and unpacks the slug (or names the Docker image) and allocates the port, or says
+why it cannot with `StartFailed`: the reason reported on the crashed job.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import trio
+
+from flynnp2p.errors import FlynnError
+from flynnp2p.host.backend import JobSpec
+from flynnp2p.host.ports import PortAllocator
+from flynnp2p.host.slug import unpack_slug
+from flynnp2p.state.records import App, Artifact, Placement, ProcessSpec, Release
+from flynnp2p.state.service import StateService
+
+RECORD_WAIT_S = 30.0  # how long a run waits for its release/artifact to replicate here
+
+_R = TypeVar("_R", Release, App, Artifact)
+
+
+class Blobs(Protocol):
+    """What a run needs from `flynnp2p.build.blobs.BlobService`."""
+
+    async def local_path(self, digest: str) -> Path: ...
+
+
+class StartFailed(Exception):
+    """A run could not start; the text is the reason reported on the job."""
+
+
+async def wait_record(state: StateService, cls: type[_R], key: str, node: str) -> _R:
+    """Record `cls`/`key` once it has reached this replica; StartFailed after `RECORD_WAIT_S`."""
+    with trio.move_on_after(RECORD_WAIT_S):
+        while True:  # a subscriber that falls behind is dropped: subscribe again
+            async with state.subscribe([cls.KIND]) as (snapshot, changes):
+                record = snapshot.record(cls, key)
+                if record is not None:
+                    return record
+                async for batch in changes:
+                    if any(e.key == key for e in batch):
+                        record = state.state.record(cls, key)
+                        if record is not None:
+                            return record
+    raise StartFailed(f"{cls.KIND} {key} has not reached node {node}")
+
+
+@dataclass(frozen=True)
+class Preparer:
+    node: str
+    addr: str
+    state: StateService
+    backend_name: str
+    blobs: Blobs
+    ports: PortAllocator
+    work_dir: Path
+
+    async def spec(self, p: Placement) -> JobSpec:
+        """Everything the backend needs to run `p`; StartFailed with the reason if it cannot."""
+        release = await wait_record(self.state, Release, p.release_id, self.node)
+        app = await wait_record(self.state, App, p.app_id, self.node)
+        spec_of = release.processes.get(p.process_type)
+        if p.one_off:
+            command = p.args[0] if len(p.args) == 1 else shlex.join(p.args)
+            proc = ProcessSpec(command=command or "true", memory_mb=p.memory_mb or 512)
+        elif spec_of is None:
+            raise StartFailed(f"release {release.id} has no process type {p.process_type}")
+        else:
+            proc = spec_of
+        slug_dir: Path | None = None
+        image: str | None = None
+        for artifact_id in release.artifacts[:1]:
+            artifact = await wait_record(self.state, Artifact, artifact_id, self.node)
+            if artifact.type == "docker":
+                if self.backend_name != "docker":
+                    raise StartFailed(
+                        f"artifact {artifact.id} is a Docker image and node {self.node} "
+                        "runs jobs as processes (start it with --backend docker)"
+                    )
+                image = artifact.uri.removeprefix("docker://")
+            else:
+                assert artifact.digest is not None
+                try:
+                    tarball = await self.blobs.local_path(artifact.digest)
+                    slug_dir = await unpack_slug(tarball, self.work_dir, artifact.digest)
+                except FlynnError as exc:
+                    raise StartFailed(f"cannot get slug {artifact.digest}: {exc}") from None
+        if slug_dir is None and image is None:
+            slug_dir = self.work_dir / "empty" / "app"
+            slug_dir.mkdir(parents=True, exist_ok=True)
+        port = None
+        if proc.ports or (not p.one_off and p.process_type == "web"):
+            try:
+                port = self.ports.allocate(p.id)
+            except FlynnError as exc:
+                raise StartFailed(str(exc)) from None
+        return JobSpec(
+            job_id=p.id,
+            app_name=app.name,
+            app_id=app.id,
+            release_id=release.id,
+            process_type=p.process_type,
+            command=proc.command,
+            env={**release.env, **p.env},
+            port=port,
+            slug_dir=slug_dir,
+            memory_mb=proc.memory_mb,
+            image=image,
+            host_addr=self.addr,
+        )
