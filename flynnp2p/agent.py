@@ -267,7 +267,13 @@ class Agent:
                 # The API serves peers' pulls as soon as it is up; the state
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
-                await nursery.start(self.pinger.run)
+                try:
+                    await nursery.start(self.pinger.run)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"heartbeat UDP port {self.cfg.addr}:{self.cfg.api_port} cannot be used "
+                        f"({exc.strerror}; choose --api-port)"
+                    ) from None
                 await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
