@@ -15,7 +15,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,16 @@ def docker_available() -> bool:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def _start_listening(
+    nursery: trio.Nursery, run: Callable[..., Awaitable[object]], what: str, option: str
+) -> None:
+    """Start a service that binds a port; a port it cannot bind is a configuration error."""
+    try:
+        await nursery.start(run)
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be used ({exc.strerror}; choose {option})") from None
 
 
 def _host(addr: str) -> str:
@@ -267,24 +277,17 @@ class Agent:
                 # The API serves peers' pulls as soon as it is up; the state
                 # service first copies what it lacks from a peer.
                 await nursery.start(self.api.run, sockets)
-                try:
-                    await nursery.start(self.pinger.run)
-                except OSError as exc:
-                    raise ConfigError(
-                        f"heartbeat UDP port {self.cfg.addr}:{self.cfg.api_port} cannot be used "
-                        f"({exc.strerror}; choose --api-port)"
-                    ) from None
+                c = self.cfg
+                await _start_listening(
+                    nursery, self.pinger.run, f"heartbeat UDP port {c.addr}:{c.api_port}", "--api-port"
+                )
                 await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
                 await nursery.start(feed_routes, self.state, self.routes)
-                try:
-                    await nursery.start(self.router.run)
-                except OSError as exc:
-                    raise ConfigError(
-                        f"router HTTP port {self.cfg.addr}:{self.cfg.http_port} cannot be used "
-                        f"({exc.strerror}; choose --http-port)"
-                    ) from None
+                await _start_listening(
+                    nursery, self.router.run, f"router HTTP port {c.addr}:{c.http_port}", "--http-port"
+                )
                 await nursery.start(self.fanout.run)
                 if self.backend is not None and self.runner is not None:
                     await nursery.start(self.backend.run)

@@ -185,6 +185,17 @@ async def test_startup_errors_are_one_line(cluster: Cluster, tmp_path: Path) -> 
         s.listen()
         code, out = await run(c.command())
     assert_clean_error(code, out, "gossip port", "already in use")
+    # Router port already in use.
+    r = AgentProc(tmp_path, "routerbusy", next_addr(), token)
+    with socket.socket() as s:
+        s.bind((r.addr, 8080))
+        s.listen()
+        code, out = await run(r.command())
+    assert_clean_error(code, out, "router HTTP port", f"{r.addr}:8080", "--http-port")
+    # Missing etcd binary.
+    m = AgentProc(tmp_path, "noetcd", next_addr(), token)
+    code, out = await run(m.command(), env={"FLYNNP2P_ETCD": "etcd-not-installed"})
+    assert_clean_error(code, out, "etcd", "apt-get install etcd-server")
     # Missing serf binary.
     d = AgentProc(tmp_path, "noserf", next_addr(), token)
     code, out = await run(d.command(), env={"FLYNNP2P_SERF": "serf-not-installed"})
