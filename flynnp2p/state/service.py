@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 HINT_EVENT = "f2p-st"
 PUSH_TIMEOUT_S = 3.0
 PULL_TIMEOUT_S = 120.0
+INITIAL_SYNC_S = 20.0
 ANTI_ENTROPY_S = 3.0
 HINT_MIN_INTERVAL_S = 0.2
 CHUNK_ENTRIES = 2000
@@ -503,11 +504,18 @@ class StateService:
                 nursery.start_soon(self._pull_quietly, peer)
 
     async def _initial_sync(self) -> None:
-        """A new (or returning) node copies what it lacks from one alive peer."""
+        """A new (or returning) node copies what it lacks from one alive peer.
+
+        Bounded as a whole: a node restarted inside a partition may see peers
+        "alive" that it cannot reach; it starts anyway, and anti-entropy catches
+        it up once they answer."""
         peers = self.peers.alive_peers()
-        for peer in random.sample(peers, k=len(peers)):
-            if await self._pull_quietly(peer):
-                return
+        with trio.move_on_after(INITIAL_SYNC_S):
+            for peer in random.sample(peers, k=len(peers)):
+                if await self._pull_quietly(peer):
+                    return
+        if peers:
+            log.warning("starting without a full copy from a peer: none answered in time")
 
     async def _pull_quietly(self, peer: Peer) -> bool:
         if peer.name in self._pulling:
