@@ -23,7 +23,6 @@ import httpx
 import trio
 
 import flynnp2p
-from flynnp2p.api.allocate import route_keys
 from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
@@ -45,7 +44,7 @@ from flynnp2p.config import (
     state_gc_interval_s,
 )
 from flynnp2p.coord.ca import ClusterCA
-from flynnp2p.coord.claims import CLAIM_PREFIX, Claims, app_key, owner_value
+from flynnp2p.coord.claims import Claims
 from flynnp2p.coord.client import CoordError
 from flynnp2p.coord.election import LeaderElection, LeaderView
 from flynnp2p.coord.member import EtcdSettings
@@ -69,7 +68,7 @@ from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
-from flynnp2p.state.records import App, ClusterConfig, Route
+from flynnp2p.state.records import ClusterConfig
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
@@ -79,7 +78,6 @@ log = logging.getLogger(__name__)
 
 CLAIM_SWEEP_S = 30.0
 CATCH_UP_S = 3.0
-ORPHAN_CLAIM_MS = 120_000
 
 
 def memory_mb() -> int:
@@ -192,15 +190,14 @@ class Agent:
             BlobStore(cfg.data_dir / "blobs"), self.state, GossipPeers(self.gossip),
             self.http, cfg.name, now_ms,
         )
-        self.caught_up_epoch = -1
-        self._caught_up = trio.Event()
+        self.caught_up: Watched[int] = Watched(-1)  # the term whose catch-up is done
         self.duties.add(self._leader_catch_up)
         self.scheduler = Scheduler(
             self.state,
             lambda: hosts_from_members(self.gossip.view.value.members),
             self.gossip.view,
             now_ms,
-            lambda epoch: self.caught_up_epoch == epoch,
+            lambda epoch: self.caught_up.value == epoch,
         )
         self.duties.add(self.scheduler.duty)
         # Jobs: what the leader placed here runs on this node's backend.
@@ -330,18 +327,19 @@ class Agent:
     def is_leader(self) -> bool:
         """Leader, and caught up with every peer (and its claims) since it became one."""
         leading = self.election.leadership.value
-        return leading.is_leader and self.caught_up_epoch == leading.epoch
+        return leading.is_leader and self.caught_up.value == leading.epoch
 
     async def acting_leader(self) -> bool:
         """Leader and caught up; a node just elected waits (bounded) for its catch-up."""
         with trio.move_on_after(CATCH_UP_S + 2):
+            version = self.caught_up.version
             while True:
                 leading = self.election.leadership.value
                 if not leading.is_leader:
                     return False
-                if self.caught_up_epoch == leading.epoch:
+                if self.caught_up.value == leading.epoch:
                     return True
-                await self._caught_up.wait()
+                version, _ = await self.caught_up.wait_change(version)
         return self.is_leader()
 
     async def _leader_catch_up(self, epoch: int) -> None:
@@ -357,9 +355,7 @@ class Agent:
             except CoordError as exc:
                 log.warning("leader: cannot reconcile the claims yet: %s", exc)
                 await trio.sleep(1)
-        self.caught_up_epoch = epoch
-        self._caught_up.set()
-        self._caught_up = trio.Event()
+        self.caught_up.set(epoch)
         config = self.state.state.record(ClusterConfig, "config")
         if config is None:
             await self.state.write([ClusterConfig(domain=self.cfg.domain, created_at=now_ms())])
@@ -376,26 +372,7 @@ class Agent:
                 log.info("claim sweep failed: %s", exc)
 
     async def _reconcile_claims(self) -> None:
-        """Claims for what the state holds; claims nothing holds any more dropped."""
-        claims = Claims(self.coord.client)
-        state = self.state.state
-        held = await claims.owners(CLAIM_PREFIX)
-        wanted: dict[str, str] = {}
-        for app in sorted(state.records(App), key=lambda a: (a.created_at, a.id)):
-            wanted.setdefault(app_key(app.name), app.id)
-        for route in sorted(state.records(Route), key=lambda r: (r.created_at, r.id)):
-            for key in route_keys(route):
-                wanted.setdefault(key, route.app_id)
-        now = now_ms()
-        for key, app_id in wanted.items():
-            if key not in held:
-                await claims.claim([key], owner_value(app_id, None, now))
-        for key, owner in held.items():
-            if key in wanted or owner is None:
-                continue
-            gone = state.get(App.KIND, owner.app_id)
-            if (gone is not None and gone.value is None) or now - owner.at_ms > ORPHAN_CLAIM_MS:
-                await claims.drop(key, owner.raw)
+        await Claims(self.coord.client).reconcile(self.state.state, now_ms())
 
     def claims(self) -> Claims:
         if not self.is_leader():

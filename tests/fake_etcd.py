@@ -19,10 +19,10 @@ class MemoryEtcd:
         created = old.create_revision if old is not None else self.revision
         self.kvs[key] = KV(key, raw, created, self.revision, 0)
 
-    async def get(self, key: str, *, serializable: bool = False) -> KV | None:
+    async def get(self, key: str) -> KV | None:
         return self.kvs.get(key)
 
-    async def get_prefix(self, prefix: str, *, serializable: bool = False) -> list[KV]:
+    async def get_prefix(self, prefix: str) -> list[KV]:
         return [kv for k, kv in sorted(self.kvs.items()) if k.startswith(prefix)]
 
     async def create(self, puts: dict[str, bytes | str], lease: int = 0) -> tuple[bool, int]:

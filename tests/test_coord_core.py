@@ -158,7 +158,7 @@ class LeaseStore:
         self.fail = False
         self.deleted = trio.Event()
 
-    async def get(self, key: str, *, serializable: bool = False) -> KV | None:
+    async def get(self, key: str) -> KV | None:
         if self.fail:
             raise CoordError("etcd did not answer in time (no quorum?)")
         return self.kv
@@ -264,3 +264,29 @@ async def test_a_non_voter_never_campaigns(autojump_clock: trio.testing.MockCloc
     with trio.move_on_after(5):
         await election.run()
     assert store.kv is None and election.terms == 0
+
+
+async def test_reconcile_claims_what_the_state_holds_and_drops_what_it_no_longer_does() -> None:
+    from flynnp2p.coord.claims import tcp_key
+    from flynnp2p.state.merge import Delete
+    from flynnp2p.state.records import App, Route
+    from tests.states import state_of
+
+    etcd = MemoryEtcd()
+    claims = Claims(etcd)
+    old = App(id="a-old", name="web", created_at=1)
+    dup = App(id="a-dup", name="web", created_at=2)  # the same name twice (old bug's data)
+    gone = App(id="a-gone", name="gone", created_at=3)
+    route = Route(id="r1", app_id="a-old", type="tcp", created_at=4, port=5432)
+    await claims.claim(["f2p/claim/app/gone"], owner_value("a-gone", None, 10))
+    await claims.claim(["f2p/claim/app/young"], owner_value("a-young", None, 10))  # not spread yet
+    state = state_of(old, dup, gone, route, deleted=(Delete(App.KIND, "a-gone"),))
+    await claims.reconcile(state, now_ms=20)
+    held = {k: o.app_id for k, o in (await claims.owners()).items() if o}
+    assert held == {
+        app_key("web"): "a-old",  # the older record keeps the name
+        tcp_key(5432): "a-old",
+        "f2p/claim/app/young": "a-young",  # its creator may still be spreading it
+    }  # and the deleted app's claim is gone
+    await claims.reconcile(state, now_ms=10 + 120_001)
+    assert "f2p/claim/app/young" not in await claims.owners()  # an orphan past the grace

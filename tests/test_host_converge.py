@@ -29,10 +29,10 @@ from flynnp2p.host.converge import (
     job_report,
     view_of,
 )
-from flynnp2p.state.hlc import HlcClock
 from flynnp2p.state.jobs import REPORTED, is_fenced, may_follow
-from flynnp2p.state.merge import Delete, State, apply_entries, local_entries
+from flynnp2p.state.merge import Delete, State
 from flynnp2p.state.records import Job, Placement
+from tests import states
 
 NOW = 1_000_000
 NEWEST = 5
@@ -168,10 +168,7 @@ def test_jobs_are_taken_in_id_order() -> None:
 
 
 def state_of(*records: Placement | Job, deleted: tuple[Delete, ...] = ()) -> State:
-    clock = HlcClock()
-    entries = local_entries(State(), "node-1", clock, records, NOW)
-    state = apply_entries(State(), entries)[0]
-    return apply_entries(state, local_entries(state, "node-1", clock, deleted, NOW + 1))[0]
+    return states.state_of(*records, deleted=deleted, now=NOW)
 
 
 def test_view_of_reads_this_nodes_placements_reports_and_tombstones() -> None:

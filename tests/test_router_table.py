@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from flynnp2p.router.build import table_from_state
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable, normalize_host
-from flynnp2p.state.hlc import HlcClock
-from flynnp2p.state.merge import State, apply_entries, local_entries
-from flynnp2p.state.records import App, Job, Placement, Record, Route
+from flynnp2p.state.merge import State
+from flynnp2p.state.records import App, Job, Placement, Route
+from tests.states import state_of
 
 
 def http(id: str, domain: str, path: str = "/", app: str = "a") -> RouteSpec:
@@ -147,11 +147,6 @@ def test_chosen_route_is_the_most_specific_match(
 
 
 # -- the builder ---------------------------------------------------------------------
-
-
-def state_of(*records: Record) -> State:
-    entries = local_entries(State(), "node-1", HlcClock(), records, 1_000)
-    return apply_entries(State(), entries)[0]
 
 
 def job(id: str, state: str, ptype: str = "web", address: str | None = "127.0.0.2:5000",

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -32,36 +31,18 @@ from flynnp2p.coord.claims import (
     Claims,
     ReleaseCounter,
     app_key,
-    http_key,
     owner_value,
-    tcp_key,
+    route_keys,
 )
 from flynnp2p.errors import ClusterError, Conflict, FlynnError, UserError
-from flynnp2p.state.merge import Change, Entry, State
+from flynnp2p.state.merge import Change
 from flynnp2p.state.records import App, Release, Route
+from flynnp2p.state.replica import R, ReplicatedState, WriteOutcome, wait_for_record
 
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 RECORD_WAIT_S = 5.0
 CAS_TRIES = 8
 ORPHAN_RELEASE_MS = 30_000
-
-
-class Outcome(Protocol):
-    @property
-    def replicas(self) -> int: ...
-
-
-class Writer(Protocol):
-    @property
-    def state(self) -> State: ...
-
-    async def write(self, changes: Sequence[Change]) -> Outcome: ...
-
-    async def catch_up(self) -> None: ...
-
-    def subscribe(
-        self, kinds: Collection[str] | None = None
-    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]: ...
 
 
 def idempotency_key(value: str | None) -> str | None:
@@ -74,18 +55,10 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def route_keys(route: Route) -> list[str]:
-    if route.type == "tcp" and route.port is not None:
-        return [tcp_key(route.port)]
-    if route.type == "http" and route.domain is not None:
-        return [http_key(route.domain, route.path)]
-    return []
-
-
 class Allocator:
     """One per node; used on the leader only."""
 
-    def __init__(self, state: Writer, claims: Callable[[], Claims], now_ms: Callable[[], int]) -> None:
+    def __init__(self, state: ReplicatedState, claims: Callable[[], Claims], now_ms: Callable[[], int]) -> None:
         self.state = state
         self.claims = claims
         self.now_ms = now_ms
@@ -99,21 +72,15 @@ class Allocator:
         if not lock.locked() and not lock.statistics().tasks_waiting:
             self._locks.pop(app_id, None)
 
-    async def wait_record(self, cls: type[Release] | type[App], key: str) -> Release | App | None:
-        """The record once it has reached this node (pulled from peers meanwhile),
-        or None after ``RECORD_WAIT_S``."""
+    async def wait_record(self, cls: type[R], key: str) -> R | None:
+        """The record once it has reached this node (pulling from every peer
+        meanwhile), or None after ``RECORD_WAIT_S``."""
         with trio.move_on_after(RECORD_WAIT_S):
-            async with self.state.subscribe({cls.KIND}) as (snapshot, changes):
-                found = snapshot.record(cls, key)
-                if found is not None:
-                    return found
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.state.catch_up)
-                    async for batch in changes:
-                        for entry in batch:
-                            if entry.key == key and isinstance(entry.value, cls):
-                                nursery.cancel_scope.cancel()
-                                return entry.value
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.state.catch_up)
+                found = await wait_for_record(self.state, cls, key)
+                nursery.cancel_scope.cancel()
+                return found
         return None
 
     # -- unique claims ---------------------------------------------------------
@@ -125,7 +92,7 @@ class Allocator:
         changes: Sequence[Change],
         idem: str | None,
         clash: str,
-    ) -> Outcome | None:
+    ) -> WriteOutcome | None:
         """Claim ``keys`` for ``app_id`` and write ``changes``; None when the claim
         belongs to the same ``idem`` already (a retried request)."""
         claims = self.claims()
@@ -161,7 +128,7 @@ class Allocator:
         build: Callable[[Release | None, int], tuple[Release, list[Change]]],
         current: Callable[[], Release | None],
         legacy_count: int,
-    ) -> tuple[Release, list[Change], Outcome]:
+    ) -> tuple[Release, list[Change], WriteOutcome]:
         """Number and write the app's next release, built by ``build(base, number)``
         on the release the counter names (``current()`` before numbering began)."""
         claims = self.claims()

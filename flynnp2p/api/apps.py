@@ -49,7 +49,6 @@ import re
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -58,17 +57,17 @@ import httpx
 import trio
 from quart import Blueprint, Response, jsonify, request
 
-from flynnp2p.api.allocate import Allocator, idempotency_key, route_keys
+from flynnp2p.api.allocate import Allocator, idempotency_key
 from flynnp2p.api.app import error_response
 from flynnp2p.api.events import events
 from flynnp2p.api.render import show as _show
 from flynnp2p.api.render import wire
 from flynnp2p.build.procfile import process_specs, read_slug_procfile
-from flynnp2p.coord.claims import Claims, app_key
+from flynnp2p.coord.claims import Claims, app_key, route_keys
 from flynnp2p.coord.client import CoordError
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
 from flynnp2p.state.errors import RecordError
-from flynnp2p.state.merge import Change, Delete, Entry, State
+from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import (
     APP_NAME_RE,
     DIGEST_RE,
@@ -83,6 +82,7 @@ from flynnp2p.state.records import (
     Release,
     Route,
 )
+from flynnp2p.state.replica import ReplicatedState, WriteOutcome
 from flynnp2p.state.schema import Dict, Int, Seq, Str
 
 log = logging.getLogger(__name__)
@@ -126,40 +126,6 @@ _NOUNS = (
 
 
 # -- the seams --------------------------------------------------------------
-
-
-class WriteOutcome(Protocol):
-    @property
-    def replicas(self) -> int:
-        """Nodes that hold the write, this one included."""
-        ...
-
-
-class ReplicatedState(Protocol):
-    """What this API needs from `flynnp2p.state.service.StateService`."""
-
-    @property
-    def state(self) -> State:
-        """The current snapshot (immutable; never blocks)."""
-        ...
-
-    @property
-    def last_event_id(self) -> int: ...
-
-    async def write(self, changes: Sequence[Change]) -> WriteOutcome:
-        """Commit one atomic batch; `ClusterError` (503) when no alive peer acknowledged it."""
-        ...
-
-    def subscribe(
-        self, kinds: Collection[str] | None = None
-    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]:
-        """The snapshot, then every later change (no gap). It must not open a cancel
-        scope or nursery: the event stream yields inside it."""
-        ...
-
-    def events_since(self, event_id: int) -> list[tuple[int, Entry]] | None:
-        """Numbered events after `event_id`; None when the ring does not reach back."""
-        ...
 
 
 class ClusterContext(Protocol):
@@ -327,7 +293,7 @@ class AppsApi:
         # ~50 ms here); `transport` (tests) gets a client of its own.
         self.http = http
         self.rng = rng or secrets.SystemRandom()
-        self.alloc = Allocator(ctx.state, ctx.claims, ctx.now_ms)  # type: ignore[arg-type]
+        self.alloc = Allocator(ctx.state, ctx.claims, ctx.now_ms)
 
     # apps
 

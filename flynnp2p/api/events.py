@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Collection
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 import trio
 from quart import Response, request
@@ -25,25 +23,10 @@ from flynnp2p.api.render import show, wire
 from flynnp2p.errors import UserError
 from flynnp2p.state.merge import Entry, State
 from flynnp2p.state.records import KIND_CHOICES, KINDS
+from flynnp2p.state.replica import ReplicatedState
 
 KEEPALIVE_S = 15.0
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
-
-
-class ReplicatedState(Protocol):
-    """What the event stream needs from `flynnp2p.state.service.StateService`."""
-
-    @property
-    def state(self) -> State: ...
-
-    @property
-    def last_event_id(self) -> int: ...
-
-    def subscribe(
-        self, kinds: Collection[str] | None = None
-    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]: ...
-
-    def events_since(self, event_id: int) -> list[tuple[int, Entry]] | None: ...
 
 
 async def events(service: ReplicatedState) -> Response:

@@ -23,11 +23,13 @@ route the state holds, and drops claims no record owns any more.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from flynnp2p.coord.client import KV, CoordError
+from flynnp2p.state.merge import State
+from flynnp2p.state.records import App, Route
 
 CLAIM_PREFIX = "f2p/claim/"
 RELEASE_PREFIX = "f2p/release/"
@@ -47,6 +49,44 @@ def tcp_key(port: int) -> str:
 
 def release_key(app_id: str) -> str:
     return f"{RELEASE_PREFIX}{app_id}"
+
+
+def route_keys(route: Route) -> list[str]:
+    """The claims a route needs: its TCP port, or its HTTP domain+path."""
+    if route.type == "tcp" and route.port is not None:
+        return [tcp_key(route.port)]
+    if route.type == "http" and route.domain is not None:
+        return [http_key(route.domain, route.path)]
+    return []
+
+
+ORPHAN_CLAIM_MS = 120_000
+
+
+def wanted_claims(state: State) -> dict[str, str]:
+    """Claim key → owning app id, for every app and route the state holds (the
+    oldest record wins a key two of them want, as the claim it was made with did)."""
+    wanted: dict[str, str] = {}
+    for app in sorted(state.records(App), key=lambda a: (a.created_at, a.id)):
+        wanted.setdefault(app_key(app.name), app.id)
+    for route in sorted(state.records(Route), key=lambda r: (r.created_at, r.id)):
+        for key in route_keys(route):
+            wanted.setdefault(key, route.app_id)
+    return wanted
+
+
+def orphans(held: Mapping[str, Owner | None], state: State, now_ms: int) -> list[tuple[str, Owner]]:
+    """Claims no record wants whose app is deleted, or that no record has owned
+    for ``ORPHAN_CLAIM_MS`` (its creator died before the record spread)."""
+    wanted = wanted_claims(state)
+    out = []
+    for key, owner in held.items():
+        if key in wanted or owner is None:
+            continue
+        entry = state.get(App.KIND, owner.app_id)
+        if (entry is not None and entry.value is None) or now_ms - owner.at_ms > ORPHAN_CLAIM_MS:
+            out.append((key, owner))
+    return out
 
 
 def owner_value(app_id: str, idem: str | None, now_ms: int) -> bytes:
@@ -84,9 +124,9 @@ def _owner(raw: bytes) -> Owner | None:
 class KeyStore(Protocol):
     """The part of `flynnp2p.coord.client.EtcdClient` the claims use."""
 
-    async def get(self, key: str, *, serializable: bool = False) -> KV | None: ...
+    async def get(self, key: str) -> KV | None: ...
 
-    async def get_prefix(self, prefix: str, *, serializable: bool = False) -> list[KV]: ...
+    async def get_prefix(self, prefix: str) -> list[KV]: ...
 
     async def create(self, puts: dict[str, bytes | str], lease: int = 0) -> tuple[bool, int]: ...
 
@@ -145,3 +185,12 @@ class Claims:
 
     async def forget_app(self, app_id: str) -> None:
         await self.client.delete(release_key(app_id))
+
+    async def reconcile(self, state: State, now_ms: int) -> None:
+        """Claims for what the state holds; claims nothing holds any more dropped."""
+        held = await self.owners(CLAIM_PREFIX)
+        for key, app_id in wanted_claims(state).items():
+            if key not in held:
+                await self.claim([key], owner_value(app_id, None, now_ms))
+        for key, owner in orphans(held, state, now_ms):
+            await self.drop(key, owner.raw)

@@ -23,10 +23,6 @@ class CoordError(ClusterError):
     """etcd could not do it: not running, no quorum, or it refused the request."""
 
 
-class LearnerError(CoordError):
-    """The local member is a learner: it serves no writes and no linearizable reads."""
-
-
 def _b64(text: str | bytes) -> str:
     raw = text.encode() if isinstance(text, str) else text
     return base64.b64encode(raw).decode("ascii")
@@ -122,8 +118,6 @@ class EtcdClient:
             raise CoordError(f"etcd answered {resp.status_code} with a body that is not JSON") from None
         if resp.status_code != 200 or "error" in data:
             message = str(data.get("message") or data.get("error") or f"status {resp.status_code}")
-            if "learner" in message:
-                raise LearnerError(f"etcd: {message}")
             raise CoordError(f"etcd: {message}")
         if not isinstance(data, dict):
             raise CoordError("etcd answered with a JSON value that is not an object")
@@ -131,21 +125,14 @@ class EtcdClient:
 
     # -- keys --------------------------------------------------------------
 
-    async def get(self, key: str, *, serializable: bool = False) -> KV | None:
-        data = await self.call("/v3/kv/range", {"key": _b64(key), "serializable": serializable})
+    async def get(self, key: str) -> KV | None:
+        data = await self.call("/v3/kv/range", {"key": _b64(key)})
         kvs = data.get("kvs") or []
         return _kv(kvs[0]) if kvs else None
 
-    async def get_prefix(self, prefix: str, *, serializable: bool = False) -> list[KV]:
-        data = await self.call(
-            "/v3/kv/range",
-            {"key": _b64(prefix), "range_end": prefix_end(prefix), "serializable": serializable},
-        )
+    async def get_prefix(self, prefix: str) -> list[KV]:
+        data = await self.call("/v3/kv/range", {"key": _b64(prefix), "range_end": prefix_end(prefix)})
         return [_kv(kv) for kv in data.get("kvs") or []]
-
-    async def put(self, key: str, value: bytes | str, lease: int = 0) -> int:
-        data = await self.call("/v3/kv/put", _put(key, value, lease)["requestPut"])
-        return int(data.get("header", {}).get("revision", 0))
 
     async def delete(self, key: str) -> int:
         data = await self.call("/v3/kv/deleterange", {"key": _b64(key)})
@@ -244,6 +231,3 @@ class EtcdClient:
 
     async def member_promote(self, member_id: int) -> None:
         await self.call("/v3/cluster/member/promote", {"ID": str(member_id)})
-
-    async def status(self) -> dict[str, Any]:
-        return await self.call("/v3/maintenance/status", {})

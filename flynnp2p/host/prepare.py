@@ -24,6 +24,7 @@ from flynnp2p.host.backend import JobSpec
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.slug import unpack_slug
 from flynnp2p.state.records import App, Artifact, Placement, ProcessSpec, Release
+from flynnp2p.state.replica import wait_for_record
 from flynnp2p.state.service import StateService
 
 RECORD_WAIT_S = 30.0  # how long a run waits for its release/artifact to replicate here
@@ -44,16 +45,7 @@ class StartFailed(Exception):
 async def wait_record(state: StateService, cls: type[_R], key: str, node: str) -> _R:
     """Record `cls`/`key` once it has reached this replica; StartFailed after `RECORD_WAIT_S`."""
     with trio.move_on_after(RECORD_WAIT_S):
-        while True:  # a subscriber that falls behind is dropped: subscribe again
-            async with state.subscribe([cls.KIND]) as (snapshot, changes):
-                record = snapshot.record(cls, key)
-                if record is not None:
-                    return record
-                async for batch in changes:
-                    if any(e.key == key for e in batch):
-                        record = state.state.record(cls, key)
-                        if record is not None:
-                            return record
+        return await wait_for_record(state, cls, key)
     raise StartFailed(f"{cls.KIND} {key} has not reached node {node}")
 
 

@@ -8,29 +8,16 @@ snapshot, so no change is missed, and the router never waits on a lock.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol
-
 import trio
 
 from flynnp2p.router.build import table_from_state
 from flynnp2p.router.table import RouteTable
-from flynnp2p.state.merge import Entry, State
 from flynnp2p.state.records import App, Job, Placement, Route
+from flynnp2p.state.replica import Subscribable
 from flynnp2p.watch import Watched
 
 KINDS = frozenset({App.KIND, Route.KIND, Job.KIND, Placement.KIND})
 DEBOUNCE_S = 0.02
-
-
-class Subscribable(Protocol):
-    @property
-    def state(self) -> State: ...
-
-    def subscribe(
-        self, kinds: Collection[str] | None = None
-    ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]: ...
 
 
 async def feed_routes(
