@@ -189,3 +189,12 @@ def test_builder_is_deterministic_and_empty_state_gives_empty_table() -> None:
     s = state_of(App("app1", "hello", 1), Route("rt1", "app1", "http", 1, domain="h.test"),
                  job("a", "up"), job("b", "up"))  # fmt: skip
     assert table_from_state(s) == table_from_state(s)
+
+
+def test_a_job_address_that_is_not_ip_and_port_is_no_backend() -> None:
+    app = App(id="app1", name="shop", created_at=1)
+    r = Route(id="r1", app_id="app1", type="http", created_at=1, domain="shop.test")
+    good = job("j1", "up", address="127.0.0.2:5000")
+    named = job("j2", "up", address="backend.example:5000")  # a hostname: DNS in the data path
+    table = table_from_state(state_of(app, r, good, named))
+    assert [b.job_id for b in table.backends[("app1", "web")]] == ["j1"]

@@ -50,5 +50,7 @@ def table_from_state(state: State) -> RouteTable:
         service = (j.app_id, j.process_type)
         if service in wanted and _backend(j, placements.get(j.id)):
             assert j.address is not None
-            backends.setdefault(service, []).append(Backend(j.id, j.address))
+            backend = Backend(j.id, j.address)
+            if backend.valid:  # the record schema admits hostnames; the data path does not
+                backends.setdefault(service, []).append(backend)
     return RouteTable.build(routes, backends)

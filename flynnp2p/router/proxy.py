@@ -147,6 +147,11 @@ class _ClientGone(Exception):
     pass
 
 
+def _done(uploaded: bool | Callable[[], bool]) -> bool:
+    """Whether the request (head and body) has been sent upstream completely."""
+    return uploaded() if callable(uploaded) else uploaded
+
+
 class _UpstreamFailed(Exception):
     def __init__(self, why: str) -> None:
         super().__init__(why)
@@ -493,8 +498,9 @@ class ClientConnection:
             try:
                 await self._send_request(head, up_head, up)
                 uploaded = True
-                self.phase = "response-head"
-                self.expires_at = self.sh.now() + self.cfg.response_header_timeout
+                if self.phase != "response-body":  # a response already streaming keeps its idle timer
+                    self.phase = "response-head"
+                    self.expires_at = self.sh.now() + self.cfg.response_header_timeout
             except _UpstreamFailed:
                 if self.dead and self.events and self.events[-1][0] == ERROR:
                     refused = True  # the client's body is bad: drop the exchange
@@ -566,9 +572,13 @@ class ClientConnection:
                     if 100 <= value.status < 200 and value.status != 101:
                         interim += 1
                         continue  # interim responses stop here (the router sent its own 100)
+                    if value.status == 101 and (head.upgrade is None or not _done(uploaded)):
+                        # Only an upgrade the client asked for, once its request is sent:
+                        # a tunnel cannot share the client socket with a running upload.
+                        raise _UpstreamFailed("answered 101 to a request that asked for no upgrade")
                     resp = value
                     framing, keep = self._framing(head, value)
-                    if not (uploaded is True or (callable(uploaded) and uploaded())):
+                    if not _done(uploaded):
                         keep = False  # the client's body will be left unread: say so now
                     out += http1.client_response(
                         value, body_framing=framing, keep_alive=keep,
@@ -605,7 +615,7 @@ class ClientConnection:
             resp.keep_alive and head.method != "HEAD" and side.messages == 1 + interim
             and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
         )  # fmt: skip
-        if reusable and (uploaded is True or (callable(uploaded) and uploaded())):
+        if reusable and _done(uploaded):
             self.sh.pool.put(address, up, self.sh.now())
         else:
             up.close()

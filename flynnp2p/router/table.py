@@ -25,6 +25,7 @@ the chosen domain (few in practice).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,6 +42,17 @@ class Backend:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.address.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def valid(self) -> bool:
+        """An IP address and a port 1-65535: anything else (a hostname would block on
+        DNS in the data path) is not a backend."""
+        try:
+            host, port = self.host_port
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return 1 <= port <= 65535
 
 
 @dataclass(frozen=True, slots=True)
