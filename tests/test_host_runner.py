@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from flynnp2p.errors import NotFound
 from flynnp2p.host import prepare
 from flynnp2p.host.backend import JobSpec, RunningJob
 from flynnp2p.host.converge import PLACEMENT_REMOVED
@@ -222,3 +223,23 @@ async def test_shutdown_stops_every_job_and_answers_once_they_are_down(tmp_path:
         await trio.sleep(5)
         assert job(state, "worker-3") is None  # a node that left starts nothing
         assert_lifecycle(reports)
+
+
+async def test_a_backend_failing_inside_a_run_crashes_that_job_not_the_runner(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_world(tmp_path) as (state, _runner, backend, _reports):
+
+        async def lost(job_id: str) -> int:
+            raise NotFound(f"the backend has no job {job_id}")  # e.g. a container removed by hand
+
+        await state.write([APP, RELEASE, placement()])
+        await until(state, lambda: (j := job(state)) is not None and j.state == "up")
+        backend.wait = lost  # type: ignore[method-assign]
+        await state.write([placement("worker-2")])
+        await until(state, lambda: (j := job(state, "worker-2")) is not None and j.state == "crashed")
+        assert "backend failed" in (job(state, "worker-2").reason or "")  # type: ignore[union-attr]
+        # the runner lives on: the first job is still up and can still be stopped
+        assert job(state).state == "up"  # type: ignore[union-attr]
+        await state.write([placement(action="stop", reason="scaled down")])
+        await until(state, lambda: (j := job(state)) is not None and j.state in ("down", "crashed"))

@@ -64,6 +64,10 @@ from flynnp2p.state.service import StateService
 
 log = logging.getLogger(__name__)
 
+# What a backend raises when it cannot run or stop a job: its own errors, the OS's,
+# and the Docker SDK's closed-stream error.  Anything else is a bug and stops the agent.
+BACKEND_ERRORS = (FlynnError, OSError, trio.ClosedResourceError)
+
 WATCHED_KINDS = (Placement.KIND, Job.KIND, Release.KIND, Artifact.KIND, App.KIND)
 INBOX = 64  # messages to the owning task; "something changed" is dropped when it is full
 
@@ -227,7 +231,10 @@ class HostRunner:
         spec = self.adopted.pop(job_id, None)
         if spec is None:
             return
-        await self.backend.stop(job_id, self.stop_grace_s)
+        try:
+            await self.backend.stop(job_id, self.stop_grace_s)
+        except BACKEND_ERRORS as exc:  # nothing is left to stop, or the engine is gone
+            log.warning("job %s: the backend could not stop it: %s", job_id, exc)
         self.ports.release(job_id)
         job = self.state.state.record(Job, job_id)
         if job is not None and job.state not in EXITED:
@@ -239,7 +246,8 @@ class HostRunner:
         p = run.placement
         try:
             await self._run_job_inner(run)
-        except (FlynnError, OSError) as exc:  # the backend could not run it
+        except* BACKEND_ERRORS as group:  # the backend could not run it (errors from the
+            exc = group.exceptions[0]  # run's own nursery arrive grouped)
             log.warning("job %s: the backend failed: %s", p.id, exc)
             with (
                 trio.CancelScope(shield=True),
