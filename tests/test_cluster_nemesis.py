@@ -120,7 +120,7 @@ async def nemesis(cluster: Cluster, agents: list[AgentProc], check: Checker, rng
             victim.kill()
             await trio.sleep(rng.uniform(1, 4))
             victim.start(token=False)
-            await victim.wait_ready(60)
+            await victim.wait_ready(30)
             continue
         if fault == "isolate-leader":
             lead = await current_leader(agents)
@@ -133,7 +133,7 @@ async def nemesis(cluster: Cluster, agents: list[AgentProc], check: Checker, rng
                 victim = small[0]
                 victim.kill()
                 victim.start(token=False)
-                await victim.wait_ready(60)
+                await victim.wait_ready(30)
                 await trio.sleep(2)
 
 
@@ -167,7 +167,7 @@ async def test_nemesis(cluster: Cluster) -> None:
     for a in agents:
         if not a.running:
             a.start(token=False)
-            await a.wait_ready(60)
+            await a.wait_ready(30)
     await cluster.wait_converged(agents, alive=5, timeout=60)
 
     async def converged() -> dict[str, Any] | None:

@@ -222,7 +222,7 @@ class LogFanout:
         try:
             async with self.http.stream(
                 "GET", f"http://{peer.api}/v1/internal/log", params=params,
-                timeout=httpx.Timeout(10.0, read=HEARTBEAT_S * 3),
+                timeout=httpx.Timeout(10.0, connect=2.0, read=HEARTBEAT_S * 3),
             ) as resp:  # fmt: skip
                 if resp.status_code != 200:
                     await resp.aread()

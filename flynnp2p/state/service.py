@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 HINT_EVENT = "f2p-st"
 PUSH_TIMEOUT_S = 3.0
 PULL_TIMEOUT_S = 120.0
-INITIAL_SYNC_S = 20.0
 ANTI_ENTROPY_S = 3.0
 HINT_MIN_INTERVAL_S = 0.2
 CHUNK_ENTRIES = 2000
@@ -504,18 +503,11 @@ class StateService:
                 nursery.start_soon(self._pull_quietly, peer)
 
     async def _initial_sync(self) -> None:
-        """A new (or returning) node copies what it lacks from one alive peer.
-
-        Bounded as a whole: a node restarted inside a partition may see peers
-        "alive" that it cannot reach; it starts anyway, and anti-entropy catches
-        it up once they answer."""
+        """A new (or returning) node copies what it lacks from one alive peer."""
         peers = self.peers.alive_peers()
-        with trio.move_on_after(INITIAL_SYNC_S):
-            for peer in random.sample(peers, k=len(peers)):
-                if await self._pull_quietly(peer):
-                    return
-        if peers:
-            log.warning("starting without a full copy from a peer: none answered in time")
+        for peer in random.sample(peers, k=len(peers)):
+            if await self._pull_quietly(peer):
+                return
 
     async def _pull_quietly(self, peer: Peer) -> bool:
         if peer.name in self._pulling:
@@ -545,7 +537,10 @@ class StateService:
             f"http://{peer.api}/v1/internal/state/sync",
             content=request,
             headers={"Content-Type": MSGPACK},
-            timeout=httpx.Timeout(30.0),
+            # 30 s between chunks of a big copy, but a peer behind a partition (its
+            # SYNs dropped) is given up in 2 s: a node restarted inside a partition
+            # tries every peer it still believes alive before it is ready.
+            timeout=httpx.Timeout(30.0, connect=2.0),
         ) as resp:
             if resp.status_code != 200:
                 raise ValueError(f"sync answered {resp.status_code}")
