@@ -10,6 +10,7 @@ import trio
 
 from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.service import Gossip
+from flynnp2p.netaddr import ip_port
 from flynnp2p.state.service import HINT_EVENT, Peer
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,14 @@ class GossipPeers:
         self.gossip = gossip
 
     def alive_peers(self) -> list[Peer]:
+        """Alive members with a well-formed ``api`` tag (a malformed one, from a
+        broken or hostile member, is never turned into a URL)."""
         view = self.gossip.view.value
         return [
             Peer(m.name, m.tags["api"])
             for m in view.members
-            if m.status == "alive" and m.name != view.self_name and m.tags.get("api")
+            if m.status == "alive" and m.name != view.self_name
+            and ip_port(m.tags.get("api", "")) is not None
         ]
 
     def electorate(self) -> list[str]:

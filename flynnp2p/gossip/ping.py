@@ -23,6 +23,8 @@ import socket
 
 import trio
 
+from flynnp2p.netaddr import ip_port
+
 log = logging.getLogger(__name__)
 
 PING = b"f2p-ping"
@@ -48,11 +50,6 @@ def decode(key: bytes, data: bytes) -> tuple[bytes, bytes] | None:
     if kind not in (PING, PONG) or not hmac.compare_digest(mac, _mac(key, kind, nonce)):
         return None
     return kind, nonce
-
-
-def _split(api: str) -> tuple[str, int]:
-    host, _, port = api.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class UdpPinger:
@@ -95,10 +92,13 @@ class UdpPinger:
         nonce = os.urandom(_NONCE)
         answered = trio.Event()
         self._waiting[nonce] = answered
+        target = ip_port(api)
+        if target is None:
+            return False
         try:
             try:
-                await self._sock.sendto(encode(self.key, PING, nonce), _split(api))
-            except (OSError, ValueError):
+                await self._sock.sendto(encode(self.key, PING, nonce), target)
+            except OSError:
                 return False
             await answered.wait()
             return True

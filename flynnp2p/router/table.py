@@ -25,10 +25,11 @@ the chosen domain (few in practice).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from flynnp2p.netaddr import ip_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +48,7 @@ class Backend:
     def valid(self) -> bool:
         """An IP address and a port 1-65535: anything else (a hostname would block on
         DNS in the data path) is not a backend."""
-        try:
-            host, port = self.host_port
-            ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return 1 <= port <= 65535
+        return ip_port(self.address) is not None
 
 
 @dataclass(frozen=True, slots=True)

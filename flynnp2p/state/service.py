@@ -413,9 +413,10 @@ class StateService:
 
         async def one(peer: Peer) -> None:
             nonlocal acks
-            # One attempt: whatever fails it (the network, a malformed address in
-            # the peer's tags, an error answer) leaves the entries to hints and
-            # anti-entropy, and must not end the replicator (the agent with it).
+            # One attempt: whatever fails it (the network, an error answer) leaves
+            # the entries to hints and anti-entropy, and must not end the replicator
+            # (the agent with it). Peers' addresses are checked by `alive_peers`;
+            # this catch is what is left if anything else still gets through.
             try:
                 r = await self.http.post(
                     f"http://{peer.api}/v1/internal/state/push",
