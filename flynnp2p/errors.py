@@ -3,6 +3,7 @@
     FlynnError                      root; ``status`` is the HTTP status the API answers with
     ├── UserError (400)             bad input from a user: says what was wrong and what is accepted
     │   ├── Unauthorized (401)
+    │   ├── Forbidden (403)         authenticated, but not for this (a user's key on a peer endpoint)
     │   ├── NotFound (404)
     │   └── Conflict (409)
     ├── ConfigError                 the node cannot start as configured (exit code 2)
@@ -14,6 +15,27 @@ the agent turns those into ``ConfigError`` or ``ClusterError`` at its edge.
 """
 
 from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+# A full disk, as the OS says it (a quota counts as full too).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def first_in(exc: BaseException, cls: type[E], match: Callable[[E], bool] = lambda _: True) -> E | None:
+    """The first ``cls`` error (that ``match`` accepts) in ``exc`` or its exception groups."""
+    if isinstance(exc, cls) and match(exc):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_in(inner, cls, match)
+            if found is not None:
+                return found
+    return None
 
 
 class FlynnError(Exception):
@@ -36,6 +58,11 @@ class UserError(FlynnError):
 class Unauthorized(UserError):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(UserError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(UserError):

@@ -31,7 +31,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
-from flynnp2p.errors import FlynnError, Unauthorized
+from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
 from flynnp2p.state.errors import RecordError
 from flynnp2p.token import ClusterToken
 
@@ -47,13 +47,6 @@ PUBLIC_PATHS = frozenset({"/healthz"})
 # Marks only nodes may set (flynnp2p.api.apps.FORWARDED, flynnp2p.build.blobs.REPLICA_HEADER;
 # spelled out here because both of those modules import this one).
 PEER_HEADERS = ("X-Flynnp2p-Forwarded", "X-Flynnp2p-Replica")
-
-
-class Forbidden(Unauthorized):
-    """A valid credential that may not do this (a user's key on a peer-only path)."""
-
-    status = 403
-    code = "forbidden"
 
 
 def is_peer_request() -> bool:

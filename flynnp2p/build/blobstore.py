@@ -20,7 +20,6 @@ a multi-gigabyte blob never sits in memory.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -32,12 +31,11 @@ from typing import BinaryIO
 
 import trio
 
-from flynnp2p.errors import InsufficientStorage, NotFound, UserError
+from flynnp2p.errors import FULL_ERRNOS, InsufficientStorage, NotFound, UserError
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 DIGEST_ACCEPTED = "'sha256:' followed by 64 lowercase hex digits"
 CHUNK = 256 << 10
-FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def check_digest(text: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 
@@ -11,7 +10,7 @@ import trio
 
 from flynnp2p import config as conf
 from flynnp2p.agent import Agent
-from flynnp2p.errors import ConfigError, UserError
+from flynnp2p.errors import FULL_ERRNOS, ConfigError, UserError, first_in
 from flynnp2p.token import ClusterToken
 
 
@@ -78,32 +77,6 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
 
 
 def run_join(args: argparse.Namespace) -> int:
-    """Run the agent; 2 (after one line on stderr) if the node cannot start as configured.
-
-    ``cli.main`` answers a ConfigError with exit code 1 (its status is 500), so
-    join, where every ConfigError comes from, says 2 itself, as the README promises."""
-    try:
-        return _run_join(args)
-    except (ConfigError, BaseExceptionGroup) as exc:
-        err = _config_error(exc)
-        if err is None:
-            raise
-        print(f"flynnp2p: error: {err.message}", file=sys.stderr)
-        return 2
-
-
-def _config_error(exc: BaseException) -> ConfigError | None:
-    if isinstance(exc, ConfigError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _config_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
-def _run_join(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=conf.log_level(),
@@ -124,7 +97,7 @@ def _run_join(args: argparse.Namespace) -> int:
         agent = Agent(cfg, token, list(args.peers), fresh=fresh)
         trio.run(main)
     except (OSError, BaseExceptionGroup) as exc:
-        full = _disk_full(exc)
+        full = first_in(exc, OSError, lambda e: e.errno in FULL_ERRNOS)
         if full is None:
             raise
         # A full data dir is the operator's to fix, like any other ConfigError.
@@ -132,18 +105,6 @@ def _run_join(args: argparse.Namespace) -> int:
             f"the data dir {cfg.data_dir} is full ({full.strerror or full}): free space and restart"
         ) from None
     return 0
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT error in `exc` (or in its groups), if any."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _disk_full(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _print_banner(agent: Agent) -> None:

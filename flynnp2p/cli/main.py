@@ -16,7 +16,7 @@ from typing import Any
 
 from flynnp2p import __version__
 from flynnp2p.cli.client import ApiClient, ClientConfig
-from flynnp2p.errors import ConfigError, FlynnError, UserError
+from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
 from flynnp2p.token import ClusterToken
 
 
@@ -212,17 +212,6 @@ def cmd_cluster_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def first_flynn_error(exc: BaseException) -> FlynnError | None:
-    if isinstance(exc, FlynnError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_flynn_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -230,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except (FlynnError, BaseExceptionGroup) as exc:
-        err = first_flynn_error(exc)
+        err = first_in(exc, FlynnError)
         if err is None:
             raise
         print(f"flynnp2p: error: {err.message}", file=sys.stderr)
