@@ -40,6 +40,7 @@ from quart import Blueprint, Response, request
 from flynnp2p.api.apps import ClusterContext, _ref, find_app
 from flynnp2p.errors import UserError
 from flynnp2p.host.loghub import Line, LogHub
+from flynnp2p.state.jobs import is_finished
 from flynnp2p.state.records import APP_NAME_RE, Blocked, Job, Placement
 from flynnp2p.state.service import Peer
 
@@ -331,7 +332,7 @@ def _shown(ctx: ClusterContext, got: _Feed, ptype: str | None) -> dict[str, obje
 
 def _finished(ctx: ClusterContext, job_id: str) -> dict[str, object] | None:
     job = ctx.state.state.record(Job, job_id)
-    if job is None or not (job.state == "down" or (job.one_off and job.state == "crashed")):
+    if job is None or not is_finished(job.state, job.one_off):
         return None
     return {"job_id": job.id, "state": job.state, "exit_code": job.exit_code, "reason": job.reason}
 

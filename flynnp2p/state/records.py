@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar, Self
 
 from flynnp2p.state.errors import RecordError, SchemaVersionError
+from flynnp2p.state.jobs import REPORTED
 from flynnp2p.state.schema import EMPTY, Bool, Choice, Dict, Int, Nested, Opt, Schema, Seq, Str
 
 # Patterns for names and keys, shared with the API's input validation.
@@ -219,7 +220,7 @@ class Route(IdRecord):
                 raise RecordError(f"{path}.type", "tcp routes take no domain, path or certificate")
 
 
-JOB_STATES = ("pending", "starting", "up", "crashed", "stopping", "down")
+JOB_STATES = REPORTED  # the lifecycle's reported states (`flynnp2p.state.jobs`)
 
 
 @dataclass(frozen=True, slots=True)
