@@ -23,6 +23,7 @@ from flynnp2p.state.schema import FrozenMap
 from flynnp2p.state.service import PROBE_INTERVAL_S, Peer, StateService
 from flynnp2p.state.store import MemoryStore, SqliteStore
 from flynnp2p.state.wire import open_envelope, pack, unencodable
+from tests.harness import wait_for
 from tests.test_api_apps import Peers as NoPeers
 
 T0 = 1_700_000_000_000
@@ -191,7 +192,8 @@ async def test_a_full_disk_is_507_and_degraded_and_clears_once_space_frees(
         assert service.degraded is not None and "disk is full" in service.degraded
         assert {e.key for e in service.state.entries()} == {"id-a"}  # reads go on
         store.full = False
-        await trio.sleep(PROBE_INTERVAL_S + 0.1)  # the probe, no write needed
+        # the probe clears it, no write needed
+        await wait_for(lambda: service.degraded is None, 3 * PROBE_INTERVAL_S, "degraded to clear")
         assert service.degraded is None
         await service.write([app("b")])
         nursery.cancel_scope.cancel()
