@@ -120,7 +120,6 @@ class HostRunner:
         self._busy: set[str] = set()  # jobs with a bookkeeping task in flight
         self._leaving: list[_Leave] = []
         self.stats = {"started": 0, "stopped": 0, "fenced": 0, "adopted": 0, "crashed": 0}
-        self._nursery: trio.Nursery | None = None
         self._inbox, self._inbox_recv = trio.open_memory_channel[_Leave | None](INBOX)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,12 +127,11 @@ class HostRunner:
             self.adopted[spec.job_id] = spec
             if spec.port is not None:
                 self.ports.reserve(spec.job_id, spec.port)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+        async with trio.open_nursery() as nursery:  # every run and bookkeeping task
             nursery.start_soon(self._watch)
             task_status.started()
             while True:
-                self._step()
+                self._step(nursery)
                 with trio.move_on_after(1.0):
                     self._take(await self._inbox_recv.receive())
                     while True:  # a burst of messages makes one step
@@ -167,13 +165,13 @@ class HostRunner:
 
     # -- the owning task's step -------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self, nursery: trio.Nursery) -> None:
         if self._leaving:
             reason = self._leaving[0].reason
             for run in list(self.runs.values()):
                 self._stop(run, reason)
             for job_id in list(self.adopted):
-                self._spawn(job_id, self._stop_adopted, job_id, reason)
+                self._spawn(nursery, job_id, self._stop_adopted, job_id, reason)
             if not self.runs and not self._busy:
                 for leave in self._leaving:
                     leave.done.set()
@@ -182,30 +180,30 @@ class HostRunner:
         runs = {i: LocalRun(r.placement.generation, r.stop_reason is not None) for i, r in self.runs.items()}
         local = Local(runs, frozenset(self.adopted), frozenset(self._busy))
         for action in converge(view, local, self.now_ms()):
-            self._carry_out(action)
+            self._carry_out(nursery, action)
 
-    def _carry_out(self, action: Action) -> None:
-        assert self._nursery is not None
+    def _carry_out(self, nursery: trio.Nursery, action: Action) -> None:
         match action:
             case Start(p):
                 run = self.runs[p.id] = _Run(p)
-                self._nursery.start_soon(self._run_job, run)
+                nursery.start_soon(self._run_job, run)
             case Stop(job_id, reason):
                 if job_id in self.runs:
                     self._stop(self.runs[job_id], reason)
                 else:  # re-adopted at boot, not taken over by a run
-                    self._spawn(job_id, self._stop_adopted, job_id, reason)
+                    self._spawn(nursery, job_id, self._stop_adopted, job_id, reason)
             case Restart(job_id, _):  # the next step starts the new generation
                 self._stop(self.runs[job_id], RESTARTING)
             case Report(job):
                 self.stats["fenced"] += is_fenced(job)
-                self._spawn(job.id, self._write, [job])
+                self._spawn(nursery, job.id, self._write, [job])
             case Forget(job_id):
-                self._spawn(job_id, self._write, [Delete(Job.KIND, job_id)])
+                self._spawn(nursery, job_id, self._write, [Delete(Job.KIND, job_id)])
 
-    def _spawn(self, job_id: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    def _spawn(
+        self, nursery: trio.Nursery, job_id: str, fn: Callable[..., Awaitable[object]], *args: object
+    ) -> None:
         """Start one bookkeeping task per job at a time."""
-        assert self._nursery is not None
         if job_id in self._busy:
             return
         self._busy.add(job_id)
@@ -217,7 +215,7 @@ class HostRunner:
                 self._busy.discard(job_id)
                 self._changed()
 
-        self._nursery.start_soon(task)
+        nursery.start_soon(task)
 
     def _stop(self, run: _Run, reason: str) -> None:
         if run.stop_reason is not None:
