@@ -9,12 +9,6 @@ import trio
 from flynnp2p.gossip.ping import PING, PONG, UdpPinger, decode, encode
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_datagrams_round_trip_and_forgeries_are_refused() -> None:
     nonce = b"n" * 12
     data = encode(b"key", PING, nonce)
@@ -27,21 +21,21 @@ def test_datagrams_round_trip_and_forgeries_are_refused() -> None:
 
 
 async def test_a_peer_answers_and_a_stranger_gets_nothing() -> None:
-    a_port, b_port, c_port = free_udp_port(), free_udp_port(), free_udp_port()
-    a = UdpPinger("cluster-peer-key", "127.0.0.1", a_port)
-    b = UdpPinger("cluster-peer-key", "127.0.0.1", b_port)
-    stranger = UdpPinger("another-cluster", "127.0.0.1", c_port)
+    a = UdpPinger("cluster-peer-key", "127.0.0.1", 0)
+    b = UdpPinger("cluster-peer-key", "127.0.0.1", 0)
+    stranger = UdpPinger("another-cluster", "127.0.0.1", 0)
     async with trio.open_nursery() as nursery:
-        for p in (a, b, stranger):
-            await nursery.start(p.run)
+        a_port, b_port, _ = [await nursery.start(p.run) for p in (a, b, stranger)]
         with trio.fail_after(5):
             assert await a(f"127.0.0.1:{b_port}")
             assert await b(f"127.0.0.1:{a_port}")
         with trio.move_on_after(0.3) as waited:
             await stranger(f"127.0.0.1:{a_port}")
         assert waited.cancelled_caught  # no answer to a datagram it cannot authenticate
-        with trio.move_on_after(0.3) as waited:
-            await a(f"127.0.0.1:{free_udp_port()}")  # nobody there
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+            silent.bind(("127.0.0.1", 0))
+            with trio.move_on_after(0.3) as waited:
+                await a(f"127.0.0.1:{silent.getsockname()[1]}")
         assert waited.cancelled_caught
         assert await a("not-an-address") is False
         nursery.cancel_scope.cancel()

@@ -62,12 +62,13 @@ class UdpPinger:
         self._sock: trio.socket.SocketType | None = None
         self._waiting: dict[bytes, trio.Event] = {}
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer pings until cancelled; reports the bound port (``port`` 0 picks one)."""
         family = socket.AF_INET6 if ":" in self.addr else socket.AF_INET
         with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
             await sock.bind((self.addr, self.port))
             self._sock = sock
-            task_status.started()
+            task_status.started(sock.getsockname()[1])
             while True:
                 data, sender = await sock.recvfrom(256)
                 decoded = decode(self.key, data)
