@@ -76,3 +76,23 @@ async def test_a_tcp_port_in_use_is_reported_not_fatal() -> None:
                 assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 404 ")
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_tcp_tunnel_is_closed_after_its_idle_timeout() -> None:
+    from flynnp2p.router.proxy import ProxyConfig
+
+    async def silent(stream: trio.SocketStream) -> None:  # a half-open peer: never a byte
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        backend = f"{LOCAL}:{await serve(nursery, silent)}"
+        port = free_port()
+        router, watched, _ = await start_router(nursery, RouteTable(), ProxyConfig(tunnel_idle_timeout=0.5))
+        watched.set(tcp_table(port, [backend]))
+        await wait_for(lambda: port in router.status()["listeners"]["tcp"])  # type: ignore[index]
+        stream = await trio.open_tcp_stream(LOCAL, port)
+        await stream.send_all(b"hello")  # moves once, then nothing either way
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b""  # closed by the router
+        await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -147,6 +147,19 @@ class _ClientGone(Exception):
     pass
 
 
+async def connect_backend(sh: Shared, backend: Backend) -> Sock:
+    """A connection to `backend` within the connect timeout; on failure it is marked
+    down on this node (skipped for a while) and ConnectError raised."""
+    host, port = backend.host_port
+    try:
+        with trio.move_on_after(sh.cfg.connect_timeout):
+            return await connect(host, port, backend.address)
+        raise ConnectError(backend.address, "timed out", timed_out=True)
+    except ConnectError:
+        sh.balancer.mark_down(backend.address, sh.now())
+        raise
+
+
 def _done(uploaded: bool | Callable[[], bool]) -> bool:
     """Whether the request (head and body) has been sent upstream completely."""
     return uploaded() if callable(uploaded) else uploaded
@@ -402,16 +415,11 @@ class ClientConnection:
             tried.append(address)
             up = sh.pool.take_nowait(address, now)
             if up is None:
-                host, port = backend.host_port
                 self.phase = "connect"
                 self.expires_at = float("inf")
                 try:
-                    with trio.move_on_after(cfg.connect_timeout) as scope:
-                        up = await connect(host, port, address)
-                    if scope.cancelled_caught:
-                        raise ConnectError(address, "timed out", timed_out=True)
+                    up = await connect_backend(sh, backend)
                 except ConnectError as e:
-                    sh.balancer.mark_down(address, self.sh.now())
                     why, timed_out = str(e), e.timed_out
                     continue
             assert up is not None
@@ -645,7 +653,7 @@ class ClientConnection:
                 await up.sendall(self.upgrade_extra)
             if upstream_extra:
                 await self.sock.sendall(upstream_extra)
-            await tunnel(self.sock, up)
+            await tunnel(self.sock, up, self.cfg.tunnel_idle_timeout)
         except OSError:
             pass
         finally:

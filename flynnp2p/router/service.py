@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from flynnp2p.router.balance import Balancer
-from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared
-from flynnp2p.router.sock import ConnectError, Sock, connect, tunnel
+from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared, connect_backend
+from flynnp2p.router.sock import ConnectError, Sock, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import RouteTable
 from flynnp2p.watch import Watched
@@ -215,18 +215,13 @@ class Router:
                 if backend is None:
                     return
                 tried.append(backend.address)
-                host, bport = backend.host_port
                 try:
-                    with trio.move_on_after(self.config.connect_timeout) as scope:
-                        up = await connect(host, bport, backend.address)
-                    if scope.cancelled_caught:
-                        raise ConnectError(backend.address, "timed out", timed_out=True)
+                    up = await connect_backend(sh, backend)
                 except ConnectError:
-                    sh.balancer.mark_down(backend.address, self.shared.now())
                     continue
                 sh.balancer.acquire(backend.address)
                 try:
-                    await tunnel(client, up)
+                    await tunnel(client, up, self.config.tunnel_idle_timeout)
                 finally:
                     sh.balancer.release(backend.address)
                     up.close()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -126,30 +128,35 @@ async def connect(host: str, port: int, address: str) -> Sock:
     return s
 
 
-async def pipe(src: Sock, dst: Sock) -> int:
-    """Copy bytes from `src` to `dst` until end of stream, then half-close `dst`."""
-    total = 0
+async def pipe(src: Sock, dst: Sock, moved: Callable[[], None] = lambda: None) -> None:
+    """Copy bytes from `src` to `dst` until end of stream, then half-close `dst`;
+    `moved` is called after every chunk."""
     try:
         while True:
             data = await src.recv()
             if not data:
                 break
             await dst.sendall(data)
-            total += len(data)
+            moved()
     finally:
         dst.shutdown_write()
-    return total
 
 
-async def tunnel(a: Sock, b: Sock) -> None:
-    """Bytes both ways until both directions have ended (half-close is passed on)."""
+async def tunnel(a: Sock, b: Sock, idle_s: float = math.inf) -> None:
+    """Bytes both ways until both directions have ended (half-close is passed on),
+    or until nothing has moved either way for `idle_s` (a half-open peer must not
+    hold two sockets forever): every chunk moves the deadline on."""
+    with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
 
-    async def one_way(src: Sock, dst: Sock) -> None:
-        try:
-            await pipe(src, dst)
-        except OSError:  # a reset ends both directions
-            nursery.cancel_scope.cancel()
+        def moved() -> None:
+            idle.deadline = trio.current_time() + idle_s
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(one_way, a, b)
-        nursery.start_soon(one_way, b, a)
+        async def one_way(src: Sock, dst: Sock) -> None:
+            try:
+                await pipe(src, dst, moved)
+            except OSError:  # a reset ends both directions
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, a, b)
+            nursery.start_soon(one_way, b, a)

@@ -188,5 +188,3 @@ class RouteTable:
     def __hash__(self) -> int:
         return hash(self.routes)
 
-
-EMPTY_TABLE = RouteTable()
