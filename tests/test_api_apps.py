@@ -22,8 +22,8 @@ import trio
 import trio.testing
 from quart_trio import QuartTrio
 
-from flynnp2p.api.app import create_app
-from flynnp2p.api.apps import FORWARDED, apps_blueprint
+from flynnp2p.api.app import FORWARDED, create_app
+from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.coord.claims import Claims
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Artifact, Formation, Release, Route

@@ -16,8 +16,7 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 from quart_trio import QuartTrio
 
-from flynnp2p.api.app import PEER_HEADERS, create_app, is_peer_request
-from flynnp2p.api.apps import FORWARDED
+from flynnp2p.api.app import FORWARDED, PEER_HEADERS, create_app, is_peer_request
 from flynnp2p.build.blobs import REPLICA_HEADER
 from flynnp2p.state.records import App
 from flynnp2p.token import ClusterToken

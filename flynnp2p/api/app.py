@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
+from flynnp2p.build.blobs import REPLICA_HEADER
 from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
 from flynnp2p.state.errors import RecordError
 from flynnp2p.token import ClusterToken
@@ -44,9 +45,10 @@ PEER_PREFIX = "/v1/internal/"
 MAX_BLOB_BODY = 4 << 30
 BLOB_PREFIX = "/v1/blobs/"
 PUBLIC_PATHS = frozenset({"/healthz"})
-# Marks only nodes may set (flynnp2p.api.apps.FORWARDED, flynnp2p.build.blobs.REPLICA_HEADER;
-# spelled out here because both of those modules import this one).
-PEER_HEADERS = ("X-Flynnp2p-Forwarded", "X-Flynnp2p-Replica")
+# Marks only nodes may set: a request forwarded to the leader (never forwarded
+# again), and a blob copy to a replica (not replicated again).
+FORWARDED = "X-Flynnp2p-Forwarded"
+PEER_HEADERS = (FORWARDED, REPLICA_HEADER)
 
 
 def is_peer_request() -> bool:

@@ -58,7 +58,7 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from flynnp2p.api.allocate import Allocator, idempotency_key
-from flynnp2p.api.app import error_response
+from flynnp2p.api.app import FORWARDED, error_response
 from flynnp2p.api.events import events
 from flynnp2p.api.render import show as _show
 from flynnp2p.api.render import wire
@@ -87,7 +87,6 @@ from flynnp2p.state.schema import Dict, Int, Seq, Str
 
 log = logging.getLogger(__name__)
 
-FORWARDED = "X-Flynnp2p-Forwarded"
 FORWARD_TIMEOUT = httpx.Timeout(15.0, connect=2.0)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 

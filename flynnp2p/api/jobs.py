@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 from quart import Blueprint, Response, request
 
+from flynnp2p.api.app import FORWARDED
 from flynnp2p.api.apps import (
-    FORWARDED,
     AppsApi,
     ClusterContext,
     _json,
