@@ -63,6 +63,7 @@ from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.process import ProcessBackend
 from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
+from flynnp2p.netaddr import url_host
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
@@ -118,8 +119,6 @@ async def _start_listening(
         raise ConfigError(f"{what} cannot be used ({exc.strerror}; choose {option})") from None
 
 
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
 
 
 class Agent:
@@ -131,7 +130,7 @@ class Agent:
         self.fresh = fresh
         self.started_ms = now_ms()
         self.ready = False
-        self.api_url = f"http://{_host(cfg.addr)}:{cfg.api_port}"
+        self.api_url = f"http://{url_host(cfg.addr)}:{cfg.api_port}"
         settings = SerfSettings(
             node_name=cfg.name,
             bind_addr=cfg.addr,
@@ -251,7 +250,7 @@ class Agent:
     def _tags(self) -> dict[str, str]:
         c = self.cfg
         tags = {
-            "api": f"{_host(c.addr)}:{c.api_port}",
+            "api": f"{url_host(c.addr)}:{c.api_port}",
             "roles": ",".join(c.roles),
             "st": str(self.started_ms),
             "ep": "0",

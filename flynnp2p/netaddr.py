@@ -21,3 +21,8 @@ def ip_port(text: str) -> tuple[str, int] | None:
         return None
     number = int(port)
     return (host, number) if 1 <= number <= 65535 else None
+
+
+def url_host(addr: str) -> str:
+    """An address as it stands in a URL or ``HOST:PORT`` (IPv6 in brackets)."""
+    return f"[{addr}]" if ":" in addr else addr

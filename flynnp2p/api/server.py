@@ -31,6 +31,7 @@ from hypercorn.utils import wrap_app
 from flynnp2p.api.app import BLOB_PREFIX, MAX_BLOB_BODY, MAX_BODY, MAX_PEER_BODY, PEER_PREFIX
 from flynnp2p.api.framing import Refusal, framing_problem, target_problem
 from flynnp2p.errors import ConfigError
+from flynnp2p.netaddr import url_host
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -144,7 +145,7 @@ class ApiServer:
         guarded: Any = FramingGuard(app)  # hypercorn's ASGI types are TypedDicts; ours plain dicts
         self.app = wrap_app(guarded, 1 << 20, None)
         self.config = Config()
-        host = f"[{addr}]" if ":" in addr else addr
+        host = url_host(addr)
         self.config.bind = [f"{host}:{port}"]
         self.config.accesslog = None
         self.config.errorlog = logging.getLogger("flynnp2p.api.server")

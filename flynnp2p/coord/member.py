@@ -23,6 +23,7 @@ import trio
 
 from flynnp2p.children import find_binary, kill_stale, spawn, stop
 from flynnp2p.coord.ca import ClusterCA
+from flynnp2p.netaddr import url_host
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,10 @@ def client_host(addr: str) -> str:
     is a loopback address (one machine, many nodes), else 127.0.0.1."""
     ip = ipaddress.ip_address(addr)
     if ip.is_loopback:
-        return f"[{addr}]" if ip.version == 6 else addr
+        return url_host(addr)
     return "127.0.0.1"
 
 
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class EtcdSettings:
 
     @property
     def peer_url(self) -> str:
-        return f"https://{_host(self.addr)}:{self.peer_port}"
+        return f"https://{url_host(self.addr)}:{self.peer_port}"
 
     @property
     def client_url(self) -> str:

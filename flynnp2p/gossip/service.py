@@ -32,6 +32,7 @@ from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.election import TagView, leader_hint, max_epoch, parse_tags
 from flynnp2p.gossip.rpc import Member, SerfRPC, open_serf_rpc
 from flynnp2p.gossip.serf_agent import SerfAgent, SerfSettings
+from flynnp2p.netaddr import url_host
 from flynnp2p.watch import Watched
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class Gossip:
             await trio.sleep(REJOIN_S * (0.5 + rng.random()))
             view = self.view.value
             alive = [m for m in view.members if m.status == "alive"]
-            targets = [f"{_host(m.addr)}:{m.port}" for m in view.members if m.status == "failed"]
+            targets = [f"{url_host(m.addr)}:{m.port}" for m in view.members if m.status == "failed"]
             if len(alive) <= 1:
                 targets += self.peers or self.known
             if not targets:
@@ -234,7 +235,7 @@ class Gossip:
 
     def _remember(self, view: ClusterView) -> None:
         known = sorted(
-            f"{_host(m.addr)}:{m.port}"
+            f"{url_host(m.addr)}:{m.port}"
             for m in view.members
             if m.status == "alive" and m.name != view.self_name
         )
@@ -253,8 +254,6 @@ def _load_known(path: Path) -> list[str]:
     return [k for k in known if isinstance(k, str)] if isinstance(known, list) else []
 
 
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
 
 
 def _unreachable(text: str) -> bool:

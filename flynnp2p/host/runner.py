@@ -57,6 +57,7 @@ from flynnp2p.host.converge import (
 from flynnp2p.host.health import HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.prepare import Blobs, Preparer, StartFailed
+from flynnp2p.netaddr import url_host
 from flynnp2p.state.jobs import CRASHED, DOWN, EXITED, PENDING, STARTING, STOPPING, UP, is_fenced
 from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import App, Artifact, HealthCheck, Job, Placement, Release
@@ -288,7 +289,7 @@ class HostRunner:
         if not run.started or spec is None:  # stopped while preparing
             await self._report(p, DOWN, reason=run.stop_reason)
             return
-        address = f"{_host(self.addr)}:{spec.port}" if spec.port is not None else None
+        address = f"{url_host(self.addr)}:{spec.port}" if spec.port is not None else None
         await self._report(p, STARTING, address=address)
         failed: str | None = None
         async with trio.open_nursery() as nursery:
@@ -374,5 +375,3 @@ def _exit_reason(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
