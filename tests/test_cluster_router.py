@@ -1,10 +1,12 @@
 """The router on every node, with real agents and real jobs: any node routes an
 app's domain to its jobs wherever they run, spreads over them, answers 404 for
 an unknown host and 503 with no backend, follows scaling within a second, and
-loses no request when a backend's node is SIGKILLed."""
+loses no request when a backend's node is SIGKILLed or cut off by a partition, and
+serves again after its own node restarts."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -100,3 +102,27 @@ async def test_no_request_fails_when_a_backends_node_is_killed(cluster: Cluster,
 
 async def _ok(agent: AgentProc) -> bool:
     return (await via(agent))[0] == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cutting links with iptables needs root")
+async def test_a_backend_behind_a_partition_is_skipped_and_a_restarted_router_serves_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from tests.partition import Partition
+
+    agents = await cluster.start(3, own_gids=True)
+    await cluster.wait_converged(agents, alive=3)
+    slug, digest = make_slug(tmp_path / "app.tgz")
+    async with agents[0].client() as c:
+        await deploy(c, "shop", slug, digest)
+        await scale(c, "shop", web=3)
+        await wait_up(c, "shop", 3, timeout=60)
+    front, cut = agents[0], agents[2]
+    await wait_for(lambda: _ok(front), 10, "the router to serve shop")
+    with Partition([front], [cut]):  # the front's router cannot reach cut's job any more
+        codes = [(await via(front, timeout=20))[0] for _ in range(20)]
+        assert codes == [200] * 20, codes  # a connect timeout is retried on another backend
+    front.kill()
+    front.start(token=False)
+    await front.wait_ready(30)
+    await wait_for(lambda: _ok(front), 10, "the restarted node's router to serve shop")
