@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flynnp2p import vocab
 from flynnp2p.errors import ConfigError, UserError
 from flynnp2p.token import ClusterToken
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,30}$")
 DEFAULT_API_PORT = 7100
 DEFAULT_GOSSIP_PORT = 7946
 DEFAULT_HTTP_PORT = 8080
@@ -36,7 +34,6 @@ DEFAULT_COORD_PEER_PORT = 2380
 DEFAULT_COORD_CLIENT_PORT = 2379
 DEFAULT_COORD_VOTERS = 5
 BACKENDS = ("auto", "process", "docker")
-DOMAIN_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def absolute_path(raw: str | Path) -> Path:
@@ -132,11 +129,8 @@ class NodeConfig:
     def validate(self) -> None:
         if not self.data_dir.is_absolute():  # resolve it at the edge: `absolute_path`
             raise ConfigError(f"data dir {self.data_dir} must be an absolute path")
-        if not NAME_RE.match(self.name):
-            raise ConfigError(
-                f"invalid node name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        if not vocab.NODE_NAME.ok(self.name):
+            raise ConfigError(f"invalid node name {self.name!r}: use {vocab.NODE_NAME.accepted}")
         try:
             socket.inet_pton(socket.AF_INET6 if ":" in self.addr else socket.AF_INET, self.addr)
         except OSError:
@@ -151,11 +145,14 @@ class NodeConfig:
         ):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"invalid {label} {port}: use 1-65535")
-        if len(self.domain) > 200 or not DOMAIN_RE.match(self.domain):
-            raise ConfigError(f"invalid --domain {self.domain!r}: give a lowercase DNS name")
-        for key in self.tags:
-            if not TAG_KEY_RE.match(key):
-                raise ConfigError(f"invalid tag key {key!r}: use lowercase letters, digits, '_.-'")
+        # 200, not 253: the domain leaves room for an app name in front of it.
+        if len(self.domain) > 200 or not vocab.HOSTNAME.ok(self.domain):
+            raise ConfigError(f"invalid --domain {self.domain!r}: give {vocab.HOSTNAME.accepted}")
+        for key, value in self.tags.items():
+            if not vocab.TAG_KEY.ok(key):
+                raise ConfigError(f"invalid tag key {key!r}: use {vocab.TAG_KEY.accepted}")
+            if not vocab.TAG_VALUE.ok(value):
+                raise ConfigError(f"invalid tag value {value!r} of {key}: use {vocab.TAG_VALUE.accepted}")
         if self.coord_voters not in (1, 3, 5):
             raise ConfigError(f"invalid --coord-voters {self.coord_voters}: use 1, 3 or 5")
         if self.backend not in BACKENDS:

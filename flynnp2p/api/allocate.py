@@ -20,7 +20,6 @@ them one after another on the record it wrote last.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -34,25 +33,14 @@ from flynnp2p.coord.claims import (
     owner_value,
     route_keys,
 )
-from flynnp2p.errors import ClusterError, Conflict, FlynnError, UserError
+from flynnp2p.errors import ClusterError, Conflict, FlynnError
 from flynnp2p.state.merge import Change
 from flynnp2p.state.records import App, Release, Route
 from flynnp2p.state.replica import R, ReplicatedState, WriteOutcome, wait_for_record
 
-IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 RECORD_WAIT_S = 5.0
 CAS_TRIES = 8
 ORPHAN_RELEASE_MS = 30_000
-
-
-def idempotency_key(value: str | None) -> str | None:
-    if value is None or value == "":
-        return None
-    if IDEMPOTENCY_KEY.fullmatch(value) is None:
-        raise UserError(
-            "Idempotency-Key: expected 1-128 letters, digits and _.:- (a uuid is a good one)"
-        )
-    return value
 
 
 class Allocator:

@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator
 import trio
 from quart import Response, request
 
-from flynnp2p.api.render import show, wire
+from flynnp2p.api.render import wire
 from flynnp2p.errors import UserError
 from flynnp2p.state.merge import Entry, State
 from flynnp2p.state.records import KIND_CHOICES, KINDS
 from flynnp2p.state.replica import ReplicatedState
+from flynnp2p.vocab import show
 
 KEEPALIVE_S = 15.0
 _EVENT_ID = re.compile(r"[0-9]{1,18}")

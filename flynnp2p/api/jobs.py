@@ -24,24 +24,18 @@ stay ``lost`` once serf calls the host failed, until the leader stops them (then
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any, Protocol
 
 from quart import Blueprint, Response, request
 
+from flynnp2p import vocab
 from flynnp2p.api.app import FORWARDED
-from flynnp2p.api.apps import (
-    AppsApi,
-    ClusterContext,
-    _json,
-    _json_body,
-    _ref,
-    current_release,
-    find_app,
-)
-from flynnp2p.api.render import show, wire
+from flynnp2p.api.apps import AppsApi
+from flynnp2p.api.context import JobsContext
+from flynnp2p.api.edge import answer, json_body, ref
+from flynnp2p.api.ops import current_release, find_app
+from flynnp2p.api.render import wire
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.state.jobs import ACTIVE, DOWN, LOST, STOP, STOPPING, effective_state, is_finished
 from flynnp2p.state.merge import State
@@ -55,23 +49,11 @@ from flynnp2p.state.records import (
     RunRequest,
 )
 from flynnp2p.state.schema import Int, Seq
+from flynnp2p.vocab import show
 
-TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
-TAG_VALUE = re.compile(r"[A-Za-z0-9_.:/-]{0,128}")
 _ARGS = Seq(TEXT, max_items=256)
 _MEMORY = Int(16, 1_048_576)
 NO_SILENT_HOSTS: Callable[[], Mapping[str, float]] = dict
-
-
-class JobsContext(ClusterContext, Protocol):
-    @property
-    def node_name(self) -> str: ...
-
-    def leader_epoch(self) -> int: ...
-
-    def members(self) -> list[dict[str, Any]]: ...
-
-    async def set_host_tags(self, tags: Mapping[str, str | None]) -> dict[str, str]: ...
 
 
 def jobs_of(
@@ -132,10 +114,10 @@ class JobsApi:
 
     async def list_jobs(self, app: str) -> Response:
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
+        found = find_app(state, ref("app", app))
         include = request.args.get("all", "") in ("1", "true", "yes")
         rows = jobs_of(state, found, include, self._alive(), self._lost_hosts())
-        return _json({"jobs": rows, "blocked": blocked_of(state, found)})
+        return answer({"jobs": rows, "blocked": blocked_of(state, found)})
 
     def _alive(self) -> set[str]:
         return {m["name"] for m in self.ctx.members() if m["status"] == "alive"}
@@ -153,42 +135,42 @@ class JobsApi:
 
     async def get_job(self, app: str, job_id: str) -> Response:
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
-        job_id = _ref("job", job_id)
+        found = find_app(state, ref("app", app))
+        job_id = ref("job", job_id)
         for row in jobs_of(state, found, True, self._alive(), self._lost_hosts()):
             if row["id"] == job_id:
-                return _json({"job": row})
+                return answer({"job": row})
         for b in state.records(Blocked):
             if b.app_id == found.id and b.job_id == job_id:
-                return _json({"job": None, "blocked": wire(b)})
+                return answer({"job": None, "blocked": wire(b)})
         raise NotFound(f"app {found.name!r} has no job {job_id!r}")
 
     async def kill_job(self, app: str, job_id: str) -> Response:
-        forwarded = await self.apps._via_leader()
+        forwarded = await self.apps.forwarder.via_leader()
         if forwarded is not None:
             return forwarded
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
-        job_id = _ref("job", job_id)
+        found = find_app(state, ref("app", app))
+        job_id = ref("job", job_id)
         p = state.record(Placement, job_id)
         if p is None or p.app_id != found.id:
             raise NotFound(f"app {found.name!r} has no job {job_id!r} (see 'flynnp2p ps')")
         if p.action == "stop":
-            return _json(
+            return answer(
                 {"job_id": job_id, "state": "stopping", "already": True, "one_off": p.one_off}
             )
         stop = dataclasses.replace(
             p, action="stop", epoch=self.ctx.leader_epoch(), reason="killed by a user"
         )
         result = await self.ctx.state.write([stop])
-        return _json(
+        return answer(
             {"job_id": job_id, "state": "stopping", "one_off": p.one_off, "replicas": result.replicas}
         )
 
     async def run_job(self, app: str) -> Response:
-        body = await _json_body({"args", "env", "memory_mb"}, required={"args"})
+        body = await json_body({"args", "env", "memory_mb"}, required={"args"})
         state = self.ctx.state.state
-        found = find_app(state, _ref("app", app))
+        found = find_app(state, ref("app", app))
         args = _ARGS.decode("run.args", body["args"])
         if not args or not any(a.strip() for a in args):
             raise UserError("run.args: give a command, e.g. [\"python\", \"-c\", \"print(42)\"]")
@@ -206,7 +188,7 @@ class JobsApi:
             created_at=self.ctx.now_ms(), env=env, memory_mb=memory,
         )  # fmt: skip
         result = await self.ctx.state.write([req])
-        return _json({"job_id": job_id, "release_id": release.id, "replicas": result.replicas}, 201)
+        return answer({"job_id": job_id, "release_id": release.id, "replicas": result.replicas}, 201)
 
     # hosts
 
@@ -224,26 +206,26 @@ class JobsApi:
             h["silent_s"] = None
             if h["status"] == "alive" and h["name"] in silent:
                 h["status"], h["silent_s"] = "unresponsive", round(silent[h["name"]], 1)
-        return _json({"hosts": hosts})
+        return answer({"hosts": hosts})
 
     async def tag_host(self, name: str) -> Response:
-        body = await _json_body({"tags"}, required={"tags"})
-        name = _ref("host", name)
+        body = await json_body({"tags"}, required={"tags"})
+        name = ref("host", name)
         raw = body["tags"]
         if not isinstance(raw, dict) or not raw:
             raise UserError("tags: expected a non-empty object {KEY: VALUE or null}")
         tags: dict[str, str | None] = {}
         for key, value in raw.items():
-            if not isinstance(key, str) or TAG_KEY.fullmatch(key) is None:
-                raise UserError(f"tags: key {show(key)} must be lowercase letters, digits, '_.-'")
-            if value is not None and (not isinstance(value, str) or TAG_VALUE.fullmatch(value) is None):
+            if not vocab.TAG_KEY.ok(key):
+                raise UserError(f"tags: key {show(key)} must be {vocab.TAG_KEY.accepted}")
+            if value is not None and not vocab.TAG_VALUE.ok(value):
                 raise UserError(
-                    f"tags.{key}: expected up to 128 letters, digits and '_.:/-' (or null "
-                    f"to remove it), got {show(value)}"
+                    f"tags.{key}: expected {vocab.TAG_VALUE.accepted} (or null to remove it), "
+                    f"got {show(value)}"
                 )
             tags[key] = value
         if name == self.ctx.node_name:
-            return _json({"host": name, "tags": await self.ctx.set_host_tags(tags)})
+            return answer({"host": name, "tags": await self.ctx.set_host_tags(tags)})
         member = next((m for m in self.ctx.members() if m["name"] == name), None)
         if member is None:
             raise NotFound(f"no host {name!r} in the cluster (see 'flynnp2p host list')")
@@ -251,7 +233,7 @@ class JobsApi:
             raise ClusterError(f"host {name} is {member['status']}: its tags can change once it is back")
         if request.headers.get(FORWARDED):
             raise ClusterError(f"host {name} is not this node; retry")
-        return await self.apps.forward(member["api"], f"host {name}")
+        return await self.apps.forwarder.to(member["api"], f"host {name}")
 
 
 def jobs_blueprint(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,11 +36,14 @@ import httpx
 import trio
 from quart import Blueprint, Response, request
 
-from flynnp2p.api.apps import ClusterContext, _ref, find_app
+from flynnp2p import vocab
+from flynnp2p.api.context import ClusterContext
+from flynnp2p.api.edge import ref
+from flynnp2p.api.ops import find_app
 from flynnp2p.errors import UserError
 from flynnp2p.host.loghub import Line, LogHub
 from flynnp2p.state.jobs import is_finished
-from flynnp2p.state.records import APP_NAME_RE, Blocked, Job, Placement
+from flynnp2p.state.records import Blocked, Job, Placement
 from flynnp2p.state.service import Peer
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def internal_log_blueprint(hub: LogHub) -> Blueprint:
     @bp.route("/v1/internal/log", methods=["GET"])
     async def internal_log() -> Response:
         app = request.args.get("app", "")
-        if not re.fullmatch(APP_NAME_RE, app):
+        if not vocab.APP_NAME.ok(app):
             raise UserError("app: expected an app name")
         job = request.args.get("job") or None
         since = request.args.get("since_ms")
@@ -342,13 +344,13 @@ def logs_blueprint(ctx: ClusterContext, fanout: LogFanout) -> Blueprint:
 
     @bp.route("/v1/apps/<app>/log", methods=["GET"])
     async def app_log(app: str) -> Response:
-        found = find_app(ctx.state.state, _ref("app", app))
+        found = find_app(ctx.state.state, ref("app", app))
         job = request.args.get("job") or None
         if job is not None:
-            job = _ref("job", job)
+            job = ref("job", job)
         ptype = request.args.get("type") or None
         if ptype is not None:
-            ptype = _ref("type", ptype)
+            ptype = ref("type", ptype)
         until_exit = _flag("until_exit")
         if until_exit and job is None:
             raise UserError("until_exit: needs job=JOB_ID")

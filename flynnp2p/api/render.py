@@ -5,11 +5,6 @@ from __future__ import annotations
 from flynnp2p.state.records import Certificate, Record
 
 
-def show(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def wire(record: Record) -> dict[str, object]:
     """A record as the API shows it: its wire form without the schema version."""
     out = record.to_wire()

@@ -30,35 +30,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Self
 
+from flynnp2p import vocab
 from flynnp2p.state.errors import RecordError, SchemaVersionError
 from flynnp2p.state.jobs import REPORTED
 from flynnp2p.state.schema import EMPTY, Bool, Choice, Dict, Int, Nested, Opt, Schema, Seq, Str
 
-# Patterns for names and keys, shared with the API's input validation.
-ID_RE = r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}"
-APP_NAME_RE = r"[a-z][a-z0-9]{0,62}(?:-[a-z0-9]{1,62}){0,16}"
-PROCESS_TYPE_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}"
-NODE_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
-ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]{0,255}"
-LABEL_RE = r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}"
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-DOMAIN_RE = rf"(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}"
-PATH_RE = r"/[^\s?#]{0,1023}"
-DIGEST_RE = r"sha256:[0-9a-f]{64}"
-ADDRESS_RE = r"[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}"
-
-ID = Str(ID_RE, "1-128 letters, digits and _.:@-, starting with a letter or digit")
-APP_NAME = Str(APP_NAME_RE, "lowercase letters, digits and single dashes, starting with a letter")
-PROCESS_TYPE = Str(PROCESS_TYPE_RE, "1-63 letters, digits, _ and -, starting alphanumeric")
-NODE = Str(NODE_RE, "a node name: 1-128 letters, digits, _ . and -")
-LABEL = Str(LABEL_RE, "1-128 letters, digits and _.:/-, starting alphanumeric")
+# Names and keys: the one vocabulary (flynnp2p.vocab), as field checks.
+ID = Str.of(vocab.ID)
+APP_NAME = Str.of(vocab.APP_NAME)
+PROCESS_TYPE = Str.of(vocab.PROCESS_TYPE)
+NODE = Str.of(vocab.NODE_NAME)
+LABEL = Str.of(vocab.LABEL)
 TEXT = Str(None, "a string of up to 4096 characters", max_len=4096, min_len=0)
 ENV_VALUE = Str(None, "a string of up to 32768 characters", max_len=32768, min_len=0)
-ENV = Dict(Str(ENV_NAME_RE, "an environment variable name"), ENV_VALUE)
+ENV = Dict(Str.of(vocab.ENV_NAME), ENV_VALUE)
 META = Dict(LABEL, TEXT)
 TIMESTAMP = Int(0, 2**63 - 1)
-DOMAIN = Str(DOMAIN_RE, "a lowercase DNS name, optionally starting with '*.'", max_len=253)
-PATH = Str(PATH_RE, "a URL path starting with '/', without spaces, '?' or '#'", max_len=1024)
+DOMAIN = Str.of(vocab.DOMAIN)
+PATH = Str.of(vocab.PATH)
 PORT = Int(1, 65535)
 PEM = Str(r"-----BEGIN [A-Z0-9 ]+-----\n[\s\S]+", "a PEM block", max_len=65536)
 
@@ -159,7 +148,7 @@ class Artifact(IdRecord):
     type: Annotated[str, Choice("slug", "docker")]
     uri: Annotated[str, Str(r"[a-z][a-z0-9+.-]*:\S+", "a URI without spaces", max_len=2048)]
     created_at: Annotated[int, TIMESTAMP]
-    digest: Annotated[str | None, Opt(Str(DIGEST_RE, "'sha256:' and 64 lowercase hex"))] = None
+    digest: Annotated[str | None, Opt(Str.of(vocab.DIGEST))] = None
     size: Annotated[int | None, Opt(Int(0))] = None
     meta: Annotated[Mapping[str, str], META] = EMPTY
 
@@ -245,7 +234,7 @@ class Job(IdRecord):
     state: Annotated[str, Choice(*JOB_STATES)]
     created_at: Annotated[int, TIMESTAMP]
     updated_at: Annotated[int, TIMESTAMP]
-    address: Annotated[str | None, Opt(Str(ADDRESS_RE, "'host:port'"))] = None
+    address: Annotated[str | None, Opt(Str.of(vocab.ADDRESS))] = None
     exit_code: Annotated[int | None, Opt(Int(-255, 255))] = None
     restarts: Annotated[int, Int(0, 2**31)] = 0
     one_off: Annotated[bool, Bool()] = False
@@ -348,7 +337,7 @@ class BlobLocation(Record):
     """Node `node` holds a copy of the blob `digest` (written by that node only)."""
 
     KIND: ClassVar[str] = "blob"
-    digest: Annotated[str, Str(DIGEST_RE, "'sha256:' and 64 lowercase hex")]
+    digest: Annotated[str, Str.of(vocab.DIGEST)]
     node: Annotated[str, NODE]
     size: Annotated[int, Int(0)]
     created_at: Annotated[int, TIMESTAMP]

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Generic, Self, TypeVar
 
 from flynnp2p.state.errors import RecordError
+from flynnp2p.vocab import Term, show
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -69,9 +70,7 @@ class FrozenMap(Mapping[K, V]):
 EMPTY: FrozenMap[str, Any] = FrozenMap()
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_show = show
 
 
 class Check(Generic[T]):
@@ -96,6 +95,11 @@ class Str(Check[str]):
         self.pattern = re.compile(pattern) if pattern else None
         self.min_len, self.max_len = min_len, max_len
         self.accepted = accepted or f"a string of {min_len} to {max_len} characters"
+
+    @classmethod
+    def of(cls, term: Term) -> Str:
+        """The field check of a vocabulary term (its pattern, limits and wording)."""
+        return cls(term.regex, term.accepted, term.max_len, term.min_len)
 
     def decode(self, path: str, value: object) -> str:
         if type(value) is not str or not self.min_len <= len(value) <= self.max_len:

@@ -1,0 +1,244 @@
+"""What the app API does to the records: plain functions, state and input in, records out.
+
+Theory of operation
+-------------------
+The handlers (`flynnp2p.api.apps`) decode a request at the edge, forward it to the
+leader when it changes something, take the app's lock there and then call one of
+these; what comes back is written as one batch. Nothing here reads a request,
+the clock or the network: ``now`` and fresh ids are arguments, so each rule is
+tested alone (tests/test_api_ops.py) and the git push and deploys can make the
+same changes without HTTP.
+
+The rules that live here and nowhere else:
+
+* an app is created with its default route ``<name>.<cluster domain>``;
+* a deleted app takes its routes and formation with it;
+* a route's HTTP domain+path, or its TCP port, belongs to one route;
+* a release of a slug keeps the app's env, and moves the formation to itself
+  (the process types its Procfile lacks are dropped; the first one scales
+  ``web=1``); an env change is a new release the formation moves to;
+* a formation names only process types its release has, and per-type constraints
+  merge into the current ones (``{}`` removes a type's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from typing import TypeVar
+
+from flynnp2p.build.procfile import process_specs
+from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.state.merge import Change, Delete, State
+from flynnp2p.state.records import App, Artifact, Formation, Release, Route
+
+# -- reads ------------------------------------------------------------------
+
+
+def find_app(state: State, ref: str) -> App:
+    app = state.record(App, ref)
+    if app is None:
+        app = next((a for a in state.records(App) if a.name == ref), None)
+    if app is None:
+        raise NotFound(f"no app named {ref!r} (see GET /v1/apps)")
+    return app
+
+
+def releases_of(state: State, app: App) -> list[Release]:
+    """The app's releases, newest first."""
+    mine = [r for r in state.records(Release) if r.app_id == app.id]
+    return sorted(mine, key=lambda r: (r.created_at, r.id), reverse=True)
+
+
+def current_release(state: State, app: App) -> Release | None:
+    """The formation's release, else the app's newest release."""
+    formation = state.record(Formation, app.id)
+    if formation is not None:
+        release = state.record(Release, formation.release_id)
+        if release is not None:
+            return release
+    newest = releases_of(state, app)
+    return newest[0] if newest else None
+
+
+def routes_of(state: State, app: App) -> list[Route]:
+    mine = [r for r in state.records(Route) if r.app_id == app.id]
+    return sorted(mine, key=lambda r: (r.type, r.domain or "", r.path, r.port or 0, r.id))
+
+
+_Owned = TypeVar("_Owned", Release, Route)
+
+
+def of_app(state: State, app: App, cls: type[_Owned], key: str) -> _Owned:
+    """The ``cls`` record ``key`` of ``app``; 404 if it is missing or another app's."""
+    record = state.record(cls, key)
+    if record is None or record.app_id != app.id:
+        raise NotFound(f"app {app.name!r} has no {cls.KIND} {key!r}")
+    return record
+
+
+def route_clash(state: State, route: Route) -> str | None:
+    """Why `route` cannot be added (its domain+path or port is taken), or None."""
+    for other in state.records(Route):
+        if other.type != route.type or other.id == route.id:
+            continue
+        if route.type == "tcp" and other.port == route.port:
+            what = f"tcp port {route.port}"
+        elif route.type == "http" and (other.domain, other.path) == (route.domain, route.path):
+            what = f"http route {route.domain}{'' if route.path == '/' else route.path}"
+        else:
+            continue
+        owner = state.record(App, other.app_id)
+        return f"{what} is taken by app {owner.name if owner else other.app_id!r} (route {other.id})"
+    return None
+
+
+def describe_route(route: Route) -> str:
+    return f"tcp port {route.port}" if route.type == "tcp" else f"http route {route.domain}{route.path}"
+
+
+# -- apps -------------------------------------------------------------------
+
+_ADJECTIVES = (
+    "amber", "autumn", "bold", "brave", "bright", "calm", "crimson", "dawn", "eager", "fancy",
+    "gentle", "golden", "happy", "hidden", "icy", "jolly", "lively", "lucky", "misty", "nimble",
+    "proud", "quiet", "rapid", "silent", "snowy", "sunny", "swift",
+)  # fmt: skip
+_NOUNS = (
+    "badger", "bay", "brook", "canyon", "cloud", "comet", "creek", "dune", "falcon", "fern",
+    "field", "forest", "harbor", "heron", "lake", "meadow", "moon", "otter", "pine", "river",
+    "sky", "sparrow", "star", "stone", "wave", "willow",
+)  # fmt: skip
+
+
+def fresh_name(rng: random.Random, taken: Collection[str]) -> str:
+    """A generated app name (``adjective-noun-NNNN``) that no app has."""
+    for _ in range(100):
+        name = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.randrange(1000, 10000)}"
+        if name not in taken:
+            return name
+    raise ClusterError("could not find a free app name; pass one")
+
+
+def new_app(name: str, meta: Mapping[str, str], domain: str, now: int) -> tuple[App, Route]:
+    """An app and its default HTTP route ``<name>.<domain>``."""
+    app = App(id=uuid.uuid4().hex, name=name, created_at=now, meta=meta)
+    route = Route(
+        id=uuid.uuid4().hex, app_id=app.id, type="http", created_at=now, domain=f"{name}.{domain}"
+    )
+    return app, route
+
+
+def patched_app(app: App, meta_patch: Mapping[str, str | None], strategy: str) -> App:
+    """JSON merge patch of the app's meta (None removes a key), and its strategy
+    (both checked by the record)."""
+    meta = dict(app.meta)
+    for key, value in meta_patch.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    return dataclasses.replace(app, meta=meta, strategy=strategy)
+
+
+def app_deletion(state: State, app: App) -> list[Change]:
+    """The app, its routes and its formation, gone in one batch."""
+    changes: list[Change] = [Delete(App.KIND, app.id)]
+    changes += [Delete(Route.KIND, r.id) for r in routes_of(state, app)]
+    if state.record(Formation, app.id) is not None:
+        changes.append(Delete(Formation.KIND, app.id))
+    return changes
+
+
+# -- releases and formations ------------------------------------------------
+
+
+def slug_release(
+    app: App, base: Release | None, formation: Formation | None, number: int, *,
+    artifact: Artifact, types: Mapping[str, str], env: Mapping[str, str],
+    meta: Mapping[str, str], now: int,
+) -> tuple[Release, Formation]:  # fmt: skip
+    """Release ``number`` of a slug (its Procfile's `types`), on the env of `base`
+    with `env` on top, and the formation moved to it."""
+    release = Release(
+        id=uuid.uuid4().hex, app_id=app.id, created_at=now, artifacts=(artifact.id,),
+        env={**(base.env if base is not None else {}), **env}, processes=process_specs(dict(types)),
+        meta=meta, version=number,
+    )  # fmt: skip
+    if formation is None:
+        counts = {"web": 1} if "web" in types else {}
+        return release, Formation(app_id=app.id, release_id=release.id, updated_at=now, processes=counts)
+    counts = {t: n for t, n in formation.processes.items() if t in types}
+    moved = dataclasses.replace(formation, release_id=release.id, updated_at=now, processes=counts)
+    return release, moved
+
+
+def env_release(
+    app: App, base: Release | None, formation: Formation | None, number: int, *,
+    set_: Mapping[str, str], unset: Sequence[str], now: int,
+) -> tuple[Release, Formation]:  # fmt: skip
+    """Release ``number``: `base` with its env changed, and the formation moved to it."""
+    env = {} if base is None else dict(base.env)
+    for name in unset:
+        env.pop(name, None)
+    env.update(set_)
+    new_id = uuid.uuid4().hex
+    if base is None:
+        release = Release(id=new_id, app_id=app.id, created_at=now, env=env, version=number)
+    else:
+        release = dataclasses.replace(base, id=new_id, created_at=now, env=env, version=number)
+    if formation is None:
+        return release, Formation(app_id=app.id, release_id=new_id, updated_at=now)
+    return release, dataclasses.replace(formation, release_id=new_id, updated_at=now)
+
+
+def check_env_change(set_: Mapping[str, str], unset: Sequence[str]) -> None:
+    if not set_ and not unset:
+        raise UserError("body: nothing to change; give 'set': {NAME: value} and/or 'unset': [NAME]")
+    both = sorted(set(set_) & set(unset))
+    if both:
+        raise UserError(f"env: {both[0]!r} is both set and unset")
+
+
+def new_formation(
+    state: State, app: App, counts: Mapping[str, int],
+    constraints: Mapping[str, Mapping[str, str]], release_id: str | None, now: int,
+) -> Formation:  # fmt: skip
+    """The app's formation with `counts` of the release `release_id` (default: the
+    current one); every type must be one of the release's."""
+    current = state.record(Formation, app.id)
+    release: Release | None
+    if release_id is not None:
+        release = state.record(Release, release_id)
+        if release is None or release.app_id != app.id:
+            raise UserError(f"formation.release_id: app {app.name!r} has no release {release_id!r}")
+    else:
+        release = current_release(state, app)
+        if release is None:
+            raise UserError(
+                f"app {app.name!r} has no release yet: create a release first "
+                "(git push, or POST /v1/apps/<app>/releases)"
+            )
+    unknown = sorted(t for t in counts if t not in release.processes)
+    if unknown:
+        has = ", ".join(sorted(release.processes)) or "none"
+        raise UserError(
+            f"formation.processes: release {release.id} has no process type "
+            f"{unknown[0]!r}; its types: {has}"
+        )
+    merged = dict(current.constraints) if current is not None else {}
+    for ptype, tags in constraints.items():  # {} removes a type's constraints
+        if tags:
+            merged[ptype] = tags
+        else:
+            merged.pop(ptype, None)
+    return Formation(
+        app_id=app.id,
+        release_id=release.id,
+        updated_at=now,
+        processes=counts,
+        tags=current.tags if current is not None else {},
+        constraints=merged,
+    )
