@@ -100,3 +100,16 @@ def test_a_relative_data_dir_in_a_config_is_refused(tmp_path: Path) -> None:
     cfg = NodeConfig(name="n1", addr="127.0.0.2", data_dir=Path("rel/n1"))
     with pytest.raises(ConfigError, match="absolute"):
         cfg.validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("name", "n1\n", "node name"), ("domain", "example.com\n", "--domain"),
+     ("tags", {"zone": "a b"}, "tag value")],
+)  # fmt: skip
+def test_node_config_names_match_whole(tmp_path: Path, field: str, value: object, message: str) -> None:
+    """Names are matched whole: ``re.match`` with ``$`` let a trailing newline through."""
+    cfg = NodeConfig(name="n1", addr="127.0.0.2", data_dir=tmp_path)
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
