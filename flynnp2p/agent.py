@@ -15,7 +15,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,16 @@ from flynnp2p.config import (
     state_gc_interval_s,
 )
 from flynnp2p.coord.ca import ClusterCA
-from flynnp2p.coord.claims import Claims
-from flynnp2p.coord.client import CoordError
-from flynnp2p.coord.election import LeaderElection, LeaderView
+from flynnp2p.coord.election import LeaderElection
 from flynnp2p.coord.member import EtcdSettings
 from flynnp2p.coord.service import Coord
-from flynnp2p.errors import ClusterError, ConfigError
-from flynnp2p.gossip.codec import SerfError
+from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.heartbeat import Heartbeats
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.ping import UdpPinger
 from flynnp2p.gossip.serf_agent import SerfSettings, free_port
 from flynnp2p.gossip.service import Gossip
-from flynnp2p.gossip.tags import role_list, serf_names, serf_tags, user_tags
+from flynnp2p.gossip.tags import role_list, serf_tags
 from flynnp2p.host.backend import JobBackend
 from flynnp2p.host.loghub import LogHub
 from flynnp2p.host.ports import PortAllocator
@@ -64,22 +61,18 @@ from flynnp2p.host.process import ProcessBackend
 from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.netaddr import url_host
+from flynnp2p.node import NodeContext
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
-from flynnp2p.state.records import ClusterConfig
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 from flynnp2p.watch import Watched
 
 log = logging.getLogger(__name__)
-
-CLAIM_SWEEP_S = 30.0
-CATCH_UP_S = 3.0
-
 
 def memory_mb() -> int:
     try:
@@ -189,14 +182,15 @@ class Agent:
             BlobStore(cfg.data_dir / "blobs"), self.state, GossipPeers(self.gossip),
             self.http, cfg.name, now_ms,
         )
-        self.caught_up: Watched[int] = Watched(-1)  # the term whose catch-up is done
-        self.duties.add(self._leader_catch_up)
+        # What the API sees of this node: its standing, the members, its tags.
+        self.ctx = NodeContext(cfg, token, self.state, self.gossip, self.coord, self.election, now_ms)
+        self.duties.add(self.ctx.leader_catch_up)
         self.scheduler = Scheduler(
             self.state,
             lambda: hosts_from_members(self.gossip.view.value.members),
             self.gossip.view,
             now_ms,
-            lambda epoch: self.caught_up.value == epoch,
+            lambda epoch: self.ctx.caught_up.value == epoch,
         )
         self.duties.add(self.scheduler.duty)
         # Jobs: what the leader placed here runs on this node's backend.
@@ -221,12 +215,12 @@ class Agent:
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
         self.router = Router(self.routes, address=cfg.addr, http_port=cfg.http_port)
         app = create_app(self)
-        apps_api = AppsApi(self, slug_path=self.blobs.local_path, http=self.http)
+        apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
         app.register_blueprint(internal_blueprint(self.state))
         app.register_blueprint(internal_log_blueprint(self.loghub))
-        app.register_blueprint(apps_blueprint(self, api=apps_api))
-        app.register_blueprint(jobs_blueprint(self, apps_api, self.heartbeats.unresponsive))
-        app.register_blueprint(logs_blueprint(self, self.fanout))
+        app.register_blueprint(apps_blueprint(self.ctx, api=apps_api))
+        app.register_blueprint(jobs_blueprint(self.ctx, apps_api, self.heartbeats.unresponsive))
+        app.register_blueprint(logs_blueprint(self.ctx, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
         app.register_blueprint(coord_blueprint(self.coord))
         app.register_blueprint(router_blueprint(self.router))
@@ -311,88 +305,6 @@ class Agent:
                 scope.cancel()
                 return
 
-    # -- what the API needs (flynnp2p.api.apps.ClusterContext) ---------------
-
-    @property
-    def peer_key(self) -> str:
-        return self.token.peer_key
-
-    @property
-    def cluster_domain(self) -> str:
-        """The domain the cluster was created with (the first leader records it)."""
-        config = self.state.state.record(ClusterConfig, "config")
-        return config.domain if config is not None else self.cfg.domain
-
-    def is_leader(self) -> bool:
-        """Leader, and caught up with every peer (and its claims) since it became one."""
-        leading = self.election.leadership.value
-        return leading.is_leader and self.caught_up.value == leading.epoch
-
-    async def acting_leader(self) -> bool:
-        """Leader and caught up; a node just elected waits (bounded) for its catch-up."""
-        with trio.move_on_after(CATCH_UP_S + 2):
-            version = self.caught_up.version
-            while True:
-                leading = self.election.leadership.value
-                if not leading.is_leader:
-                    return False
-                if self.caught_up.value == leading.epoch:
-                    return True
-                version, _ = await self.caught_up.wait_change(version)
-        return self.is_leader()
-
-    async def _leader_catch_up(self, epoch: int) -> None:
-        """A new leader first pulls from every peer and makes sure etcd holds a
-        claim for every app and route the state holds (after ``cluster recover``,
-        or for data from before claims), so that no name it allocates is taken."""
-        with trio.move_on_after(CATCH_UP_S):  # peers behind a partition add nothing
-            await self.state.catch_up()
-        while True:
-            try:
-                await self._reconcile_claims()
-                break
-            except CoordError as exc:
-                log.warning("leader: cannot reconcile the claims yet: %s", exc)
-                await trio.sleep(1)
-        self.caught_up.set(epoch)
-        config = self.state.state.record(ClusterConfig, "config")
-        if config is None:
-            await self.state.write([ClusterConfig(domain=self.cfg.domain, created_at=now_ms())])
-        elif config.domain != self.cfg.domain:
-            log.warning(
-                "this cluster's domain is %s; this node's --domain %s is ignored",
-                config.domain, self.cfg.domain,
-            )
-        while True:
-            await trio.sleep(CLAIM_SWEEP_S)
-            try:
-                await self._reconcile_claims()
-            except CoordError as exc:
-                log.info("claim sweep failed: %s", exc)
-
-    async def _reconcile_claims(self) -> None:
-        await Claims(self.coord.client).reconcile(self.state.state, now_ms())
-
-    def claims(self) -> Claims:
-        if not self.is_leader():
-            raise ClusterError("this node is not the leader (leadership moved); retry")
-        return Claims(self.coord.client)
-
-    def leader_view(self) -> LeaderView:
-        """Who leads: from etcd where this node has a voter, else from the ring's hint."""
-        if self.coord.is_voter():
-            return self.election.view.value
-        hint = self.gossip.view.value.leader_hint
-        if hint is None:
-            return LeaderView(None, None, 0, False, "no quorum: no leader is announced to this node")
-        member = self.gossip.view.value.member(hint.name)
-        api = member.tags.get("api") if member is not None else None
-        return LeaderView(hint.name, api, hint.leading, True, f"{hint.name} announces itself as leader")
-
-    def leader_api(self) -> str | None:
-        view = self.leader_view()
-        return view.api if view.name is not None else None
-
     async def _announce_leadership(self) -> None:
         version, lead = self.election.leadership.version, self.election.leadership.value
         while True:
@@ -413,54 +325,13 @@ class Agent:
         random.shuffle(apis)
         return apis
 
-    def now_ms(self) -> int:
-        return now_ms()
-
-    @property
-    def node_name(self) -> str:
-        return self.cfg.name
-
-    def leader_epoch(self) -> int:
-        return self.election.leadership.value.epoch
-
-    async def set_host_tags(self, tags: Mapping[str, str | None]) -> dict[str, str]:
-        """Change this host's tags (None removes one): serf tags, and the node file."""
-        for key, value in tags.items():
-            if value is None:
-                self.cfg.tags.pop(key, None)
-            else:
-                self.cfg.tags[key] = value
-        try:
-            await self.gossip.set_tags(
-                serf_tags({k: v for k, v in tags.items() if v is not None}),
-                serf_names(k for k, v in tags.items() if v is None),
-            )
-        except SerfError as exc:
-            raise ClusterError(f"serf did not take the new tags (retry): {exc}") from None
-        await trio.to_thread.run_sync(save_node, self.cfg, self.token)
-        return dict(self.cfg.tags)
-
     # -- what the API shows -------------------------------------------------
 
     def members(self) -> list[dict[str, Any]]:
-        view = self.gossip.view.value
-        leader = self.leader_view().name
-        return [
-            {
-                "name": m.name,
-                "addr": m.addr,
-                "gossip_port": m.port,
-                "status": m.status,
-                "roles": role_list(m.tags),
-                "api": m.tags.get("api", ""),
-                "leader": m.name == leader,
-                "tags": user_tags(m.tags),
-            }
-            for m in view.members
-        ]
+        return self.ctx.members()
 
     def status(self) -> dict[str, Any]:
-        e = self.leader_view()
+        e = self.ctx.leader_view()
         serf = self.gossip.serf
         leading = self.election.leadership.value
         return {
