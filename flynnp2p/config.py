@@ -30,6 +30,7 @@ DEFAULT_HTTPS_PORT = 8443
 DEFAULT_ROLES = ("scheduler", "host")
 DEFAULT_DOMAIN = "flynnp2p.localhost"
 DEFAULT_JOB_PORTS = "20000-29999"
+DEFAULT_TCP_ROUTE_PORTS = "3000-3500"
 DEFAULT_COORD_PEER_PORT = 2380
 DEFAULT_COORD_CLIENT_PORT = 2379
 DEFAULT_COORD_VOTERS = 5
@@ -122,6 +123,7 @@ class NodeConfig:
     domain: str = DEFAULT_DOMAIN
     backend: str = "auto"
     job_ports: str = DEFAULT_JOB_PORTS
+    tcp_route_ports: str = DEFAULT_TCP_ROUTE_PORTS
     coord_peer_port: int = DEFAULT_COORD_PEER_PORT
     coord_client_port: int = DEFAULT_COORD_CLIENT_PORT
     coord_voters: int = DEFAULT_COORD_VOTERS
@@ -158,19 +160,21 @@ class NodeConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"invalid --backend {self.backend!r}: use {', '.join(BACKENDS)}")
         self.port_range()
+        job_lo, job_hi = self.port_range()
+        tcp_lo, tcp_hi = self.tcp_route_range()
+        if tcp_lo <= job_hi and job_lo <= tcp_hi:
+            raise ConfigError(
+                f"--tcp-route-ports {self.tcp_route_ports} overlaps --job-ports {self.job_ports}: "
+                "the router and the jobs would take the same ports"
+            )
 
     def port_range(self) -> tuple[int, int]:
-        lo_text, _, hi_text = self.job_ports.partition("-")
-        try:
-            lo, hi = int(lo_text), int(hi_text)
-        except ValueError:
-            lo = hi = 0
-        if not 1024 <= lo <= hi <= 65535:
-            raise ConfigError(
-                f"invalid --job-ports {self.job_ports!r}: use LO-HI within 1024-65535, "
-                "e.g. 20000-29999"
-            )
-        return lo, hi
+        return _port_range("--job-ports", self.job_ports, 1024, DEFAULT_JOB_PORTS)
+
+    def tcp_route_range(self) -> tuple[int, int]:
+        """The ports `route add tcp` picks from (the first leader records them for
+        the cluster; a later node's setting is ignored)."""
+        return _port_range("--tcp-route-ports", self.tcp_route_ports, 1, DEFAULT_TCP_ROUTE_PORTS)
 
     @property
     def node_file(self) -> Path:
@@ -230,6 +234,7 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             domain=raw.get("domain", DEFAULT_DOMAIN),
             backend=raw.get("backend", "auto"),
             job_ports=raw.get("job_ports", DEFAULT_JOB_PORTS),
+            tcp_route_ports=raw.get("tcp_route_ports", DEFAULT_TCP_ROUTE_PORTS),
             coord_peer_port=int(raw.get("coord_peer_port", DEFAULT_COORD_PEER_PORT)),
             coord_client_port=int(raw.get("coord_client_port", DEFAULT_COORD_CLIENT_PORT)),
             coord_voters=int(raw.get("coord_voters", DEFAULT_COORD_VOTERS)),
@@ -237,6 +242,17 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None
     return cfg, token
+
+
+def _port_range(option: str, text: str, lowest: int, example: str) -> tuple[int, int]:
+    lo_text, _, hi_text = text.partition("-")
+    try:
+        lo, hi = int(lo_text), int(hi_text)
+    except ValueError:
+        lo = hi = 0
+    if not lowest <= lo <= hi <= 65535:
+        raise ConfigError(f"invalid {option} {text!r}: use LO-HI within {lowest}-65535, e.g. {example}")
+    return lo, hi
 
 
 def save_node(cfg: NodeConfig, token: ClusterToken) -> None:

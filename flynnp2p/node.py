@@ -94,12 +94,18 @@ class NodeContext:
                 await trio.sleep(1)
         self.caught_up.set(epoch)
         config = self.state.state.record(ClusterConfig, "config")
+        lo, hi = self.cfg.tcp_route_range()
         if config is None:
-            await self.state.write([ClusterConfig(domain=self.cfg.domain, created_at=self._now_ms())])
-        elif config.domain != self.cfg.domain:
+            await self.state.write([
+                ClusterConfig(
+                    domain=self.cfg.domain, created_at=self._now_ms(), tcp_port_min=lo, tcp_port_max=hi
+                )
+            ])  # fmt: skip
+        elif (config.domain, config.tcp_port_min, config.tcp_port_max) != (self.cfg.domain, lo, hi):
             log.warning(
-                "this cluster's domain is %s; this node's --domain %s is ignored",
-                config.domain, self.cfg.domain,
+                "this cluster was created with --domain %s --tcp-route-ports %d-%d; "
+                "this node's settings are ignored",
+                config.domain, config.tcp_port_min, config.tcp_port_max,
             )
         while True:
             await trio.sleep(CLAIM_SWEEP_S)

@@ -26,7 +26,7 @@ from flynnp2p.api.app import FORWARDED, create_app
 from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.coord.claims import Claims
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import App, Artifact, Formation, Release, Route
+from flynnp2p.state.records import App, Artifact, ClusterConfig, Formation, Release, Route
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import MemoryStore
 from flynnp2p.token import ClusterToken
@@ -432,6 +432,28 @@ async def test_routes_add_list_remove(node: tuple[Ctx, Api]) -> None:
     assert ctx.state.state.record(Route, rid) is None
 
 
+async def test_a_tcp_route_without_a_port_takes_the_lowest_free_one(node: tuple[Ctx, Api]) -> None:
+    ctx, api = node
+    await seed(api)
+    await ctx.state.write([ClusterConfig(domain="flynnp2p.localhost", created_at=1, tcp_port_min=4000, tcp_port_max=4002)])
+    status, first = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": 4000})
+    assert status == 201
+    status, picked = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp"})
+    assert status == 201 and picked["route"]["port"] == 4001
+    # A retry with the same Idempotency-Key answers with the port the first attempt took.
+    key = {"Idempotency-Key": "k-1"}
+    status, made = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp"}, headers=key)
+    status2, again = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp"}, headers=key)
+    assert (status, status2) == (201, 201) and made["route"]["port"] == again["route"]["port"] == 4002
+    before = ctx.state.state
+    status, full = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp"})
+    assert status == 409 and "no free TCP route port in 4000-4002" in full["error"]["message"]
+    assert same(before, ctx.state.state)
+    await api.call("DELETE", f"/v1/apps/myapp/routes/{first['route']['id']}")
+    status, reused = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp"})
+    assert status == 201 and reused["route"]["port"] == 4000
+
+
 @pytest.mark.parametrize(
     ("taken", "again"),
     [
@@ -545,7 +567,7 @@ HOSTILE: list[tuple[str, str, Any, int]] = [
     ("PATCH", "/v1/apps/myapp/env", {"add": {"A": "1"}}, 400),
     ("POST", "/v1/apps/myapp/routes", {}, 400),
     ("POST", "/v1/apps/myapp/routes", {"type": "ftp"}, 400),
-    ("POST", "/v1/apps/myapp/routes", {"type": "tcp"}, 400),
+    ("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": 3000.5}, 400),
     ("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": 70000}, 400),
     ("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": 0}, 400),
     ("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": "80"}, 400),
@@ -589,7 +611,7 @@ async def test_errors_name_the_field_and_what_is_accepted(node: tuple[Ctx, Api])
         ("PUT", "/v1/apps/myapp/formation", {"processes": {"web": -1}},
          ["formation.processes.web", "from 0 to 10000"]),
         ("PATCH", "/v1/apps/myapp/env", {"set": {"A B": "x"}}, ["env.set", "environment variable"]),
-        ("POST", "/v1/apps/myapp/routes", {"type": "tcp"}, ["route.port", "required"]),
+        ("POST", "/v1/apps/myapp/routes", {"type": "tcp", "port": "80"}, ["route.port", "integer"]),
         ("GET", "/v1/events?kinds=apps", None, ["kinds", "app, artifact"]),
     ]  # fmt: skip
     for method, path, body, words in cases:

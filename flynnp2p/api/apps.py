@@ -12,7 +12,7 @@
     GET    /v1/apps/<app>/env
     PATCH  /v1/apps/<app>/env                {"set"?: {K: V}, "unset"?: [K]}: a new release
     GET    /v1/apps/<app>/routes
-    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"}
+    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"?}
     DELETE /v1/apps/<app>/routes/<id>
     GET    /v1/events[?kinds=app,route]      Server-Sent Events of record changes (resume:
                                              Last-Event-ID header or ?last_event_id=)

@@ -15,10 +15,10 @@ import re
 
 from quart import Blueprint, Response, jsonify, request
 
+from flynnp2p import vocab
 from flynnp2p.coord.service import Coord
 from flynnp2p.errors import ClusterError, UserError
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PEER_URL = re.compile(r"https://(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}")
 
 
@@ -40,8 +40,7 @@ def coord_blueprint(coord: Coord) -> Blueprint:
         if not isinstance(body, dict):
             raise UserError("body: expected a JSON object with 'name' and 'peer_url'")
         name, url = body.get("name"), body.get("peer_url")
-        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-            raise UserError("name: expected a node name (letters, digits and _.-)")
+        name = vocab.NODE_NAME.check("name", name)
         if not isinstance(url, str) or _PEER_URL.fullmatch(url) is None:
             raise UserError("peer_url: expected https://ADDRESS:PORT")
         if not coord.is_voter():

@@ -13,7 +13,8 @@ The rules that live here and nowhere else:
 
 * an app is created with its default route ``<name>.<cluster domain>``;
 * a deleted app takes its routes and formation with it;
-* a route's HTTP domain+path, or its TCP port, belongs to one route;
+* a route's HTTP domain+path, or its TCP port, belongs to one route; a TCP route
+  given no port takes the lowest free one of the cluster's range;
 * a release of a slug keeps the app's env, and moves the formation to itself
   (the process types its Procfile lacks are dropped; the first one scales
   ``web=1``); an env change is a new release the formation moves to;
@@ -26,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from flynnp2p.build.procfile import process_specs
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.state.merge import Change, Delete, State
-from flynnp2p.state.records import App, Artifact, Formation, Release, Route
+from flynnp2p.state.records import App, Artifact, ClusterConfig, Formation, Release, Route
 
 # -- reads ------------------------------------------------------------------
 
@@ -93,6 +94,22 @@ def route_clash(state: State, route: Route) -> str | None:
         owner = state.record(App, other.app_id)
         return f"{what} is taken by app {owner.name if owner else other.app_id!r} (route {other.id})"
     return None
+
+
+def tcp_port_range(state: State) -> tuple[int, int]:
+    """The cluster's TCP route ports (recorded by its first leader)."""
+    config = state.record(ClusterConfig, "config")
+    defaults = ClusterConfig(domain="x", created_at=0)
+    if config is None:
+        return defaults.tcp_port_min, defaults.tcp_port_max
+    return config.tcp_port_min, config.tcp_port_max
+
+
+def free_tcp_ports(state: State, skip: Collection[int] = ()) -> Iterator[int]:
+    """The cluster's TCP route ports no route has (nor `skip`), lowest first."""
+    lo, hi = tcp_port_range(state)
+    taken = {r.port for r in state.records(Route) if r.type == "tcp"} | set(skip)
+    return (p for p in range(lo, hi + 1) if p not in taken)
 
 
 def describe_route(route: Route) -> str:

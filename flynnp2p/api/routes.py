@@ -1,10 +1,12 @@
 """Routes of an app: how requests reach it through the router.
 
     GET    /v1/apps/<app>/routes
-    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"}
+    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"?}
     DELETE /v1/apps/<app>/routes/<id>
 
-A route's HTTP domain+path, or its TCP port, is unique in the cluster: the leader
+A TCP route given no port takes the lowest free one of the cluster's range
+(``--tcp-route-ports`` of its first leader, 3000-3500 by default). A route's
+HTTP domain+path, or its TCP port, is unique in the cluster: the leader
 claims it in etcd before the route is written (`flynnp2p.api.allocate`), under the
 app's lock, and a retry with the same ``Idempotency-Key`` answers with the route
 the first attempt made. The handlers share the app API's allocator and forwarder.
@@ -12,6 +14,7 @@ the first attempt made. The handlers share the app API's allocator and forwarder
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,8 @@ from flynnp2p.coord.claims import route_keys
 from flynnp2p.errors import ClusterError, Conflict, NotFound
 from flynnp2p.state.merge import Delete
 from flynnp2p.state.records import App, Route
+
+PORT_TRIES = 8  # ports claimed in etcd but missing from the state, skipped before giving up
 
 if TYPE_CHECKING:
     from flynnp2p.api.apps import AppsApi
@@ -42,29 +47,60 @@ class RoutesApi:
         )
         found = self.apps.app(app)
         fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.apps.ctx.now_ms()}
-        route = Route.decode_fields("route", {**fields, **body})
+        # A TCP route without a port gets one on the leader; checked here with a stand-in.
+        pick_port = body.get("type") == "tcp" and body.get("port") is None
+        route = Route.decode_fields("route", {**fields, **body, **({"port": 1} if pick_port else {})})
         idem = idempotency_key()
         relayed = await self.apps.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        keys = route_keys(route)
         async with self.apps.alloc.app_lock(found.id):
-            state = self.apps.state
-            if state.record(App, found.id) is None:
+            if self.apps.state.record(App, found.id) is None:
                 raise NotFound(f"app {found.name!r} was deleted meanwhile")
-            clash = ops.route_clash(state, route)
-            if clash is not None and not (keys and await self.apps.is_replay(keys[0], idem)):
-                raise Conflict(clash)
-            result = None
-            if clash is None:
-                taken = f"{ops.describe_route(route)} is taken"
-                result = await self.apps.alloc.claim_and_write(found.id, keys, [route], idem, taken)
-        if result is None:  # a retry of a create that was made: answer with that route
-            made = next((r for r in ops.routes_of(self.apps.state, found) if route_keys(r) == keys), None)
-            if made is None:
-                raise ClusterError("the route was added but has not reached this node yet; retry")
-            return answer({"route": wire(made), "replicas": 1}, 201)
-        return answer({"route": wire(route), "replicas": result.replicas}, 201)
+            if pick_port:
+                made, result = await self._add_on_a_free_port(found, route, idem)
+            else:
+                made, result = await self._add(found, route, idem)
+        return answer({"route": wire(made), "replicas": result}, 201)
+
+    async def _add(self, app: App, route: Route, idem: str | None) -> tuple[Route, int]:
+        keys = route_keys(route)
+        clash = ops.route_clash(self.apps.state, route)
+        if clash is not None and not (keys and await self.apps.is_replay(keys[0], idem)):
+            raise Conflict(clash)
+        if clash is None:
+            taken = f"{ops.describe_route(route)} is taken"
+            result = await self.apps.alloc.claim_and_write(app.id, keys, [route], idem, taken)
+            if result is not None:
+                return route, result.replicas
+        # A retry of a create that was made: answer with that route.
+        made = next((r for r in ops.routes_of(self.apps.state, app) if route_keys(r) == keys), None)
+        if made is None:
+            raise ClusterError("the route was added but has not reached this node yet; retry")
+        return made, 1
+
+    async def _add_on_a_free_port(self, app: App, route: Route, idem: str | None) -> tuple[Route, int]:
+        """The lowest free port of the cluster's range; a port claimed in etcd by a
+        route the state lost (the sweep frees it) is skipped."""
+        if idem is not None:  # a retry: the port the first attempt took
+            for mine in ops.routes_of(self.apps.state, app):
+                if mine.type == "tcp" and await self.apps.is_replay(route_keys(mine)[0], idem):
+                    return mine, 1
+        skipped: list[int] = []
+        for port in ops.free_tcp_ports(self.apps.state):
+            candidate = dataclasses.replace(route, port=port)
+            try:
+                return await self._add(app, candidate, idem)
+            except Conflict:
+                skipped.append(port)
+                if len(skipped) >= PORT_TRIES:
+                    break
+        lo, hi = ops.tcp_port_range(self.apps.state)
+        raise Conflict(
+            f"no free TCP route port in {lo}-{hi}"
+            + (f" (claimed but not in the state: {skipped})" if skipped else "")
+            + "; remove a TCP route or give a port"
+        )
 
     async def delete_route(self, app: str, route_id: str) -> Response:
         found = self.apps.app(app)

@@ -352,8 +352,17 @@ class ClusterConfig(Record):
     """Settings fixed when the cluster is created (one record, key "config")."""
 
     KIND: ClassVar[str] = "cluster"
+    VERSION: ClassVar[int] = 2  # 2: the TCP route port range
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     domain: Annotated[str, DOMAIN]
     created_at: Annotated[int, TIMESTAMP]
+    # `route add tcp` without a port takes the lowest free one of this range.
+    tcp_port_min: Annotated[int, PORT] = 3000
+    tcp_port_max: Annotated[int, PORT] = 3500
+
+    def validate(self, path: str) -> None:
+        if self.tcp_port_min > self.tcp_port_max:
+            raise RecordError(f"{path}.tcp_port_max", "must not be below tcp_port_min")
 
     @property
     def key(self) -> str:
