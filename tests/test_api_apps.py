@@ -26,10 +26,20 @@ from flynnp2p.api.app import FORWARDED, create_app
 from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.coord.claims import Claims
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import App, Artifact, ClusterConfig, Formation, Release, Route
+from flynnp2p.state.records import (
+    App,
+    Artifact,
+    Certificate,
+    ClusterConfig,
+    Formation,
+    Release,
+    Route,
+)
 from flynnp2p.state.service import Peer, StateService
 from flynnp2p.state.store import MemoryStore
 from flynnp2p.token import ClusterToken
+from tests.certs import NOW as CERT_NOW
+from tests.certs import make_cert
 from tests.fake_etcd import MemoryEtcd
 
 TOKEN = ClusterToken.generate()
@@ -910,3 +920,32 @@ async def test_a_release_number_whose_release_never_committed_is_skipped(
     status, body = await api.call("PATCH", "/v1/apps/orphan/env", {"set": {"B": "2"}})
     assert status == 200, body
     assert body["release"]["version"] == 3 and body["env"] == {"A": "1", "B": "2"}
+
+
+async def test_an_http_route_with_its_own_certificate(node: tuple[Ctx, Api]) -> None:
+    ctx, api = node
+    ctx.clock.ms = int(CERT_NOW.timestamp() * 1000)
+    await seed(api)
+    cert, key = make_cert("*.example.com")
+    body = {"type": "http", "domain": "shop.example.com", "cert_pem": cert, "key_pem": key}
+    status, made = await api.call("POST", "/v1/apps/myapp/routes", body)
+    assert status == 201, made
+    stored = ctx.state.state.record(Certificate, made["route"]["certificate_id"])
+    assert stored is not None and stored.key_pem == key
+    assert stored.domains == ("shop.example.com", "*.example.com")
+    assert key.splitlines()[1] not in json.dumps(made)
+    # Refused, saying which check failed, and nothing is written.
+    before = ctx.state.state
+    for bad, message in [
+        ({**body, "domain": "shop.example.org"}, "cert: is for *.example.com, not for shop.example.org"),
+        ({**body, "key_pem": make_cert("x.example.com")[1]}, "key: does not match"),
+        ({**body, "cert_pem": "-----BEGIN CERTIFICATE-----\nnope\n"}, "cert: not a PEM certificate"),
+        ({"type": "http", "domain": "a.example.com", "cert_pem": cert}, "come together"),
+        ({"type": "tcp", "cert_pem": cert, "key_pem": key}, "only http routes"),
+    ]:
+        status, answer = await api.call("POST", "/v1/apps/myapp/routes", bad)
+        assert status == 400 and message in answer["error"]["message"], answer
+    assert same(before, ctx.state.state)
+    # The certificate goes with its route.
+    status, _ = await api.call("DELETE", f"/v1/apps/myapp/routes/{made['route']['id']}")
+    assert status == 200 and ctx.state.state.record(Certificate, stored.id) is None

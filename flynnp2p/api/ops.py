@@ -12,7 +12,8 @@ same changes without HTTP.
 The rules that live here and nowhere else:
 
 * an app is created with its default route ``<name>.<cluster domain>``;
-* a deleted app takes its routes and formation with it;
+* a deleted app takes its routes and formation with it, a deleted route its
+  certificate (unless another route uses it);
 * a route's HTTP domain+path, or its TCP port, belongs to one route; a TCP route
   given no port takes the lowest free one of the cluster's range;
 * a release of a slug keeps the app's env, and moves the formation to itself
@@ -33,7 +34,15 @@ from typing import TypeVar
 from flynnp2p.build.procfile import process_specs
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.state.merge import Change, Delete, State
-from flynnp2p.state.records import App, Artifact, ClusterConfig, Formation, Release, Route
+from flynnp2p.state.records import (
+    App,
+    Artifact,
+    Certificate,
+    ClusterConfig,
+    Formation,
+    Release,
+    Route,
+)
 
 # -- reads ------------------------------------------------------------------
 
@@ -160,10 +169,28 @@ def patched_app(app: App, meta_patch: Mapping[str, str | None], strategy: str) -
     return dataclasses.replace(app, meta=meta, strategy=strategy)
 
 
+def route_deletion(state: State, route: Route, going: Collection[str] = ()) -> list[Change]:
+    """The route, and its certificate unless a route that stays uses it too."""
+    changes: list[Change] = [Delete(Route.KIND, route.id)]
+    cert = route.certificate_id
+    if cert is not None and state.record(Certificate, cert) is not None:
+        gone = {route.id, *going}
+        if not any(r.certificate_id == cert and r.id not in gone for r in state.records(Route)):
+            changes.append(Delete(Certificate.KIND, cert))
+    return changes
+
+
 def app_deletion(state: State, app: App) -> list[Change]:
-    """The app, its routes and its formation, gone in one batch."""
+    """The app, its routes (and their certificates) and its formation, in one batch."""
     changes: list[Change] = [Delete(App.KIND, app.id)]
-    changes += [Delete(Route.KIND, r.id) for r in routes_of(state, app)]
+    routes = routes_of(state, app)
+    going = {r.id for r in routes}
+    seen: set[Change] = set()
+    for route in routes:
+        for change in route_deletion(state, route, going):
+            if change not in seen:
+                seen.add(change)
+                changes.append(change)
     if state.record(Formation, app.id) is not None:
         changes.append(Delete(Formation.KIND, app.id))
     return changes

@@ -1,7 +1,8 @@
 """Routes of an app: how requests reach it through the router.
 
     GET    /v1/apps/<app>/routes
-    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"?}
+    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?, "cert_pem"?, "key_pem"?}
+                                             | {"type": "tcp", "port"?}
     DELETE /v1/apps/<app>/routes/<id>
 
 A TCP route given no port takes the lowest free one of the cluster's range
@@ -9,24 +10,28 @@ A TCP route given no port takes the lowest free one of the cluster's range
 HTTP domain+path, or its TCP port, is unique in the cluster: the leader
 claims it in etcd before the route is written (`flynnp2p.api.allocate`), under the
 app's lock, and a retry with the same ``Idempotency-Key`` answers with the route
-the first attempt made. The handlers share the app API's allocator and forwarder.
+the first attempt made. An HTTP route may bring its own certificate (PEM): it is
+checked at once (`flynnp2p.tls`) and stored as a `Certificate` record with the
+route, and goes with its last route. The handlers share the app API's allocator and forwarder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quart import Response
 
+from flynnp2p import vocab
 from flynnp2p.api import ops
 from flynnp2p.api.edge import answer, idempotency_key, json_body, ref
 from flynnp2p.api.render import wire
 from flynnp2p.coord.claims import route_keys
-from flynnp2p.errors import ClusterError, Conflict, NotFound
-from flynnp2p.state.merge import Delete
-from flynnp2p.state.records import App, Route
+from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
+from flynnp2p.state.records import DOMAIN, PEM, App, Certificate, Route
+from flynnp2p.tls import check_certificate
 
 PORT_TRIES = 8  # ports claimed in etcd but missing from the state, skipped before giving up
 
@@ -43,10 +48,15 @@ class RoutesApi:
 
     async def create_route(self, app: str) -> Response:
         body = await json_body(
-            {"type", "domain", "path", "port", "process_type", "sticky"}, required={"type"}
+            {"type", "domain", "path", "port", "process_type", "sticky", "cert_pem", "key_pem"},
+            required={"type"},
         )
         found = self.apps.app(app)
-        fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": self.apps.ctx.now_ms()}
+        now = self.apps.ctx.now_ms()
+        cert = self._certificate(body, now)
+        fields = {"id": uuid.uuid4().hex, "app_id": found.id, "created_at": now}
+        if cert is not None:
+            fields["certificate_id"] = cert.id
         # A TCP route without a port gets one on the leader; checked here with a stand-in.
         pick_port = body.get("type") == "tcp" and body.get("port") is None
         route = Route.decode_fields("route", {**fields, **body, **({"port": 1} if pick_port else {})})
@@ -60,17 +70,42 @@ class RoutesApi:
             if pick_port:
                 made, result = await self._add_on_a_free_port(found, route, idem)
             else:
-                made, result = await self._add(found, route, idem)
+                made, result = await self._add(found, route, idem, cert)
         return answer({"route": wire(made), "replicas": result}, 201)
 
-    async def _add(self, app: App, route: Route, idem: str | None) -> tuple[Route, int]:
+    @staticmethod
+    def _certificate(body: dict[str, Any], now_ms: int) -> Certificate | None:
+        """The route's own certificate, checked (parses, matches its key, valid now,
+        names the domain); taken out of `body`."""
+        cert_pem, key_pem = body.pop("cert_pem", None), body.pop("key_pem", None)
+        if cert_pem is None and key_pem is None:
+            return None
+        if cert_pem is None or key_pem is None:
+            raise UserError("body: 'cert_pem' and 'key_pem' come together")
+        if body.get("type") != "http":
+            raise UserError("body: only http routes take a certificate")
+        cert_pem = PEM.decode("route.cert_pem", cert_pem)
+        key_pem = PEM.decode("route.key_pem", key_pem)
+        domain = DOMAIN.decode("route.domain", body.get("domain"))
+        now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+        info = check_certificate(cert_pem, key_pem, domain, now)
+        names = [n for n in info.domains if vocab.DOMAIN.ok(n)][:99]
+        domains = (domain, *(n for n in names if n != domain))
+        return Certificate(
+            id=uuid.uuid4().hex, domains=domains, cert_pem=cert_pem, key_pem=key_pem, created_at=now_ms
+        )
+
+    async def _add(
+        self, app: App, route: Route, idem: str | None, cert: Certificate | None = None
+    ) -> tuple[Route, int]:
         keys = route_keys(route)
         clash = ops.route_clash(self.apps.state, route)
         if clash is not None and not (keys and await self.apps.is_replay(keys[0], idem)):
             raise Conflict(clash)
         if clash is None:
             taken = f"{ops.describe_route(route)} is taken"
-            result = await self.apps.alloc.claim_and_write(app.id, keys, [route], idem, taken)
+            changes = [route] if cert is None else [cert, route]
+            result = await self.apps.alloc.claim_and_write(app.id, keys, changes, idem, taken)
             if result is not None:
                 return route, result.replicas
         # A retry of a create that was made: answer with that route.
@@ -108,6 +143,6 @@ class RoutesApi:
         relayed = await self.apps.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        result = await self.apps.ctx.state.write([Delete(Route.KIND, route.id)])
+        result = await self.apps.ctx.state.write(ops.route_deletion(self.apps.state, route))
         await self.apps.drop_claims(found.id, route_keys(route))
         return answer({"deleted": route.id, "replicas": result.replicas})
