@@ -20,9 +20,9 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
 
 def make_cert(
     *names: str, days: tuple[int, int] = (-1, 90), key: ec.EllipticCurvePrivateKey | None = None,
-    san: bool = True,
+    san: bool = True, at: dt.datetime = NOW,
 ) -> tuple[str, str]:  # fmt: skip
-    """(cert PEM, key PEM) for `names`, valid from NOW+days[0] to NOW+days[1]."""
+    """(cert PEM, key PEM) for `names`, valid from at+days[0] to at+days[1]."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     builder = (
@@ -31,8 +31,8 @@ def make_cert(
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW + dt.timedelta(days=days[0]))
-        .not_valid_after(NOW + dt.timedelta(days=days[1]))
+        .not_valid_before(at + dt.timedelta(days=days[0]))
+        .not_valid_after(at + dt.timedelta(days=days[1]))
     )
     if san:
         builder = builder.add_extension(

@@ -1,0 +1,126 @@
+"""TLS over the router's sockets: SNI picks the certificate, bytes pass both ways."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+
+import trio
+
+from flynnp2p.coord.ca import ClusterCA
+from flynnp2p.router.sock import Sock
+from flynnp2p.router.tls import CertStore, StoredCert, TlsSock
+from flynnp2p.token import ClusterToken
+from tests.certs import make_cert
+
+TOKEN = ClusterToken.generate()
+CA = ClusterCA(TOKEN.cluster_id, TOKEN.admin_secret)
+NOW = dt.datetime.now(dt.UTC)
+
+
+def store() -> CertStore:
+    cert, key = make_cert("shop.example.org", days=(-1, 30), at=NOW)
+    wild, wkey = make_cert("*.example.net", days=(-1, 30), at=NOW)
+    s = CertStore(CA, "flynnp2p.localhost", NOW)
+    s.update([StoredCert("c1", ("shop.example.org",), cert, key), StoredCert("c2", ("*.example.net",), wild, wkey)])
+    return s
+
+
+async def serve_once(listener: socket.socket, certs: CertStore, got: list[bytes]) -> None:
+    await trio.lowlevel.wait_readable(listener)
+    conn, _ = listener.accept()
+    tls = TlsSock(Sock(conn), certs.default)
+    try:
+        await tls.handshake()
+        data = await tls.recv()
+        got.append(data)
+        await tls.sendall(b"echo:" + data)
+        tls.shutdown_write()
+        got.append(await tls.recv())  # the client's end
+    finally:
+        tls.close()
+
+
+async def client(port: int, server_name: str, verify: ssl.SSLContext) -> tuple[bytes, dict[str, object]]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, verify, server_hostname=server_name)
+    await tls.do_handshake()
+    peer = tls.getpeercert()
+    assert tls.selected_alpn_protocol() == "http/1.1"
+    await tls.send_all(b"hello")
+    answer = b""
+    while len(answer) < len(b"echo:hello"):
+        answer += await tls.receive_some(100)
+    await tls.aclose()
+    return answer, peer
+
+
+def listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(5)
+    s.setblocking(False)
+    return s
+
+
+def trusting(pem: bytes | str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=pem.decode() if isinstance(pem, bytes) else pem)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def test_the_default_certificate_is_the_cluster_cas_for_the_cluster_domain() -> None:
+    certs = store()
+    with listener() as lst:
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_once, lst, certs, got)
+            answer, peer = await client(lst.getsockname()[1], "hello.flynnp2p.localhost", trusting(CA.cert_pem))
+        assert answer == b"echo:hello" and got == [b"hello", b""]
+        assert ("DNS", "*.flynnp2p.localhost") in peer["subjectAltName"]  # type: ignore[operator]
+
+
+async def test_sni_picks_a_routes_certificate_exact_or_wildcard() -> None:
+    certs = store()
+    for name, cid in (("shop.example.org", "c1"), ("a.example.net", "c2")):
+        pem = certs.by_id[cid][0].cert_pem
+        with listener() as lst:
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_once, lst, certs, got)
+                answer, _ = await client(lst.getsockname()[1], name, trusting(pem))
+            assert answer == b"echo:hello"
+
+
+async def test_a_failed_handshake_is_an_error_not_a_hang() -> None:
+    certs = store()
+    with listener() as lst:
+        async def plain_client() -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", lst.getsockname()[1])
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plain_client)
+            await trio.lowlevel.wait_readable(lst)
+            conn, _ = lst.accept()
+            tls = TlsSock(Sock(conn), certs.default)
+            try:
+                with trio.fail_after(5):
+                    try:
+                        await tls.handshake()
+                    except (ssl.SSLError, OSError) as exc:
+                        assert exc
+                    else:
+                        raise AssertionError("plain HTTP passed a TLS handshake")
+            finally:
+                tls.close()
+
+
+def test_a_certificate_that_no_longer_loads_is_reported_not_fatal() -> None:
+    certs = store()
+    certs.update([StoredCert("bad", ("x.example",), "-----BEGIN CERTIFICATE-----\nnope\n", "x")])
+    assert "bad" in certs.errors and "bad" not in certs.by_id
+    assert certs.context_for("x.example") is certs.default
+    assert set(certs.status()["certificates"]) == set()  # type: ignore[arg-type]
