@@ -949,3 +949,15 @@ async def test_an_http_route_with_its_own_certificate(node: tuple[Ctx, Api]) -> 
     # The certificate goes with its route.
     status, _ = await api.call("DELETE", f"/v1/apps/myapp/routes/{made['route']['id']}")
     assert status == 200 and ctx.state.state.record(Certificate, stored.id) is None
+
+
+async def test_https_only_and_sticky_are_http_route_settings(node: tuple[Ctx, Api]) -> None:
+    ctx, api = node
+    await seed(api)
+    body = {"type": "http", "domain": "secure.example.com", "https_only": True, "sticky": True}
+    status, made = await api.call("POST", "/v1/apps/myapp/routes", body)
+    assert status == 201 and made["route"]["https_only"] is True and made["route"]["sticky"] is True
+    stored = ctx.state.state.record(Route, made["route"]["id"])
+    assert stored is not None and stored.https_only and stored.sticky
+    status, answer = await api.call("POST", "/v1/apps/myapp/routes", {"type": "tcp", "https_only": True})
+    assert status == 400 and "tcp routes are neither https_only nor sticky" in answer["error"]["message"]

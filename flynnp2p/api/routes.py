@@ -1,7 +1,8 @@
 """Routes of an app: how requests reach it through the router.
 
     GET    /v1/apps/<app>/routes
-    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?, "cert_pem"?, "key_pem"?}
+    POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?, "sticky"?,
+                                             "https_only"?, "cert_pem"?, "key_pem"?}
                                              | {"type": "tcp", "port"?}
     DELETE /v1/apps/<app>/routes/<id>
 
@@ -48,7 +49,8 @@ class RoutesApi:
 
     async def create_route(self, app: str) -> Response:
         body = await json_body(
-            {"type", "domain", "path", "port", "process_type", "sticky", "cert_pem", "key_pem"},
+            {"type", "domain", "path", "port", "process_type", "sticky", "https_only", "cert_pem",
+             "key_pem"},
             required={"type"},
         )
         found = self.apps.app(app)

@@ -185,6 +185,8 @@ class Formation(Record):
 @dataclass(frozen=True, slots=True)
 class Route(IdRecord):
     KIND: ClassVar[str] = "route"
+    VERSION: ClassVar[int] = 2  # 2: https_only
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     id: Annotated[str, ID]
     app_id: Annotated[str, ID]
     type: Annotated[str, Choice("http", "tcp")]
@@ -195,6 +197,7 @@ class Route(IdRecord):
     process_type: Annotated[str, PROCESS_TYPE] = "web"
     sticky: Annotated[bool, Bool()] = False
     certificate_id: Annotated[str | None, Opt(ID)] = None
+    https_only: Annotated[bool, Bool()] = False  # plain HTTP is answered 308 to https
 
     def validate(self, path: str) -> None:
         if self.type == "http":
@@ -207,6 +210,8 @@ class Route(IdRecord):
                 raise RecordError(f"{path}.port", "required for tcp routes")
             if self.domain is not None or self.path != "/" or self.certificate_id is not None:
                 raise RecordError(f"{path}.type", "tcp routes take no domain, path or certificate")
+            if self.https_only or self.sticky:
+                raise RecordError(f"{path}.type", "tcp routes are neither https_only nor sticky")
 
 
 JOB_STATES = REPORTED  # the lifecycle's reported states (`flynnp2p.state.jobs`)
