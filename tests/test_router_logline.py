@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flynnp2p.router.logline import RouterEvent, format_line, parse_line, quote
+from flynnp2p.cli.jobs import log_line
+from flynnp2p.router.logline import SOURCE, RouterEvent, format_line, parse_line, quote
 
 
 def event(**kw: object) -> RouterEvent:
@@ -35,6 +36,12 @@ def test_a_503_without_backend_and_a_retry() -> None:
     assert retry["at"] == "warning" and retry["desc"] == "Backend connection refused, retrying"
     assert retry["backend"] == "web-3f2a@127.0.0.2:5001" and retry["retry"] == "web-77aa@[::1]:5002"
     assert "status" not in retry and "bytes" not in retry  # nothing was answered yet
+
+
+def test_the_cli_prints_a_router_line_as_router_on_its_node() -> None:
+    item = {"ts_ms": 1_800_000_000_000, "node": "n2", "job_id": SOURCE, "type": "router",
+            "stream": "stdout", "text": format_line(event(code="H10", status=503))}  # fmt: skip
+    assert log_line(item) == f"2027-01-15T08:00:00.000Z router[n2]: {item['text']}"
 
 
 def test_quoting() -> None:

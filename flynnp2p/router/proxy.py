@@ -459,7 +459,7 @@ class ClientConnection:
             address = backend.address
             tried.append(address)
             up = sh.pool.take_nowait(address, now)
-            connect_s = 0.0
+            connect_s, sent_at = 0.0, now  # (a pooled connection: no second clock read)
             if up is None:
                 self.phase = "connect"
                 self.expires_at = float("inf")
@@ -469,10 +469,10 @@ class ClientConnection:
                     why, timed_out = str(e), e.timed_out
                     failed = ("H19" if e.timed_out else "H21", backend, self.sh.now() - now, 0.0)
                     continue
-                connect_s = self.sh.now() - now
+                sent_at = self.sh.now()
+                connect_s = sent_at - now
             assert up is not None
             self.upstream = up
-            sent_at = self.sh.now()
             self.attempt = (head, route.app_name, backend, connect_s, sent_at)
             sh.balancer.acquire(address)
             try:
