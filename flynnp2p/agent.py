@@ -62,6 +62,7 @@ from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.netaddr import url_host
 from flynnp2p.node import NodeContext
+from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
@@ -213,7 +214,9 @@ class Agent:
         )
         # The router: every node proxies every app's routes to its jobs anywhere.
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
-        self.router = Router(self.routes, address=cfg.addr, http_port=cfg.http_port)
+        self.router = Router(
+            self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub)
+        )
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
         app.register_blueprint(internal_blueprint(self.state))

@@ -1,11 +1,13 @@
 """The router on every node, with real agents and real jobs: any node routes an
 app's domain to its jobs wherever they run, spreads over them, answers 404 for
-an unknown host and 503 with no backend, follows scaling within a second, and
+an unknown host and 503 with no backend (a router line with code H10 in the app's
+log of every node), follows scaling within a second, and
 loses no request when a backend's node is SIGKILLed or cut off by a partition, and
 serves again after its own node restarts."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -63,6 +65,19 @@ async def test_any_node_routes_to_jobs_anywhere(cluster: Cluster, tmp_path: Path
         return await codes() == [503] * len(agents)
 
     await wait_for(unavailable_everywhere, 20, "503 from every node with web=0")
+    # Each node's router put its 503s in the app's log, and any node's API merges them.
+    h10: list[dict[str, str]] = []
+
+    async def h10_from_every_node() -> bool:
+        async with agents[1].client() as c:
+            r = await c.get("/v1/apps/shop/log", params={"n": "1000"})
+        assert r.status_code == 200
+        lines = [ln for ln in map(json.loads, r.text.splitlines()) if ln.get("job_id") == "router"]
+        h10[:] = [ln for ln in lines if "code=H10 " in ln["text"]]
+        return {ln["node"] for ln in h10} == {a.name for a in agents}
+
+    await wait_for(h10_from_every_node, 10, "a router line with code H10 from every node")
+    assert all(ln["type"] == "router" and "status=503" in ln["text"] for ln in h10)
     async with agents[0].client() as c:
         await scale(c, "shop", web=1)
         await wait_up(c, "shop", 1, timeout=60)

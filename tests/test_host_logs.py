@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,29 @@ def test_app_log_keeps_n_old_files(tmp_path: Path) -> None:
     assert isinstance(first_current, str)
     n = int(first_current.split()[1])
     assert newest_old == f"line {n - 1}"
+
+
+def test_two_writers_of_one_app_file_never_rotate_under_each_other(tmp_path: Path) -> None:
+    """The backend and the router's lines each have their own AppLogFile of one path:
+    a rotation always moves a file that was full (a double rotation would move the
+    fresh, nearly empty file over the full one, and lose it)."""
+    path = tmp_path / "shop.log"
+    max_bytes = 1000
+    seen_old: list[int] = []
+
+    def writer(job_id: str) -> None:
+        log = AppLogFile(path, max_bytes=max_bytes, keep=1)
+        for i in range(400):
+            log.append_lines(job_id, [line(i)])
+            with contextlib.suppress(FileNotFoundError):
+                seen_old.append(log.old_path(1).stat().st_size)
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("web-1", "router")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    biggest_line = max(len(raw) + 1 for raw in path.read_text().splitlines())
+    assert seen_old and min(seen_old) > max_bytes - biggest_line
+    lines = read_lines(log_old := path.with_name("shop.log.1")) + read_lines(path)
+    assert log_old.exists() and lines[-1]["text"] == "line 399"  # the last write is kept

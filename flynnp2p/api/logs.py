@@ -9,7 +9,7 @@ heartbeat line every ``HEARTBEAT_S`` so idle streams stay open through proxies.
 
 ``GET /v1/apps/<app>/log?n=&follow=&type=&job=&until_exit=`` is the public one:
 the node that answers opens the internal stream of every alive node (itself
-included) in tasks of `LogFanout`'s nursery, which feed one channel. It first
+included), one reader task per node, which feed one channel. It first
 waits for every node's history (or its failure, or ``HISTORY_WAIT_S``), sorts it
 by time and sends the newest ``n``; then live lines in the order they arrive.
 Each line names its node and job and carries the job's process type, taken from
@@ -18,9 +18,13 @@ the job is finished (down, or a crashed one-off), after ``EXIT_DRAIN_S`` for its
 last lines to arrive, with ``{"event": "exit", "state": ..., "exit_code": ...}``:
 that is how ``flynnp2p run`` streams a one-off's output and returns its status.
 
-The handlers' generators never hold a nursery across a ``yield`` (which trio
-forbids); the fan-out tasks live in the service's nursery and are cancelled
-through a per-request cancel scope when the client goes away.
+Each request's readers run in a nursery of their own. A handler's generator
+cannot hold a nursery across a ``yield`` (trio forbids it), so a request's
+`LogSession` is one task in `LogFanout`'s long-lived nursery, and that task opens
+the session's nursery, where the readers of that request (and only those) run:
+they live and end together. When the stream ends or the client goes away, the
+generator's ``finally`` cancels the session's scope, which ends the session's task
+and every reader in it; ``LogFanout.sessions`` holds the sessions still running.
 """
 
 from __future__ import annotations
@@ -143,21 +147,43 @@ class _Feed:
 
 
 class LogSession:
-    """The node streams of one public log request; `ensure` (re)opens missing ones."""
+    """The node streams of one public log request; `ensure` (re)opens missing ones.
 
-    def __init__(self, fanout: LogFanout, nursery: trio.Nursery, params: dict[str, str]) -> None:
+    `run` is the session's task: it holds the session's nursery (the readers' only
+    home) from its start until `close` cancels `scope`."""
+
+    def __init__(self, fanout: LogFanout, params: dict[str, str]) -> None:
         self.fanout = fanout
-        self.nursery = nursery
         self.params = params
         self.send, self.feed = trio.open_memory_channel[_Feed](1000)
-        self.scopes: dict[str, trio.CancelScope] = {}
+        self.scope = trio.CancelScope()  # the session: its task and all its readers
+        self.scopes: dict[str, trio.CancelScope] = {}  # one reader per node
         self.opened_ms = int(time.time() * 1000)
         self.last_ms: dict[str, int] = {}  # the newest line seen per node
+        self._nursery: trio.Nursery | None = None  # set while `run` holds it open
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.fanout.sessions.add(self)
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        self.ensure()
+                        task_status.started()
+                        await trio.sleep_forever()
+                    finally:
+                        self._nursery = None
+        finally:
+            self.fanout.sessions.discard(self)
 
     def ensure(self, *, catch_up: bool = False) -> None:
         """A reader for every alive node without one. With `catch_up` (a node that
         joined, or whose stream dropped), it starts with the lines that node wrote
         since the last one seen from it, or since this request began."""
+        nursery = self._nursery
+        if nursery is None:
+            return  # closed
         for peer in [self.fanout.self_peer, *self.fanout.peers()]:
             if peer.name in self.scopes:
                 continue
@@ -166,7 +192,7 @@ class LogSession:
                 since = self.last_ms.get(peer.name, self.opened_ms)
                 params = {**params, "n": str(MAX_LINES), "since_ms": str(since)}
             scope = self.scopes[peer.name] = trio.CancelScope()
-            self.nursery.start_soon(self.fanout._pump, peer, params, scope, self.send.clone())
+            nursery.start_soon(self.fanout._pump, peer, params, scope, self.send.clone())
 
     def seen(self, feed: _Feed) -> None:
         ts = feed.item.get("ts_ms")
@@ -177,35 +203,41 @@ class LogSession:
         self.scopes.pop(node, None)
 
     def close(self) -> None:
-        for scope in self.scopes.values():
-            scope.cancel()
+        """End the session: its task, and with it every reader (never blocks)."""
+        self.scope.cancel()
         self.send.close()
         self.feed.close()
 
 
 class LogFanout:
-    """Owns the tasks that read other nodes' log streams for public log requests."""
+    """Owns the sessions (one task each) that read nodes' log streams for public log
+    requests."""
 
     def __init__(self, http: httpx.AsyncClient, peers: Callable[[], list[Peer]], self_peer: Peer) -> None:
         self.http = http
         self.peers = peers
         self.self_peer = self_peer
+        self.sessions: set[LogSession] = set()  # running (for status and tests)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
-    def open(self, app: str, n: int, follow: bool, job: str | None) -> LogSession:
-        """Start one reader per alive node (this one included)."""
+    async def open(self, app: str, n: int, follow: bool, job: str | None) -> LogSession:
+        """A running session with one reader per alive node (this one included);
+        the caller must `close` it."""
         assert self._nursery is not None, "LogFanout.run is not running"
         params = {"app": app, "n": str(n), "follow": "1" if follow else "0"}
         if job:
             params["job"] = job
-        session = LogSession(self, self._nursery, params)
-        session.ensure()
+        session = LogSession(self, params)
+        await self._nursery.start(session.run)
         return session
 
     async def _pump(
@@ -250,7 +282,7 @@ async def merged_log(
     ptype: str | None,
     until_exit: bool,
 ) -> AsyncIterator[bytes]:
-    session = fanout.open(app, n, follow, job)
+    session = await fanout.open(app, n, follow, job)
     feed = session.feed
     try:
         history: list[dict[str, object]] = []

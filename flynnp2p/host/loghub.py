@@ -8,6 +8,11 @@ to `LogHub.publish` as it is read. The hub fans them out to subscribers of the
 app; a subscriber that falls ``SUBSCRIBER_BUFFER`` lines behind is dropped (its
 stream ends; the client reconnects), so a slow reader never slows a job down.
 
+Lines that are not a job's (the router's, with job id ``router``) come in through
+`LogHub.write`, which publishes them and appends them to the same app file in a
+thread (`host.logs.AppLogFile` locks the file, so the backend's writer and this one
+never interleave or rotate under each other).
+
 `LogHub.history` reads the newest lines of an app from its files (the current one
 and the rotated ones), so lines survive a job's exit. ``api.logs.node_log``
 subscribes *before* it reads the history, so no line falls between the two.
@@ -24,8 +29,9 @@ from pathlib import Path
 
 import trio
 
+from flynnp2p import vocab
 from flynnp2p.host.backend import JobSpec
-from flynnp2p.host.logs import DEFAULT_KEEP_FILES, AppLogFile, LogLine
+from flynnp2p.host.logs import DEFAULT_KEEP_FILES, AppLogFile, AppLogs, LogLine
 
 SUBSCRIBER_BUFFER = 10_000
 MAX_HISTORY = 100_000
@@ -45,16 +51,30 @@ class LogHub:
         self.logs_dir = logs_dir
         self.keep_files = keep_files
         self._subscribers: dict[str, list[trio.MemorySendChannel[Line]]] = {}
+        self._files = AppLogs(logs_dir)
 
     def publish(self, spec: JobSpec, lines: Sequence[LogLine]) -> None:
         """Called by the backend for every batch of lines a job wrote (never blocks)."""
-        subs = self._subscribers.get(spec.app_name)
+        self.publish_lines(spec.app_name, spec.job_id, lines)
+
+    async def write(self, app: str, job_id: str, lines: Sequence[LogLine]) -> None:
+        """Lines of `app` that no backend writes (the router's): published, then
+        appended to the app's file (OSError if the disk refuses). An invalid app
+        name writes nothing."""
+        if not vocab.APP_NAME.ok(app):
+            return
+        self.publish_lines(app, job_id, lines)
+        await trio.to_thread.run_sync(self._files.of(app).append_lines, job_id, lines)
+
+    def publish_lines(self, app: str, job_id: str, lines: Sequence[LogLine]) -> None:
+        """Hand `lines` to the app's live subscribers (never blocks)."""
+        subs = self._subscribers.get(app)
         if not subs:
             return
         for send in list(subs):
             try:
                 for ln in lines:
-                    send.send_nowait(Line(ln.ts_ms, spec.app_name, spec.job_id, ln.stream, ln.text))
+                    send.send_nowait(Line(ln.ts_ms, app, job_id, ln.stream, ln.text))
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 subs.remove(send)
                 send.close()

@@ -8,12 +8,16 @@ next write would take it past ``max_bytes``: the current file becomes ``<name>.1
 disk use of one app is bounded by ``(keep + 1) * max_bytes`` plus one line.
 
 This module does blocking file I/O in ``AppLogFile``; the trio side calls it through
-``trio.to_thread.run_sync``. A lock makes concurrent writers (several jobs of one app)
-safe.
+``trio.to_thread.run_sync``. Concurrent writers are safe: several jobs of one app
+share an ``AppLogFile`` (a thread lock), and the router's lines come through another
+``AppLogFile`` of the same path, so each append (and rotation) also holds an
+exclusive ``flock`` on ``<name>.lock`` beside the file; without it, two writers
+could both rotate and the older file would be lost.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -89,14 +93,23 @@ class AppLogFile:
             return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                size = self.path.stat().st_size
-            except FileNotFoundError:
-                size = 0
-            if size > 0 and size + len(data) > self.max_bytes:
-                self._rotate()
-            with self.path.open("ab") as f:
-                f.write(data)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close
+                try:
+                    size = self.path.stat().st_size
+                except FileNotFoundError:
+                    size = 0
+                if size > 0 and size + len(data) > self.max_bytes:
+                    self._rotate()
+                with self.path.open("ab") as f:
+                    f.write(data)
+            finally:
+                os.close(fd)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.lock")
 
     def old_path(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")

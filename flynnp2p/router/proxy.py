@@ -31,6 +31,9 @@ Failure rules:
   obs-fold, oversize): 400/413/414/431 and close, upstream connection dropped
   if a head was already sent, so nothing smuggled reaches a backend.
 
+Every 5xx the router answers itself, and every retry, is also a line in the app's
+log (`logline` has the codes, `applog.RouterLog` writes them off this path).
+
 Timeouts: each connection has one cancel scope and an ``expires_at`` time that it
 moves as it goes from phase to phase; the router's sweeper task cancels the
 scopes of expired connections every ``timer_tick``. (Moving a trio deadline, or
@@ -50,8 +53,10 @@ import httptools
 import trio
 
 from flynnp2p.router import http1
+from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
 from flynnp2p.router.http1 import RequestHead, ResponseHead
+from flynnp2p.router.logline import RouterEvent
 from flynnp2p.router.sock import ConnectError, Sock, connect, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
@@ -129,6 +134,7 @@ class Shared:
     rng: random.Random
     wall_ms: Callable[[], int]
     now: Callable[[], float]  # monotonic seconds: timeouts, latencies, passive-health marks
+    log: RouterLog = field(default_factory=RouterLog)  # router lines in apps' logs
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
@@ -166,9 +172,20 @@ def _done(uploaded: bool | Callable[[], bool]) -> bool:
 
 
 class _UpstreamFailed(Exception):
-    def __init__(self, why: str) -> None:
+    """The backend failed this request; `code` is the log's name for how (`logline`)."""
+
+    def __init__(self, why: str, code: str = "H13") -> None:
         super().__init__(why)
         self.why = why
+        self.code = code
+
+
+def _label(backend: Backend) -> str:
+    return f"{backend.job_id}@{backend.address}"
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
 
 
 class _ResponseSide:
@@ -218,6 +235,9 @@ class ClientConnection:
         self.expires_at = float("inf")
         self.phase = "idle"
         self.current: tuple[str, float, bytes] | None = None  # app, start, request id
+        # the request in flight and its backend, for a timeout's log line:
+        # head, app name, backend, connect seconds, when the request was sent
+        self.attempt: tuple[RequestHead, str, Backend, float, float] | None = None
         self.upstream: Sock | None = None
         self.proto_port = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (proto.encode(), port)
         self.ip = client_ip.encode()
@@ -349,9 +369,28 @@ class ClientConnection:
             self.sock.send_nowait(http1.simple_response(408, "408: the request head took too long\n", close=True))  # fmt: skip
         elif self.phase == "response-head" and self.current is not None:
             app, start, rid = self.current
-            self.sock.send_nowait(http1.simple_response(
-                504, "504: the app did not answer in time\n", close=True, request_id=rid))  # fmt: skip
-            self.sh.stats.record(app, 504, self.sh.now() - start, by_router=True)
+            text = "504: the app did not answer in time\n"
+            self.sock.send_nowait(http1.simple_response(504, text, close=True, request_id=rid))
+            now = self.sh.now()
+            self.sh.stats.record(app, 504, now - start, by_router=True)
+            if self.attempt is not None:
+                head, name, backend, connect_s, sent_at = self.attempt
+                self._log(head, name, rid, "H12", backend, connect_s, now - sent_at, 504, len(text))
+
+    def _log(
+        self, head: RequestHead, app_name: str, rid: bytes, code: str, backend: Backend | None,
+        connect_s: float = 0.0, service_s: float = 0.0, status: int = 0, nbytes: int = 0,
+        retry: Backend | None = None,
+    ) -> None:  # fmt: skip
+        """A router line for the app's log (queued: never blocks)."""
+        if app_name:
+            self.sh.stats.logged(app_name, code)
+        self.sh.log.emit_nowait(app_name, RouterEvent(
+            code, head.method, head.target.decode("latin-1"), head.host.decode("latin-1"),
+            rid.decode("latin-1"), self.client_ip, self.proto,
+            _label(backend) if backend is not None else "", _ms(connect_s), _ms(service_s),
+            status, nbytes, _label(retry) if retry is not None else "",
+        ))  # fmt: skip
 
     async def _reply(
         self, head: RequestHead, app: str, start: float, rid: bytes, status: int, text: str,
@@ -388,7 +427,9 @@ class ClientConnection:
             return await self._reply(head, app, start, rid, 413, f"413: the body exceeds {cfg.max_body} bytes\n", close=True)  # fmt: skip
         backends = table.backends.get(route.service, ())
         if not backends:
-            return await self._reply(head, app, start, rid, 503, http1.unavailable_page(app, route.process_type))  # fmt: skip
+            page = http1.unavailable_page(app, route.process_type)
+            self._log(head, route.app_name, rid, "H10", None, status=503, nbytes=len(page.encode()))
+            return await self._reply(head, app, start, rid, 503, page)
         self.current = (app, start, rid)
         up_head = http1.upstream_request(
             head, client_ip=self.ip, proto_port=self.proto_port, request_id=rid,
@@ -404,16 +445,21 @@ class ClientConnection:
         tried: list[str] = []
         why = "no backend could be reached"
         timed_out = False
-        for attempt in range(cfg.max_tries):
-            if attempt:
-                sh.stats.retried(app)
+        # the attempt that failed last: code, backend, connect seconds, failed after (seconds)
+        failed: tuple[str, Backend, float, float] | None = None
+        for _ in range(cfg.max_tries):
             now = self.sh.now()
             backend = sh.balancer.choose(backends, now, tried)
             if backend is None:
                 break
+            if failed is not None:
+                sh.stats.retried(app)
+                self._log(head, route.app_name, rid, failed[0], failed[1], failed[2], failed[3],
+                          retry=backend)  # fmt: skip
             address = backend.address
             tried.append(address)
             up = sh.pool.take_nowait(address, now)
+            connect_s, sent_at = 0.0, now  # (a pooled connection: no second clock read)
             if up is None:
                 self.phase = "connect"
                 self.expires_at = float("inf")
@@ -421,9 +467,13 @@ class ClientConnection:
                     up = await connect_backend(sh, backend)
                 except ConnectError as e:
                     why, timed_out = str(e), e.timed_out
+                    failed = ("H19" if e.timed_out else "H21", backend, self.sh.now() - now, 0.0)
                     continue
+                sent_at = self.sh.now()
+                connect_s = sent_at - now
             assert up is not None
             self.upstream = up
+            self.attempt = (head, route.app_name, backend, connect_s, sent_at)
             sh.balancer.acquire(address)
             try:
                 return await self._exchange(head, up_head, up, address, start, rid, app)
@@ -434,12 +484,18 @@ class ClientConnection:
                 if self.dead and self.events and self.events[-1][0] == ERROR:
                     status, reason = self.events[-1][1]
                     return await self._reply(head, app, start, rid, status, f"{status}: {reason}\n", close=True)  # fmt: skip
+                failed = (e.code, backend, connect_s, self.sh.now() - sent_at)
                 if head.method not in http1.IDEMPOTENT or head.has_body:
                     break
             finally:
                 sh.balancer.release(address)
         status = 504 if timed_out else 502
-        return await self._reply(head, app, start, rid, status, f"{status}: {why}\n", close=head.has_body)  # fmt: skip
+        text = f"{status}: {why}\n"
+        if failed is not None:
+            code, backend, connect_s, service_s = failed
+            self._log(head, route.app_name, rid, code, backend, connect_s, service_s, status,
+                      len(text.encode()))  # fmt: skip
+        return await self._reply(head, app, start, rid, status, text, close=head.has_body)
 
     async def _send_request(self, head: RequestHead, up_head: bytes, up: Sock) -> None:
         """Send the head and stream the body; raise _UpstreamFailed if the request
@@ -449,7 +505,7 @@ class ClientConnection:
             try:
                 await up.sendall(out)
             except OSError as e:
-                raise _UpstreamFailed(f"send: {e}") from None
+                raise _UpstreamFailed(f"send: {e}") from None  # (H13: the head alone was lost)
             return
         self.phase = "request-body"
         sent = 0
@@ -474,7 +530,7 @@ class ClientConnection:
                 try:
                     await up.sendall(out)
                 except OSError as e:
-                    raise _UpstreamFailed(f"send: {e}") from None
+                    raise _UpstreamFailed(f"send: {e}", "H18") from None
                 out = bytearray()
             if kind == END:
                 return
@@ -573,7 +629,7 @@ class ClientConnection:
                     extra = data[e.args[0] :]
                 except httptools.HttpParserError as e:
                     if resp is None:
-                        raise _UpstreamFailed(f"invalid response: {e}") from None
+                        raise _UpstreamFailed(f"invalid response: {e}", "H17") from None
                     raise _ClientGone from None
             for kind, value in side.events:
                 if kind == HEAD:
@@ -583,7 +639,7 @@ class ClientConnection:
                     if value.status == 101 and (head.upgrade is None or not _done(uploaded)):
                         # Only an upgrade the client asked for, once its request is sent:
                         # a tunnel cannot share the client socket with a running upload.
-                        raise _UpstreamFailed("answered 101 to a request that asked for no upgrade")
+                        raise _UpstreamFailed("answered 101 to a request that asked for no upgrade", "H17")
                     resp = value
                     framing, keep = self._framing(head, value)
                     if not _done(uploaded):

@@ -11,6 +11,9 @@ port that appears and closes the ones whose route went away (their open
 connections are left to finish), and drops pooled connections to backends
 that left the table. A TCP port that cannot be bound is reported in `status`
 and tried again on the next table change.
+
+The router's lines in apps' logs (`applog.RouterLog`) are written by a task of
+the router's nursery; without a writer (``log=None``) they are not kept.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
 from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared, connect_backend
 from flynnp2p.router.sock import ConnectError, Sock, tunnel
@@ -51,6 +55,7 @@ class Router:
     """HTTP and TCP routes of the cluster, served on `address`.
 
     `table`: the route table, swapped by its owner (the agent) at any time.
+    `log`: where the router's lines for apps' logs go.
     `http_port`: 0 picks a free port (tests); the bound port is what
     ``await nursery.start(router.run)`` returns.
     """
@@ -65,6 +70,7 @@ class Router:
         seed: int | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        log: RouterLog | None = None,
     ) -> None:
         self.table = table
         self.address = address
@@ -75,6 +81,7 @@ class Router:
             table=table, cfg=self.config, balancer=Balancer(rng, self.config.skip_seconds),
             pool=Pool(self.config), stats=Stats(), rng=rng,
             wall_ms=lambda: int(wall_clock() * 1000), now=clock,
+            log=log or RouterLog(wall_ms=lambda: int(wall_clock() * 1000)),
         )  # fmt: skip
         self.connections = 0
         self.tcp_listeners: dict[int, trio.CancelScope] = {}
@@ -86,6 +93,7 @@ class Router:
         try:
             self.bound_port = listener.getsockname()[1]
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.shared.log.run)
                 nursery.start_soon(self._serve_http, listener, "http", self.bound_port)
                 nursery.start_soon(self._reconcile_tcp, nursery)
                 nursery.start_soon(self._sweep_timeouts)
@@ -110,6 +118,7 @@ class Router:
             "balancer": self.shared.balancer.status(now),
             "pool": self.shared.pool.counts(),
             "apps": self.shared.stats.as_dict(),
+            "log": self.shared.log.status(),
         }
 
     async def _sweep_timeouts(self) -> None:

@@ -17,6 +17,7 @@ class AppStats:
     by_class: list[int] = field(default_factory=lambda: [0] * 6)  # index 1..5: 1xx..5xx
     router_errors: int = 0
     retries: int = 0
+    codes: dict[str, int] = field(default_factory=dict)  # router log lines by code (logline)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
 
@@ -47,6 +48,10 @@ class Stats:
     def retried(self, app: str) -> None:
         self.app(app).retries += 1
 
+    def logged(self, app: str, code: str) -> None:
+        codes = self.app(app).codes
+        codes[code] = codes.get(code, 0) + 1
+
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {}
         for name in sorted(self.apps):
@@ -56,6 +61,7 @@ class Stats:
                 "requests": {f"{i}xx": s.by_class[i] for i in range(1, 6)},
                 "router_errors": s.router_errors,
                 "retries": s.retries,
+                "codes": dict(sorted(s.codes.items())),
                 "latency_ms": {
                     f"p{int(q * 100)}": round(percentile(lat, q) * 1000, 3)
                     for q in (0.5, 0.9, 0.99)
