@@ -252,3 +252,15 @@ def unavailable_page(app: str, process_type: str) -> str:
         f"503 Service Unavailable: no {process_type} process of app {app} is up.\n\n"
         f"Check `flynnp2p ps -a {app}`, and scale with `flynnp2p scale {process_type}=1 -a {app}`.\n"
     )
+
+
+def https_location(host: bytes, target: bytes, https_port: int | None) -> bytes:
+    """Where an https_only route sends a plain-HTTP request: the same host (its port
+    replaced by the router's HTTPS port, left out when it is 443) and target."""
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        name = host[: end + 1] if end >= 0 else host
+    else:
+        name = host.rsplit(b":", 1)[0] if b":" in host else host
+    port = b"" if https_port in (None, 443) else b":%d" % https_port
+    return b"https://" + name + port + target

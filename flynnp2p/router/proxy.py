@@ -55,9 +55,9 @@ import trio
 from flynnp2p.router import http1
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
-from flynnp2p.router.http1 import RequestHead, ResponseHead
+from flynnp2p.router.http1 import RequestHead, ResponseHead, https_location
 from flynnp2p.router.logline import RouterEvent
-from flynnp2p.router.sock import ConnectError, Sock, connect, tunnel
+from flynnp2p.router.sock import ConnectError, Sock, Stream, connect, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
 from flynnp2p.watch import Watched
@@ -135,6 +135,7 @@ class Shared:
     wall_ms: Callable[[], int]
     now: Callable[[], float]  # monotonic seconds: timeouts, latencies, passive-health marks
     log: RouterLog = field(default_factory=RouterLog)  # router lines in apps' logs
+    https_port: int | None = None  # where https_only routes redirect plain HTTP
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
@@ -218,7 +219,7 @@ class _ResponseSide:
 
 
 class ClientConnection:
-    def __init__(self, shared: Shared, sock: Sock, client_ip: str, proto: str, port: int) -> None:
+    def __init__(self, shared: Shared, sock: Stream, client_ip: str, proto: str, port: int) -> None:
         self.sh = shared
         self.cfg = shared.cfg
         self.sock = sock
@@ -420,7 +421,7 @@ class ClientConnection:
             return await self._reply(head, "-", start, rid, 404, http1.not_found_page(host))
         app = route.app_name or route.app_id
         if route.https_only and self.proto == "http":
-            location = b"https://" + head.host.rsplit(b":", 1)[0] + head.target
+            location = https_location(head.host, head.target, sh.https_port)
             return await self._reply(head, app, start, rid, 308, "308: this app is served over HTTPS\n",
                                      extra=[(b"Location", location)])  # fmt: skip
         if head.content_length is not None and head.content_length > cfg.max_body:

@@ -1,4 +1,5 @@
-"""The router service: listeners, the TCP route listeners kept in step with the table.
+"""The router service: HTTP and HTTPS listeners, the TCP route listeners kept in step
+with the table.
 
 `Router.run` binds the HTTP listener, reports its port through
 ``task_status.started``, then serves until cancelled. The agent owns the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import random
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,9 +31,10 @@ import trio
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
 from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared, connect_backend
-from flynnp2p.router.sock import ConnectError, Sock, tunnel
+from flynnp2p.router.sock import ConnectError, Sock, Stream, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import RouteTable
+from flynnp2p.router.tls import CertStore, TlsSock
 from flynnp2p.watch import Watched
 
 ACCEPT_BATCH = 64
@@ -71,10 +74,15 @@ class Router:
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         log: RouterLog | None = None,
+        https_port: int | None = None,
+        certs: CertStore | None = None,
     ) -> None:
         self.table = table
         self.address = address
         self.http_port = http_port
+        # HTTPS when both are given: `certs` picks each handshake's certificate by SNI.
+        self.https_port = https_port if certs is not None else None
+        self.certs = certs
         self.config = config or ProxyConfig()
         rng = random.Random(seed)
         self.shared = Shared(
@@ -87,20 +95,31 @@ class Router:
         self.tcp_listeners: dict[int, trio.CancelScope] = {}
         self.tcp_errors: dict[int, str] = {}
         self.bound_port: int | None = None
+        self.bound_https_port: int | None = None
+        self.tls_failures = 0  # handshakes that failed or timed out
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listener = _listen(self.address, self.http_port)
+        secure = None
         try:
             self.bound_port = listener.getsockname()[1]
+            if self.https_port is not None:
+                secure = _listen(self.address, self.https_port)
+                https_port: int = secure.getsockname()[1]
+                self.bound_https_port = self.shared.https_port = https_port
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.shared.log.run)
                 nursery.start_soon(self._serve_http, listener, "http", self.bound_port)
+                if secure is not None:
+                    nursery.start_soon(self._serve_http, secure, "https", https_port)
                 nursery.start_soon(self._reconcile_tcp, nursery)
                 nursery.start_soon(self._sweep_timeouts)
                 task_status.started(self.bound_port)
         finally:
-            trio.lowlevel.notify_closing(listener)
-            listener.close()
+            for sock in (listener, secure):
+                if sock is not None:
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
             self.shared.pool.close_all()
 
     def status(self) -> dict[str, object]:
@@ -108,7 +127,13 @@ class Router:
         now = self.shared.now()
         table = self.table.value
         return {
-            "listeners": {"http": self.bound_port, "tcp": sorted(self.tcp_listeners)},
+            "listeners": {
+                "http": self.bound_port, "https": self.bound_https_port, "tcp": sorted(self.tcp_listeners)
+            },
+            "tls": {
+                **(self.certs.status() if self.certs is not None else {}),
+                "handshake_failures": self.tls_failures,
+            },
             "tcp_errors": dict(sorted(self.tcp_errors.items())),
             "connections": self.connections,
             "routes": len(table.routes),
@@ -160,7 +185,17 @@ class Router:
         async def handle(conn: socket.socket, peer_ip: str) -> None:
             self.connections += 1
             try:
-                await ClientConnection(self.shared, Sock(conn), peer_ip, proto, port).serve()
+                stream: Stream = Sock(conn)
+                if proto == "https":
+                    assert self.certs is not None
+                    stream = TlsSock(Sock(conn), self.certs.default)
+                    try:
+                        await stream.handshake()
+                    except (ssl.SSLError, OSError, trio.TooSlowError):
+                        self.tls_failures += 1  # a scanner, plain HTTP, a wrong name: not ours
+                        stream.close()
+                        return
+                await ClientConnection(self.shared, stream, peer_ip, proto, port).serve()
             finally:
                 self.connections -= 1
 

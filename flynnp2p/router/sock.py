@@ -20,6 +20,7 @@ import errno
 import math
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -34,6 +35,25 @@ class ConnectError(OSError):
     def __init__(self, address: str, why: str, timed_out: bool = False) -> None:
         super().__init__(f"connect to {address}: {why}")
         self.timed_out = timed_out
+
+
+class Stream(Protocol):
+    """What a connection is to the proxy: a `Sock`, or TLS over one
+    (`flynnp2p.router.tls.TlsSock`)."""
+
+    closed: bool
+
+    async def recv(self, size: int = RECV_SIZE) -> bytes: ...
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def send_nowait(self, data: bytes) -> None: ...
+
+    def peer_closed_nowait(self) -> bool: ...
+
+    def shutdown_write(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Sock:
@@ -128,7 +148,7 @@ async def connect(host: str, port: int, address: str) -> Sock:
     return s
 
 
-async def pipe(src: Sock, dst: Sock, moved: Callable[[], None] = lambda: None) -> None:
+async def pipe(src: Stream, dst: Stream, moved: Callable[[], None] = lambda: None) -> None:
     """Copy bytes from `src` to `dst` until end of stream, then half-close `dst`;
     `moved` is called after every chunk."""
     try:
@@ -142,7 +162,7 @@ async def pipe(src: Sock, dst: Sock, moved: Callable[[], None] = lambda: None) -
         dst.shutdown_write()
 
 
-async def tunnel(a: Sock, b: Sock, idle_s: float = math.inf) -> None:
+async def tunnel(a: Stream, b: Stream, idle_s: float = math.inf) -> None:
     """Bytes both ways until both directions have ended (half-close is passed on),
     or until nothing has moved either way for `idle_s` (a half-open peer must not
     hold two sockets forever): every chunk moves the deadline on."""
@@ -151,7 +171,7 @@ async def tunnel(a: Sock, b: Sock, idle_s: float = math.inf) -> None:
         def moved() -> None:
             idle.deadline = trio.current_time() + idle_s
 
-        async def one_way(src: Sock, dst: Sock) -> None:
+        async def one_way(src: Stream, dst: Stream) -> None:
             try:
                 await pipe(src, dst, moved)
             except OSError:  # a reset ends both directions
