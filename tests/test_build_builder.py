@@ -169,7 +169,7 @@ async def test_no_buildpack_detected_names_every_marker(tmp_path: Path) -> None:
     only_slug_left(tmp_path, None)
 
 
-def python_app(tmp_path: Path) -> Path:
+def python_app(tmp_path: Path, *, django: bool = False) -> Path:
     src = write(
         tmp_path / "src",
         {
@@ -189,7 +189,21 @@ def python_app(tmp_path: Path) -> Path:
         },
     )
     make_wheel(src / "vendor", "greet", "1.0", "def hello():\n    return 'hello from greet'\n")
+    if django:
+        # What the buildpack does for Django apps is run the app's manage.py once
+        # `import django` works: a stand-in package and manage.py are enough.
+        (src / "requirements.txt").write_text("greet==1.0\ndjango==0.0.1\n")
+        make_wheel(src / "vendor", "django", "0.0.1", "")
+        write(src, {"manage.py": MANAGE_PY})
     return src
+
+
+MANAGE_PY = """\
+    import os, sys
+    os.makedirs("staticfiles", exist_ok=True)
+    with open("staticfiles/collected.txt", "w") as f:
+        f.write(" ".join(sys.argv[1:]) + " in " + os.getcwd())
+    """
 
 
 # The app's env is handed to the installer: a local wheel directory, no index.
@@ -199,13 +213,15 @@ LOCAL_WHEELS = {"PIP_FIND_LINKS": "/app/vendor", "PIP_NO_INDEX": "1"}
 @pytest.mark.slow
 @pytest.mark.skipif(ISOLATION != "namespaces", reason="builds at /app need mount namespaces (root)")
 async def test_python_app_venv_in_the_slug(tmp_path: Path) -> None:
-    result, lines = await run_build(tmp_path, python_app(tmp_path), env=LOCAL_WHEELS)
+    src = python_app(tmp_path, django=True)
+    result, lines = await run_build(tmp_path, src, env=LOCAL_WHEELS)
     assert result.buildpacks == ("Python",)
+    assert slug_file(result, "./app/staticfiles/collected.txt") == "collectstatic --noinput in /app"
     members = slug_members(result)
     assert any(n.endswith("/site-packages/greet/__init__.py") for n in members)
     assert members["./app/.venv/bin/python3"].issym()  # one interpreter file, not three
     assert "VIRTUAL_ENV" in slug_file(result, "./app/.profile.d/python.sh")
-    assert any("Successfully installed greet-1.0" in line for line in lines.lines)
+    assert any("Successfully installed" in ln and "greet-1.0" in ln for ln in lines.lines)
     # pip's caches go to the build cache, not into the slug (HOME is /app).
     assert not any(n.startswith("./app/.cache") for n in members)
 
@@ -343,22 +359,16 @@ async def test_chosen_buildpack_that_says_no(tmp_path: Path) -> None:
 # -- failures and limits -------------------------------------------------------------------
 
 
-def failing_buildpack(root: Path, compile_body: str) -> Path:
-    return write(
-        root,
-        {
-            "bin/detect": "#!/bin/sh\necho Failing\n",
-            "bin/compile": "#!/bin/sh\n" + compile_body,
-            "bin/release": "#!/bin/sh\necho '---'\n",
-        },
-        mode=0o755,
-    )
+def failing_buildpack(root: Path, compile_body: str, *, detect: bool = True) -> Path:
+    files = {"bin/compile": "#!/bin/sh\n" + compile_body, "bin/release": "#!/bin/sh\necho '---'\n"}
+    if detect:
+        files["bin/detect"] = "#!/bin/sh\necho Failing\n"
+    return write(root, files, mode=0o755)
 
 
 async def test_failing_compile_reports_output_and_exit_code(tmp_path: Path) -> None:
-    bp = failing_buildpack(
-        tmp_path / "bp", "echo step one\necho 'boom: no such thing' >&2\nexit 3\n"
-    )
+    body = "echo step one\necho 'boom: no such thing' >&2\nexit 3\n"
+    bp = failing_buildpack(tmp_path / "bp", body, detect=False)  # chosen: taken as it is
     src = write(tmp_path / "src", {"Procfile": "web: true\n"})
     with pytest.raises(BuildError) as e:
         await run_build(tmp_path, src, buildpacks=[str(bp)])
@@ -383,8 +393,9 @@ def processes_with(marker: str) -> list[int]:
 
 async def test_time_limit_kills_the_build_and_what_it_started(tmp_path: Path) -> None:
     marker = "31.41592"
-    # A background sleeper too: without a PID namespace it would outlive the build.
-    bp = failing_buildpack(tmp_path / "bp", f"echo sleeping\nsleep {marker} &\nsleep {marker}\n")
+    # A sleeper in a session of its own too: only the PID namespace ends it with the build.
+    body = f"echo sleeping\nsetsid sleep {marker} &\nsleep {marker}\n"
+    bp = failing_buildpack(tmp_path / "bp", body)
     src = write(tmp_path / "src", {"Procfile": "web: true\n"})
     start = trio.current_time()
     with pytest.raises(BuildError, match="time limit of 1.5 s"):
@@ -406,6 +417,13 @@ async def test_memory_limit(tmp_path: Path) -> None:
     # The same compile under the default limit (1 GiB) succeeds.
     _, lines = await run_build(tmp_path, src, buildpacks=[str(bp)])
     assert str(600 * 1024 * 1024) in lines.lines
+
+
+async def test_invalid_procfile_fails_the_build_and_leaves_no_slug(tmp_path: Path) -> None:
+    src = write(tmp_path / "src", {"Procfile": "web: true\nthis is not a process line\n"})
+    with pytest.raises(BuildError, match="Procfile line 2"):
+        await run_build(tmp_path, src)
+    only_slug_left(tmp_path, None)
 
 
 async def test_absolute_symlink_out_of_the_app_is_refused(tmp_path: Path) -> None:
@@ -490,6 +508,9 @@ async def test_static_slug_serves(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(ISOLATION != "namespaces", reason="builds at /app need mount namespaces (root)")
 async def test_python_slug_serves_from_its_venv(tmp_path: Path) -> None:
-    result, _ = await run_build(tmp_path, python_app(tmp_path), env=LOCAL_WHEELS)
+    env = {**LOCAL_WHEELS, "DISABLE_COLLECTSTATIC": "1"}
+    result, lines = await run_build(tmp_path, python_app(tmp_path, django=True), env=env)
+    assert "./app/staticfiles" not in slug_members(result)
+    assert any("Skipping collectstatic" in line for line in lines.lines)
     body = await serve_slug(tmp_path, result, lambda b: "greet" in b)
     assert body == "hello from greet on /app/.venv"

@@ -16,7 +16,8 @@ isolation, the layout and what the programs see):
    /tmp and the cache are handed to the build's uid;
 4. ``bin/detect BUILD_DIR`` of each: with detection, the built-ins in
    ``BUILTIN_ORDER`` until one says yes (none: an error naming what each looks
-   for); with chosen buildpacks, each must say yes;
+   for); with chosen buildpacks, each must say yes (one without a ``bin/detect``
+   is taken as it is);
 5. ``bin/compile BUILD_DIR CACHE_DIR ENV_DIR`` of each, in order, its output
    streamed line by line to ``on_line``; a non-zero exit fails the build with the
    exit code and the last lines of the buildpack's output;
@@ -25,10 +26,11 @@ isolation, the layout and what the programs see):
 7. the slug: ``tar`` of ``./app`` run in the sandbox as the build's uid (so it can
    read nothing the build could not), owners set to 0, gzipped into the build's
    /tmp; then every member is checked as a job host will check it
-   (``host.slug.check_members``: no absolute or escaping links, no devices) while
-   its digest is computed, and only then is it moved next to the sandbox: a slug
-   file exists only complete and valid;
-8. process types: the buildpacks' defaults, the slug's ``Procfile`` over them.
+   (``host.slug.check_members``: no absolute or escaping links, no devices), its
+   ``Procfile`` parsed and its digest computed;
+8. process types: the buildpacks' defaults, the ``Procfile`` over them;
+9. last, when nothing can fail any more, the slug is moved next to the sandbox:
+   a slug file exists only for a build that succeeded, and only complete.
 
 The whole build runs under one wall-clock limit (``BuildLimits.timeout_s``):
 when it passes, the running program and everything it started are killed and
@@ -178,20 +180,21 @@ async def _build(
             await _compile(box, bp, name, limits, on_line)
         for bp, name in chosen:
             defaults.append(await _release(box, bp, name, on_line))
-        slug = await _pack(box, work_dir, on_line)
-        procfile = await trio.to_thread.run_sync(read_slug_procfile, slug.slug_path)
-        types = process_types(defaults, procfile)
+        slug = await _pack(box, on_line)
+        types = process_types(defaults, slug.procfile)
         await on_line("-----> Discovering process types")
         await on_line(
-            "       Procfile declares types -> " + (", ".join(sorted(procfile)) or "(none)")
+            "       Procfile declares types -> " + (", ".join(sorted(slug.procfile)) or "(none)")
         )
-        extra = sorted(set(types) - set(procfile))
+        extra = sorted(set(types) - set(slug.procfile))
         if extra:
             await on_line("       Default types for buildpack -> " + ", ".join(extra))
         await on_line(f"-----> Compressed slug: {slug.size / 1e6:.1f} MB")
-        return BuildResult(
-            slug.slug_path, slug.digest, slug.size, types, tuple(name for _, name in chosen)
-        )
+        # Last: from here on nothing can fail, so a slug file only exists for a build
+        # that succeeded.
+        final = work_dir / f"{box.root.name}.tgz"
+        await trio.to_thread.run_sync(os.replace, slug.path, final)
+        return BuildResult(final, slug.digest, slug.size, types, tuple(n for _, n in chosen))
 
 
 # -- 1. the source -----------------------------------------------------------------------
@@ -305,6 +308,9 @@ async def _detect(
     chosen: list[tuple[_Placed, str]] = []
     wants: list[str] = []
     for bp in placed:
+        if not detecting and not (bp.path / "bin" / "detect").is_file():
+            chosen.append((bp, bp.ref.name))  # chosen, and it cannot say: taken as it is
+            continue
         result = await box.run(
             [box.inside(bp.path / "bin" / "detect"), app],
             env={},
@@ -371,12 +377,13 @@ async def _release(box: Sandbox, bp: _Placed, name: str, on_line: LineCallback) 
 
 @dataclass(frozen=True, slots=True)
 class _Slug:
-    slug_path: Path
+    path: Path  # still inside the sandbox
     digest: str
     size: int
+    procfile: dict[str, str]
 
 
-async def _pack(box: Sandbox, work_dir: Path, on_line: LineCallback) -> _Slug:
+async def _pack(box: Sandbox, on_line: LineCallback) -> _Slug:
     tmp_slug = box.tmp / "slug.tgz"
     parent = "/" if box.isolation == "namespaces" else str(box.app.parent)
     argv = [
@@ -386,25 +393,25 @@ async def _pack(box: Sandbox, work_dir: Path, on_line: LineCallback) -> _Slug:
     result = await box.run(argv, env={}, on_line=on_line, merge_stderr=True)
     if result.status != 0:
         raise BuildError(f"packing the slug failed (tar exited with {result.status})", result.tail)
-    final = work_dir / f"{box.root.name}.tgz"
     try:
-        digest, size = await trio.to_thread.run_sync(_check_and_move, tmp_slug, final)
+        return await trio.to_thread.run_sync(_check_slug, tmp_slug)
     except SlugError as exc:
         raise BuildError(f"the built app cannot be a slug: {exc.message}") from None
-    return _Slug(final, digest, size)
+    except UserError as exc:  # the Procfile
+        raise BuildError(f"the built app's {exc.message}") from None
 
 
-def _check_and_move(tmp_slug: Path, final: Path) -> tuple[str, int]:
+def _check_slug(tmp_slug: Path) -> _Slug:
+    """Check the members as a job host will, read the Procfile, hash the file."""
     try:
         with tarfile.open(tmp_slug, "r:gz") as tar:
             check_members(tar.getmembers())
     except (tarfile.TarError, EOFError) as exc:
         raise SlugError(f"the packed slug is not readable: {exc}") from None
+    procfile = read_slug_procfile(tmp_slug)
     h = hashlib.sha256()
     with tmp_slug.open("rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    size = tmp_slug.stat().st_size
     os.chown(tmp_slug, os.geteuid(), os.getegid())  # it was the build's; now the caller's
-    os.replace(tmp_slug, final)
-    return f"sha256:{h.hexdigest()}", size
+    return _Slug(tmp_slug, f"sha256:{h.hexdigest()}", tmp_slug.stat().st_size, procfile)
