@@ -221,7 +221,9 @@ async def test_python_app_venv_in_the_slug(tmp_path: Path) -> None:
     assert any(n.endswith("/site-packages/greet/__init__.py") for n in members)
     assert members["./app/.venv/bin/python3"].issym()  # one interpreter file, not three
     assert "VIRTUAL_ENV" in slug_file(result, "./app/.profile.d/python.sh")
-    assert any("Successfully installed" in ln and "greet-1.0" in ln for ln in lines.lines)
+    # uv (a dependency of flynnp2p, lent to the build) installs, with pip's settings.
+    assert any("with uv" in line for line in lines.lines)
+    assert any("+ greet==1.0" in line for line in lines.lines)
     # pip's caches go to the build cache, not into the slug (HOME is /app).
     assert not any(n.startswith("./app/.cache") for n in members)
 
@@ -509,7 +511,9 @@ async def test_static_slug_serves(tmp_path: Path) -> None:
 @pytest.mark.skipif(ISOLATION != "namespaces", reason="builds at /app need mount namespaces (root)")
 async def test_python_slug_serves_from_its_venv(tmp_path: Path) -> None:
     env = {**LOCAL_WHEELS, "DISABLE_COLLECTSTATIC": "1"}
-    result, lines = await run_build(tmp_path, python_app(tmp_path, django=True), env=env)
+    # No tools lent: the stack's pip installs, aimed at the venv.
+    result, lines = await run_build(tmp_path, python_app(tmp_path, django=True), env=env, tools=[])
+    assert any("Successfully installed" in ln and "greet-1.0" in ln for ln in lines.lines)
     assert "./app/staticfiles" not in slug_members(result)
     assert any("Skipping collectstatic" in line for line in lines.lines)
     body = await serve_slug(tmp_path, result, lambda b: "greet" in b)

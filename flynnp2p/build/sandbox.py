@@ -144,6 +144,7 @@ class Sandbox:
         self.tmp = root / "tmp"
         self.env_dir = self.tmp / "env"
         self.buildpacks_dir = self.tmp / "buildpacks"
+        self.tools_dir = self.tmp / "tools"
         self._spawner = Spawner()
 
     # -- paths as the programs see them ----------------------------------------------
@@ -164,7 +165,14 @@ class Sandbox:
     # -- set-up ------------------------------------------------------------------------
 
     def _create_sync(self) -> None:
-        for d in (self.app, self.tmp, self.tmp / "cache", self.env_dir, self.buildpacks_dir):
+        for d in (
+            self.app,
+            self.tmp,
+            self.tmp / "cache",
+            self.env_dir,
+            self.buildpacks_dir,
+            self.tools_dir,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.tmp, 0o1777)
@@ -175,6 +183,17 @@ class Sandbox:
             _chown_tree(self.app, self.uid)
             _chown_tree(self.tmp, self.uid)
             _chown_tree(self.cache_dir, self.uid)
+
+    def add_tool_sync(self, program: Path) -> None:
+        """Make ``program`` callable by name in the sandbox (first on its PATH).
+
+        Called after `hand_over_sync`, so the file stays the agent's: a hard link
+        when it can be (no copy of a big binary per build), else a copy."""
+        dest = self.tools_dir / program.name
+        try:
+            os.link(program, dest)
+        except OSError:
+            shutil.copy2(program, dest)
 
     def write_env_sync(self, env: Mapping[str, str]) -> None:
         for key, value in env.items():
@@ -207,7 +226,7 @@ class Sandbox:
         """Run ``argv`` (paths as seen inside) to its end; SIGKILLed if cancelled."""
         full_env = {
             **env,
-            "PATH": SYSTEM_PATH,
+            "PATH": f"{self.inside(self.tools_dir)}:{SYSTEM_PATH}",
             "HOME": self.inside(self.app),
             "TMPDIR": self.inside(self.tmp),
         }
