@@ -12,8 +12,8 @@ isolation, the layout and what the programs see):
    sandbox: built-ins from this package's ``buildpacks/`` directory, local paths
    copied, git URLs cloned with the real ``git`` client (on the host, before the
    build's uid owns anything);
-3. the app's env is written to ENV_DIR, one file per variable, and the tree, its
-   /tmp and the cache are handed to the build's uid; the tools the builder lends
+3. the app's env is written to ENV_DIR, one file per variable, and the tree and
+   the cache are handed to the build's uid; the tools the builder lends
    (``uv``, from the ``uv`` package, for the python buildpack) are linked in;
 4. ``bin/detect BUILD_DIR`` of each: with detection, the built-ins in
    ``BUILTIN_ORDER`` until one says yes (none: an error naming what each looks
@@ -151,15 +151,15 @@ async def build(
     with trio.move_on_after(limits.timeout_s):
         return await _build(
             source,
-            app_id,
-            work_dir,
-            cache_dir,
-            env,
-            on_line,
-            buildpacks,
-            limits,
-            isolation,
-            _default_tools() if tools is None else list(tools),
+            app_id=app_id,
+            work_dir=work_dir,
+            cache_dir=cache_dir,
+            env=env,
+            on_line=on_line,
+            buildpacks=buildpacks,
+            limits=limits,
+            isolation=isolation,
+            tools=_default_tools() if tools is None else list(tools),
         )
     await on_line(f" !     Build stopped: it took longer than {limits.timeout_s:g} s")
     raise BuildError(
@@ -170,6 +170,7 @@ async def build(
 
 async def _build(
     source: Path,
+    *,
     app_id: str,
     work_dir: Path,
     cache_dir: Path,

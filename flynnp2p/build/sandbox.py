@@ -12,6 +12,12 @@ lays out one directory per build on the host::
     <root>/tmp/cache            the app's build cache       -> /tmp/cache (CACHE_DIR, bind-mounted)
     <root>/tmp/env              one file per env var        -> /tmp/env (ENV_DIR)
     <root>/tmp/buildpacks/NN-x  a copy of each buildpack    -> /tmp/buildpacks/NN-x
+    <root>/tmp/tools            programs lent to buildpacks -> /tmp/tools (first on PATH)
+
+The build's uid owns the build tree and the cache; the rest is root's (when the
+agent is root), and the build's /tmp is sticky (1777), as /tmp is: the build
+can add files there but cannot move the mount points or the buildpacks that
+the next run mounts and runs as root.
 
 `Sandbox.run` starts one program in it. What it gets depends on the host's
 isolation (``host.process.detect_isolation``, the same probe the process backend
@@ -176,18 +182,19 @@ class Sandbox:
             d.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.tmp, 0o1777)
+        if self.isolation == "user":  # the build's uid must reach the host paths
+            os.chmod(self.root, 0o755)  # (with namespaces it sees only the mounts: 0700)
 
     def hand_over_sync(self) -> None:
-        """Give the build tree, its /tmp and the cache to the build's uid (blocking)."""
+        """Give the build tree and the cache to the build's uid (blocking)."""
         if self.isolation != "none":
             _chown_tree(self.app, self.uid)
-            _chown_tree(self.tmp, self.uid)
             _chown_tree(self.cache_dir, self.uid)
 
     def add_tool_sync(self, program: Path) -> None:
         """Make ``program`` callable by name in the sandbox (first on its PATH).
 
-        Called after `hand_over_sync`, so the file stays the agent's: a hard link
+        The file stays the agent's (the build cannot write it): a hard link
         when it can be (no copy of a big binary per build), else a copy."""
         dest = self.tools_dir / program.name
         try:
