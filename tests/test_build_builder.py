@@ -238,6 +238,23 @@ async def test_python_version_the_stack_lacks(tmp_path: Path) -> None:
     only_slug_left(tmp_path, None)
 
 
+@pytest.mark.skipif(ISOLATION != "namespaces", reason="builds at /app need mount namespaces (root)")
+async def test_python_runtime_txt_with_another_patch_release_uses_the_stacks(
+    tmp_path: Path,
+) -> None:
+    minor = subprocess.run(
+        ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    src = write(tmp_path / "src", {"requirements.txt": "", "runtime.txt": f"python-{minor}.99\n"})
+    result, lines = await run_build(tmp_path, src)
+    assert any(f"asks for Python {minor}.99; using {minor}." in line for line in lines.lines)
+    assert "./app/.venv/bin/python" in slug_members(result)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("npm") is None, reason="no npm on this machine")
 async def test_nodejs_app_runs_its_build_script(tmp_path: Path) -> None:
@@ -419,6 +436,19 @@ async def test_memory_limit(tmp_path: Path) -> None:
     # The same compile under the default limit (1 GiB) succeeds.
     _, lines = await run_build(tmp_path, src, buildpacks=[str(bp)])
     assert str(600 * 1024 * 1024) in lines.lines
+
+
+async def test_megabytes_of_output_stream_in_bounded_lines(tmp_path: Path) -> None:
+    # 3 MB without a newline, then 20,000 short lines.
+    body = "head -c 3000000 /dev/zero | tr '\\0' x\necho\nseq 1 20000\n"
+    bp = failing_buildpack(tmp_path / "bp", body)
+    src = write(tmp_path / "src", {"Procfile": "web: true\n"})
+    result, lines = await run_build(tmp_path, src, buildpacks=[str(bp)])
+    long_parts = [line for line in lines.lines if set(line) == {"x"}]
+    assert sum(map(len, long_parts)) == 3_000_000
+    assert max(map(len, long_parts)) == 64 * 1024
+    assert lines.lines.index("20000") == lines.lines.index("1") + 19_999
+    assert result.process_types == {"web": "true"}
 
 
 async def test_invalid_procfile_fails_the_build_and_leaves_no_slug(tmp_path: Path) -> None:
