@@ -1,0 +1,324 @@
+"""The build sandbox: buildpack programs run at ``/app``, as the build's own uid, bounded.
+
+Theory of operation
+-------------------
+A slug runs at ``/app`` (the process backend bind-mounts each job's copy there),
+and what a build makes often records absolute paths (a virtualenv's scripts name
+``/app/.venv/bin/python``), so the build runs at ``/app`` too. `open_sandbox`
+lays out one directory per build on the host::
+
+    <root>/app                  the build tree              -> /app (BUILD_DIR)
+    <root>/tmp                  the build's own /tmp        -> /tmp
+    <root>/tmp/cache            the app's build cache       -> /tmp/cache (CACHE_DIR, bind-mounted)
+    <root>/tmp/env              one file per env var        -> /tmp/env (ENV_DIR)
+    <root>/tmp/buildpacks/NN-x  a copy of each buildpack    -> /tmp/buildpacks/NN-x
+    <root>/tmp/tools            programs lent to buildpacks -> /tmp/tools (first on PATH)
+
+The build's uid owns the build tree and the cache; the rest is root's (when the
+agent is root), and the build's /tmp is sticky (1777), as /tmp is: the build
+can add files there but cannot move the mount points or the buildpacks that
+the next run mounts and runs as root.
+
+`Sandbox.run` starts one program in it. What it gets depends on the host's
+isolation (``host.process.detect_isolation``, the same probe the process backend
+uses):
+
+* "namespaces" (root, and the kernel allows): new mount, UTS and PID namespaces
+  (``unshare --fork --kill-child --mount-proc``); the mounts above; then
+  ``setpriv`` to the build's uid/gid with no groups and no capabilities. Unlike a
+  job, a build gets a PID namespace: nothing it starts can outlive it, because
+  when its first process (PID 1 there) dies the kernel kills the rest, and
+  ``--kill-child`` makes that happen when we SIGKILL ``unshare``. (A job goes
+  without one so that it can be stopped gracefully; a build is only ever killed.)
+* "user" (root without namespaces): only the uid switch; the programs see the host
+  paths, which must then be traversable by that uid, and absolute paths in the
+  slug will not be ``/app``.
+* "none" (not root): the programs run as the agent's user at the host paths.
+
+Every program gets ``RLIMIT_AS`` (the build's memory limit), dies with the agent
+(parent-death signal: it is forked by a ``host.spawn.Spawner`` that lives as long
+as the sandbox), runs in its own session and is SIGKILLed, with its whole group,
+when the caller is cancelled (the build's wall-clock limit is a cancel scope
+around the whole build). Its environment is only what the caller passes plus
+``PATH``, ``HOME`` and ``TMPDIR``: no variable of the agent leaks in.
+
+Output is read line by line (lines over 64 KiB are split) and handed to an async
+``on_line`` callback, so a slow consumer slows the buildpack down through the
+pipe instead of growing a buffer; the last lines are also kept for error messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import FlynnError
+from flynnp2p.host.process import APP_MOUNT
+from flynnp2p.host.spawn import Spawner, set_pdeathsig
+
+LineCallback = Callable[[str], Awaitable[None]]
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+_MAX_LINE = 64 * 1024
+_READ_CHUNK = 65536
+_TAIL_LINES = 40
+_DRAIN_S = 2.0  # after the program is gone, how long readers may finish the pipes
+_REAP_S = 5.0
+_MAX_CAPTURE = 1024 * 1024  # bytes of captured stdout (bin/detect, bin/release)
+
+_UNSHARE = [
+    "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc",
+    "--propagation", "private", "--",
+]  # fmt: skip
+# As root in the new mount namespace: the mounts, then the uid switch. The host's
+# paths may be under /tmp themselves, so the cache goes onto its mount point in the
+# sandbox's tmp first, and that tmp (with it: --rbind) onto /tmp last.
+_MOUNTS = (
+    'mount --bind "$3" "$2/cache" && mount --bind "$1" /app && mount --rbind "$2" /tmp '
+    '&& cd /app || { echo "$0: the sandbox could not be set up" >&2; exit 125; }; '
+    'shift 3 && exec "$@"'
+)
+_SETUP_FAILED = 125
+_MERGE_STDERR = 'exec 2>&1; exec "$@"'
+
+
+class SandboxError(FlynnError):
+    """This host could not set the sandbox up (mounts, uid switch): not the app's fault."""
+
+    code = "sandbox"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildLimits:
+    """Per-app build limits (defaults as on the issue: 1 GiB, 15 minutes)."""
+
+    memory_mb: int = 1024  # RLIMIT_AS of every buildpack program; 0: none
+    timeout_s: float = 900.0  # wall clock for the whole build
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    status: int  # exit code, or -signal
+    stdout: str  # captured stdout (``capture_stdout=True``), else ""
+    tail: tuple[str, ...]  # the last lines of streamed output
+
+
+def _preexec(limit_bytes: int | None) -> Callable[[], None]:
+    def preexec() -> None:
+        set_pdeathsig()
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return preexec
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    os.chown(root, uid, uid, follow_symlinks=False)
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(base, name), uid, uid, follow_symlinks=False)
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class Sandbox:
+    """One build's directory and the way to run programs in it (see the module doc)."""
+
+    def __init__(
+        self, root: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int
+    ) -> None:
+        self.root = root
+        self.isolation = isolation
+        self.uid = uid
+        self.cache_dir = cache_dir
+        self.memory_mb = memory_mb
+        self.app = root / "app"
+        self.tmp = root / "tmp"
+        self.env_dir = self.tmp / "env"
+        self.buildpacks_dir = self.tmp / "buildpacks"
+        self.tools_dir = self.tmp / "tools"
+        self._spawner = Spawner()
+
+    # -- paths as the programs see them ----------------------------------------------
+
+    def inside(self, host_path: Path) -> str:
+        """``host_path`` (under the sandbox or the cache) as a program in it sees it."""
+        if self.isolation != "namespaces":
+            return str(host_path)
+        for host, seen in (
+            (self.cache_dir, Path("/tmp/cache")),
+            (self.app, APP_MOUNT),
+            (self.tmp, Path("/tmp")),
+        ):
+            if host_path == host or host_path.is_relative_to(host):
+                return str(seen / host_path.relative_to(host))
+        raise ValueError(f"{host_path} is not inside the sandbox")
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _create_sync(self) -> None:
+        for d in (
+            self.app,
+            self.tmp,
+            self.tmp / "cache",
+            self.env_dir,
+            self.buildpacks_dir,
+            self.tools_dir,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tmp, 0o1777)
+        if self.isolation == "user":  # the build's uid must reach the host paths
+            os.chmod(self.root, 0o755)  # (with namespaces it sees only the mounts: 0700)
+
+    def hand_over_sync(self) -> None:
+        """Give the build tree and the cache to the build's uid (blocking)."""
+        if self.isolation != "none":
+            _chown_tree(self.app, self.uid)
+            _chown_tree(self.cache_dir, self.uid)
+
+    def add_tool_sync(self, program: Path) -> None:
+        """Make ``program`` callable by name in the sandbox (first on its PATH).
+
+        The file stays the agent's (the build cannot write it): a hard link
+        when it can be (no copy of a big binary per build), else a copy."""
+        dest = self.tools_dir / program.name
+        try:
+            os.link(program, dest)
+        except OSError:
+            shutil.copy2(program, dest)
+
+    def write_env_sync(self, env: Mapping[str, str]) -> None:
+        for key, value in env.items():
+            (self.env_dir / key).write_text(value)
+
+    # -- running -----------------------------------------------------------------------
+
+    def _argv(self, argv: Sequence[str], merge_stderr: bool) -> list[str]:
+        inner = ["sh", "-c", _MERGE_STDERR, "flynnp2p-build", *argv] if merge_stderr else list(argv)
+        if self.isolation == "none":
+            return inner
+        setpriv = [
+            "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+            "--inh-caps=-all", "--pdeathsig=KILL", "--",
+        ]  # fmt: skip
+        if self.isolation == "user":
+            return [*setpriv, *inner]
+        mounts = [str(self.app), str(self.tmp), str(self.cache_dir)]
+        return [*_UNSHARE, "sh", "-c", _MOUNTS, "flynnp2p-build", *mounts, *setpriv, *inner]
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        on_line: LineCallback,
+        capture_stdout: bool = False,
+        merge_stderr: bool = False,
+    ) -> RunResult:
+        """Run ``argv`` (paths as seen inside) to its end; SIGKILLed if cancelled."""
+        full_env = {
+            **env,
+            "PATH": f"{self.inside(self.tools_dir)}:{SYSTEM_PATH}",
+            "HOME": self.inside(self.app),
+            "TMPDIR": self.inside(self.tmp),
+        }
+        limit = self.memory_mb * 1024 * 1024 if self.memory_mb > 0 else None
+        child = await self._spawner.spawn(
+            self._argv(argv, merge_stderr),
+            cwd=self.app,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_preexec(limit),
+        )
+        tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        captured: list[str] = []
+        size = 0
+
+        async def stream(line: str) -> None:
+            tail.append(line)
+            await on_line(line)
+
+        async def capture(line: str) -> None:
+            nonlocal size
+            size += len(line) + 1
+            if size <= _MAX_CAPTURE:
+                captured.append(line)
+
+        try:
+            async with trio.open_nursery() as readers:
+                readers.start_soon(_pump, child.stdout, capture if capture_stdout else stream)
+                readers.start_soon(_pump, child.stderr, stream)
+                await child.wait()
+                _killpg(child.pid)  # leftovers (without a PID namespace)
+                readers.cancel_scope.deadline = trio.current_time() + _DRAIN_S
+        finally:
+            with trio.CancelScope(shield=True):
+                if child.returncode is None:
+                    _killpg(child.pid)
+                    with trio.move_on_after(_REAP_S):
+                        await child.wait()
+                for s in (child.stdout, child.stderr):
+                    await s.aclose()
+        if child.returncode == _SETUP_FAILED and tail and tail[-1].endswith("could not be set up"):
+            raise SandboxError("the build sandbox could not be set up: " + " / ".join(tail))
+        if size > _MAX_CAPTURE:
+            captured.append("[output truncated]")
+        assert child.returncode is not None
+        return RunResult(child.returncode, "\n".join(captured), tuple(tail))
+
+
+async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
+    buf = b""
+    while True:
+        chunk = await stream.receive_some(_READ_CHUNK)
+        buf += chunk
+        parts = buf.split(b"\n")
+        buf = parts.pop()
+        while len(buf) >= _MAX_LINE:
+            parts.append(buf[:_MAX_LINE])
+            buf = buf[_MAX_LINE:]
+        if not chunk and buf:
+            parts.append(buf)
+            buf = b""
+        for p in parts:
+            await sink(p.decode("utf-8", "replace").rstrip("\r"))
+        if not chunk:
+            return
+
+
+@contextlib.asynccontextmanager
+async def open_sandbox(
+    work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int
+) -> AsyncIterator[Sandbox]:
+    """A fresh sandbox under ``work_dir`` for the block; leaving removes it."""
+    await trio.to_thread.run_sync(lambda: work_dir.mkdir(parents=True, exist_ok=True))
+    root = Path(
+        await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="build-", dir=work_dir))
+    )
+    box = Sandbox(root, isolation=isolation, uid=uid, cache_dir=cache_dir, memory_mb=memory_mb)
+    try:
+        await trio.to_thread.run_sync(box._create_sync)
+        box._spawner.start()
+        yield box
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(box._spawner.close)
+            await trio.to_thread.run_sync(shutil.rmtree, root, True)
