@@ -16,6 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
+from flynnp2p.router.tls import CertStore
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.service import Peer, StateService
@@ -214,9 +216,12 @@ class Agent:
         )
         # The router: every node proxies every app's routes to its jobs anywhere.
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
+        # HTTPS: the cluster CA's *.<domain> certificate, and routes' own, by SNI.
+        self.certs = CertStore(self.ca, cfg.domain)
         self.router = Router(
-            self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub)
-        )
+            self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
+            https_port=cfg.https_port, certs=self.certs,
+        )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
         app.register_blueprint(internal_blueprint(self.state))
@@ -277,9 +282,14 @@ class Agent:
                 await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
-                await nursery.start(feed_routes, self.state, self.routes)
+                await nursery.start(
+                    partial(
+                        feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],
+                        domain=c.domain, certs=self.certs,
+                    )
+                )  # fmt: skip
                 await _start_listening(
-                    nursery, self.router.run, f"router HTTP port {c.addr}:{c.http_port}", "--http-port"
+                    nursery, self.router.run, f"router port {c.addr}:{c.http_port} or {c.https_port}", "--http-port or --https-port"
                 )
                 await nursery.start(self.fanout.run)
                 if self.backend is not None and self.runner is not None:

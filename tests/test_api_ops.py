@@ -164,3 +164,9 @@ def test_new_formation(
 def test_a_formation_needs_a_release() -> None:
     with pytest.raises(UserError, match="has no release yet"):
         ops.new_formation(state_of(APP), APP, {"web": 1}, {}, None, 1)
+
+
+@pytest.mark.parametrize("name", sorted(ops.RESERVED_NAMES))
+def test_reserved_names(name: str) -> None:
+    with pytest.raises(UserError, match=f"'{name}' is reserved"):
+        ops.new_app(name, {}, "example.com", 1)

@@ -5,6 +5,7 @@ and a deleted app are seen too (a real state service, virtual time)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import httpx
 import trio
@@ -59,4 +60,43 @@ async def test_the_table_follows_routes_jobs_and_placements(autojump_clock: trio
         await table_where(lambda t: backends(t) == [])
         await state.write([Delete(App.KIND, "a1")])
         await table_where(lambda t: t.lookup_http("shop.test", "/") is None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_api_route_and_certificates_follow_the_cluster_config(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from flynnp2p.coord.ca import ClusterCA
+    from flynnp2p.router.tls import CertStore
+    from flynnp2p.state.records import Certificate, ClusterConfig
+    from flynnp2p.token import ClusterToken
+    from tests.certs import make_cert
+
+    token = ClusterToken.generate()
+    certs = CertStore(ClusterCA(token.cluster_id, token.admin_secret), "flynnp2p.localhost")
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    async with trio.open_nursery() as nursery:
+        state = StateService(MemoryStore("n1"), LonePeers(), http, virtual_ms)
+        await nursery.start(state.run)
+        routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
+        await nursery.start(
+            partial(feed_routes, state, routes, api_address="127.0.0.9:7100", certs=certs)
+        )
+
+        async def api_backends(domain: str) -> list[str]:
+            with trio.fail_after(5):
+                version = routes.version
+                while (found := routes.value.lookup_http(f"api.{domain}", "/v1/status")) is None:
+                    version, _ = await routes.wait_change(version)
+            return [b.address for b in found.backends]
+
+        assert await api_backends("flynnp2p.localhost") == ["127.0.0.9:7100"]
+        cert_pem, key_pem = make_cert("shop.test")
+        await state.write([
+            ClusterConfig(domain="cluster.test", created_at=T0_MS),
+            Certificate(id="c1", domains=("shop.test",), cert_pem=cert_pem, key_pem=key_pem, created_at=T0_MS),
+        ])  # fmt: skip
+        assert await api_backends("cluster.test") == ["127.0.0.9:7100"]
+        assert routes.value.lookup_http("api.flynnp2p.localhost", "/") is None
+        assert certs.domain == "cluster.test" and set(certs.by_id) == {"c1"}
         nursery.cancel_scope.cancel()

@@ -6,7 +6,9 @@ import datetime as dt
 import socket
 import ssl
 
+import httpx
 import trio
+import trio.lowlevel
 
 from flynnp2p.coord.ca import ClusterCA
 from flynnp2p.router.sock import Sock
@@ -124,3 +126,55 @@ def test_a_certificate_that_no_longer_loads_is_reported_not_fatal() -> None:
     assert "bad" in certs.errors and "bad" not in certs.by_id
     assert certs.context_for("x.example") is certs.default
     assert set(certs.status()["certificates"]) == set()  # type: ignore[arg-type]
+
+
+async def test_https_through_the_router_by_sni_with_keep_alive_and_https_only() -> None:
+    from flynnp2p.router.service import Router
+    from flynnp2p.watch import Watched
+    from tests.test_router_helpers import LOCAL, HttpBackend, route, table_of
+
+    certs = store()
+    async with trio.open_nursery() as nursery:
+        backend = HttpBackend("b")
+        address = await backend.start(nursery)
+        table = table_of(
+            [route("r1", "hello.flynnp2p.localhost"), route("r2", "shop.example.org", https_only=True)],
+            {("app1", "web"): [address]},
+        )
+        router = Router(Watched(table), address=LOCAL, http_port=0, https_port=0, certs=certs, seed=1)
+        http_port = await nursery.start(router.run)
+        https_port = router.bound_https_port
+        assert https_port
+        ca = trusting(CA.cert_pem)
+        async with httpx.AsyncClient(verify=ca) as client:
+            # The server name comes from the sni_hostname extension; the address is loopback.
+            for name in ("hello.flynnp2p.localhost", "hello.flynnp2p.localhost"):  # one connection, twice
+                r = await client.get(
+                    f"https://{LOCAL}:{https_port}/headers", headers={"Host": name},
+                    extensions={"sni_hostname": name},
+                )
+                assert r.status_code == 200
+                h = {n.lower(): v for n, v in r.json()["headers"]}
+                assert h["x-forwarded-proto"] == "https" and h["x-forwarded-port"] == str(https_port)
+            r = await client.get(
+                f"http://{LOCAL}:{http_port}/a?b=1", headers={"Host": "shop.example.org:8080"}
+            )
+            assert r.status_code == 308
+            assert r.headers["location"] == f"https://shop.example.org:{https_port}/a?b=1"
+        shop_ca = trusting(certs.by_id["c1"][0].cert_pem)
+        async with httpx.AsyncClient(verify=shop_ca) as client:
+            r = await client.get(
+                f"https://{LOCAL}:{https_port}/", headers={"Host": "shop.example.org"},
+                extensions={"sni_hostname": "shop.example.org"},
+            )
+            assert r.status_code == 200
+        # Plain HTTP on the HTTPS port is a failed handshake, counted; the listener lives on.
+        await trio.lowlevel.checkpoint()
+        stream = await trio.open_tcp_stream(LOCAL, https_port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            while await stream.receive_some(100):
+                pass
+        await stream.aclose()
+        assert router.status()["tls"]["handshake_failures"] == 1  # type: ignore[index]
+        nursery.cancel_scope.cancel()

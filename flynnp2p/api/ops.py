@@ -148,8 +148,16 @@ def fresh_name(rng: random.Random, taken: Collection[str]) -> str:
     raise ClusterError("could not find a free app name; pass one")
 
 
+# ``api.<domain>`` is the cluster's API through the router, ``git.<domain>`` its git.
+RESERVED_NAMES = frozenset({"api", "git"})
+
+
 def new_app(name: str, meta: Mapping[str, str], domain: str, now: int) -> tuple[App, Route]:
     """An app and its default HTTP route ``<name>.<domain>``."""
+    if name in RESERVED_NAMES:
+        raise UserError(
+            f"name: {name!r} is reserved ({name}.{domain} is the cluster's own); choose another"
+        )
     app = App(id=uuid.uuid4().hex, name=name, created_at=now, meta=meta)
     route = Route(
         id=uuid.uuid4().hex, app_id=app.id, type="http", created_at=now, domain=f"{name}.{domain}"

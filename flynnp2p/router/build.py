@@ -6,8 +6,11 @@ the host reports it up and its placement is not a stop): a job whose placement s
 routers' half of draining). One-off jobs and jobs without an address never take
 traffic.
 
-`https_only` is not in the `Route` record yet; it is read when it exists so the
-table picks it up the day the field lands.
+The cluster's API is routed too, as Flynn routed its controller: with
+``api_address`` (this node's API), ``api.<cluster domain>`` goes to it, so
+``https://api.<domain>:8443`` with the cluster CA's certificate reaches the API
+through any node's router. The names ``api`` and ``git`` are reserved for apps
+(`flynnp2p.api.ops.RESERVED_NAMES`); the API route sorts first all the same.
 """
 
 from __future__ import annotations
@@ -15,16 +18,35 @@ from __future__ import annotations
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
 from flynnp2p.state.jobs import takes_traffic
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import App, Job, Placement, Route
+from flynnp2p.state.records import App, ClusterConfig, Job, Placement, Route
 
 
 def _backend(job: Job, placement: Placement | None) -> bool:
     return not job.one_off and job.address is not None and takes_traffic(placement, job)
 
 
-def table_from_state(state: State) -> RouteTable:
+API_ROUTE_ID = "!api"  # sorts before every record id: it wins a (forbidden) tie
+API_APP = "flynnp2p-api"
+
+
+def cluster_domain(state: State, fallback: str) -> str:
+    config = state.record(ClusterConfig, "config")
+    return config.domain if config is not None else fallback
+
+
+def table_from_state(
+    state: State, *, api_address: str | None = None, domain: str = "flynnp2p.localhost"
+) -> RouteTable:
     apps = {a.id: a for a in state.records(App)}
     routes = []
+    backends: dict[tuple[str, str], list[Backend]] = {}
+    if api_address is not None:
+        api = RouteSpec(
+            id=API_ROUTE_ID, app_id=API_APP, type="http", domain=f"api.{cluster_domain(state, domain)}",
+            process_type="api", app_name=API_APP,
+        )  # fmt: skip
+        routes.append(api)
+        backends[api.service] = [Backend("api", api_address)]
     for r in state.records(Route):
         app = apps.get(r.app_id)
         if app is None:  # the app was deleted; its routes go with it
@@ -39,13 +61,12 @@ def table_from_state(state: State) -> RouteTable:
                 port=r.port,
                 process_type=r.process_type,
                 sticky=r.sticky,
-                https_only=bool(getattr(r, "https_only", False)),
+                https_only=r.https_only,
                 app_name=app.name,
             )
         )
     wanted = {r.service for r in routes}
     placements = {p.id: p for p in state.records(Placement)}
-    backends: dict[tuple[str, str], list[Backend]] = {}
     for j in state.records(Job):
         service = (j.app_id, j.process_type)
         if service in wanted and _backend(j, placements.get(j.id)):

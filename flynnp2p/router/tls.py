@@ -72,18 +72,23 @@ class StoredCert:
 class CertStore:
     ca: ClusterCA
     domain: str
-    now: dt.datetime
+    now: dt.datetime | None = None  # when the default certificate is issued (None: now)
     default: ssl.SSLContext = field(init=False)
     by_id: dict[str, tuple[StoredCert, ssl.SSLContext]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        pem = self.ca.issue(f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), now=self.now)
+        now = self.now or dt.datetime.now(dt.UTC)
+        pem = self.ca.issue(f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), now=now)
         self.default = _context(pem.cert, pem.key)
         self.default.sni_callback = self._pick
 
-    def update(self, certs: Iterable[StoredCert]) -> None:
-        """The certificates of the state now; unchanged ones keep their context."""
+    def update(self, certs: Iterable[StoredCert], domain: str | None = None) -> None:
+        """The certificates of the state now; unchanged ones keep their context.
+        A new cluster `domain` gets a new default certificate."""
+        if domain is not None and domain != self.domain:
+            self.domain, self.now = domain, None
+            self.__post_init__()
         wanted = {c.id: c for c in certs}
         for cid in list(self.by_id):
             if cid not in wanted or self.by_id[cid][0] != wanted[cid]:
