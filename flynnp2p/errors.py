@@ -3,9 +3,9 @@
 Every error flynnp2p raises for a caller to see descends from `FlynnError`, and
 its ``status`` is the HTTP status the API answers with (``code`` is the short
 name in the body).  The API has one handler for the whole tree
-(`flynnp2p.api.app`); nothing translates one kind into another just to change
-the status.  A 500 is not an answer the API means to give: it is logged, and the
-body says only "internal error" (the message may name paths and internals).
+(`flynnp2p.api.app`): an error needs no translation into another kind to be
+answered with its status.  A 500 is not an answer the API means to give: it is
+logged, and the body says only "internal error" (the message may name paths).
 
     FlynnError (500)                  root
     ├── UserError (400)               bad input from a user: says what was wrong and what is accepted
