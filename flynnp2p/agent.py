@@ -50,6 +50,7 @@ from flynnp2p.coord.election import LeaderElection, LeaderView
 from flynnp2p.coord.member import EtcdSettings
 from flynnp2p.coord.service import Coord
 from flynnp2p.errors import ClusterError, ConfigError
+from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.heartbeat import Heartbeats
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.ping import UdpPinger
@@ -429,11 +430,13 @@ class Agent:
                 self.cfg.tags.pop(key, None)
             else:
                 self.cfg.tags[key] = value
-        # A SerfError is a ClusterError: the API answers 503 (retry) by itself.
-        await self.gossip.set_tags(
-            serf_tags({k: v for k, v in tags.items() if v is not None}),
-            serf_names(k for k, v in tags.items() if v is None),
-        )
+        try:
+            await self.gossip.set_tags(
+                serf_tags({k: v for k, v in tags.items() if v is not None}),
+                serf_names(k for k, v in tags.items() if v is None),
+            )
+        except SerfError as exc:
+            raise ClusterError(f"serf did not take the new tags (retry): {exc}") from None
         await trio.to_thread.run_sync(save_node, self.cfg, self.token)
         return dict(self.cfg.tags)
 
