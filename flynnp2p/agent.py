@@ -52,7 +52,7 @@ from flynnp2p.errors import ConfigError
 from flynnp2p.gossip.heartbeat import Heartbeats
 from flynnp2p.gossip.peers import GossipPeers
 from flynnp2p.gossip.ping import UdpPinger
-from flynnp2p.gossip.serf_agent import SerfSettings, free_port
+from flynnp2p.gossip.serf_agent import SerfSettings
 from flynnp2p.gossip.service import Gossip
 from flynnp2p.gossip.tags import role_list, serf_tags
 from flynnp2p.host.backend import JobBackend
@@ -132,7 +132,7 @@ class Agent:
             bind_addr=cfg.addr,
             bind_port=cfg.gossip_port,
             rpc_addr="127.0.0.1",
-            rpc_port=free_port("127.0.0.1"),
+            rpc_port=0,  # serf_agent picks one and holds it while serf runs
             rpc_auth=token.api_key,
             encrypt_key_b64=token.gossip_key_b64,
             data_dir=cfg.data_dir,

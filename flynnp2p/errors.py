@@ -1,17 +1,52 @@
 """The one error tree of flynnp2p.
 
-    FlynnError                      root; ``status`` is the HTTP status the API answers with
-    ├── UserError (400)             bad input from a user: says what was wrong and what is accepted
-    │   ├── Unauthorized (401)
-    │   ├── Forbidden (403)         authenticated, but not for this (a user's key on a peer endpoint)
-    │   ├── NotFound (404)
-    │   └── Conflict (409)
-    ├── ConfigError                 the node cannot start as configured (exit code 2)
-    ├── ClusterError (503)          the cluster cannot do it right now (no leader, no quorum, peer down)
-    └── InsufficientStorage (507)   this node's disk is full: nothing was stored; reads still work
+Every error flynnp2p raises for a caller to see descends from `FlynnError`, and
+its ``status`` is the HTTP status the API answers with (``code`` is the short
+name in the body).  The API has one handler for the whole tree
+(`flynnp2p.api.app`): an error needs no translation into another kind to be
+answered with its status.  A 500 is not an answer the API means to give: it is
+logged, and the body says only "internal error" (the message may name paths).
 
-The gossip client has its own tree rooted at ``flynnp2p.gossip.codec.SerfError``;
-the agent turns those into ``ConfigError`` or ``ClusterError`` at its edge.
+    FlynnError (500)                  root
+    ├── UserError (400)               bad input from a user: says what was wrong and what is accepted
+    │   ├── Unauthorized (401)
+    │   ├── Forbidden (403)           authenticated, but not for this (a user's key on a peer endpoint)
+    │   ├── NotFound (404)
+    │   ├── Conflict (409)
+    │   └── SlugError                 host.slug: a slug tarball is malformed or unsafe
+    ├── ConfigError (500)             the node cannot start as configured (exit code 2)
+    ├── ClusterError (503)            the cluster cannot do it right now (no leader, no quorum, peer down)
+    │   ├── CoordError                coord.client: etcd is not running, has no quorum, or refused
+    │   ├── DockerError               host.docker: the Docker engine refused or failed
+    │   ├── StreamBroken              cli.jobs: a log stream broke on the network
+    │   └── SerfError                 gossip.codec: the serf agent cannot be used right now
+    │       ├── LocalProtocolError (500)   this process misused serf's protocol (a bug here)
+    │       ├── RemoteProtocolError        the agent sent something the protocol does not allow
+    │       ├── SerfConnectionError        gossip.rpc: no connection, it dropped, client closed
+    │       └── SerfCommandError           gossip.rpc: the agent answered with an error
+    │           └── SerfAuthError          the handshake or the RPC auth key was refused
+    ├── InsufficientStorage (507)     this node's disk is full: nothing was stored; reads still work
+    └── StateError (500)              state.errors: the replicated state
+        ├── RecordError (400)         a record, entry or delta failed validation (also a ValueError)
+        │   └── SchemaVersionError    a schema version this node does not know
+        ├── StaleReplicaError         this replica must be reset and resynced
+        └── StoreError                the local database is unusable
+            └── StoreFullError (507)  its disk is full: the change was rolled back
+
+(Each module's docstring says more about its part.)  ``StoreFullError`` takes
+its status and code from ``InsufficientStorage`` but stays a ``StoreError``: the
+state service catches every ``StoreError`` of a commit as one kind.
+
+Outside the tree, on purpose: exceptions that carry control flow inside one
+component and never reach a caller of it -- ``host.prepare.StartFailed`` and
+``host.health.HealthTimeout`` (the host's runner turns both into a job's failure
+reason), ``router.proxy``'s ``_Refused``, ``_ClientGone`` and ``_UpstreamFailed``,
+``router.http1.HeadersTooLarge`` (stops the header parser; the router answers 431)
+and ``router.sock.ConnectError`` (an ``OSError``, as socket errors are).  In the
+tree but private: ``gossip.rpc._NotSentError``, a ``SerfConnectionError`` that the
+client retries on the next connection and never raises to its caller.
+
+This module imports only the standard library, so any module may import it.
 """
 
 from __future__ import annotations
@@ -39,6 +74,8 @@ def first_in(exc: BaseException, cls: type[E], match: Callable[[E], bool] = lamb
 
 
 class FlynnError(Exception):
+    """Root of the tree drawn above; ``status`` and ``code`` are what the API answers."""
+
     status: int = 500
     code: str = "internal"
 

@@ -28,6 +28,7 @@ import pytest
 import trio
 
 import flynnp2p.cli.jobs as jobs
+import flynnp2p.cli.scale as scale_wait
 from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
@@ -36,18 +37,16 @@ from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
-from flynnp2p.cli.apps import env_pairs, process_counts, scale_items
+from flynnp2p.cli.apps import process_counts, scale_items
 from flynnp2p.cli.client import ApiClient
+from flynnp2p.cli.common import blocked_text, env_pairs, reason_text, short_job
 from flynnp2p.cli.jobs import (
     RunFollower,
     age,
-    blocked_text,
     exit_status,
     host_rows,
     log_line,
     ps_text,
-    reason_text,
-    short_job,
     tag_changes,
 )
 from flynnp2p.cli.main import build_parser, main
@@ -323,7 +322,7 @@ BLOCKED_STILL = ScaleProgress(("web: 2 of 3 up",), ("1 x web: full",), False)
         (WAITING, 0.5, "wait"),
         (WAITING, 10.0, "timeout"),
         (BLOCKED_STILL, 0.5, "wait"),  # may predate the formation: the leader has not looked yet
-        (BLOCKED_STILL, jobs.BLOCKED_SETTLE_S, "blocked"),  # nothing in flight: no point waiting
+        (BLOCKED_STILL, scale_wait.BLOCKED_SETTLE_S, "blocked"),  # nothing in flight: no point waiting
         (BLOCKED_SETTLING, 5.0, "wait"),
         (BLOCKED_SETTLING, 10.0, "blocked"),
     ],
@@ -406,7 +405,7 @@ def test_wait_stops_on_a_block_once_nothing_is_in_flight(capsys: pytest.CaptureF
         "scale blocked: 1 x web: n1: needs tag disk=ssd; n2: 10 MB free, needs 512"
     )
     # Not the whole timeout: the first poll at or past the settling time.
-    assert jobs.BLOCKED_SETTLE_S <= script.now - 100.0 < jobs.BLOCKED_SETTLE_S + 1.5 * jobs.POLL_S
+    assert scale_wait.BLOCKED_SETTLE_S <= script.now - 100.0 < scale_wait.BLOCKED_SETTLE_S + 1.5 * scale_wait.POLL_S
     out = capsys.readouterr().out.splitlines()
     assert out == ["blocked: 1 x web: n1: needs tag disk=ssd; n2: 10 MB free, needs 512"]
 
@@ -418,7 +417,7 @@ def test_wait_times_out_saying_what_is_missing() -> None:
     assert err.value.message == (
         "scale did not complete in 1.5s: web: 1 of 2 up, 1 starting; worker: 0 of 1 up"
     )
-    assert 1.5 <= script.now - 100.0 < 1.5 + 1.5 * jobs.POLL_S
+    assert 1.5 <= script.now - 100.0 < 1.5 + 1.5 * scale_wait.POLL_S
 
 
 # -- run and log over a scripted transport ------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flynnp2p.cli.jobs import reason_text
+from flynnp2p.cli.common import reason_text
 from flynnp2p.cli.scale import job_change_line, scale_progress, scale_verdict
 
 REASON = "host n2 has not answered for 2.4s"

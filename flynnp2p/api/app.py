@@ -1,8 +1,9 @@
 """The HTTP API: a quart-trio app over the node's components.
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <credential>``.  Every
-error is JSON ``{"error": {"code", "message"}}`` with a 4xx for the user's
-mistakes; an unexpected failure is a 500 whose body names no internals.
+error is JSON ``{"error": {"code", "message"}}``: a `flynnp2p.errors.FlynnError`
+answers with its ``status`` (4xx for the user's mistakes); an unexpected failure,
+or a FlynnError whose status is 500, is a logged 500 whose body names no internals.
 
 Two kinds of caller
 -------------------
@@ -33,7 +34,6 @@ from werkzeug.exceptions import HTTPException
 
 from flynnp2p.build.blobs import REPLICA_HEADER
 from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
-from flynnp2p.state.errors import RecordError
 from flynnp2p.token import ClusterToken
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,10 @@ def create_app(node: NodeStatus) -> QuartTrio:
 
     @app.errorhandler(FlynnError)
     async def flynn_error(exc: FlynnError) -> Response:
+        # The whole tree (state's and serf's errors too): ``status`` says the answer.
+        if exc.status == FlynnError.status:
+            return await internal_error(exc)
         return error_response(exc.status, exc.code, exc.message)
-
-    @app.errorhandler(RecordError)
-    async def record_error(exc: RecordError) -> Response:
-        return error_response(400, "bad_request", str(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

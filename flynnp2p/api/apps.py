@@ -59,7 +59,6 @@ from quart import Blueprint, Response
 
 from flynnp2p.api import ops
 from flynnp2p.api.allocate import Allocator
-from flynnp2p.api.app import error_response
 from flynnp2p.api.context import ClusterContext
 from flynnp2p.api.edge import (
     CONSTRAINTS,
@@ -81,7 +80,6 @@ from flynnp2p.build.procfile import read_slug_procfile
 from flynnp2p.coord.claims import app_key, route_keys
 from flynnp2p.coord.client import CoordError
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
-from flynnp2p.state.errors import RecordError
 from flynnp2p.state.merge import Change, State
 from flynnp2p.state.records import ID, META, App, Artifact, Formation, Release
 from flynnp2p.state.replica import WriteOutcome
@@ -402,9 +400,5 @@ def apps_blueprint(
     for method, rule, view in rules:
         bp.add_url_rule(rule, f"{view.__name__}", view, methods=[method])
     bp.add_url_rule("/v1/events", "events", partial(events, ctx.state), methods=["GET"])
-
-    @bp.errorhandler(RecordError)
-    async def record_error(exc: RecordError) -> Response:
-        return error_response(400, "bad_request", str(exc))
 
     return bp

@@ -2,7 +2,7 @@
 
 ``release add --slug FILE`` uploads a slug to the blobstore (streamed, under its
 sha256 digest) and makes a release of it, which the API deploys. ``scale`` waits
-until the new formation runs (see `flynnp2p.cli.jobs.wait_for_formation`).
+until the new formation runs (see `flynnp2p.cli.scale.wait_for_formation`).
 
 Every command but ``create`` and ``apps`` works on one app: ``-a/--app APP``, or
 else the app named by the git remote ``flynnp2p`` of the current directory
@@ -14,57 +14,30 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from flynnp2p.cli.client import ApiClient
-from flynnp2p.cli.main import client_for, table
+from flynnp2p.cli.common import (
+    app_options,
+    app_path,
+    client_for,
+    env_pairs,
+    print_json,
+    table,
+)
+from flynnp2p.cli.scale import wait_for_formation
 from flynnp2p.errors import NotFound, UserError
 
-_REMOTE_APP = re.compile(r"[/:]([^/:]+?)\.git/?$")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROCESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
-
-
-# -- which app --------------------------------------------------------------
-
-
-def app_from_git_remote() -> str | None:
-    """The app named by the ``flynnp2p`` git remote of the current directory, if any."""
-    try:
-        out = subprocess.run(
-            ["git", "remote", "get-url", "flynnp2p"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _REMOTE_APP.search(out.stdout.strip()) if out.returncode == 0 else None
-    return match.group(1) if match else None
-
-
-def app_of(args: argparse.Namespace) -> str:
-    app: str | None = getattr(args, "app", None) or app_from_git_remote()
-    if not app:
-        raise UserError("no app: pass -a APP (or run in a git checkout with a 'flynnp2p' remote)")
-    return app
-
-
-def app_path(args: argparse.Namespace, *rest: str) -> str:
-    return "/".join(["/v1/apps", *(quote(p, safe="") for p in (app_of(args), *rest))])
 
 
 # -- output -----------------------------------------------------------------
@@ -74,10 +47,6 @@ def when(ms: int | None) -> str:
     if ms is None:
         return "-"
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def print_json(body: Any) -> None:
-    print(json.dumps(body, indent=2))
 
 
 def route_address(route: Mapping[str, Any]) -> str:
@@ -163,16 +132,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
     routes = len(resp["deleted"]["routes"])
     print(f"deleted app {name} ({routes} route(s))")
     return 0
-
-
-def env_pairs(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or _ENV_NAME.fullmatch(key) is None:
-            raise UserError(f"expected NAME=VALUE with NAME like [A-Za-z_][A-Za-z0-9_]*, got {item!r}")
-        out[key] = value
-    return out
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -372,9 +331,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
         resp = client.request("PUT", app_path(args, "formation"), json=body)
         formation = resp["formation"]
         if wait:
-            # Imported here: flynnp2p.cli.scale imports this module.
-            from flynnp2p.cli.scale import wait_for_formation
-
             return wait_for_formation(
                 client, app_path(args, "jobs"), formation,
                 started=started, timeout_s=args.timeout, as_json=args.json,
@@ -396,16 +352,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 # -- the parser -------------------------------------------------------------
-
-
-def app_options(*, nested: bool) -> argparse.ArgumentParser:
-    """-a/--app and --json; nested parsers must not overwrite values given above them."""
-    p = argparse.ArgumentParser(add_help=False)
-    default: Any = argparse.SUPPRESS if nested else None
-    p.add_argument("-a", "--app", default=default, help="the app (default: from the 'flynnp2p' git remote)")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if nested else False,
-                   help="print the API's JSON")  # fmt: skip
-    return p
 
 
 def add_app_commands(sub: Any) -> None:

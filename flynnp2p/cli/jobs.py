@@ -32,21 +32,26 @@ from urllib.parse import quote
 
 import httpx
 
-from flynnp2p.cli.apps import app_options, app_path, env_pairs, print_json
 from flynnp2p.cli.client import ApiClient
-from flynnp2p.cli.main import client_for, table
+from flynnp2p.cli.common import (
+    app_options,
+    app_path,
+    blocked_text,
+    blocked_what,
+    client_for,
+    env_pairs,
+    print_json,
+    reason_text,
+    short_job,
+    table,
+)
 from flynnp2p.errors import ClusterError, FlynnError, UserError
 
-POLL_S = 0.1
-# A blocked entry seen right after the formation changed may predate it (the leader
-# has not evaluated the change yet): it ends a scale early only after this long.
-BLOCKED_SETTLE_S = 2.0
 # The server sends a heartbeat every 10 s while following: 60 s of silence is a dead stream.
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 RUN_HISTORY_LINES = 10_000
 RECONNECT_PAUSE_S = 0.5
 RECONNECT_GIVE_UP_S = 60.0
-REASON_STATES = ("crashed", "down", "stopping", "lost")
 
 
 class StreamBroken(ClusterError):
@@ -66,40 +71,6 @@ def age(created_ms: int, now_ms: int) -> str:
     if s < 86400:
         return f"{s // 3600}h"
     return f"{s // 86400}d"
-
-
-def short_job(job_id: str, mark: str = "") -> str:
-    """``web-3f2a`` for ``web-3f2a9c0e…``: the type and four characters; `mark` if cut."""
-    head, sep, tail = job_id.rpartition("-")
-    if sep and head and len(tail) > 4:
-        return f"{head}-{tail[:4]}{mark}"
-    return job_id
-
-
-def reason_text(job: Mapping[str, Any]) -> str:
-    """Why a crashed, down, stopping or lost job is what it is ('' for the others)."""
-    if job.get("state") not in REASON_STATES:
-        return ""
-    parts = [str(job["reason"])] if job.get("reason") else []
-    if job.get("exit_code") is not None:
-        parts.append(f"exit {job['exit_code']}")
-    if job.get("restarts"):
-        parts.append(f"{job['restarts']} restarts")
-    return "; ".join(parts)
-
-
-def blocked_what(entry: Mapping[str, Any]) -> str:
-    """``2 x web``, ``omni web runs nowhere`` (count 0), or a one-off's job id."""
-    if entry.get("job_id"):
-        return str(entry["job_id"])
-    if entry["count"] == 0:
-        return f"omni {entry['process_type']} runs nowhere"
-    return f"{entry['count']} x {entry['process_type']}"
-
-
-def blocked_text(entry: Mapping[str, Any]) -> str:
-    """``2 x web: no host with tag disk=ssd`` (all reasons, ``; ``-separated)."""
-    return f"{blocked_what(entry)}: {'; '.join(entry.get('reasons') or ()) or 'no reason given'}"
 
 
 def ps_text(body: Mapping[str, Any], now_ms: int) -> str:

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from flynnp2p import __version__
+from flynnp2p.cli.apps import add_app_commands
 from flynnp2p.cli.client import ApiClient, ClientConfig
+from flynnp2p.cli.common import client_for, table
+from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
 from flynnp2p.token import ClusterToken
 
@@ -99,21 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_cluster_recover)
 
     # App commands (create, apps, info, delete, env, release, route, scale).
-    # Imported here: flynnp2p.cli.apps imports this module.
-    from flynnp2p.cli.apps import add_app_commands
-    from flynnp2p.cli.jobs import add_job_commands
-
     add_app_commands(sub)
     # Jobs and hosts (ps, log, run, kill, explain, host).
     add_job_commands(sub)
     return parser
-
-
-def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 def cmd_token_generate(args: argparse.Namespace) -> int:
@@ -171,11 +163,6 @@ def cmd_cluster_list(args: argparse.Namespace) -> int:
     rows = [(("* " if n == conf.default else "  ") + n, c["url"]) for n, c in sorted(conf.clusters.items())]
     print(table(rows, ("  NAME", "URL")))
     return 0
-
-
-def client_for(args: argparse.Namespace) -> ApiClient:
-    url, token = ClientConfig.load().target(args.cluster)
-    return ApiClient(url, token)
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:

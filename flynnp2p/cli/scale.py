@@ -17,17 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flynnp2p.cli.apps import print_json
 from flynnp2p.cli.client import ApiClient
-from flynnp2p.cli.jobs import (
-    BLOCKED_SETTLE_S,
-    POLL_S,
-    blocked_text,
-    reason_text,
-    short_job,
-)
+from flynnp2p.cli.common import blocked_text, print_json, reason_text, short_job
 from flynnp2p.errors import ClusterError
 from flynnp2p.state.jobs import IN_FLIGHT, is_finished
+
+POLL_S = 0.1
+# A blocked entry seen right after the formation changed may predate it (the leader
+# has not evaluated the change yet): it ends a scale early only after this long.
+BLOCKED_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ Errors
 ------
 ::
 
-    SerfError                 root of everything the serf client raises
-    ├── LocalProtocolError    this process misused the protocol (a bug here):
+    SerfError (503)           root of everything the serf client raises
+    ├── LocalProtocolError    this process misused the protocol (a bug here, 500):
     │                         unknown command, body missing or unexpected,
     │                         request before the handshake, stop of a non-stream
     └── RemoteProtocolError   the agent sent something the protocol does not
@@ -47,7 +47,9 @@ Errors
                               unusable; every later next_event() re-raises it.
 
 ``flynnp2p.gossip.rpc`` adds ``SerfConnectionError`` and ``SerfCommandError``
-under the same root.
+under the same root.  ``SerfError`` is a ``ClusterError`` of the one error tree
+(`flynnp2p.errors`): serf not answering is the cluster being unavailable for
+now, and the API answers 503 with no translation on the way.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import msgpack
+
+from flynnp2p.errors import ClusterError, FlynnError
 
 __all__ = [
     "COMMANDS",
@@ -83,12 +87,15 @@ __all__ = [
 Body = dict[str, Any]
 
 
-class SerfError(Exception):
+class SerfError(ClusterError):
     """Root of every error raised by the serf RPC client."""
 
 
 class LocalProtocolError(SerfError):
     """This process tried to send something the protocol does not allow."""
+
+    status = FlynnError.status  # a bug here, not the cluster being unavailable
+    code = FlynnError.code
 
 
 class RemoteProtocolError(SerfError):

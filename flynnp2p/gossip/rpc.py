@@ -47,8 +47,8 @@ Errors
 ------
 ::
 
-    SerfError                    root (codec)
-    ├── LocalProtocolError       this process misused the protocol (codec)
+    SerfError (503)              root (codec); a ClusterError of `flynnp2p.errors`' tree
+    ├── LocalProtocolError (500) this process misused the protocol (codec)
     ├── RemoteProtocolError      the agent sent an invalid message (codec)
     ├── SerfConnectionError      could not connect, connection dropped, client closed
     └── SerfCommandError         the agent answered with an error (.command, .error)

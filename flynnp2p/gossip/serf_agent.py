@@ -9,6 +9,21 @@ once serf's RPC port accepts connections.  If serf exits while the node runs,
 the supervisor starts it again with backoff (1 s, 2 s, 4 s … capped at 30 s,
 reset after 60 s of uptime); the RPC client reconnects by itself.
 
+Serf's RPC port
+---------------
+``rpc_port=0`` (what the agent uses) means "any free port, kept for serf":
+``run`` binds a socket to a free loopback port with ``SO_REUSEADDR`` and holds
+it, not listening, for as long as it runs, and hands the port back through
+``task_status.started``.  Serf (Go sets ``SO_REUSEADDR`` on its listeners) can
+bind and listen on it beside the held socket; nothing else can bind it (without
+``SO_REUSEADDR`` it is in use, and the kernel never picks it for ``bind(0)``).
+So the port cannot be taken between choosing it and serf's start, nor while a
+dead serf waits to be restarted -- as it could when the port was chosen by
+binding and closing a socket.  (Serf accepts ``-rpc-addr=127.0.0.1:0`` but
+prints ``RPC addr: '127.0.0.1:0'`` and nothing else would tell which port it
+took; when its port is taken it exits 1 within milliseconds, "Error starting
+RPC listener: ... bind: address already in use".)
+
 Serf is started through a thread (trio spawns children that way), so the kernel's
 parent-death signal cannot tie serf to the agent.  Instead serf's pid is kept in
 ``serf.pid``: a restarted agent (or the test harness) stops a serf left over
@@ -25,8 +40,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -86,11 +101,15 @@ class SerfSettings:
         }
 
 
-def free_port(addr: str) -> int:
-    """A TCP port free on ``addr`` right now (for serf's RPC listener)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def reserve_port(addr: str) -> Iterator[int]:
+    """A TCP port on ``addr`` held for a listener that sets ``SO_REUSEADDR`` (serf's
+    RPC) until the block ends; see "Serf's RPC port" above."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind((addr, 0))
+        yield int(held.getsockname()[1])
 
 
 def find_serf(binary: str) -> str:
@@ -138,9 +157,21 @@ class SerfAgent:
                 tmp.unlink()
             raise ConfigError(f"cannot write serf's config {path}: {exc.strerror or exc}") from None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run serf until cancelled; ready (with serf's RPC port) once it answers."""
         binary = find_serf(self.settings.binary)
         stop_stale_serf(self.settings.pid_path, self.settings.config_path)
+        asked = self.settings
+        with contextlib.ExitStack() as held:
+            if asked.rpc_port == 0:
+                port = held.enter_context(reserve_port(asked.rpc_addr))
+                self.settings = replace(asked, rpc_port=port)
+            try:
+                await self._supervise(binary, task_status)
+            finally:
+                self.settings = asked  # the port is not held any more
+
+    async def _supervise(self, binary: str, task_status: trio.TaskStatus[int]) -> None:
         self.write_config()
         backoff = 1.0
         first = True
@@ -161,7 +192,7 @@ class SerfAgent:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
-    async def _run_once(self, binary: str, task_status: trio.TaskStatus[None]) -> None:
+    async def _run_once(self, binary: str, task_status: trio.TaskStatus[int]) -> None:
         s = self.settings
         proc = await spawn(
             [binary, "agent", f"-config-file={s.config_path}"], s.log_path, s.pid_path
@@ -169,7 +200,7 @@ class SerfAgent:
         try:
             await self._wait_ready(proc)
             self.running = True
-            task_status.started()
+            task_status.started(s.rpc_port)
             await proc.wait()
             self.running = False
             self.last_error = f"exit status {proc.returncode}"

@@ -100,12 +100,12 @@ class Gossip:
     async def run(self, *, task_status: trio.TaskStatus[Gossip] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.serf.run)
+            rpc_port = await nursery.start(self.serf.run)  # the one serf holds (rpc_port=0)
             # Serf answers one RPC connection's commands in order, and a join of
             # a peer behind a partition blocks for serf's 10 s TCP timeout: joins
             # get a connection of their own, so membership reads never wait.
-            async with open_serf_rpc(s.rpc_addr, s.rpc_port, s.rpc_auth) as rpc, open_serf_rpc(
-                s.rpc_addr, s.rpc_port, s.rpc_auth
+            async with open_serf_rpc(s.rpc_addr, rpc_port, s.rpc_auth) as rpc, open_serf_rpc(
+                s.rpc_addr, rpc_port, s.rpc_auth
             ) as joins:
                 self._rpc = rpc
                 if self.peers:

@@ -114,16 +114,16 @@ class Scheduler:
     async def _evaluate_safely(self, epoch: int) -> int | None:
         try:
             return await self.evaluate(epoch)
-        except FlynnError as exc:
-            self.stats["errors"] += 1
-            log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
-            return self.now_ms() + 1000
-        except RecordError as exc:
+        except RecordError as exc:  # before FlynnError: a RecordError is one too
             # A record the planner built is invalid: a bug, but one that must not
             # take this node (and every next leader, on the same state) down.
             self.stats["errors"] += 1
             log.error("scheduler: evaluation at epoch %d (seed %s) failed: %s", epoch, self.last_seed, exc)
             return self.now_ms() + 5000
+        except FlynnError as exc:
+            self.stats["errors"] += 1
+            log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
+            return self.now_ms() + 1000
 
     async def evaluate(self, epoch: int) -> int | None:
         """One evaluation; returns when the next restart falls due (or None)."""
