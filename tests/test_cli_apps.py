@@ -7,6 +7,7 @@ uses its own app names.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import queue
@@ -23,6 +24,7 @@ import trio
 
 from flynnp2p.api.server import ApiServer
 from flynnp2p.cli.main import main
+from tests.certs import make_cert
 from tests.test_api_apps import TOKEN, Clock, Ctx, make_app, start_service
 
 
@@ -184,6 +186,31 @@ def test_routes(cli: Any) -> None:
     assert code == 0
     code, out, _ = cli("route", "-a", "routed", "--json")
     assert route_id not in [r["id"] for r in as_json(out)["routes"]]
+
+
+def test_route_options_tcp_without_a_port_and_certificates(cli: Any, tmp_path: Any) -> None:
+    cli("create", "secured")
+    code, out, _ = cli("route", "-a", "secured", "add", "tcp", "--json")
+    assert code == 0 and 3000 <= as_json(out)["route"]["port"] <= 3500
+    # The test cluster's clock starts at 2023-11-14 (tests.test_api_apps.Clock).
+    cert, key = make_cert("secure.example.com", days=(-1, 3650), at=dt.datetime.fromtimestamp(1_700_000_000, dt.UTC))
+    (tmp_path / "c.pem").write_text(cert)
+    (tmp_path / "k.pem").write_text(key)
+    code, out, _ = cli(
+        "route", "-a", "secured", "add", "http", "secure.example.com", "--cert", str(tmp_path / "c.pem"),
+        "--key", str(tmp_path / "k.pem"), "--https-only", "--sticky", "--json",
+    )  # fmt: skip
+    made = as_json(out)["route"]
+    assert code == 0 and made["https_only"] and made["sticky"] and made["certificate_id"]
+    code, _, err = cli("route", "-a", "secured", "add", "http", "x.example.com", "--cert", str(tmp_path / "c.pem"))
+    assert code != 0 and "--cert and --key come together" in err
+    code, _, err = cli(
+        "route", "-a", "secured", "add", "http", "other.example.com", "--cert", str(tmp_path / "c.pem"),
+        "--key", str(tmp_path / "k.pem"),
+    )  # fmt: skip
+    assert code == 1 and "cert: is for secure.example.com, not for other.example.com" in err
+    code, _, err = cli("route", "-a", "secured", "add", "http", "y.example.com", "--cert", "/nonexistent", "--key", "/x")
+    assert code != 0 and "--cert /nonexistent: cannot read it" in err
 
 
 def test_delete_asks_for_the_name(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from flynnp2p import vocab
 from flynnp2p.cli.client import ApiClient
 from flynnp2p.cli.common import (
     app_options,
@@ -35,10 +35,6 @@ from flynnp2p.cli.common import (
 )
 from flynnp2p.cli.scale import wait_for_formation
 from flynnp2p.errors import NotFound, UserError
-
-_PROCESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-_TAG_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,30}")
-
 
 # -- output -----------------------------------------------------------------
 
@@ -272,8 +268,18 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.route_type == "http":
         domain, slash, path = args.address.partition("/")
         body: dict[str, Any] = {"type": "http", "domain": domain, "path": slash + path or "/"}
+        if args.sticky:
+            body["sticky"] = True
+        if args.https_only:
+            body["https_only"] = True
+        if (args.cert is None) != (args.key is None):
+            raise UserError("--cert and --key come together (a PEM certificate chain and its key)")
+        if args.cert is not None:
+            body["cert_pem"], body["key_pem"] = read_text(args.cert, "--cert"), read_text(args.key, "--key")
     else:
-        body = {"type": "tcp", "port": args.port}
+        body = {"type": "tcp"}
+        if args.port is not None:
+            body["port"] = args.port  # else the cluster picks a free one of its range
     resp = client.create(app_path(args, "routes"), json=body)
     if args.json:
         print_json(resp)
@@ -281,6 +287,14 @@ def cmd_route(args: argparse.Namespace) -> int:
     route = resp["route"]
     print(f"added route {route['id']}: {route['type']} {route_address(route)}")
     return 0
+
+
+def read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(70_000)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
 
 
 def process_counts(items: Sequence[str]) -> dict[str, int]:
@@ -294,7 +308,7 @@ def scale_items(items: Sequence[str]) -> dict[str, tuple[int, dict[str, str] | N
     for item in items:
         head, comma, rest = item.partition(",")
         ptype, sep, count = head.partition("=")
-        if not sep or _PROCESS_TYPE.fullmatch(ptype) is None or not count.isdigit():
+        if not sep or not vocab.PROCESS_TYPE.ok(ptype) or not count.isdigit():
             raise UserError(
                 f"expected TYPE=COUNT[,TAG=VALUE...] with COUNT a whole number >= 0, got {item!r}"
             )
@@ -303,7 +317,7 @@ def scale_items(items: Sequence[str]) -> dict[str, tuple[int, dict[str, str] | N
             tags = {}
             for pair in filter(None, rest.split(",")):
                 key, eq, value = pair.partition("=")
-                if not eq or _TAG_KEY.fullmatch(key) is None:
+                if not eq or not vocab.TAG_KEY.ok(key):
                     raise UserError(
                         f"expected TAG=VALUE after TYPE=COUNT, with TAG of lowercase letters, "
                         f"digits and _.-, got {pair!r} in {item!r}"
@@ -401,8 +415,13 @@ def add_app_commands(sub: Any) -> None:
     kinds = add.add_subparsers(dest="route_type", metavar="TYPE", required=True)
     h = kinds.add_parser("http", parents=nested, help="http DOMAIN[/PATH]")
     h.add_argument("address", metavar="DOMAIN[/PATH]")
-    t = kinds.add_parser("tcp", parents=nested, help="tcp PORT")
-    t.add_argument("port", type=int, metavar="PORT")
+    h.add_argument("--cert", metavar="FILE", help="the route's own certificate chain (PEM); "
+                   "else the cluster's *.DOMAIN certificate serves HTTPS")  # fmt: skip
+    h.add_argument("--key", metavar="FILE", help="the certificate's private key (PEM)")
+    h.add_argument("--https-only", action="store_true", help="answer plain HTTP with a 308 to HTTPS")
+    h.add_argument("--sticky", action="store_true", help="a cookie keeps a client on one job")
+    t = kinds.add_parser("tcp", parents=nested, help="tcp [PORT] (default: a free port of the cluster's range)")
+    t.add_argument("port", type=int, nargs="?", metavar="PORT")
     rm = routes.add_parser("remove", parents=nested, help="remove a route")
     rm.add_argument("id", metavar="ID")
 

@@ -28,11 +28,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from flynnp2p import vocab
 from flynnp2p.cli.client import ApiClient, ClientConfig
 from flynnp2p.errors import UserError
 
 _REMOTE_APP = re.compile(r"[/:]([^/:]+?)\.git/?$")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 REASON_STATES = ("crashed", "down", "stopping", "lost")
 
 
@@ -85,7 +85,7 @@ def env_pairs(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or _ENV_NAME.fullmatch(key) is None:
+        if not sep or not vocab.ENV_NAME.ok(key):
             raise UserError(f"expected NAME=VALUE with NAME like [A-Za-z_][A-Za-z0-9_]*, got {item!r}")
         out[key] = value
     return out

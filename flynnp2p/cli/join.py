@@ -72,6 +72,8 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         cfg.backend = args.backend
     if args.job_ports is not None:
         cfg.job_ports = args.job_ports
+    if getattr(args, "tcp_route_ports", None) is not None:
+        cfg.tcp_route_ports = args.tcp_route_ports
     cfg.validate()
     return cfg, token, fresh
 
