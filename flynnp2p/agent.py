@@ -66,6 +66,7 @@ from flynnp2p.node import NodeContext
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
+from flynnp2p.router.sticky import derive_key
 from flynnp2p.router.table import RouteTable
 from flynnp2p.router.tls import CertStore
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
@@ -220,7 +221,7 @@ class Agent:
         self.certs = CertStore(self.ca, cfg.domain)
         self.router = Router(
             self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
-            https_port=cfg.https_port, certs=self.certs,
+            https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
         )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from flynnp2p.coord.ca import ClusterCA
 from tests.harness import AgentProc, Cluster, wait_for
 from tests.jobs_app import deploy, make_slug, scale, wait_up
 
@@ -57,6 +59,24 @@ async def test_any_node_routes_to_jobs_anywhere(cluster: Cluster, tmp_path: Path
 
     code, body = await via(agents[1], host="nope.flynnp2p.localhost")
     assert code == 404 and "nope.flynnp2p.localhost" in body
+
+    # HTTPS on every node with the cluster CA's *.<domain> certificate (pinned from the
+    # token), and the API itself through the router at api.<domain>.
+    ca = ClusterCA(cluster.token.cluster_id, cluster.token.admin_secret)
+    verify = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    headers = {"Authorization": f"Bearer {cluster.token.api_key}"}
+    async with httpx.AsyncClient(verify=verify, timeout=10) as c:
+        for a in agents:
+            r = await c.get(
+                f"https://{a.addr}:8443/", headers={"Host": HOST}, extensions={"sni_hostname": HOST}
+            )
+            assert r.status_code == 200 and r.text.split()[0] in job_ids
+            api = "api.flynnp2p.localhost"
+            r = await c.get(
+                f"https://{a.addr}:8443/v1/status", headers={"Host": api, **headers},
+                extensions={"sni_hostname": api},
+            )  # fmt: skip
+            assert r.status_code == 200 and r.json()["node"]["name"] == a.name
 
     async with agents[0].client() as c:
         await scale(c, "shop", web=0)

@@ -42,6 +42,10 @@ class Balancer:
         counts = self.in_flight
         return a if counts.get(a.address, 0) <= counts.get(b.address, 0) else b
 
+    def usable(self, address: str, now: float) -> bool:
+        """Not skipped for a failed connect right now."""
+        return self.down_until.get(address, 0.0) <= now
+
     def acquire(self, address: str) -> None:
         self.in_flight[address] = self.in_flight.get(address, 0) + 1
 

@@ -187,7 +187,7 @@ def upstream_request(
 
 def client_response(
     head: ResponseHead, *, body_framing: str, keep_alive: bool, client_version: str,
-    request_id: bytes,
+    request_id: bytes, extra: bytes = b"",
 ) -> bytes:  # fmt: skip
     """The head sent to the client. `body_framing`: "length", "chunked", "close" or
     "none" (HEAD, 1xx, 204, 304: the upstream's Content-Length is passed on as is)."""
@@ -203,9 +203,9 @@ def client_response(
         framing += b"Connection: close\r\n"
     elif client_version == "1.0":
         framing += b"Connection: keep-alive\r\n"
-    return b"HTTP/1.1 %d %s\r\n%sX-Request-Id: %s\r\n%s\r\n" % (
-        head.status, _REASONS.get(head.status, b"Unknown"), b"".join(head.lines), request_id,
-        framing,
+    return b"HTTP/1.1 %d %s\r\n%s%sX-Request-Id: %s\r\n%s\r\n" % (
+        head.status, _REASONS.get(head.status, b"Unknown"), b"".join(head.lines), extra,
+        request_id, framing,
     )  # fmt: skip
 
 

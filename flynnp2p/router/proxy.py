@@ -43,6 +43,7 @@ cancelled, ``phase`` says what to answer.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from typing import Any
 import httptools
 import trio
 
-from flynnp2p.router import http1
+from flynnp2p.router import http1, sticky
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
 from flynnp2p.router.http1 import RequestHead, ResponseHead, https_location
@@ -136,6 +137,7 @@ class Shared:
     now: Callable[[], float]  # monotonic seconds: timeouts, latencies, passive-health marks
     log: RouterLog = field(default_factory=RouterLog)  # router lines in apps' logs
     https_port: int | None = None  # where https_only routes redirect plain HTTP
+    sticky_key: bytes = field(default_factory=lambda: os.urandom(32))  # one per cluster: see sticky
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
@@ -240,6 +242,7 @@ class ClientConnection:
         # head, app name, backend, connect seconds, when the request was sent
         self.attempt: tuple[RequestHead, str, Backend, float, float] | None = None
         self.upstream: Sock | None = None
+        self.set_cookie = b""  # a sticky route's Set-Cookie line for this response
         self.proto_port = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (proto.encode(), port)
         self.ip = client_ip.encode()
         self._url = b""
@@ -448,11 +451,23 @@ class ClientConnection:
         timed_out = False
         # the attempt that failed last: code, backend, connect seconds, failed after (seconds)
         failed: tuple[str, Backend, float, float] | None = None
+        pinned = sticky.job_of(head.lines, sh.sticky_key, route.id) if route.sticky else None
         for _ in range(cfg.max_tries):
             now = self.sh.now()
-            backend = sh.balancer.choose(backends, now, tried)
+            backend = None
+            if pinned is not None and not tried:  # the cookie's job, while it takes traffic
+                backend = next(
+                    (b for b in backends if b.job_id == pinned and sh.balancer.usable(b.address, now)),
+                    None,
+                )
+            if backend is None:
+                backend = sh.balancer.choose(backends, now, tried)
             if backend is None:
                 break
+            self.set_cookie = (
+                sticky.set_cookie(sh.sticky_key, route.id, backend.job_id, self.proto == "https")
+                if route.sticky and backend.job_id != pinned else b""
+            )  # fmt: skip
             if failed is not None:
                 sh.stats.retried(app)
                 self._log(head, route.app_name, rid, failed[0], failed[1], failed[2], failed[3],
@@ -647,7 +662,7 @@ class ClientConnection:
                         keep = False  # the client's body will be left unread: say so now
                     out += http1.client_response(
                         value, body_framing=framing, keep_alive=keep,
-                        client_version=head.version, request_id=rid,
+                        client_version=head.version, request_id=rid, extra=self.set_cookie,
                     )  # fmt: skip
                     self.phase = "response-body"
                     if framing == "none":

@@ -76,6 +76,7 @@ class Router:
         log: RouterLog | None = None,
         https_port: int | None = None,
         certs: CertStore | None = None,
+        sticky_key: bytes | None = None,
     ) -> None:
         self.table = table
         self.address = address
@@ -91,6 +92,8 @@ class Router:
             wall_ms=lambda: int(wall_clock() * 1000), now=clock,
             log=log or RouterLog(wall_ms=lambda: int(wall_clock() * 1000)),
         )  # fmt: skip
+        if sticky_key is not None:  # the cluster's: a cookie is good on every node
+            self.shared.sticky_key = sticky_key
         self.connections = 0
         self.tcp_listeners: dict[int, trio.CancelScope] = {}
         self.tcp_errors: dict[int, str] = {}
