@@ -218,7 +218,7 @@ class Agent:
         # The router: every node proxies every app's routes to its jobs anywhere.
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
         # HTTPS: the cluster CA's *.<domain> certificate, and routes' own, by SNI.
-        self.certs = CertStore(self.ca, cfg.domain)
+        self.certs = CertStore(self.ca, cfg.domain, ips=(cfg.addr,))
         self.router = Router(
             self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
             https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
@@ -358,6 +358,7 @@ class Agent:
                 "is_leader": leading.is_leader,
             },
             "cluster_id": self.token.cluster_id_hex,
+            "ca_fingerprint": self.ca.fingerprint,
             "leader": {
                 "name": e.name,
                 "epoch": e.epoch,

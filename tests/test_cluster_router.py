@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +79,33 @@ async def test_any_node_routes_to_jobs_anywhere(cluster: Cluster, tmp_path: Path
                 extensions={"sni_hostname": api},
             )  # fmt: skip
             assert r.status_code == 200 and r.json()["node"]["name"] == a.name
+    # The CLI over the router's HTTPS at a node's own address: the CA pinned from the full
+    # token, or fetched and checked against its fingerprint when given only the API key.
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cli")}
+    env.pop("FLYNNP2P_URL", None)
+    env.pop("FLYNNP2P_TOKEN", None)
+    url = f"https://{agents[2].addr}:8443"
+
+    async def flynnp2p(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, "-m", "flynnp2p", *argv]
+        return await trio.run_process(cmd, env=env, capture_stdout=True, capture_stderr=True, check=False)
+
+    done = await flynnp2p("cluster", "add", "full", "--url", url, "--token", cluster.token.encode())
+    assert done.returncode == 0, done.stderr
+    done = await flynnp2p("-c", "full", "apps")
+    assert done.returncode == 0 and "shop" in done.stdout.decode(), done.stderr
+    done = await flynnp2p("cluster", "add", "keyonly", "--url", url, "--token", cluster.token.api_key)
+    assert done.returncode != 0 and b"--ca-fingerprint" in done.stderr
+    done = await flynnp2p(
+        "cluster", "add", "keyonly", "--url", url, "--token", cluster.token.api_key,
+        "--ca-fingerprint", "sha256:" + "0" * 64,
+    )  # fmt: skip
+    assert done.returncode != 0 and b"not trusted" in done.stderr
+    done = await flynnp2p(
+        "cluster", "add", "keyonly", "--url", url, "--token", cluster.token.api_key,
+        "--ca-fingerprint", ca.fingerprint,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
     async with agents[0].client() as c:
         await scale(c, "shop", web=0)

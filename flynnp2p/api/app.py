@@ -33,6 +33,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from flynnp2p.build.blobs import REPLICA_HEADER
+from flynnp2p.coord.ca import ClusterCA
 from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
 from flynnp2p.token import ClusterToken
 
@@ -44,7 +45,9 @@ PEER_PREFIX = "/v1/internal/"
 # Slugs and images are streamed to disk, never held in memory whole.
 MAX_BLOB_BODY = 4 << 30
 BLOB_PREFIX = "/v1/blobs/"
-PUBLIC_PATHS = frozenset({"/healthz"})
+# /v1/cluster/ca: the cluster CA certificate is public; a client checks it against a
+# fingerprint it was given before it trusts it (`flynnp2p cluster add --ca-fingerprint`).
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/cluster/ca"})
 # Marks only nodes may set: a request forwarded to the leader (never forwarded
 # again), and a blob copy to a replica (not replicated again).
 FORWARDED = "X-Flynnp2p-Forwarded"
@@ -147,6 +150,12 @@ def create_app(node: NodeStatus) -> QuartTrio:
         resp = jsonify({"ok": node.ready})
         resp.status_code = 200 if node.ready else 503
         return resp
+
+    ca_pem = ClusterCA(node.token.cluster_id, node.token.admin_secret).cert_pem
+
+    @app.get("/v1/cluster/ca")
+    async def cluster_ca() -> Response:
+        return Response(ca_pem, content_type="application/x-pem-file")
 
     @app.get("/v1/status")
     async def status() -> Response:

@@ -2,7 +2,11 @@
 
 Client config (``~/.config/flynnp2p/config.json``, 0600)::
 
-    {"default": "NAME", "clusters": {"NAME": {"url": "...", "token": "..."}}}
+    {"default": "NAME", "clusters": {"NAME": {"url": "...", "token": "...", "ca": "PEM"?}}}
+
+An ``https://`` URL (a node's router, ``--https-port``) is verified against the
+cluster CA pinned in ``ca``: derived from a full cluster token, or fetched once
+and checked against a fingerprint (`pin_ca`); never the system's CAs.
 
 ``FLYNNP2P_URL`` and ``FLYNNP2P_TOKEN`` override the chosen cluster.
 
@@ -20,7 +24,10 @@ success nothing is printed; if every try fails, the last answer is the error.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,10 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from flynnp2p.config import client_config_path, client_env_override, write_secret
+from flynnp2p.coord.ca import ClusterCA
 from flynnp2p.errors import ClusterError, ConfigError, FlynnError, UserError
-from flynnp2p.token import api_key_from
+from flynnp2p.token import ClusterToken, api_key_from
 
 
 @dataclass
@@ -54,6 +64,9 @@ class ClientConfig:
         path = client_config_path()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_secret(path, json.dumps({"default": self.default, "clusters": self.clusters}, indent=2))
+
+    def ca_of(self, name: str | None = None) -> str | None:
+        return self.clusters.get(name or self.default or "", {}).get("ca")
 
     def target(self, name: str | None = None) -> tuple[str, str]:
         env_url, env_token = client_env_override()
@@ -78,10 +91,37 @@ RETRY_DELAYS_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
 RETRY_SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 
 
+def pin_ca(url: str, token: str, fingerprint: str | None) -> str | None:
+    """The CA an ``https://`` URL is verified against (None for http://): the cluster
+    CA derived from a full token, else the one the node serves at /v1/cluster/ca,
+    accepted only if its public key has `fingerprint` (``sha256:HEX``)."""
+    if not url.startswith("https://"):
+        return None
+    if fingerprint is None:
+        try:
+            t = ClusterToken.parse(token)
+        except (UserError, ValueError):
+            raise UserError(
+                "an https:// URL needs the full cluster token (to derive the cluster CA) or "
+                "--ca-fingerprint sha256:HEX (see 'flynnp2p cluster status' on a node)"
+            ) from None
+        return ClusterCA(t.cluster_id, t.admin_secret).cert_pem.decode()
+    try:
+        resp = httpx.get(url.rstrip("/") + "/v1/cluster/ca", verify=False, timeout=10)  # checked below
+        cert = x509.load_pem_x509_certificate(resp.content)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ClusterError(f"cannot fetch the cluster CA from {url}: {exc}") from None
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    seen = "sha256:" + hashlib.sha256(der).hexdigest()
+    if not hmac.compare_digest(seen, fingerprint.lower()):
+        raise UserError(f"{url} serves a CA with fingerprint {seen}, not {fingerprint}: not trusted")
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
 class ApiClient:
     def __init__(
         self, url: str, token: str, timeout: float = 10.0, *,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, ca: str | None = None,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:  # fmt: skip
@@ -91,6 +131,7 @@ class ApiClient:
             headers={"Authorization": f"Bearer {api_key_from(token)}"},
             timeout=timeout,
             transport=transport,
+            verify=ssl.create_default_context(cadata=ca) if ca else True,
         )
         self.retry_delays_s = tuple(retry_delays_s)
         self.sleep = sleep

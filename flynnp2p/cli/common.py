@@ -40,8 +40,9 @@ REASON_STATES = ("crashed", "down", "stopping", "lost")
 
 
 def client_for(args: argparse.Namespace) -> ApiClient:
-    url, token = ClientConfig.load().target(args.cluster)
-    return ApiClient(url, token)
+    conf = ClientConfig.load()
+    url, token = conf.target(args.cluster)
+    return ApiClient(url, token, ca=conf.ca_of(args.cluster))
 
 
 def app_from_git_remote() -> str | None:

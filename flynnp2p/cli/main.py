@@ -16,7 +16,7 @@ from typing import Any
 
 from flynnp2p import __version__
 from flynnp2p.cli.apps import add_app_commands
-from flynnp2p.cli.client import ApiClient, ClientConfig
+from flynnp2p.cli.client import ApiClient, ClientConfig, pin_ca
 from flynnp2p.cli.common import client_for, table
 from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     cls = cl.add_subparsers(dest="cluster_cmd", metavar="SUBCOMMAND", required=True)
     add = cls.add_parser("add", help="remember a cluster")
     add.add_argument("name", nargs="?", default="default")
-    add.add_argument("--url", required=True, help="any node's API, e.g. http://host1:7100")
+    add.add_argument("--url", required=True, help="any node's API, e.g. http://host1:7100, or its "
+                     "router's HTTPS: https://api.DOMAIN:8443 or https://NODE:8443")  # fmt: skip
+    add.add_argument("--ca-fingerprint", metavar="sha256:HEX", help="for https:// with only the API "
+                     "key: the cluster CA's fingerprint (else derived from the full token)")  # fmt: skip
     add.add_argument("--token", required=True, help="the cluster token or its API key")
     add.add_argument("--no-default", action="store_true", help="do not make it the default")
     add.set_defaults(func=cmd_cluster_add)
@@ -125,8 +128,9 @@ def cmd_cluster_add(args: argparse.Namespace) -> int:
     if not args.url.startswith(("http://", "https://")):
         raise UserError(f"--url {args.url!r} must start with http:// or https://")
     conf = ClientConfig.load()
-    ApiClient(args.url, args.token).get("/v1/status")  # fail now, not at first use
-    conf.clusters[args.name] = {"url": args.url, "token": args.token}
+    ca = pin_ca(args.url, args.token, args.ca_fingerprint)
+    ApiClient(args.url, args.token, ca=ca).get("/v1/status")  # fail now, not at first use
+    conf.clusters[args.name] = {"url": args.url, "token": args.token, **({"ca": ca} if ca else {})}
     if not args.no_default or conf.default is None:
         conf.default = args.name
     conf.save()
@@ -185,6 +189,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
               f"this node's etcd member: {coord.get('role', '?')}")
     else:
         print(f"\nno leader: {leader['reason']}")
+    if status.get("ca_fingerprint"):
+        print(f"cluster CA: {status['ca_fingerprint']} (for 'cluster add --url https://… --ca-fingerprint')")
     return 0
 
 

@@ -9,12 +9,14 @@ traffic.
 The cluster's API is routed too, as Flynn routed its controller: with
 ``api_address`` (this node's API), ``api.<cluster domain>`` goes to it, so
 ``https://api.<domain>:8443`` with the cluster CA's certificate reaches the API
-through any node's router. The names ``api`` and ``git`` are reserved for apps
+through any node's router, and so does the node's own address
+(``https://NODE:8443``, whose default certificate names that address too). The names ``api`` and ``git`` are reserved for apps
 (`flynnp2p.api.ops.RESERVED_NAMES`); the API route sorts first all the same.
 """
 
 from __future__ import annotations
 
+from flynnp2p.netaddr import ip_port, url_host
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
 from flynnp2p.state.jobs import takes_traffic
 from flynnp2p.state.merge import State
@@ -40,13 +42,17 @@ def table_from_state(
     apps = {a.id: a for a in state.records(App)}
     routes = []
     backends: dict[tuple[str, str], list[Backend]] = {}
-    if api_address is not None:
-        api = RouteSpec(
-            id=API_ROUTE_ID, app_id=API_APP, type="http", domain=f"api.{cluster_domain(state, domain)}",
-            process_type="api", app_name=API_APP,
-        )  # fmt: skip
-        routes.append(api)
-        backends[api.service] = [Backend("api", api_address)]
+    parsed = None if api_address is None else ip_port(api_address)
+    if api_address is not None and parsed is not None:
+        # api.<domain>, and this node's own address (https://NODE:8443 with no DNS).
+        names = (f"api.{cluster_domain(state, domain)}", url_host(parsed[0]))
+        for i, name in enumerate(names):
+            api = RouteSpec(
+                id=f"{API_ROUTE_ID}{i}", app_id=API_APP, type="http", domain=name,
+                process_type="api", app_name=API_APP,
+            )  # fmt: skip
+            routes.append(api)
+        backends[(API_APP, "api")] = [Backend("api", api_address)]
     for r in state.records(Route):
         app = apps.get(r.app_id)
         if app is None:  # the app was deleted; its routes go with it

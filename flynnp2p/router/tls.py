@@ -73,13 +73,16 @@ class CertStore:
     ca: ClusterCA
     domain: str
     now: dt.datetime | None = None  # when the default certificate is issued (None: now)
+    ips: tuple[str, ...] = ()  # this node's addresses, named by its default certificate too
     default: ssl.SSLContext = field(init=False)
     by_id: dict[str, tuple[StoredCert, ssl.SSLContext]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         now = self.now or dt.datetime.now(dt.UTC)
-        pem = self.ca.issue(f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), now=now)
+        pem = self.ca.issue(
+            f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), ips=self.ips, now=now
+        )
         self.default = _context(pem.cert, pem.key)
         self.default.sni_callback = self._pick
 
