@@ -109,7 +109,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"created app {app['name']} (id {app['id']}, on {resp['replicas']} node(s))")
     for route in resp["routes"]:
         print(f"  route: http://{route_address(route)}")
-    print(f"  deploy: flynnp2p release add -a {app['name']} --slug app.tgz   (git push comes later)")
+    from flynnp2p.cli.git import add_remote, in_work_tree
+
+    if in_work_tree():
+        url = add_remote(app["name"], args.cluster)
+        print(f"  git remote flynnp2p: {url}  (deploy: git push flynnp2p main)")
+    else:
+        print(f"  deploy: flynnp2p release add -a {app['name']} --slug app.tgz, or in a git work "
+              f"tree: flynnp2p git remote add -a {app['name']} && git push flynnp2p main")  # fmt: skip
     return 0
 
 

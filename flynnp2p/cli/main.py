@@ -101,11 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     # App commands (create, apps, info, delete, env, release, route, scale).
     # Imported here: flynnp2p.cli.apps imports this module.
     from flynnp2p.cli.apps import add_app_commands
+    from flynnp2p.cli.git import add_git_commands
     from flynnp2p.cli.jobs import add_job_commands
 
     add_app_commands(sub)
     # Jobs and hosts (ps, log, run, kill, explain, host).
     add_job_commands(sub)
+    # git remote add, git-credentials (git's credential helper).
+    add_git_commands(sub)
     return parser
 
 

@@ -18,6 +18,9 @@ Who writes what (this is what keeps last-writer-wins safe):
   many processes of each type; a deploy is a formation write naming a new release.
 * `Placement`: written by the leader only, fenced by its ``epoch``.
 * `Job`, `BlobLocation`: written only by the node they live on.
+* `Repo`: one per app (key = app id), written by the leader after an accepted
+  ``git push``; its ``generation`` is taken from etcd by compare-and-swap, so a
+  push built on a stale repository never overwrites a newer one.
 
 Changing a record's shape means a new VERSION; old versions stay readable by
 listing them in ``READS`` and upgrading in ``from_wire``.
@@ -374,9 +377,27 @@ class ClusterConfig(Record):
         return "config"
 
 
+@dataclass(frozen=True, slots=True)
+class Repo(Record):
+    """The newest saved git repository of an app: a `git bundle` of all its refs in
+    the blobstore (``digest``; None when the repository has no refs), the
+    ``generation`` etcd gave it (1 for the first push), and when it was saved."""
+
+    KIND: ClassVar[str] = "repo"
+    app_id: Annotated[str, ID]
+    generation: Annotated[int, Int(1)]
+    updated_at: Annotated[int, TIMESTAMP]
+    digest: Annotated[str | None, Opt(Str.of(vocab.DIGEST))] = None
+    size: Annotated[int, Int(0)] = 0
+
+    @property
+    def key(self) -> str:
+        return self.app_id
+
+
 RECORD_TYPES: tuple[type[Record], ...] = (
     App, Release, Artifact, Formation, Route, Job, Placement, RunRequest, Blocked, Certificate,
-    BlobLocation, ClusterConfig,
+    BlobLocation, ClusterConfig, Repo,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))

@@ -1,0 +1,143 @@
+"""Apps' git repositories on this node: bare repos, their generation, bundles.
+
+Theory of operation
+-------------------
+An app's repository here is ``<data>/git/<app id>.git`` (a bare repo whose hooks
+are the shared ``<data>/git/hooks``, see `flynnp2p.build.hooks`). The cluster's
+copy is a `Repo` record naming a ``git bundle`` of all refs in the blobstore and
+its ``generation``; the local repo remembers the generation it holds in the file
+``flynnp2p-generation`` inside it. The invariant every git request relies on:
+
+    before a request is served, the local repo holds the record's generation
+    (the record absent: generation 0, an empty repo); otherwise it is restored.
+
+A restore builds a fresh repo beside the old one and swaps the two by rename, so
+a fetch already running on the old one finishes on it. After an accepted push
+the repo is bundled (`bundle`) and, once the leader has recorded the new
+generation, marked with it (`set_generation`); a push whose save failed marks it
+-1, so the next request restores the cluster's copy (the push is not kept).
+
+Every git command runs with an environment of our own (no user config: global
+and system config are ignored), bounded by ``GIT_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import ClusterError
+
+GENERATION_FILE = "flynnp2p-generation"
+GIT_TIMEOUT_S = 600.0
+DEFAULT_BRANCH = "main"
+
+
+def git_env(home: Path) -> dict[str, str]:
+    """An environment for git commands the agent runs: no user or system config."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_TERMINAL_PROMPT": "0",
+        "LC_ALL": "C",
+    }
+
+
+class RepoStore:
+    def __init__(self, root: Path, hooks_dir: Path) -> None:
+        # Absolute: git resolves a relative core.hooksPath against each repo.
+        self.root = root.absolute()
+        self.hooks_dir = hooks_dir.absolute()
+        self.env = git_env(root)
+        self._locks: dict[str, trio.Lock] = {}
+
+    def path(self, app_id: str) -> Path:
+        return self.root / f"{app_id}.git"
+
+    def lock(self, app_id: str) -> trio.Lock:
+        """Held while the repo is checked and restored (one restore at a time)."""
+        return self._locks.setdefault(app_id, trio.Lock())
+
+    async def git(self, *args: str, cwd: Path | None = None) -> str:
+        with trio.fail_after(GIT_TIMEOUT_S):
+            done = await trio.run_process(
+                ["git", *args], cwd=cwd, env=self.env, capture_stdout=True, capture_stderr=True,
+                check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip()[-500:]
+            raise ClusterError(f"git {args[0]} failed ({done.returncode}): {err}")
+        return bytes(done.stdout).decode(errors="replace")
+
+    def generation(self, app_id: str) -> int:
+        """The generation the local repo holds; -1 if there is none (or unreadable)."""
+        try:
+            return int((self.path(app_id) / GENERATION_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return -1
+
+    def set_generation(self, app_id: str, generation: int) -> None:
+        path = self.path(app_id) / GENERATION_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{generation}\n")
+        tmp.replace(path)
+
+    async def _init(self, path: Path) -> None:
+        await self.git("init", "--quiet", "--bare", f"--initial-branch={DEFAULT_BRANCH}", str(path))
+        for key, value in (
+            ("http.receivepack", "true"),
+            ("core.hooksPath", str(self.hooks_dir)),
+            ("receive.fsckObjects", "true"),  # a corrupt pack is refused, never stored
+            ("gc.auto", "0"),  # no background gc child outliving the request
+        ):
+            await self.git("config", key, value, cwd=path)
+
+    async def restore(self, app_id: str, bundle: Path | None, generation: int) -> None:
+        """Make the local repo the cluster's `generation`: the refs of `bundle`
+        (None: an empty repo)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fresh = self.root / f".new-{uuid.uuid4().hex}.git"
+        try:
+            await self._init(fresh)
+            if bundle is not None:
+                await self.git("fetch", "--quiet", str(bundle), "+refs/*:refs/*", cwd=fresh)
+                await self._point_head(fresh)
+            (fresh / GENERATION_FILE).write_text(f"{generation}\n")
+            target = self.path(app_id)
+            old = self.root / f".old-{uuid.uuid4().hex}.git"
+            if target.exists():
+                target.rename(old)
+            fresh.rename(target)
+        finally:
+            for leftover in (fresh, *self.root.glob(".old-*.git")):
+                if leftover.exists():
+                    await trio.to_thread.run_sync(shutil.rmtree, leftover, True)
+
+    async def _point_head(self, path: Path) -> None:
+        heads = await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)
+        names = heads.split()
+        for branch in ("refs/heads/main", "refs/heads/master", *names):
+            if branch in names:
+                await self.git("symbolic-ref", "HEAD", branch, cwd=path)
+                return
+
+    async def bundle(self, app_id: str, dest: Path) -> bool:
+        """Write a bundle of all the repo's refs to `dest`; False if it has none."""
+        path = self.path(app_id)
+        refs = await self.git("for-each-ref", "--format=%(refname)", cwd=path)
+        if not refs.strip():
+            return False
+        await self._point_head(path)
+        await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=path)
+        return True
+
+    async def refs(self, app_id: str) -> dict[str, str]:
+        """Ref name → object id of the local repo."""
+        out = await self.git("for-each-ref", "--format=%(objectname) %(refname)", cwd=self.path(app_id))
+        return {name: oid for oid, name in (line.split(" ", 1) for line in out.splitlines() if line)}
