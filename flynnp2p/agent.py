@@ -232,7 +232,7 @@ class Agent:
         git_dir = cfg.data_dir / "git"
         self.git_hooks = HookServer(git_dir / "hooks")
         locks = PushLocks(lambda: self.coord.client, now_ms)
-        git_api = GitApi(
+        self.git_api = git_api = GitApi(
             self.ctx, repos=RepoStore(git_dir, git_dir / "hooks"), hooks=self.git_hooks,
             blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,
             node_name=cfg.name, scratch=git_scratch(cfg.data_dir),
@@ -390,6 +390,7 @@ class Agent:
                     **self.state.stats,
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
+                "git": {"ok": self.git_hooks.port != 0, **self.git_api.stats},
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),

@@ -49,14 +49,14 @@ async def test_push_to_any_node(cluster: Cluster, tmp_path: Path) -> None:
     a = await git.work_tree("a", url_of(n1))
     await git.commit(a, "app.py", "v1")
     pushed = await git.run("push", "origin", "HEAD:main", cwd=a)
-    assert "remote: -----> repository saved (generation 1 on 2 nodes)" in text(pushed)
+    assert "remote: -----> repository saved (generation 1 on 2 nodes, full bundle)" in text(pushed)
     b = await git.work_tree("b", url_of(n1))  # at the first commit
 
     # 2. A fast-forward to node 2: it restores the repository node 1 saved.
     await git.run("remote", "add", "n2", url_of(n2), cwd=a)
     second = await git.commit(a, "app.py", "v2")
     pushed = await git.run("push", "n2", "HEAD:main", cwd=a)
-    assert "remote: -----> repository saved (generation 2" in text(pushed)
+    assert "remote: -----> repository saved (generation 2 on 2 nodes" in text(pushed)
 
     # 3. A non-fast-forward to node 3 is refused by git itself: node 3 knows v2.
     await git.run("remote", "add", "n3", url_of(n3), cwd=b)

@@ -371,3 +371,35 @@ async def test_create_in_a_work_tree_adds_the_remote(node: GitNode, tmp_path: Pa
     assert f"git remote flynnp2p: {node.url}/git/fromtree.git" in made.stdout.decode()
     await git.run("push", "--quiet", "flynnp2p", "main", cwd=tree)
     assert await node.git.repos.refs(node.app("fromtree").id) == {"refs/heads/main": sha}
+
+
+async def test_later_pushes_save_increments_and_a_restore_applies_them(node: GitNode, tmp_path: Path) -> None:
+    await create(node, "chain")
+    git = Git(tmp_path / "client")
+    url = with_token(node.url, "chain")
+    tree = await git.work_tree("a", url)
+    (tree / "data.bin").write_bytes(os.urandom(256 << 10))  # the base is big; later pushes are not
+    await git.run("add", "data.bin", cwd=tree)
+    await git.commit(tree, "f", "1")
+    out = text(await git.run("push", "origin", "HEAD:main", "HEAD:refs/heads/feature", cwd=tree))
+    assert "(generation 1 on 1 nodes, full bundle)" in out
+    await git.commit(tree, "f", "2")
+    out = text(await git.run("push", "origin", "HEAD:main", cwd=tree))
+    assert "(generation 2 on 1 nodes, increment 1)" in out
+    out = text(await git.run("push", "origin", ":refs/heads/feature", cwd=tree))
+    assert "(generation 3, refs only)" in out
+    app = node.app("chain")
+    record = node.ctx.state.state.record(Repo, app.id)
+    assert record is not None and record.generation == 3 and len(record.increments) == 1
+    expected = await node.git.repos.refs(app.id)
+    assert set(expected) == {"refs/heads/main"}
+
+    # This node forgets its copy: the next request restores the chain, refs exact.
+    node.git.repos.set_generation(app.id, -1)
+    restores = node.git.stats["restores"]
+    listed = (await git.run("ls-remote", url)).stdout.decode()
+    assert node.git.stats["restores"] == restores + 1
+    assert await node.git.repos.refs(app.id) == expected
+    assert "refs/heads/feature" not in listed and expected["refs/heads/main"] in listed
+    clone = await git.work_tree("b", url)
+    assert (clone / "f").read_text() == "2"

@@ -79,7 +79,8 @@ EXAMPLES: list[Record] = [
         epoch=3, updated_at=9,
     ),
     Certificate(id="cert-1", domains=("example.com",), cert_pem=PEM, key_pem=PEM, created_at=9),
-    Repo(app_id="app-1", generation=2, updated_at=11, digest=DIGEST, size=2048),
+    Repo(app_id="app-1", generation=2, updated_at=11, digest=DIGEST, size=2048, increments=(DIGEST,),
+         refs={"refs/heads/main": "ab" * 20}),
     BlobLocation(digest=DIGEST, node="node-1", size=1024, created_at=10),
     ClusterConfig(domain="apps.example.com", created_at=1),
 ]  # fmt: skip

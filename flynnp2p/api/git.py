@@ -9,11 +9,12 @@ password (`flynnp2p.api.app`); which requests pass is `flynnp2p.build.githttp`.
 
 The leader's side of a push (peer credential only, under ``/v1/internal/``)::
 
-    GET    /v1/internal/git/<app id>/current                  {"generation", "digest", "size"}
-    POST   /v1/internal/git/<app id>/lease      {"node"}      201 {"lease", "generation", …}; 409 busy
+    GET    /v1/internal/git/<app id>/current                  the saved repo: {"generation",
+                                                              "digest", "size", "increments", "refs"}
+    POST   /v1/internal/git/<app id>/lease      {"node"}      201 {"lease", "ttl", "saved"}; 409 busy
     POST   /v1/internal/git/<app id>/lease/<lease>/keepalive  {"ttl"}
     DELETE /v1/internal/git/<app id>/lease/<lease>
-    POST   /v1/internal/git/<app id>/commit     {"lease", "seen", "digest", "size"}: {"generation"}
+    POST   /v1/internal/git/<app id>/commit     {"lease", "seen", "saved"}: {"generation"}
 
 Theory of operation: the CGI bridge
 -----------------------------------
@@ -59,10 +60,19 @@ from flynnp2p.build.githttp import (
     split_cgi_head,
 )
 from flynnp2p.build.hooks import HookServer
-from flynnp2p.build.push import BlobPut, LeaderLink, PreReceive, PushLocks, PushSession, accept_push
+from flynnp2p.build.push import (
+    LEASE_TTL_S,
+    BlobPut,
+    LeaderLink,
+    PreReceive,
+    PushLocks,
+    PushSession,
+    Saved,
+    accept_push,
+)
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.errors import ClusterError, NotFound, UserError
-from flynnp2p.state.records import App, Repo
+from flynnp2p.state.records import NODE, App, Repo
 from flynnp2p.state.replica import Subscribable
 
 log = logging.getLogger(__name__)
@@ -123,12 +133,10 @@ class GitApi:
             generation = record.generation if record is not None else 0
             if self.repos.generation(app.id) == generation:
                 return
-            bundle = None
-            if record is not None and record.digest is not None:
-                bundle = await self.blobs.local_path(record.digest)
+            bundles = [await self.blobs.local_path(d) for d in (record.blobs if record else ())]
             log.info("restoring the repo of %s (generation %d)", app.name, generation)
             self.stats["restores"] += 1
-            await self.repos.restore(app.id, bundle, generation)
+            await self.repos.restore(app.id, bundles, generation, record.refs if record else None)
 
     async def _await_record(self, app: App, generation: int) -> Repo:
         with trio.move_on_after(RECORD_WAIT_S):
@@ -311,27 +319,29 @@ class GitLeaderApi:
             raise NotFound(f"no app {app_id!r}")
         return found
 
-    async def _record(self, app: App, generation: int, digest: str | None, size: int) -> None:
+    async def _record(self, app: App, saved: Saved) -> None:
         """Write the `Repo` record of what etcd holds, if the state is behind it."""
         have = self.ctx.state.state.record(Repo, app.id)
-        if generation and (have is None or have.generation < generation):
+        if saved.generation and (have is None or have.generation < saved.generation):
             await self.ctx.state.write([
-                Repo(app_id=app.id, generation=generation, updated_at=self.ctx.now_ms(),
-                     digest=digest, size=size)
+                Repo(app_id=app.id, generation=saved.generation, updated_at=self.ctx.now_ms(),
+                     digest=saved.digest, size=saved.size, increments=saved.increments,
+                     refs=saved.refs)
             ])  # fmt: skip
 
     async def current(self, app_id: str) -> Response:
         app = await self._app(app_id)
-        generation, digest, size = await self.locks.current(app.id)
-        await self._record(app, generation, digest, size)
-        return answer({"generation": generation, "digest": digest, "size": size})
+        saved = await self.locks.current(app.id)
+        await self._record(app, saved)
+        return answer(saved.wire())
 
     async def acquire(self, app_id: str) -> Response:
         body = await json_body({"node"}, required={"node"})
         app = await self._app(app_id)
-        grant = await self.locks.acquire(app, str(body["node"]))
-        await self._record(app, grant["generation"], grant["digest"], grant["size"])
-        return answer(grant, 201)
+        node = NODE.decode("node", body["node"])
+        lease, saved = await self.locks.acquire(app, node)
+        await self._record(app, saved)
+        return answer({"lease": lease, "ttl": LEASE_TTL_S, "saved": saved.wire()}, 201)
 
     async def keepalive(self, app_id: str, lease: int) -> Response:
         await self._app(app_id)
@@ -346,17 +356,18 @@ class GitLeaderApi:
         return answer({"released": lease})
 
     async def commit(self, app_id: str) -> Response:
-        body = await json_body({"lease", "seen", "digest", "size"}, required={"lease", "seen"})
+        body = await json_body({"lease", "seen", "saved"}, required={"lease", "seen", "saved"})
         app = await self._app(app_id)
-        lease, seen, size = body["lease"], body["seen"], body.get("size", 0)
-        digest = body.get("digest")
-        if not all(type(v) is int and v >= 0 for v in (lease, seen, size)):
-            raise UserError("body: lease, seen and size are non-negative integers")
-        if digest is not None and not isinstance(digest, str):
-            raise UserError("body.digest: expected a digest or null")
-        generation, digest, size = await self.locks.commit(app, lease, seen, digest, size)
-        await self._record(app, generation, digest, size)
-        return answer({"generation": generation})
+        lease, seen, wire = body["lease"], body["seen"], body["saved"]
+        if not all(type(v) is int and v >= 0 for v in (lease, seen)) or not isinstance(wire, dict):
+            raise UserError("body: lease and seen are non-negative integers, saved an object")
+        saved = Saved.from_wire({**wire, "generation": seen + 1})
+        # The record's own checks, before etcd is touched.
+        Repo(app_id=app.id, generation=seen + 1, updated_at=0, digest=saved.digest,
+             size=saved.size, increments=saved.increments, refs=saved.refs)  # fmt: skip
+        made = await self.locks.commit(app, lease, seen, saved)
+        await self._record(app, made)
+        return answer({"generation": made.generation})
 
 
 def git_blueprint(ctx: ClusterContext, git: GitApi, leader: GitLeaderApi) -> Blueprint:

@@ -237,7 +237,7 @@ class BlobService:
         now = self.clock_ms()
         grace_ms = int(self.gc_grace_s * 1000)
         referenced = {a.digest for a in self.state.state.records(Artifact) if a.digest}
-        referenced |= {r.digest for r in self.state.state.records(Repo) if r.digest}  # git bundles
+        referenced |= {d for r in self.state.state.records(Repo) for d in r.blobs}  # git bundles
         removed: list[str] = []
         for blob in await self.store.list():
             if blob.digest in referenced or now - blob.mtime_ms < grace_ms:

@@ -9,9 +9,9 @@ Two things are decided once, in etcd, by the leader (`PushLocks`):
   runs. A second push to the app meanwhile, on any node, is refused with
   "another push to APP is in progress (on node N)". A node that dies mid-push
   frees the app when its lease runs out.
-* ``f2p/repo/<app id>``: ``{"g": generation, "digest", "size"}``, the newest saved
-  repository, advanced by compare-and-swap from the generation the push started
-  from; the `Repo` record is written from it (and written again from it by a
+* ``f2p/repo/<app id>``: the newest saved repository (`Saved`: generation, base
+  bundle, increments, refs), advanced by compare-and-swap from the generation
+  the push started from; the `Repo` record is written from it (and written again from it by a
   leader that finds the record behind: a leader that died between the swap and
   the write leaves nothing lost).
 
@@ -23,7 +23,10 @@ A push (`PushSession`, one per ``git-receive-pack`` POST) goes:
                  → the pre-receive step (`PreReceive`: today it accepts; the
                    builder plugs in here and its lines reach ``git push``)
     refs move    (git receive-pack)
-    post-receive the repo bundled, stored in the blobstore (≥2 nodes), the
+    post-receive the repo saved in the blobstore (≥2 nodes): where it pays, an
+                 increment (a bundle of only what the push added, its
+                 prerequisites the refs the push began from) on the saved chain,
+                 with the exact refs; else a full bundle (`_save`); then the
                  generation advanced by the leader, the local repo marked with it
     end          the lease released (the response's end, shielded and bounded)
 
@@ -33,11 +36,13 @@ Nodes reach the leader through `LeaderLink` (peer-credentialed HTTP to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,13 +53,14 @@ from flynnp2p.build.hooks import RefUpdate, Say
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.coord.client import KV
 from flynnp2p.errors import ClusterError, Conflict, FlynnError, NotFound
-from flynnp2p.state.records import App
+from flynnp2p.state.records import MAX_MANIFEST_REFS, App
 
 log = logging.getLogger(__name__)
 
 PUSH_PREFIX = "f2p/push/"
 REPO_PREFIX = "f2p/repo/"
 LEASE_TTL_S = 20
+MAX_INCREMENTS = 8  # then a full bundle again: a restore applies at most 1 + 8
 BUILD_BRANCHES = ("refs/heads/main", "refs/heads/master")
 
 
@@ -91,18 +97,43 @@ class LeaseStore(Protocol):
     async def revoke(self, lease: int) -> None: ...
 
 
-def _repo_value(kv: KV | None) -> tuple[int, str | None, int, int]:
-    """(generation, digest, size, mod revision) of the repo counter (0s if absent)."""
+@dataclass(frozen=True)
+class Saved:
+    """The newest saved repository as etcd holds it (see `flynnp2p.state.records.Repo`)."""
+
+    generation: int = 0
+    digest: str | None = None
+    size: int = 0
+    increments: tuple[str, ...] = ()
+    refs: Mapping[str, str] = field(default_factory=dict)
+    mod_revision: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        return {"generation": self.generation, "digest": self.digest, "size": self.size,
+                "increments": list(self.increments), "refs": dict(self.refs)}  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any], mod_revision: int = 0) -> Saved:
+        g = data.get("generation")
+        digest, size = data.get("digest"), data.get("size")
+        inc, refs = data.get("increments"), data.get("refs")
+        if not isinstance(g, int) or g < 0:
+            raise ClusterError("the saved repository's generation is not readable")
+        return cls(
+            g, digest if isinstance(digest, str) else None, size if isinstance(size, int) else 0,
+            tuple(d for d in inc if isinstance(d, str)) if isinstance(inc, list) else (),
+            {str(k): str(v) for k, v in refs.items()} if isinstance(refs, dict) else {},
+            mod_revision,
+        )  # fmt: skip
+
+
+def _saved(kv: KV | None) -> Saved:
     if kv is None:
-        return 0, None, 0, 0
+        return Saved()
     data = kv.json()
-    if not isinstance(data, dict) or not isinstance(data.get("g"), int):
+    if not isinstance(data, dict):
         raise ClusterError("the repo counter in etcd is not readable")
-    digest, size = data.get("digest"), data.get("size")
-    return (
-        data["g"], digest if isinstance(digest, str) else None,
-        size if isinstance(size, int) else 0, kv.mod_revision,
-    )  # fmt: skip
+    return Saved.from_wire(data, kv.mod_revision)
 
 
 class PushLocks:
@@ -112,12 +143,13 @@ class PushLocks:
         self.etcd = etcd
         self.now_ms = now_ms
 
-    async def current(self, app_id: str) -> tuple[int, str | None, int]:
-        """(generation, digest, size) of the app's newest saved repository."""
-        g, digest, size, _ = _repo_value(await self.etcd().get(repo_key(app_id)))
-        return g, digest, size
+    async def current(self, app_id: str) -> Saved:
+        """The app's newest saved repository."""
+        return _saved(await self.etcd().get(repo_key(app_id)))
 
-    async def acquire(self, app: App, node: str) -> dict[str, Any]:
+    async def acquire(self, app: App, node: str) -> tuple[int, Saved]:
+        """(the push lease, the saved repository the push builds on); `Conflict`
+        while another push holds the app."""
         etcd = self.etcd()
         lease, _ = await etcd.grant(LEASE_TTL_S)
         value = json.dumps({"node": node, "at": self.now_ms()})
@@ -128,8 +160,7 @@ class PushLocks:
             data = held.json() if held is not None else None
             holder = data.get("node") if isinstance(data, dict) else None
             raise Conflict(in_progress(app.name, str(holder or "another node")))
-        g, digest, size = await self.current(app.id)
-        return {"lease": lease, "ttl": LEASE_TTL_S, "generation": g, "digest": digest, "size": size}
+        return lease, await self.current(app.id)
 
     async def keepalive(self, lease: int) -> int:
         return await self.etcd().keepalive(lease)
@@ -137,24 +168,24 @@ class PushLocks:
     async def release(self, lease: int) -> None:
         await self.etcd().revoke(lease)
 
-    async def commit(
-        self, app: App, lease: int, seen: int, digest: str | None, size: int
-    ) -> tuple[int, str | None, int]:
-        """Advance the repo counter from `seen` (while `lease` still holds the push)."""
+    async def commit(self, app: App, lease: int, seen: int, saved: Saved) -> Saved:
+        """Advance the repo counter from `seen` to `saved` (while `lease` still
+        holds the push); the generation it got."""
         etcd = self.etcd()
         held = await etcd.get(push_key(app.id))
         if held is None or held.lease != lease:
             raise Conflict(f"the push lock of {app.name} was lost (the push took too long?); push again")
-        g, _, _, revision = _repo_value(await etcd.get(repo_key(app.id)))
-        if g != seen:
+        now = _saved(await etcd.get(repo_key(app.id)))
+        if now.generation != seen:
             raise Conflict(
-                f"the repository of {app.name} changed meanwhile (generation {g}, this push "
-                f"began at {seen}); fetch and push again"
+                f"the repository of {app.name} changed meanwhile (generation {now.generation}, "
+                f"this push began at {seen}); fetch and push again"
             )
-        value = json.dumps({"g": seen + 1, "digest": digest, "size": size, "at": self.now_ms()})
-        if not await etcd.swap(repo_key(app.id), value, revision):
+        made = dataclasses.replace(saved, generation=seen + 1)
+        value = json.dumps({**made.wire(), "at": self.now_ms()})
+        if not await etcd.swap(repo_key(app.id), value, now.mod_revision):
             raise Conflict(f"the repository of {app.name} changed meanwhile; fetch and push again")
-        return seen + 1, digest, size
+        return made
 
 
 # -- the receiving node's side ----------------------------------------------
@@ -191,6 +222,10 @@ class LeaderLink:
     async def current(self, app_id: str) -> int:
         data = await self.call("GET", f"{app_id}/current")
         return int(data["generation"])
+
+    async def acquire(self, app_id: str, node: str) -> tuple[int, Saved]:
+        data = await self.call("POST", f"{app_id}/lease", {"node": node})
+        return int(data["lease"]), Saved.from_wire(data["saved"])
 
 
 class BlobPut(Protocol):
@@ -230,6 +265,10 @@ async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+def _full(path: Path) -> Path:
+    return path.with_name(path.name + ".full")
+
+
 class PushSession:
     """One ``git-receive-pack`` POST (see the module's theory of operation)."""
 
@@ -245,51 +284,76 @@ class PushSession:
         self.step = step
         self.scratch = scratch
         self.lease: int | None = None
-        self.seen = 0
+        self.base = Saved()
+        self.old_refs: dict[str, str] = {}
 
     async def pre_receive(self, updates: Sequence[RefUpdate], say: Say) -> bool:
         try:
-            grant = await self.leader.call("POST", f"{self.app.id}/lease", {"node": self.node})
+            self.lease, self.base = await self.leader.acquire(self.app.id, self.node)
         except Conflict as exc:
             await say(f"flynnp2p: {exc.message}")
             return False
         except ClusterError as exc:
             await say(f"flynnp2p: cannot take the push lock of {self.app.name}: {exc.message}")
             return False
-        self.lease, self.seen = int(grant["lease"]), int(grant["generation"])
         local = self.repos.generation(self.app.id)
-        if local != self.seen:
+        if local != self.base.generation:
             await say(
                 f"flynnp2p: the repository of {self.app.name} changed on another node while this "
-                f"push began (generation {self.seen} in the cluster, {local} here); push again"
+                f"push began (generation {self.base.generation} in the cluster, {local} here); "
+                "push again"
             )
             return False
+        self.old_refs = await self.repos.refs(self.app.id)  # the refs have not moved yet
         return await self.step(self.app, updates, say)
 
     async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None:
-        app_id = self.app.id
         if self.lease is None:
             return
         self.scratch.mkdir(parents=True, exist_ok=True)
-        path = self.scratch / f"{app_id}-{uuid.uuid4().hex}.bundle"
+        path = self.scratch / f"{self.app.id}-{uuid.uuid4().hex}.bundle"
         try:
-            digest: str | None = None
-            size, holders = 0, 0
-            if await self.repos.bundle(app_id, path):
-                digest, size = await trio.to_thread.run_sync(_file_digest, path)
-                _, holders = await self.blobs.put(str(digest), _file_chunks(path))
-            body = {"lease": self.lease, "seen": self.seen, "digest": digest, "size": size}
-            done = await self.leader.call("POST", f"{app_id}/commit", body)
-            self.repos.set_generation(app_id, int(done["generation"]))
+            saved, holders, how = await self._save(path)
+            body = {"lease": self.lease, "seen": self.base.generation, "saved": saved.wire()}
+            done = await self.leader.call("POST", f"{self.app.id}/commit", body)
+            generation = int(done["generation"])
+            self.repos.set_generation(self.app.id, generation)
         except FlynnError as exc:
-            self.repos.set_generation(app_id, -1)  # the next request restores the cluster's copy
+            self.repos.set_generation(self.app.id, -1)  # the next request restores the cluster's copy
             await say(f"flynnp2p: error: the push could not be saved ({exc.message}); "
                       "it is not kept: push again")  # fmt: skip
             return
         finally:
-            path.unlink(missing_ok=True)
-        where = f" on {holders} nodes" if digest else ""
-        await say(f"-----> repository saved (generation {done['generation']}{where})")
+            for leftover in (path, _full(path)):
+                leftover.unlink(missing_ok=True)
+        where = f" on {holders} nodes" if holders else ""
+        await say(f"-----> repository saved (generation {generation}{where}, {how})")
+
+    async def _save(self, path: Path) -> tuple[Saved, int, str]:
+        """The push's repository in the blobstore: an increment on the saved
+        chain where that pays, else a full bundle; (what to record, holders, how)."""
+        app_id, base = self.app.id, self.base
+        refs = await self.repos.refs(app_id)
+        if not refs:
+            return Saved(), 0, "no refs"
+        chain_ok = (
+            base.digest is not None and self.old_refs and len(base.increments) < MAX_INCREMENTS
+            and len(refs) <= MAX_MANIFEST_REFS
+        )  # fmt: skip
+        if chain_ok and not await self.repos.bundle_since(app_id, path, set(self.old_refs.values())):
+            return dataclasses.replace(base, refs=refs), 0, "refs only"  # moved back or deleted
+        if chain_ok:
+            digest, size = await trio.to_thread.run_sync(_file_digest, path)
+            if size * 2 <= base.size:
+                _, holders = await self.blobs.put(digest, _file_chunks(path))
+                increments = (*base.increments, digest)
+                saved = dataclasses.replace(base, increments=increments, refs=refs)
+                return saved, holders, f"increment {len(increments)}"
+        full = _full(path)
+        await self.repos.bundle(app_id, full)
+        digest, size = await trio.to_thread.run_sync(_file_digest, full)
+        _, holders = await self.blobs.put(digest, _file_chunks(full))
+        return Saved(digest=digest, size=size), holders, "full bundle"
 
     async def renew(self) -> None:
         if self.lease is not None:

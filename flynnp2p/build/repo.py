@@ -11,6 +11,13 @@ its ``generation``; the local repo remembers the generation it holds in the file
     before a request is served, the local repo holds the record's generation
     (the record absent: generation 0, an empty repo); otherwise it is restored.
 
+The saved copy is a chain: a full bundle, then the increments of later pushes
+(each a bundle of only the objects that push added, its prerequisites the refs
+the push began from), with the exact refs of the newest generation; a restore
+applies them in order. Where an increment does not pay (it is more than half
+the base, or the chain is long, or the repo has many refs) a push saves a full
+bundle again (see `flynnp2p.build.push`).
+
 A restore builds a fresh repo beside the old one and swaps the two by rename, so
 a fetch already running on the old one finishes on it. After an accepted push
 the repo is bundled (`bundle`) and, once the leader has recorded the new
@@ -26,6 +33,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -98,15 +106,22 @@ class RepoStore:
         ):
             await self.git("config", key, value, cwd=path)
 
-    async def restore(self, app_id: str, bundle: Path | None, generation: int) -> None:
-        """Make the local repo the cluster's `generation`: the refs of `bundle`
-        (None: an empty repo)."""
+    async def restore(
+        self, app_id: str, bundles: Sequence[Path], generation: int,
+        refs: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """Make the local repo the cluster's `generation`: the objects and refs of
+        `bundles` applied in order (none: an empty repo), then, when given, exactly
+        the refs `refs` (increments do not list the refs they left alone)."""
         self.root.mkdir(parents=True, exist_ok=True)
         fresh = self.root / f".new-{uuid.uuid4().hex}.git"
         try:
             await self._init(fresh)
-            if bundle is not None:
+            for bundle in bundles:
                 await self.git("fetch", "--quiet", str(bundle), "+refs/*:refs/*", cwd=fresh)
+            if refs:
+                await self._set_refs(fresh, refs)
+            if bundles:
                 await self._point_head(fresh)
             (fresh / GENERATION_FILE).write_text(f"{generation}\n")
             target = self.path(app_id)
@@ -118,6 +133,19 @@ class RepoStore:
             for leftover in (fresh, *self.root.glob(".old-*.git")):
                 if leftover.exists():
                     await trio.to_thread.run_sync(shutil.rmtree, leftover, True)
+
+    async def _set_refs(self, path: Path, refs: Mapping[str, str]) -> None:
+        have = await self._refs(path)
+        lines = [f"update {name} {oid}" for name, oid in sorted(refs.items()) if have.get(name) != oid]
+        lines += [f"delete {name}" for name in sorted(have) if name not in refs]
+        if lines:
+            with trio.fail_after(GIT_TIMEOUT_S):
+                done = await trio.run_process(
+                    ["git", "update-ref", "--stdin"], cwd=path, env=self.env,
+                    stdin=("\n".join(lines) + "\n").encode(), capture_stderr=True, check=False,
+                )  # fmt: skip
+            if done.returncode != 0:
+                raise ClusterError(f"git update-ref failed: {done.stderr.decode(errors='replace')[-300:]}")
 
     async def _point_head(self, path: Path) -> None:
         heads = await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)
@@ -137,7 +165,26 @@ class RepoStore:
         await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=path)
         return True
 
+    async def bundle_since(self, app_id: str, dest: Path, old: Collection[str]) -> bool:
+        """Write a bundle of what the refs reach that the commits `old` do not;
+        False when that is nothing (refs deleted, or moved back)."""
+        path = self.path(app_id)
+        with trio.fail_after(GIT_TIMEOUT_S):
+            done = await trio.run_process(
+                ["git", "bundle", "create", "--quiet", str(dest), "--all", "--not", *sorted(old)],
+                cwd=path, env=self.env, capture_stderr=True, check=False,
+            )  # fmt: skip
+        if done.returncode == 0:
+            return True
+        err = done.stderr.decode(errors="replace")
+        if "empty bundle" in err:
+            return False
+        raise ClusterError(f"git bundle failed ({done.returncode}): {err.strip()[-500:]}")
+
     async def refs(self, app_id: str) -> dict[str, str]:
         """Ref name → object id of the local repo."""
-        out = await self.git("for-each-ref", "--format=%(objectname) %(refname)", cwd=self.path(app_id))
+        return await self._refs(self.path(app_id))
+
+    async def _refs(self, path: Path) -> dict[str, str]:
+        out = await self.git("for-each-ref", "--format=%(objectname) %(refname)", cwd=path)
         return {name: oid for oid, name in (line.split(" ", 1) for line in out.splitlines() if line)}

@@ -377,11 +377,19 @@ class ClusterConfig(Record):
         return "config"
 
 
+GIT_REF = Str(r"refs/[!-~]{1,250}", "a git ref name (refs/...)", max_len=255)
+GIT_OID = Str(r"[0-9a-f]{40}(?:[0-9a-f]{24})?", "a git object id (hex)", max_len=64)
+MAX_MANIFEST_REFS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Repo(Record):
-    """The newest saved git repository of an app: a `git bundle` of all its refs in
-    the blobstore (``digest``; None when the repository has no refs), the
-    ``generation`` etcd gave it (1 for the first push), and when it was saved."""
+    """The newest saved git repository of an app, in the blobstore: a `git bundle`
+    of all its refs (``digest``; None when the repository has no refs), then the
+    ``increments`` pushed since (bundles of the objects each push added, applied
+    in order), with ``refs`` the exact refs they add up to (empty: the base
+    bundle's refs are exact); the ``generation`` etcd gave it (1 for the first
+    push), and when it was saved."""
 
     KIND: ClassVar[str] = "repo"
     app_id: Annotated[str, ID]
@@ -389,10 +397,21 @@ class Repo(Record):
     updated_at: Annotated[int, TIMESTAMP]
     digest: Annotated[str | None, Opt(Str.of(vocab.DIGEST))] = None
     size: Annotated[int, Int(0)] = 0
+    increments: Annotated[tuple[str, ...], Seq(Str.of(vocab.DIGEST), max_items=16)] = ()
+    refs: Annotated[Mapping[str, str], Dict(GIT_REF, GIT_OID, MAX_MANIFEST_REFS)] = EMPTY
+
+    def validate(self, path: str) -> None:
+        if self.increments and (self.digest is None or not self.refs):
+            raise RecordError(f"{path}.increments", "come after a base bundle, with the refs")
 
     @property
     def key(self) -> str:
         return self.app_id
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        """The bundles to apply, base first."""
+        return (self.digest, *self.increments) if self.digest is not None else ()
 
 
 RECORD_TYPES: tuple[type[Record], ...] = (
