@@ -403,3 +403,24 @@ async def test_later_pushes_save_increments_and_a_restore_applies_them(node: Git
     assert "refs/heads/feature" not in listed and expected["refs/heads/main"] in listed
     clone = await git.work_tree("b", url)
     assert (clone / "f").read_text() == "2"
+
+
+async def test_a_garbage_push_is_refused_and_leaves_nothing_held(node: GitNode, tmp_path: Path) -> None:
+    await create(node, "junk")
+    junk = b"0098" + os.urandom(4000)
+    async with httpx.AsyncClient(base_url=node.url, auth=("x", TOKEN.api_key), timeout=30) as c:
+        r = await c.post(
+            "/git/junk.git/git-receive-pack", content=junk,
+            headers={"Content-Type": "application/x-git-receive-pack-request"},
+        )  # fmt: skip
+    # git answers itself (receive-pack stops at the bad input: no "ok" for any ref).
+    assert r.status_code == 200 and b"ok refs/" not in r.content
+    app = node.app("junk")
+    assert await node.git.repos.refs(app.id) == {}
+    assert node.etcd.leases == set() and node.ctx.state.state.record(Repo, app.id) is None
+    # The node still takes a real push.
+    git = Git(tmp_path / "client")
+    tree = await git.work_tree("a", with_token(node.url, "junk"))
+    sha = await git.commit(tree, "f", "ok")
+    await git.run("push", "origin", "HEAD:main", cwd=tree)
+    assert await node.git.repos.refs(app.id) == {"refs/heads/main": sha}
