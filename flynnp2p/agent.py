@@ -28,6 +28,7 @@ from flynnp2p.api.app import create_app
 from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
 from flynnp2p.api.coord import coord_blueprint
+from flynnp2p.api.git import GitApi, GitLeaderApi, git_blueprint, git_scratch
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.jobs import jobs_blueprint
 from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
@@ -35,6 +36,9 @@ from flynnp2p.api.router import router_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
+from flynnp2p.build.hooks import HookServer
+from flynnp2p.build.push import LeaderLink, PushLocks
+from flynnp2p.build.repo import RepoStore
 from flynnp2p.config import (
     NodeConfig,
     coord_dead_after_s,
@@ -233,6 +237,16 @@ class Agent:
         app.register_blueprint(blobs_blueprint(self.blobs))
         app.register_blueprint(coord_blueprint(self.coord))
         app.register_blueprint(router_blueprint(self.router))
+        # git push to any node: smart HTTP, the push lease and the repo's generation.
+        git_dir = cfg.data_dir / "git"
+        self.git_hooks = HookServer(git_dir / "hooks")
+        locks = PushLocks(lambda: self.coord.client, now_ms)
+        self.git_api = git_api = GitApi(
+            self.ctx, repos=RepoStore(git_dir, git_dir / "hooks"), hooks=self.git_hooks,
+            blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,
+            node_name=cfg.name, scratch=git_scratch(cfg.data_dir),
+        )  # fmt: skip
+        app.register_blueprint(git_blueprint(self.ctx, git_api, GitLeaderApi(self.ctx, locks)))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
 
     def _make_backend(self, jobs_dir: Path) -> JobBackend:
@@ -283,6 +297,7 @@ class Agent:
                 await nursery.start(self.heartbeats.run)
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
+                await nursery.start(self.git_hooks.run)
                 await nursery.start(
                     partial(
                         feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],
@@ -390,6 +405,7 @@ class Agent:
                     **self.state.stats,
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
+                "git": {"ok": self.git_hooks.port != 0, **self.git_api.stats},
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),

@@ -9,7 +9,7 @@ import pytest
 from flynnp2p.api import ops
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.state.merge import Delete
-from flynnp2p.state.records import App, Artifact, Formation, ProcessSpec, Release, Route
+from flynnp2p.state.records import App, Artifact, Formation, ProcessSpec, Release, Repo, Route
 from tests.states import state_of
 
 APP = App(id="a1", name="hello", created_at=1, meta={"owner": "ann"})
@@ -94,6 +94,8 @@ def test_app_deletion_takes_routes_and_formation() -> None:
         Delete("app", "a1"), Delete("route", "t1"), Delete("formation", "a1")
     ]
     assert ops.app_deletion(state_of(APP), APP) == [Delete("app", "a1")]
+    repo = Repo(app_id="a1", generation=3, updated_at=5)
+    assert Delete("repo", "a1") in ops.app_deletion(state_of(APP, repo), APP)  # its bundles go too
 
 
 @pytest.mark.parametrize(

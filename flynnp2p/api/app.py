@@ -12,6 +12,7 @@ credential (`ClusterToken.peer_key`, which users are never given).
 
     path                  user key / token        peer credential
     /healthz              (no auth)               (no auth)
+    /git/*                HTTP basic too: any user, the token or API key as password
     /v1/internal/*        403                     yes
     everything else       yes                     yes
 
@@ -24,6 +25,8 @@ who sets one gets exactly the answer they would get without it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Any, Protocol
 
@@ -33,6 +36,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from flynnp2p.build.blobs import REPLICA_HEADER
+from flynnp2p.build.githttp import GIT_PREFIX
 from flynnp2p.coord.ca import ClusterCA
 from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
 from flynnp2p.token import ClusterToken
@@ -45,6 +49,8 @@ PEER_PREFIX = "/v1/internal/"
 # Slugs and images are streamed to disk, never held in memory whole.
 MAX_BLOB_BODY = 4 << 30
 BLOB_PREFIX = "/v1/blobs/"
+# A push streams its pack to git, never held whole.
+MAX_GIT_BODY = 4 << 30
 # /v1/cluster/ca: the cluster CA certificate is public; a client checks it against a
 # fingerprint it was given before it trusts it (`flynnp2p cluster add --ca-fingerprint`).
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/cluster/ca"})
@@ -68,6 +74,8 @@ class _Request(TrioRequest):
             kwargs["max_content_length"] = MAX_PEER_BODY
         elif str(path).startswith(BLOB_PREFIX):
             kwargs["max_content_length"] = MAX_BLOB_BODY
+        elif str(path).startswith(GIT_PREFIX):
+            kwargs["max_content_length"] = MAX_GIT_BODY
         super().__init__(*args, **kwargs)
 
 
@@ -80,6 +88,26 @@ class NodeStatus(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def members(self) -> list[dict[str, Any]]: ...
+
+
+def basic_password(header: str) -> str | None:
+    """The password of an ``Authorization: Basic`` header, or None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon else None
+
+
+def git_unauthorized() -> Response:
+    """git asks its credential helper (then the user) only after this answer."""
+    resp = error_response(401, "unauthorized", "git needs the cluster token (or API key) as password")
+    resp.headers["WWW-Authenticate"] = 'Basic realm="flynnp2p"'
+    return resp
 
 
 def error_response(status: int, code: str, message: str) -> Response:
@@ -95,18 +123,25 @@ def create_app(node: NodeStatus) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
 
     @app.before_request
-    async def authenticate() -> None:
+    async def authenticate() -> Response | None:
         g.peer = False
         if request.path in PUBLIC_PATHS:
-            return
+            return None
         header = request.headers.get("Authorization", "")
+        if request.path.startswith(GIT_PREFIX):
+            password = basic_password(header)
+            if password is None and header.lower().startswith("bearer "):
+                password = header[7:]
+            if password is None or not node.token.accepts_bearer(password):
+                return git_unauthorized()
+            return None
         scheme, _, presented = header.partition(" ")
         if not header:
             raise Unauthorized("missing 'Authorization: Bearer <token>' header")
         bearer = scheme.lower() == "bearer"
         if bearer and node.token.accepts_peer(presented):
             g.peer = True
-            return
+            return None
         if not bearer or not node.token.accepts_bearer(presented):
             raise Unauthorized("invalid API token (give the cluster token or its API key)")
         if request.path.startswith(PEER_PREFIX):
@@ -117,6 +152,7 @@ def create_app(node: NodeStatus) -> QuartTrio:
         for name in PEER_HEADERS:
             if name in request.headers:
                 del request.headers[name]
+        return None
 
     @app.errorhandler(FlynnError)
     async def flynn_error(exc: FlynnError) -> Response:

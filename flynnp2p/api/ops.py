@@ -12,7 +12,7 @@ same changes without HTTP.
 The rules that live here and nowhere else:
 
 * an app is created with its default route ``<name>.<cluster domain>``;
-* a deleted app takes its routes and formation with it, a deleted route its
+* a deleted app takes its routes, formation and saved git repository with it, a deleted route its
   certificate (unless another route uses it);
 * a route's HTTP domain+path, or its TCP port, belongs to one route; a TCP route
   given no port takes the lowest free one of the cluster's range;
@@ -41,6 +41,7 @@ from flynnp2p.state.records import (
     ClusterConfig,
     Formation,
     Release,
+    Repo,
     Route,
 )
 
@@ -199,8 +200,9 @@ def app_deletion(state: State, app: App) -> list[Change]:
             if change not in seen:
                 seen.add(change)
                 changes.append(change)
-    if state.record(Formation, app.id) is not None:
-        changes.append(Delete(Formation.KIND, app.id))
+    for kind in (Formation, Repo):  # keyed by the app's id; a repo's bundles are then collected
+        if state.record(kind, app.id) is not None:
+            changes.append(Delete(kind.KIND, app.id))
     return changes
 
 

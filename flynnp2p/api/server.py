@@ -28,8 +28,16 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from flynnp2p.api.app import BLOB_PREFIX, MAX_BLOB_BODY, MAX_BODY, MAX_PEER_BODY, PEER_PREFIX
+from flynnp2p.api.app import (
+    BLOB_PREFIX,
+    MAX_BLOB_BODY,
+    MAX_BODY,
+    MAX_GIT_BODY,
+    MAX_PEER_BODY,
+    PEER_PREFIX,
+)
 from flynnp2p.api.framing import Refusal, framing_problem, target_problem
+from flynnp2p.build.githttp import GIT_PREFIX
 from flynnp2p.errors import ConfigError
 from flynnp2p.netaddr import url_host
 
@@ -45,6 +53,8 @@ def body_limit(path: str) -> int:
         return MAX_PEER_BODY
     if path.startswith(BLOB_PREFIX):
         return MAX_BLOB_BODY
+    if path.startswith(GIT_PREFIX):
+        return MAX_GIT_BODY
     return MAX_BODY
 
 

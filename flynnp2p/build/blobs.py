@@ -21,9 +21,9 @@ its own location, then serves its local copy.  Concurrent gets of one missing
 blob share one fetch.
 
 Garbage collection.  Every ``gc_interval_s`` this node deletes its blobs that no
-`Artifact` references and that are older than ``gc_grace_s`` (an upload is
-referenced by its artifact only after it is stored), and deletes their
-locations.
+`Artifact` (nor `Repo`: an app's saved git repository) references and that are
+older than ``gc_grace_s`` (an upload is referenced by its artifact only after it
+is stored), and deletes their locations.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import trio
 from flynnp2p.build.blobstore import BlobStore, StoredBlob
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.state.merge import Change, Delete, State
-from flynnp2p.state.records import Artifact, BlobLocation
+from flynnp2p.state.records import Artifact, BlobLocation, Repo
 from flynnp2p.state.service import Peer
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,7 @@ class BlobService:
         now = self.clock_ms()
         grace_ms = int(self.gc_grace_s * 1000)
         referenced = {a.digest for a in self.state.state.records(Artifact) if a.digest}
+        referenced |= {d for r in self.state.state.records(Repo) for d in r.blobs}  # git bundles
         removed: list[str] = []
         for blob in await self.store.list():
             if blob.digest in referenced or now - blob.mtime_ms < grace_ms:

@@ -33,6 +33,7 @@ from flynnp2p.cli.common import (
     print_json,
     table,
 )
+from flynnp2p.cli.git import add_remote, in_work_tree
 from flynnp2p.cli.scale import wait_for_formation
 from flynnp2p.errors import NotFound, UserError
 
@@ -74,7 +75,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"created app {app['name']} (id {app['id']}, on {resp['replicas']} node(s))")
     for route in resp["routes"]:
         print(f"  route: http://{route_address(route)}")
-    print(f"  deploy: flynnp2p release add -a {app['name']} --slug app.tgz   (git push comes later)")
+
+    if in_work_tree():
+        url = add_remote(app["name"], args.cluster)
+        print(f"  git remote flynnp2p: {url}  (deploy: git push flynnp2p main)")
+    else:
+        print(f"  deploy: flynnp2p release add -a {app['name']} --slug app.tgz, or in a git work "
+              f"tree: flynnp2p git remote add -a {app['name']} && git push flynnp2p main")  # fmt: skip
     return 0
 
 

@@ -45,7 +45,8 @@ def table_from_state(
     parsed = None if api_address is None else ip_port(api_address)
     if api_address is not None and parsed is not None:
         # api.<domain>, and this node's own address (https://NODE:8443 with no DNS).
-        names = (f"api.{cluster_domain(state, domain)}", url_host(parsed[0]))
+        cluster = cluster_domain(state, domain)
+        names = (f"api.{cluster}", f"git.{cluster}", url_host(parsed[0]))
         for i, name in enumerate(names):
             api = RouteSpec(
                 id=f"{API_ROUTE_ID}{i}", app_id=API_APP, type="http", domain=name,

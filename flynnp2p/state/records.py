@@ -18,6 +18,9 @@ Who writes what (this is what keeps last-writer-wins safe):
   many processes of each type; a deploy is a formation write naming a new release.
 * `Placement`: written by the leader only, fenced by its ``epoch``.
 * `Job`, `BlobLocation`: written only by the node they live on.
+* `Repo`: one per app (key = app id), written by the leader after an accepted
+  ``git push``; its ``generation`` is taken from etcd by compare-and-swap, so a
+  push built on a stale repository never overwrites a newer one.
 
 Changing a record's shape means a new VERSION; old versions stay readable by
 listing them in ``READS`` and upgrading in ``from_wire``.
@@ -374,9 +377,46 @@ class ClusterConfig(Record):
         return "config"
 
 
+GIT_REF = Str(r"refs/[!-~]{1,250}", "a git ref name (refs/...)", max_len=255)
+GIT_OID = Str(r"[0-9a-f]{40}(?:[0-9a-f]{24})?", "a git object id (hex)", max_len=64)
+MAX_MANIFEST_REFS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Repo(Record):
+    """The newest saved git repository of an app, in the blobstore: a `git bundle`
+    of all its refs (``digest``; None when the repository has no refs), then the
+    ``increments`` pushed since (bundles of the objects each push added, applied
+    in order), with ``refs`` the exact refs they add up to (empty: the base
+    bundle's refs are exact); the ``generation`` etcd gave it (1 for the first
+    push), and when it was saved."""
+
+    KIND: ClassVar[str] = "repo"
+    app_id: Annotated[str, ID]
+    generation: Annotated[int, Int(1)]
+    updated_at: Annotated[int, TIMESTAMP]
+    digest: Annotated[str | None, Opt(Str.of(vocab.DIGEST))] = None
+    size: Annotated[int, Int(0)] = 0
+    increments: Annotated[tuple[str, ...], Seq(Str.of(vocab.DIGEST), max_items=16)] = ()
+    refs: Annotated[Mapping[str, str], Dict(GIT_REF, GIT_OID, MAX_MANIFEST_REFS)] = EMPTY
+
+    def validate(self, path: str) -> None:
+        if self.increments and (self.digest is None or not self.refs):
+            raise RecordError(f"{path}.increments", "come after a base bundle, with the refs")
+
+    @property
+    def key(self) -> str:
+        return self.app_id
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        """The bundles to apply, base first."""
+        return (self.digest, *self.increments) if self.digest is not None else ()
+
+
 RECORD_TYPES: tuple[type[Record], ...] = (
     App, Release, Artifact, Formation, Route, Job, Placement, RunRequest, Blocked, Certificate,
-    BlobLocation, ClusterConfig,
+    BlobLocation, ClusterConfig, Repo,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))

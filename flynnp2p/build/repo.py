@@ -1,0 +1,190 @@
+"""Apps' git repositories on this node: bare repos, their generation, bundles.
+
+Theory of operation
+-------------------
+An app's repository here is ``<data>/git/<app id>.git`` (a bare repo whose hooks
+are the shared ``<data>/git/hooks``, see `flynnp2p.build.hooks`). The cluster's
+copy is a `Repo` record naming a ``git bundle`` of all refs in the blobstore and
+its ``generation``; the local repo remembers the generation it holds in the file
+``flynnp2p-generation`` inside it. The invariant every git request relies on:
+
+    before a request is served, the local repo holds the record's generation
+    (the record absent: generation 0, an empty repo); otherwise it is restored.
+
+The saved copy is a chain: a full bundle, then the increments of later pushes
+(each a bundle of only the objects that push added, its prerequisites the refs
+the push began from), with the exact refs of the newest generation; a restore
+applies them in order. Where an increment does not pay (it is more than half
+the base, or the chain is long, or the repo has many refs) a push saves a full
+bundle again (see `flynnp2p.build.push`).
+
+A restore builds a fresh repo beside the old one and swaps the two by rename, so
+a fetch already running on the old one finishes on it. After an accepted push
+the repo is bundled (`bundle`) and, once the leader has recorded the new
+generation, marked with it (`set_generation`); a push whose save failed marks it
+-1, so the next request restores the cluster's copy (the push is not kept).
+
+Every git command runs with an environment of our own (no user config: global
+and system config are ignored), bounded by ``GIT_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from flynnp2p.errors import ClusterError
+
+GENERATION_FILE = "flynnp2p-generation"
+GIT_TIMEOUT_S = 600.0
+DEFAULT_BRANCH = "main"
+
+
+def git_env(home: Path) -> dict[str, str]:
+    """An environment for git commands the agent runs: no user or system config."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_TERMINAL_PROMPT": "0",
+        "LC_ALL": "C",
+    }
+
+
+class RepoStore:
+    def __init__(self, root: Path, hooks_dir: Path) -> None:
+        # Absolute: git resolves a relative core.hooksPath against each repo.
+        self.root = root.absolute()
+        self.hooks_dir = hooks_dir.absolute()
+        self.env = git_env(root)
+        self._locks: dict[str, trio.Lock] = {}
+
+    def path(self, app_id: str) -> Path:
+        return self.root / f"{app_id}.git"
+
+    def lock(self, app_id: str) -> trio.Lock:
+        """Held while the repo is checked and restored (one restore at a time)."""
+        return self._locks.setdefault(app_id, trio.Lock())
+
+    async def git(self, *args: str, cwd: Path | None = None) -> str:
+        with trio.fail_after(GIT_TIMEOUT_S):
+            done = await trio.run_process(
+                ["git", *args], cwd=cwd, env=self.env, capture_stdout=True, capture_stderr=True,
+                check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip()[-500:]
+            raise ClusterError(f"git {args[0]} failed ({done.returncode}): {err}")
+        return bytes(done.stdout).decode(errors="replace")
+
+    def generation(self, app_id: str) -> int:
+        """The generation the local repo holds; -1 if there is none (or unreadable)."""
+        try:
+            return int((self.path(app_id) / GENERATION_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return -1
+
+    def set_generation(self, app_id: str, generation: int) -> None:
+        path = self.path(app_id) / GENERATION_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{generation}\n")
+        tmp.replace(path)
+
+    async def _init(self, path: Path) -> None:
+        await self.git("init", "--quiet", "--bare", f"--initial-branch={DEFAULT_BRANCH}", str(path))
+        for key, value in (
+            ("http.receivepack", "true"),
+            ("core.hooksPath", str(self.hooks_dir)),
+            ("receive.fsckObjects", "true"),  # a corrupt pack is refused, never stored
+            ("gc.auto", "0"),  # no background gc child outliving the request
+        ):
+            await self.git("config", key, value, cwd=path)
+
+    async def restore(
+        self, app_id: str, bundles: Sequence[Path], generation: int,
+        refs: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """Make the local repo the cluster's `generation`: the objects and refs of
+        `bundles` applied in order (none: an empty repo), then, when given, exactly
+        the refs `refs` (increments do not list the refs they left alone)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fresh = self.root / f".new-{uuid.uuid4().hex}.git"
+        try:
+            await self._init(fresh)
+            for bundle in bundles:
+                await self.git("fetch", "--quiet", str(bundle), "+refs/*:refs/*", cwd=fresh)
+            if refs:
+                await self._set_refs(fresh, refs)
+            if bundles:
+                await self._point_head(fresh)
+            (fresh / GENERATION_FILE).write_text(f"{generation}\n")
+            target = self.path(app_id)
+            old = self.root / f".old-{uuid.uuid4().hex}.git"
+            if target.exists():
+                target.rename(old)
+            fresh.rename(target)
+        finally:
+            for leftover in (fresh, *self.root.glob(".old-*.git")):
+                if leftover.exists():
+                    await trio.to_thread.run_sync(shutil.rmtree, leftover, True)
+
+    async def _set_refs(self, path: Path, refs: Mapping[str, str]) -> None:
+        have = await self._refs(path)
+        lines = [f"update {name} {oid}" for name, oid in sorted(refs.items()) if have.get(name) != oid]
+        lines += [f"delete {name}" for name in sorted(have) if name not in refs]
+        if lines:
+            with trio.fail_after(GIT_TIMEOUT_S):
+                done = await trio.run_process(
+                    ["git", "update-ref", "--stdin"], cwd=path, env=self.env,
+                    stdin=("\n".join(lines) + "\n").encode(), capture_stderr=True, check=False,
+                )  # fmt: skip
+            if done.returncode != 0:
+                raise ClusterError(f"git update-ref failed: {done.stderr.decode(errors='replace')[-300:]}")
+
+    async def _point_head(self, path: Path) -> None:
+        heads = await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)
+        names = heads.split()
+        for branch in ("refs/heads/main", "refs/heads/master", *names):
+            if branch in names:
+                await self.git("symbolic-ref", "HEAD", branch, cwd=path)
+                return
+
+    async def bundle(self, app_id: str, dest: Path) -> bool:
+        """Write a bundle of all the repo's refs to `dest`; False if it has none."""
+        path = self.path(app_id)
+        refs = await self.git("for-each-ref", "--format=%(refname)", cwd=path)
+        if not refs.strip():
+            return False
+        await self._point_head(path)
+        await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=path)
+        return True
+
+    async def bundle_since(self, app_id: str, dest: Path, old: Collection[str]) -> bool:
+        """Write a bundle of what the refs reach that the commits `old` do not;
+        False when that is nothing (refs deleted, or moved back)."""
+        path = self.path(app_id)
+        with trio.fail_after(GIT_TIMEOUT_S):
+            done = await trio.run_process(
+                ["git", "bundle", "create", "--quiet", str(dest), "--all", "--not", *sorted(old)],
+                cwd=path, env=self.env, capture_stderr=True, check=False,
+            )  # fmt: skip
+        if done.returncode == 0:
+            return True
+        err = done.stderr.decode(errors="replace")
+        if "empty bundle" in err:
+            return False
+        raise ClusterError(f"git bundle failed ({done.returncode}): {err.strip()[-500:]}")
+
+    async def refs(self, app_id: str) -> dict[str, str]:
+        """Ref name → object id of the local repo."""
+        return await self._refs(self.path(app_id))
+
+    async def _refs(self, path: Path) -> dict[str, str]:
+        out = await self.git("for-each-ref", "--format=%(objectname) %(refname)", cwd=path)
+        return {name: oid for oid, name in (line.split(" ", 1) for line in out.splitlines() if line)}

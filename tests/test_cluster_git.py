@@ -1,0 +1,93 @@
+"""git push to any node of a real 3-node cluster (real agents, serf, etcd, git).
+
+A push to node 1, a fast-forward pushed to node 2 (its repository restored from
+the bundle node 1 saved), a non-fast-forward to node 3 refused as git refuses
+it, then two pushes to one app at once on two nodes: one is accepted, the other
+refused with a clear message, and every node serves the accepted commit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.harness import AgentProc, Cluster, wait_for
+from tests.test_git_http import Git, text
+
+pytestmark = pytest.mark.slow
+
+BUSY = (
+    "another push to hello is in progress",  # the other push held the lease
+    "changed on another node",  # it landed between this push's refs and its lease
+    "fetch first",  # it landed before this push read the refs
+)
+
+
+def url_of(agent: AgentProc) -> str:
+    return agent.url.replace("http://", f"http://x:{agent.token.api_key}@") + "/git/hello.git"
+
+
+async def main_on(git: Git, agent: AgentProc) -> str:
+    done = await git.run("ls-remote", url_of(agent), "refs/heads/main")
+    return done.stdout.decode().split("\t")[0].strip()
+
+
+async def test_push_to_any_node(cluster: Cluster, tmp_path: Path) -> None:
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, alive=3)
+    n1, n2, n3 = agents
+    async with n1.client() as c:
+        c.timeout = 15.0
+        r = await c.post("/v1/apps", json={"name": "hello"})
+        assert r.status_code == 201, r.text
+    git = Git(tmp_path / "client")
+
+    # 1. A first push, to node 1.
+    a = await git.work_tree("a", url_of(n1))
+    await git.commit(a, "app.py", "v1")
+    pushed = await git.run("push", "origin", "HEAD:main", cwd=a)
+    assert "remote: -----> repository saved (generation 1 on 2 nodes, full bundle)" in text(pushed)
+    b = await git.work_tree("b", url_of(n1))  # at the first commit
+
+    # 2. A fast-forward to node 2: it restores the repository node 1 saved.
+    await git.run("remote", "add", "n2", url_of(n2), cwd=a)
+    second = await git.commit(a, "app.py", "v2")
+    pushed = await git.run("push", "n2", "HEAD:main", cwd=a)
+    assert "remote: -----> repository saved (generation 2 on 2 nodes" in text(pushed)
+
+    # 3. A non-fast-forward to node 3 is refused by git itself: node 3 knows v2.
+    await git.run("remote", "add", "n3", url_of(n3), cwd=b)
+    await git.commit(b, "app.py", "diverged")
+    refused = await git.run("push", "n3", "HEAD:main", cwd=b, ok=False)
+    assert refused.returncode != 0 and "[rejected]" in text(refused) and "fetch first" in text(refused)
+    assert await main_on(git, n3) == second
+
+    # 4. Two pushes at once, on two nodes, both fast-forwards of v2.
+    await git.run("fetch", "--quiet", "n3", cwd=b)
+    await git.run("reset", "--quiet", "--hard", "n3/main", cwd=b)
+    shas = {"a": await git.commit(a, "app.py", "from a"), "b": await git.commit(b, "app.py", "from b")}
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+    async def push(name: str, tree: Path, remote: str) -> None:
+        results[name] = await git.run("push", remote, "HEAD:main", cwd=tree, ok=False)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(push, "a", a, "n2")
+        nursery.start_soon(push, "b", b, "n3")
+    accepted = [n for n, r in results.items() if r.returncode == 0]
+    assert len(accepted) == 1, {n: text(r) for n, r in results.items()}
+    loser = "b" if accepted == ["a"] else "a"
+    assert any(m in text(results[loser]) for m in BUSY), text(results[loser])
+
+    # Every node serves what was acknowledged, and nothing else.
+    winner = shas[accepted[0]]
+
+    async def everywhere() -> bool:
+        return [await main_on(git, x) for x in agents] == [winner] * 3
+
+    await wait_for(everywhere, 15, f"every node to serve {winner[:7]}")
+    clone = await git.work_tree("final", url_of(n1))
+    assert (clone / "app.py").read_text() == f"from {accepted[0]}"
