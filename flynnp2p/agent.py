@@ -64,13 +64,14 @@ from flynnp2p.host.process import ProcessBackend
 from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.netaddr import url_host
+from flynnp2p.peering import Peer
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
 from flynnp2p.router.table import RouteTable
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.records import ClusterConfig
-from flynnp2p.state.service import Peer, StateService
+from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 from flynnp2p.watch import Watched

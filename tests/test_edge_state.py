@@ -16,11 +16,12 @@ import trio
 import trio.testing
 
 from flynnp2p.errors import ClusterError, InsufficientStorage
+from flynnp2p.peering import Peer
 from flynnp2p.state.errors import RecordError, StoreFullError
 from flynnp2p.state.merge import Change, Entry
 from flynnp2p.state.records import App, RunRequest
 from flynnp2p.state.schema import FrozenMap
-from flynnp2p.state.service import PROBE_INTERVAL_S, Peer, StateService
+from flynnp2p.state.service import PROBE_INTERVAL_S, StateService
 from flynnp2p.state.store import MemoryStore, SqliteStore
 from flynnp2p.state.wire import open_envelope, pack, unencodable
 from tests.harness import wait_for

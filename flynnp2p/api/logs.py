@@ -40,9 +40,9 @@ from quart import Blueprint, Response, request
 from flynnp2p.api.apps import ClusterContext, _ref, find_app
 from flynnp2p.errors import UserError
 from flynnp2p.host.loghub import Line, LogHub
+from flynnp2p.peering import Peer
 from flynnp2p.state.jobs import is_finished
 from flynnp2p.state.records import APP_NAME_RE, Blocked, Job, Placement
-from flynnp2p.state.service import Peer
 
 log = logging.getLogger(__name__)
 

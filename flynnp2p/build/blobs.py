@@ -39,9 +39,9 @@ import trio
 
 from flynnp2p.build.blobstore import BlobStore, StoredBlob
 from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.peering import Peer
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Artifact, BlobLocation
-from flynnp2p.state.service import Peer
 
 log = logging.getLogger(__name__)
 

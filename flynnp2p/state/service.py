@@ -52,13 +52,14 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import msgpack
 import trio
 
 from flynnp2p.errors import ClusterError, InsufficientStorage
+from flynnp2p.peering import Peer, Peers
 from flynnp2p.state.errors import RecordError, StaleReplicaError, StoreError, StoreFullError
 from flynnp2p.state.merge import Change, Delta, Entry, State, VersionVector, delta_of
 from flynnp2p.state.store import StateStore
@@ -74,7 +75,6 @@ from flynnp2p.state.wire import (
 
 log = logging.getLogger(__name__)
 
-HINT_EVENT = "f2p-st"
 PUSH_TIMEOUT_S = 3.0
 PULL_TIMEOUT_S = 120.0
 ANTI_ENTROPY_S = 3.0
@@ -84,28 +84,6 @@ EVENT_RING = 10_000
 SUBSCRIBER_BUFFER = 1024
 PROBE_INTERVAL_S = 2.0
 MSGPACK = "application/x-msgpack"
-
-
-@dataclass(frozen=True)
-class Peer:
-    name: str
-    api: str  # "host:port"
-
-
-class Peers(Protocol):
-    """What replication needs from membership (the gossip service in the agent)."""
-
-    def alive_peers(self) -> list[Peer]: ...
-
-    def electorate(self) -> list[str]:
-        """Names of the other members that may come back (alive or failed, not left)."""
-        ...
-
-    async def send_hint(self, payload: bytes) -> None:
-        """Best effort: a lost hint only delays propagation until anti-entropy."""
-
-    def hints(self) -> Any:  # async context manager yielding an async iterator of bytes
-        ...
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from flynnp2p.peering import Peer
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
-from flynnp2p.state.service import Peer, StateService, envelope
+from flynnp2p.state.service import StateService, envelope
 from flynnp2p.state.store import SqliteStore
 from tests.harness import AgentProc, Cluster, wait_for
 
