@@ -223,7 +223,7 @@ class Agent:
         self.router = Router(self.routes, address=cfg.addr, http_port=cfg.http_port)
         app = create_app(self)
         apps_api = AppsApi(self, slug_path=self.blobs.local_path, http=self.http)
-        app.register_blueprint(internal_blueprint(self.state))
+        app.register_blueprint(internal_blueprint(self.state.replication))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self, api=apps_api))
         app.register_blueprint(jobs_blueprint(self, apps_api, self.heartbeats.unresponsive))

@@ -1,10 +1,11 @@
 """What membership and the state replication share: a peer, and the seam between them.
 
 Gossip (`flynnp2p.gossip.peers.GossipPeers`) implements `Peers`; the state
-replication (`flynnp2p.state.service`) consumes it.  Both import this module
-and neither imports the other, so gossip knows nothing of the state and the
-state knows nothing of serf.  Hints travel as the serf user event `HINT_EVENT`;
-their payload is the replication's business.
+replication (`flynnp2p.state.replication`) consumes it.  Both import this
+module and neither imports the other, so gossip knows nothing of the state and
+the state knows nothing of serf.  Hints travel as the serf user event
+`HINT_EVENT`; their payload is the replication's business
+(`flynnp2p.state.wire.hint`).
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ async def test_a_pull_skips_entries_that_cannot_be_encoded(
     store.write([app("good"), app("bad")], physical_ms=T0)
     poisoned(store.state.record(App, "id-bad"))  # type: ignore[arg-type]
     service = StateService(store, Peers(), no_network(), WallMs())
-    chunks = [c async for c in service.sync_chunks({})]
+    chunks = [c async for c in service.replication.sync_chunks({})]
     (wire,) = [msgpack.unpackb(c, raw=False) for c in chunks]
     delta = open_envelope(wire)
     assert [e.key for e in delta.entries] == ["id-good"] and delta.complete

@@ -36,8 +36,9 @@ from flynnp2p.peering import Peer
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
-from flynnp2p.state.service import StateService, envelope
+from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
+from flynnp2p.state.wire import envelope
 from tests.harness import AgentProc, Cluster, wait_for
 
 CLIENT_COUNTS = (16, 64)
