@@ -50,7 +50,8 @@ import trio
 from flynnp2p.errors import ClusterError
 from flynnp2p.peering import Peer, Peers
 from flynnp2p.state.errors import StaleReplicaError, StoreError
-from flynnp2p.state.merge import Delta, Entry, State, VersionVector, delta_of
+from flynnp2p.state.merge import Delta, Entry, VersionVector, delta_of
+from flynnp2p.state.replica import Readable
 from flynnp2p.state.transport import PUSH_TIMEOUT_S, PeerRefused, Transport
 from flynnp2p.state.wire import (
     CHUNK_ENTRIES,
@@ -74,13 +75,8 @@ PENDING_BUFFER = 256
 VECTOR_BUFFER = 256
 
 
-class Local(Protocol):
+class Local(Readable, Protocol):
     """The replica as replication sees it (`flynnp2p.state.service.StateService`)."""
-
-    @property
-    def state(self) -> State:
-        """The current snapshot (immutable; never blocks)."""
-        ...
 
     @property
     def origin(self) -> str: ...
