@@ -55,7 +55,9 @@ class Network:
         self.cut_bytes = cut_bytes  # sync replies are re-cut into pieces this long
         self.chunks_served = 0
 
-    def node(self, name: str, store: MemoryStore | None = None, gc_interval_s: float = 60.0) -> StateService:
+    def node(
+        self, name: str, store: MemoryStore | None = None, gc_interval_s: float = 60.0
+    ) -> StateService:
         service = StateService(
             store or MemoryStore(name), MemoryPeers(self, name), MemoryTransport(self, name),
             clock_ms, gc_interval_s,
@@ -246,7 +248,10 @@ async def test_tombstones_are_collected_only_once_every_member_has_seen_them(
         # back: it pulls the tombstone, vectors travel both ways, all collect
         net.cut.discard("n3")
         await wait_for(
-            lambda: all(n.stats["collected"] == 1 for n in nodes), 60.0, "every node to collect", 0.5
+            lambda: all(n.stats["collected"] == 1 for n in nodes),
+            60.0,
+            "every node to collect",
+            0.5,
         )
         assert all(n.state.get("app", "id-web") is None for n in nodes)
         assert n1.state.vv == n2.state.vv == n3.state.vv
