@@ -67,6 +67,7 @@ from flynnp2p.host.runner import HostRunner
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.netaddr import url_host
 from flynnp2p.node import NodeContext
+from flynnp2p.peering import Peer
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.feed import feed_routes
 from flynnp2p.router.service import Router
@@ -75,7 +76,7 @@ from flynnp2p.router.table import RouteTable
 from flynnp2p.router.tls import CertStore
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.state.errors import StoreError
-from flynnp2p.state.service import Peer, StateService
+from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
 from flynnp2p.token import ClusterToken
 from flynnp2p.watch import Watched
@@ -229,7 +230,7 @@ class Agent:
         )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
-        app.register_blueprint(internal_blueprint(self.state))
+        app.register_blueprint(internal_blueprint(self.state.replication))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self.ctx, api=apps_api))
         app.register_blueprint(jobs_blueprint(self.ctx, apps_api, self.heartbeats.unresponsive))

@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from flynnp2p.api.app import FORWARDED, create_app
 from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.coord.claims import Claims
+from flynnp2p.peering import Peer
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import (
     App,
@@ -35,7 +36,7 @@ from flynnp2p.state.records import (
     Release,
     Route,
 )
-from flynnp2p.state.service import Peer, StateService
+from flynnp2p.state.service import StateService
 from flynnp2p.state.store import MemoryStore
 from flynnp2p.token import ClusterToken
 from tests.certs import NOW as CERT_NOW

@@ -15,8 +15,8 @@ from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.host.loghub import LogHub
 from flynnp2p.host.logs import LogLine
+from flynnp2p.peering import Peer
 from flynnp2p.state.records import App
-from flynnp2p.state.service import Peer
 from tests.test_api_apps import AUTH, TOKEN, Clock, Ctx, Node, start_service
 from tests.test_router_helpers import wait_for
 

@@ -16,9 +16,9 @@ import trio
 from flynnp2p.build.blobs import REPLICA_HEADER, BlobService
 from flynnp2p.build.blobstore import BlobStore, check_digest
 from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.peering import Peer
 from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import Artifact, BlobLocation, Record
-from flynnp2p.state.service import Peer
 
 
 def digest_of(data: bytes) -> str:

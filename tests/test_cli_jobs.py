@@ -59,8 +59,9 @@ from flynnp2p.cli.scale import (
 )
 from flynnp2p.errors import ClusterError, UserError
 from flynnp2p.host.loghub import LogHub
+from flynnp2p.peering import Peer
 from flynnp2p.state.records import Blocked, Job, Placement, Record
-from flynnp2p.state.service import Peer, StateService
+from flynnp2p.state.service import StateService
 from tests import test_cli_apps
 from tests.test_api_apps import TOKEN, Clock, Ctx, Node, start_service
 

@@ -14,7 +14,7 @@ import trio
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
-from flynnp2p.state.service import envelope
+from flynnp2p.state.wire import envelope
 from tests.harness import AgentProc, Cluster, wait_for
 
 pytestmark = pytest.mark.slow

@@ -16,11 +16,12 @@ import trio
 import trio.testing
 
 from flynnp2p.errors import ClusterError, InsufficientStorage
+from flynnp2p.peering import Peer
 from flynnp2p.state.errors import RecordError, StoreFullError
 from flynnp2p.state.merge import Change, Entry
 from flynnp2p.state.records import App, RunRequest
 from flynnp2p.state.schema import FrozenMap
-from flynnp2p.state.service import PROBE_INTERVAL_S, Peer, StateService
+from flynnp2p.state.service import PROBE_INTERVAL_S, StateService
 from flynnp2p.state.store import MemoryStore, SqliteStore
 from flynnp2p.state.wire import open_envelope, pack, unencodable
 from tests.harness import wait_for
@@ -248,7 +249,7 @@ async def test_a_pull_skips_entries_that_cannot_be_encoded(
     store.write([app("good"), app("bad")], physical_ms=T0)
     poisoned(store.state.record(App, "id-bad"))  # type: ignore[arg-type]
     service = StateService(store, Peers(), no_network(), WallMs())
-    chunks = [c async for c in service.sync_chunks({})]
+    chunks = [c async for c in service.replication.sync_chunks({})]
     (wire,) = [msgpack.unpackb(c, raw=False) for c in chunks]
     delta = open_envelope(wire)
     assert [e.key for e in delta.entries] == ["id-good"] and delta.complete

@@ -57,21 +57,9 @@ import httpx
 import trio
 from quart import Blueprint, Response
 
-from flynnp2p.api import ops
+from flynnp2p.api import edge, ops
 from flynnp2p.api.allocate import Allocator
 from flynnp2p.api.context import ClusterContext
-from flynnp2p.api.edge import (
-    CONSTRAINTS,
-    COUNTS,
-    DIGEST,
-    ENV_SET,
-    ENV_UNSET,
-    answer,
-    app_name,
-    idempotency_key,
-    json_body,
-    ref,
-)  # fmt: skip
 from flynnp2p.api.events import events
 from flynnp2p.api.forward import Forwarder
 from flynnp2p.api.render import wire
@@ -110,15 +98,15 @@ class AppsApi:
         return self.ctx.state.state
 
     def app(self, app: str) -> App:
-        return ops.find_app(self.state, ref("app", app))
+        return ops.find_app(self.state, edge.ref("app", app))
 
     # apps
 
     async def create_app(self) -> Response:
-        body = await json_body({"name", "meta"}, empty_ok=True)
-        name = None if body.get("name") is None else app_name(body["name"])
+        body = await edge.json_body({"name", "meta"}, empty_ok=True)
+        name = None if body.get("name") is None else edge.app_name(body["name"])
         meta = META.decode("app.meta", body.get("meta", {}))
-        idem = idempotency_key()
+        idem = edge.idempotency_key()
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
             return relayed
@@ -146,7 +134,7 @@ class AppsApi:
         )  # fmt: skip
         if result is None:  # a retry of a create that was made: answer with that app
             return await self._replayed_app(name)
-        return answer({"app": wire(app), "routes": [wire(route)], "replicas": result.replicas}, 201)
+        return edge.answer({"app": wire(app), "routes": [wire(route)], "replicas": result.replicas}, 201)
 
     async def is_replay(self, key: str, idem: str | None) -> bool:
         if idem is None:
@@ -160,18 +148,18 @@ class AppsApi:
         if not isinstance(found, App):
             raise ClusterError(f"app {name!r} was created but has not reached this node yet; retry")
         routes = ops.routes_of(self.state, found)
-        return answer({"app": wire(found), "routes": [wire(r) for r in routes], "replicas": 1}, 201)
+        return edge.answer({"app": wire(found), "routes": [wire(r) for r in routes], "replicas": 1}, 201)
 
     async def list_apps(self) -> Response:
         apps = sorted(self.state.records(App), key=lambda a: a.name)
-        return answer({"apps": [wire(a) for a in apps]})
+        return edge.answer({"apps": [wire(a) for a in apps]})
 
     async def get_app(self, app: str) -> Response:
         state = self.state
         found = self.app(app)
         release = ops.current_release(state, found)
         formation = state.record(Formation, found.id)
-        return answer(
+        return edge.answer(
             {
                 "app": wire(found),
                 "release": None if release is None else wire(release),
@@ -181,7 +169,7 @@ class AppsApi:
         )
 
     async def patch_app(self, app: str) -> Response:
-        body = await json_body({"meta", "strategy"})
+        body = await edge.json_body({"meta", "strategy"})
         if not body:
             raise UserError("body: nothing to change; accepted fields: meta, strategy")
         found = self.app(app)
@@ -195,7 +183,7 @@ class AppsApi:
             found = ops.find_app(self.state, found.id)
             updated = ops.patched_app(found, patch, body.get("strategy", found.strategy))
             result = await self.ctx.state.write([updated])
-        return answer({"app": wire(updated), "replicas": result.replicas})
+        return edge.answer({"app": wire(updated), "replicas": result.replicas})
 
     async def delete_app(self, app: str) -> Response:
         found = self.app(app)
@@ -214,12 +202,12 @@ class AppsApi:
             "routes": [r.id for r in routes],
             "formation": had_formation,
         }
-        return answer({"deleted": deleted, "replicas": result.replicas})
+        return edge.answer({"deleted": deleted, "replicas": result.replicas})
 
     # releases
 
     async def create_release(self, app: str) -> Response:
-        body = await json_body({"artifacts", "env", "processes", "meta", "slug"})
+        body = await edge.json_body({"artifacts", "env", "processes", "meta", "slug"})
         state = self.state
         found = self.app(app)
         if "slug" in body:
@@ -235,7 +223,7 @@ class AppsApi:
         made, _, result = await self._next_release(
             found, lambda _base, n: (dataclasses.replace(release, version=n), [])
         )
-        return answer({"release": wire(made), "replicas": result.replicas}, 201)
+        return edge.answer({"release": wire(made), "replicas": result.replicas}, 201)
 
     async def _next_release(
         self, app: App, build: Callable[[Release | None, int], tuple[Release, list[Change]]]
@@ -250,8 +238,8 @@ class AppsApi:
         app's env carries over, and the formation moves to it (a deploy)."""
         if "artifacts" in body or "processes" in body:
             raise UserError("body: 'slug' comes with neither 'artifacts' nor 'processes' (the Procfile gives them)")
-        digest = DIGEST.decode("release.slug", body["slug"])
-        env_given = ENV_SET.decode("release.env", body.get("env", {}))
+        digest = edge.DIGEST.decode("release.slug", body["slug"])
+        env_given = edge.ENV_SET.decode("release.env", body.get("env", {}))
         meta = META.decode("release.meta", body.get("meta", {}))
         if self.slug_path is None:
             raise ClusterError("this node cannot read slugs")
@@ -284,28 +272,28 @@ class AppsApi:
 
         release, extra, result = await self._next_release(app, build)
         formation = _formation_in(extra)
-        return answer(
+        return edge.answer(
             {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
         )
 
     async def list_releases(self, app: str) -> Response:
-        return answer({"releases": [wire(r) for r in ops.releases_of(self.state, self.app(app))]})
+        return edge.answer({"releases": [wire(r) for r in ops.releases_of(self.state, self.app(app))]})
 
     async def get_release(self, app: str, release_id: str) -> Response:
-        release = ops.of_app(self.state, self.app(app), Release, ref("release", release_id))
-        return answer({"release": wire(release)})
+        release = ops.of_app(self.state, self.app(app), Release, edge.ref("release", release_id))
+        return edge.answer({"release": wire(release)})
 
     # formation
 
     async def get_formation(self, app: str) -> Response:
         formation = self.state.record(Formation, self.app(app).id)
-        return answer({"formation": None if formation is None else wire(formation)})
+        return edge.answer({"formation": None if formation is None else wire(formation)})
 
     async def put_formation(self, app: str) -> Response:
-        body = await json_body({"processes", "release_id", "constraints"}, required={"processes"})
+        body = await edge.json_body({"processes", "release_id", "constraints"}, required={"processes"})
         found = self.app(app)
-        counts = COUNTS.decode("formation.processes", body["processes"])
-        given = CONSTRAINTS.decode("formation.constraints", body.get("constraints", {}))
+        counts = edge.COUNTS.decode("formation.processes", body["processes"])
+        given = edge.CONSTRAINTS.decode("formation.constraints", body.get("constraints", {}))
         release_id = None
         if body.get("release_id") is not None:
             release_id = ID.decode("formation.release_id", body["release_id"])
@@ -317,20 +305,20 @@ class AppsApi:
                 self.state, found, counts, given, release_id, self.ctx.now_ms()
             )
             result = await self.ctx.state.write([formation])
-        return answer({"formation": wire(formation), "replicas": result.replicas})
+        return edge.answer({"formation": wire(formation), "replicas": result.replicas})
 
     # env
 
     async def get_env(self, app: str) -> Response:
         release = ops.current_release(self.state, self.app(app))
         env = {} if release is None else dict(release.env)
-        return answer({"env": env, "release_id": None if release is None else release.id})
+        return edge.answer({"env": env, "release_id": None if release is None else release.id})
 
     async def patch_env(self, app: str) -> Response:
-        body = await json_body({"set", "unset"})
+        body = await edge.json_body({"set", "unset"})
         found = self.app(app)
-        to_set = ENV_SET.decode("env.set", body.get("set", {}))
-        to_unset = ENV_UNSET.decode("env.unset", body.get("unset", []))
+        to_set = edge.ENV_SET.decode("env.set", body.get("set", {}))
+        to_unset = edge.ENV_UNSET.decode("env.unset", body.get("unset", []))
         ops.check_env_change(to_set, to_unset)
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
@@ -344,7 +332,7 @@ class AppsApi:
             return release, [moved]
 
         release, extra, result = await self._next_release(found, build)
-        return answer(
+        return edge.answer(
             {
                 "env": dict(release.env),
                 "release": wire(release),

@@ -3,6 +3,10 @@
     POST /v1/internal/state/push   {"v": 1, "delta"}: a peer's incomplete delta; 200 once committed here
     POST /v1/internal/state/sync   {"v": 1, "vv", "node"} → streamed {"v": 1, "delta"} chunks of
                                    what it lacks, the last one complete
+
+The messages are `flynnp2p.state.wire`'s; serving them is the replication's
+(`Replicator.accept_push`, `Replicator.serve_sync`): this edge only decodes the
+body and maps errors to HTTP answers.
 """
 
 from __future__ import annotations
@@ -14,9 +18,8 @@ from quart import Blueprint, Response, request
 
 from flynnp2p.errors import UserError
 from flynnp2p.state.errors import RecordError, StaleReplicaError
-from flynnp2p.state.merge import decode_vector
-from flynnp2p.state.service import MSGPACK, StateService
-from flynnp2p.state.wire import check_version, pack
+from flynnp2p.state.replication import Replicator
+from flynnp2p.state.wire import MSGPACK, pack
 
 
 async def _msgpack_body() -> Any:
@@ -29,30 +32,27 @@ async def _msgpack_body() -> Any:
         raise UserError(f"body is not msgpack: {str(exc) or type(exc).__name__}") from None
 
 
-def internal_blueprint(state: StateService) -> Blueprint:
+def internal_blueprint(replication: Replicator) -> Blueprint:
     bp = Blueprint("internal", __name__, url_prefix="/v1/internal")
 
     @bp.post("/state/push")
     async def push() -> Response:
         wire = await _msgpack_body()
         try:
-            applied = await state.receive(wire)
+            applied = await replication.accept_push(wire)
         except RecordError as exc:
             raise UserError(f"bad delta: {exc}") from None
         except StaleReplicaError:
             return Response(pack({"stale": True}), status=409, content_type=MSGPACK)
-        return Response(pack({"applied": len(applied)}), content_type=MSGPACK)
+        return Response(pack({"applied": applied}), content_type=MSGPACK)
 
     @bp.post("/state/sync")
     async def sync() -> Response:
         body = await _msgpack_body()
         try:
-            vv = decode_vector("vv", check_version(body).get("vv", {}))
+            chunks = replication.serve_sync(body)
         except RecordError as exc:
             raise UserError(str(exc)) from None
-        node = body.get("node")
-        if isinstance(node, str):
-            state.peer_vectors[node.split("/", 1)[0]] = vv
-        return Response(state.sync_chunks(vv), content_type=MSGPACK)
+        return Response(chunks, content_type=MSGPACK)
 
     return bp

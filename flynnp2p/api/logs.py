@@ -46,9 +46,9 @@ from flynnp2p.api.edge import ref
 from flynnp2p.api.ops import find_app
 from flynnp2p.errors import UserError
 from flynnp2p.host.loghub import Line, LogHub
+from flynnp2p.peering import Peer
 from flynnp2p.state.jobs import is_finished
 from flynnp2p.state.records import Blocked, Job, Placement
-from flynnp2p.state.service import Peer
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -39,9 +39,10 @@ import trio
 
 from flynnp2p.build.blobstore import BlobStore, StoredBlob
 from flynnp2p.errors import ClusterError, NotFound, UserError
-from flynnp2p.state.merge import Change, Delete, State
+from flynnp2p.peering import Peer
+from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import Artifact, BlobLocation, Repo
-from flynnp2p.state.service import Peer
+from flynnp2p.state.replica import Writable
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,6 @@ REPLICA_HEADER = "X-Flynnp2p-Replica"
 MIN_HOLDERS = 2
 GC_INTERVAL_S = 600.0
 GC_GRACE_S = 3600.0
-
-
-class WriteOutcome(Protocol):
-    @property
-    def replicas(self) -> int: ...
-
-
-class Replica(Protocol):
-    """What the blobstore needs from the replicated state (`StateService`)."""
-
-    @property
-    def state(self) -> State: ...
-
-    async def write(self, changes: Sequence[Change]) -> WriteOutcome: ...
 
 
 class Membership(Protocol):
@@ -73,7 +60,7 @@ class BlobService:
     def __init__(
         self,
         store: BlobStore,
-        state: Replica,
+        state: Writable,
         peers: Membership,
         http: httpx.AsyncClient,
         node_name: str,

@@ -77,7 +77,7 @@ class LastHeard:
 
 
 class Target(Protocol):
-    """A member to probe (`flynnp2p.state.service.Peer` is one)."""
+    """A member to probe (`flynnp2p.peering.Peer` is one)."""
 
     @property
     def name(self) -> str: ...

@@ -1,4 +1,5 @@
-"""Membership as the state replication sees it: alive peers and hint events."""
+"""Membership as the state replication sees it (`flynnp2p.peering.Peers`): alive
+peers and hint events."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import trio
 from flynnp2p.gossip.codec import SerfError
 from flynnp2p.gossip.service import Gossip
 from flynnp2p.netaddr import ip_port
-from flynnp2p.state.service import HINT_EVENT, Peer
+from flynnp2p.peering import HINT_EVENT, Peer
 
 log = logging.getLogger(__name__)
 

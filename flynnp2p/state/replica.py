@@ -1,6 +1,11 @@
-"""What the rest of the agent needs from the replicated state (one Protocol,
-implemented by `flynnp2p.state.service.StateService`), and the one way to wait
-for a record that has not reached this replica yet."""
+"""What the rest of the agent needs from the replicated state, and the one way to
+wait for a record that has not reached this replica yet.
+
+`ReplicatedState` is the one Protocol (implemented by
+`flynnp2p.state.service.StateService`); `Readable`, `Subscribable` and `Writable`
+are the parts of it a component may ask for alone (the blobstore only reads and
+writes).
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,14 @@ class WriteOutcome(Protocol):
         ...
 
 
-class Subscribable(Protocol):
+class Readable(Protocol):
     @property
     def state(self) -> State:
         """The current snapshot (immutable; never blocks)."""
         ...
 
+
+class Subscribable(Readable, Protocol):
     def subscribe(
         self, kinds: Collection[str] | None = None
     ) -> AbstractAsyncContextManager[tuple[State, trio.MemoryReceiveChannel[list[Entry]]]]:
@@ -38,13 +45,15 @@ class Subscribable(Protocol):
         ...
 
 
-class ReplicatedState(Subscribable, Protocol):
-    @property
-    def last_event_id(self) -> int: ...
-
+class Writable(Readable, Protocol):
     async def write(self, changes: Sequence[Change]) -> WriteOutcome:
         """Commit one atomic batch; `ClusterError` (503) when no alive peer acknowledged it."""
         ...
+
+
+class ReplicatedState(Subscribable, Writable, Protocol):
+    @property
+    def last_event_id(self) -> int: ...
 
     def events_since(self, event_id: int) -> list[tuple[int, Entry]] | None:
         """Numbered events after `event_id`; None when the ring does not reach back."""

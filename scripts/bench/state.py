@@ -32,11 +32,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from flynnp2p.peering import Peer
 from flynnp2p.state.hlc import Hlc
 from flynnp2p.state.merge import Delta, Entry
 from flynnp2p.state.records import App
-from flynnp2p.state.service import Peer, StateService, envelope
+from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
+from flynnp2p.state.wire import envelope
 from tests.harness import AgentProc, Cluster, wait_for
 
 CLIENT_COUNTS = (16, 64)
