@@ -46,6 +46,8 @@ OUTSIDE_THE_TREE = {
     "flynnp2p.router.proxy._UpstreamFailed",
     "flynnp2p.router.http1.HeadersTooLarge",
     "flynnp2p.router.sock.ConnectError",
+    "flynnp2p.build.githttp.CgiError",
+    "flynnp2p.state.transport.PeerRefused",
 }
 
 
