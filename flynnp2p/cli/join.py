@@ -72,6 +72,8 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         cfg.backend = args.backend
     if args.job_ports is not None:
         cfg.job_ports = args.job_ports
+    if args.drain_delay is not None:
+        cfg.drain_delay_s = conf.drain_seconds("--drain-delay", args.drain_delay)
     cfg.validate()
     return cfg, token, fresh
 
