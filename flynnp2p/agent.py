@@ -6,7 +6,7 @@
     → API served, state copied from peers, blobs, logs, jobs
     → etcd member (bootstrapped, restarted or joined as a learner) and the election
     → leader duties (catch-up and claims, scheduler, etcd autopilot)
-    … until SIGINT/SIGTERM: graceful serf leave, children stopped.
+    … until SIGINT/SIGTERM: jobs drained and stopped, graceful serf leave, children stopped.
 """
 
 from __future__ import annotations
