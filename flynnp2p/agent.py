@@ -6,7 +6,7 @@
     → API served, state copied from peers, blobs, logs, jobs
     → etcd member (bootstrapped, restarted or joined as a learner) and the election
     → leader duties (catch-up and claims, scheduler, etcd autopilot)
-    … until SIGINT/SIGTERM: graceful serf leave, children stopped.
+    … until SIGINT/SIGTERM: jobs drained and stopped, graceful serf leave, children stopped.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from flynnp2p.config import (
     NodeConfig,
     coord_dead_after_s,
     etcd_binary,
+    job_drain_delay_s,
     job_stop_grace_s,
     save_node,
     serf_binary,
@@ -215,7 +216,7 @@ class Agent:
                 PortAllocator(lo, hi, ("0.0.0.0",)),
                 lambda: max(self.gossip.view.value.max_epoch, self.election.view.value.epoch),
                 now_ms, jobs_dir,
-                stop_grace_s=job_stop_grace_s(),
+                stop_grace_s=job_stop_grace_s(), drain_delay_s=job_drain_delay_s(cfg.drain_delay_s),
             )  # fmt: skip
         self.fanout = LogFanout(
             self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
@@ -330,8 +331,8 @@ class Agent:
             async for signum in signals:
                 log.info("%s: leaving the cluster and stopping", signal.Signals(signum).name)
                 self.gossip.serf.leave_on_stop = True
-                if self.runner is not None:  # the node leaves: so do its jobs
-                    await self.runner.shutdown(job_stop_grace_s() + 5)
+                if self.runner is not None:  # the node leaves: its jobs drain and stop first
+                    await self.runner.shutdown()
                 scope.cancel()
                 return
 

@@ -13,6 +13,7 @@ token nor a peer: the node rejoins through its serf snapshot.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ DEFAULT_TCP_ROUTE_PORTS = "3000-3500"
 DEFAULT_COORD_PEER_PORT = 2380
 DEFAULT_COORD_CLIENT_PORT = 2379
 DEFAULT_COORD_VOTERS = 5
+DEFAULT_DRAIN_DELAY_S = 2.0  # a job being stopped first leaves every router's table
+MAX_DRAIN_DELAY_S = 300.0  # a node that leaves waits this long at most before its jobs stop
 BACKENDS = ("auto", "process", "docker")
 
 
@@ -104,6 +107,24 @@ def job_stop_grace_s() -> float:
         return 10.0
 
 
+def drain_seconds(flag: str, text: str) -> float:
+    """A number of seconds given on the command line (range checked by `NodeConfig.validate`)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"invalid {flag} {text!r}: give a number of seconds, e.g. 2") from None
+
+
+def job_drain_delay_s(configured: float) -> float:
+    """The deregistration delay before a job that takes traffic is stopped: the
+    node's ``--drain-delay``, unless FLYNNP2P_DRAIN_DELAY_S overrides it (tests)."""
+    try:
+        value = float(os.environ.get("FLYNNP2P_DRAIN_DELAY_S", configured))
+    except ValueError:
+        return configured
+    return value if 0.0 <= value <= MAX_DRAIN_DELAY_S else configured
+
+
 def log_level() -> str:
     return os.environ.get("FLYNNP2P_LOG", "info").upper()
 
@@ -127,6 +148,7 @@ class NodeConfig:
     coord_peer_port: int = DEFAULT_COORD_PEER_PORT
     coord_client_port: int = DEFAULT_COORD_CLIENT_PORT
     coord_voters: int = DEFAULT_COORD_VOTERS
+    drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
 
     def validate(self) -> None:
         if not self.data_dir.is_absolute():  # resolve it at the edge: `absolute_path`
@@ -157,6 +179,10 @@ class NodeConfig:
                 raise ConfigError(f"invalid tag value {value!r} of {key}: use {vocab.TAG_VALUE.accepted}")
         if self.coord_voters not in (1, 3, 5):
             raise ConfigError(f"invalid --coord-voters {self.coord_voters}: use 1, 3 or 5")
+        if not (math.isfinite(self.drain_delay_s) and 0 <= self.drain_delay_s <= MAX_DRAIN_DELAY_S):
+            raise ConfigError(
+                f"invalid --drain-delay {self.drain_delay_s}: give seconds from 0 to {MAX_DRAIN_DELAY_S:g}"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"invalid --backend {self.backend!r}: use {', '.join(BACKENDS)}")
         self.port_range()
@@ -238,6 +264,7 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             coord_peer_port=int(raw.get("coord_peer_port", DEFAULT_COORD_PEER_PORT)),
             coord_client_port=int(raw.get("coord_client_port", DEFAULT_COORD_CLIENT_PORT)),
             coord_voters=int(raw.get("coord_voters", DEFAULT_COORD_VOTERS)),
+            drain_delay_s=float(raw.get("drain_delay_s", DEFAULT_DRAIN_DELAY_S)),
         )
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None

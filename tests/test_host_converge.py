@@ -29,7 +29,7 @@ from flynnp2p.host.converge import (
     job_report,
     view_of,
 )
-from flynnp2p.state.jobs import REPORTED, is_fenced, may_follow
+from flynnp2p.state.jobs import REPORTED, drains, is_fenced, may_follow
 from flynnp2p.state.merge import Delete, State
 from flynnp2p.state.records import Job, Placement
 from tests import states
@@ -45,9 +45,19 @@ def P(action: str = "start", gen: int = 0, epoch: int = NEWEST, reason: str | No
                      one_off=one_off)  # fmt: skip
 
 
-def J(state: str, gen: int = 0, one_off: bool = False, id: str = "j", host: str = "n1") -> Job:
+def J(state: str, gen: int = 0, one_off: bool = False, id: str = "j", host: str = "n1",
+      address: str | None = None) -> Job:  # fmt: skip
     return Job(id=id, app_id="a", release_id="r", process_type="web", host=host, state=state,
-               created_at=0, updated_at=1, generation=gen, one_off=one_off, up_since=None)  # fmt: skip
+               created_at=0, updated_at=1, generation=gen, one_off=one_off, up_since=None,
+               address=address)  # fmt: skip
+
+
+ADDR = "127.0.0.1:20000"
+
+
+def WEB(state: str = "up", **kw: object) -> Job:
+    """A web job's report: it has an address, so routers may choose it when up."""
+    return J(state, address=ADDR, **kw)  # type: ignore[arg-type]
 
 
 def run(gen: int = 0, stopping: bool = False) -> dict[str, LocalRun]:
@@ -59,15 +69,16 @@ def short(a: Action) -> tuple[object, ...]:
     if isinstance(a, Start):
         return ("start", a.placement.generation)
     if isinstance(a, Stop):
-        return ("stop", a.reason)
+        return ("stop", a.reason, "drain") if a.drain else ("stop", a.reason)
     if isinstance(a, Restart):
-        return ("restart", a.generation)
+        return ("restart", a.generation, "drain") if a.drain else ("restart", a.generation)
     if isinstance(a, Report):
         return ("report", a.job.state, "fenced" if is_fenced(a.job) else a.job.reason)
     return ("forget",)
 
 
 ADOPTED, BUSY, REMOVED = frozenset({"j"}), frozenset({"j"}), frozenset({"j"})
+LEFT = "node n1 left the cluster"
 # (why, placement, report, local, removed, expected actions)
 ROWS: list[tuple[str, Placement | None, Job | None, Local, frozenset[str], list[tuple[object, ...]]]] = [
     # -- a stop placement
@@ -136,6 +147,37 @@ ROWS: list[tuple[str, Placement | None, Job | None, Local, frozenset[str], list[
      [("stop", NOT_PLACED)]),
     ("re-adopted, placement deleted: one action at a time", None, J("up"), Local(adopted=ADOPTED),
      REMOVED, [("stop", NOT_PLACED)]),
+    # -- draining: a stop of a job routers may be choosing drains first
+    ("stop of an up web job: it drains", P("stop", reason="scaled down"), WEB(), Local(run()),
+     frozenset(), [("stop", "scaled down", "drain")]),
+    ("stop of an up one-off (with an address): no drain, routers never choose it",
+     P("stop", reason="x", one_off=True), WEB(one_off=True), Local(run()), frozenset(), [("stop", "x")]),
+    ("stop of an up worker (no address): no drain", P("stop", reason="x"), J("up"), Local(run()),
+     frozenset(), [("stop", "x")]),
+    ("stop of a web job still starting: no drain, no router chose it yet", P("stop", reason="x"),
+     WEB("starting"), Local(run()), frozenset(), [("stop", "x")]),
+    ("a second stop during a drain (the stop placement seen again): nothing, the delay goes on",
+     P("stop", reason="x"), WEB("stopping"), Local(run(stopping=True)), frozenset(), []),
+    ("a second stop during a drain (its placement deleted): nothing, the delay goes on", None,
+     WEB("stopping"), Local(run(stopping=True)), REMOVED, []),
+    ("restart of an up web job: the old generation drains", P(gen=1), WEB(), Local(run(0)),
+     frozenset(), [("restart", 1, "drain")]),
+    ("deleted placement of an up web job: it drains", None, WEB(), Local(run()), REMOVED,
+     [("stop", PLACEMENT_REMOVED, "drain")]),
+    ("stop of a re-adopted up web job: it drains", P("stop", reason="x"), WEB(),
+     Local(adopted=ADOPTED), frozenset(), [("stop", "x", "drain")]),
+    # -- the agent leaves (SIGTERM/SIGINT): everything stops, web jobs drain
+    ("leaving: an up web job drains", P(), WEB(), Local(run(), leaving=LEFT), frozenset(),
+     [("stop", LEFT, "drain")]),
+    ("leaving: a job draining already is not asked again (the delay is not restarted)",
+     P("stop", reason="x"), WEB("stopping"), Local(run(stopping=True), leaving=LEFT), frozenset(), []),
+    ("leaving: an up one-off stops without a drain", P(one_off=True), WEB(one_off=True),
+     Local(run(), leaving=LEFT), frozenset(), [("stop", LEFT)]),
+    ("leaving: a re-adopted web job drains", P(), WEB(), Local(adopted=ADOPTED, leaving=LEFT),
+     frozenset(), [("stop", LEFT, "drain")]),
+    ("leaving: a placement is not started", P(), None, Local(leaving=LEFT), frozenset(), []),
+    ("leaving: nothing else either (no report of a stop placement)", P("stop", reason="x"), J("up"),
+     Local(leaving=LEFT), frozenset(), []),
 ]
 
 
@@ -165,6 +207,16 @@ def test_jobs_are_taken_in_id_order() -> None:
     view = HostView("n1", (P(id="b"), P(id="a"), P(id="c", epoch=1)), {}, frozenset(), NEWEST)
     assert [type(a).__name__ for a in converge(view, Local(), NOW)] == ["Start", "Start", "Report"]
     assert [a.placement.id for a in converge(view, Local(), NOW)[:2]] == ["a", "b"]  # type: ignore[union-attr]
+
+
+def test_a_leaving_agent_drains_every_web_job_at_once() -> None:
+    """One step asks every run to stop: each drains in its own task (the delay once)."""
+    ps = (P(id="w1"), P(id="w2"), P(id="wk"), P(id="d", action="stop", reason="scaled down"))
+    reports = {"w1": WEB(id="w1"), "w2": WEB(id="w2"), "wk": J("up", id="wk"), "d": WEB("stopping", id="d")}
+    runs = {"w1": LocalRun(0), "w2": LocalRun(0), "wk": LocalRun(0), "d": LocalRun(0, stopping=True)}
+    view = HostView("n1", ps, reports, frozenset(), NEWEST)
+    actions = converge(view, Local(runs, leaving=LEFT), NOW)
+    assert actions == [Stop("w1", LEFT, True), Stop("w2", LEFT, True), Stop("wk", LEFT, False)]
 
 
 def state_of(*records: Placement | Job, deleted: tuple[Delete, ...] = ()) -> State:
@@ -203,13 +255,14 @@ placements = st.builds(
 )  # fmt: skip
 reports = st.builds(
     J, state=st.sampled_from(REPORTED), gen=st.integers(0, 2), one_off=st.booleans(),
-    id=st.sampled_from(IDS), host=st.sampled_from(["n1", "n2"]),
+    id=st.sampled_from(IDS), host=st.sampled_from(["n1", "n2"]), address=st.none() | st.just(ADDR),
 )  # fmt: skip
 locals_ = st.builds(
     Local,
     runs=st.dictionaries(st.sampled_from(IDS), st.builds(LocalRun, st.integers(0, 2), st.booleans())),
     adopted=st.frozensets(st.sampled_from(IDS)),
     busy=st.frozensets(st.sampled_from(IDS)),
+    leaving=st.none() | st.just(LEFT),
 )
 
 
@@ -229,9 +282,14 @@ def test_converge_properties(
     placed = {p.id for p in mine}
     for job_id, a in zip(ids, actions, strict=True):
         run = local.runs.get(job_id)
+        if local.leaving is not None:  # a node that leaves only stops
+            assert isinstance(a, Stop) and a.reason == local.leaving
+        if isinstance(a, Stop | Restart):  # drains exactly what routers may be choosing
+            assert a.drain == drains(view.reports.get(job_id))
         if isinstance(a, Stop | Restart) and run is not None:
             assert not run.stopping  # never asked twice
-            assert job_id in placed or job_id in removed  # a missing placement stops nothing
+            if local.leaving is None:
+                assert job_id in placed or job_id in removed  # a missing placement stops nothing
         else:
             assert job_id not in local.busy  # nothing while its bookkeeping is under way
         if isinstance(a, Start):

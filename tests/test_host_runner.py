@@ -2,11 +2,14 @@
 
 The fake backend runs nothing: a job "exits" when the test says so or when it is
 stopped. Worker jobs (no port) have no health check, so nothing touches the
-network; tests/test_cluster_jobs.py runs real processes.
+network; a web job's port is a real loopback socket that listens (and never
+accepts: the kernel completes the health check's connect), so its TCP check
+passes. tests/test_cluster_jobs.py runs real processes.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,7 +48,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.started: list[str] = []
         self.stopped: list[str] = []
+        self.stopped_at: dict[str, float] = {}  # trio time of the last stop of each job
         self._exits: dict[str, tuple[trio.Event, list[int]]] = {}
+        self._listeners: dict[str, socket.socket] = {}
 
     async def recover(self) -> list[JobSpec]:
         return []
@@ -53,13 +58,21 @@ class FakeBackend:
     async def start(self, spec: JobSpec) -> RunningJob:
         self.started.append(spec.job_id)
         self._exits[spec.job_id] = (trio.Event(), [])
+        if spec.port is not None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", spec.port))
+            listener.listen(16)
+            self._listeners[spec.job_id] = listener
         return RunningJob(spec.job_id, 1, None, 0)
 
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
         self.stopped.append(job_id)
+        self.stopped_at[job_id] = trio.current_time()
         self.exit(job_id, -15)
 
     def exit(self, job_id: str, code: int) -> None:
+        if (listener := self._listeners.pop(job_id, None)) is not None:
+            listener.close()
         event, codes = self._exits[job_id]
         if not event.is_set():
             codes.append(code)
@@ -80,12 +93,19 @@ class NoBlobs:
 
 
 APP = App(id="a1", name="shop", created_at=T0_MS)
-RELEASE = Release(id="r1", app_id="a1", created_at=T0_MS, processes={"worker": ProcessSpec("sleep 1d")})
+RELEASE = Release(id="r1", app_id="a1", created_at=T0_MS,
+                  processes={"worker": ProcessSpec("sleep 1d"), "web": ProcessSpec("serve")})  # fmt: skip
+DRAIN_S = 2.0
 
 
 def placement(job_id: str = "worker-1", action: str = "start", epoch: int = 1, **kw: object) -> Placement:
-    return Placement(id=job_id, app_id="a1", release_id="r1", process_type="worker", host="n1",
+    kw.setdefault("process_type", "worker")
+    return Placement(id=job_id, app_id="a1", release_id="r1", host="n1",
                      action=action, epoch=epoch, created_at=T0_MS, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def web(job_id: str = "web-1", **kw: object) -> Placement:
+    return placement(job_id, process_type="web", **kw)
 
 
 @asynccontextmanager
@@ -110,7 +130,7 @@ async def open_world(
         backend = FakeBackend()
         runner = HostRunner(
             "n1", "127.0.0.1", state, backend, NoBlobs(), PortAllocator(20000, 20010, ("127.0.0.1",)),
-            floor, virtual_ms, tmp_path, stop_grace_s=1.0,
+            floor, virtual_ms, tmp_path, stop_grace_s=1.0, drain_delay_s=DRAIN_S,
         )  # fmt: skip
         await nursery.start(runner.run)
         yield state, runner, backend, reports
@@ -243,3 +263,106 @@ async def test_a_backend_failing_inside_a_run_crashes_that_job_not_the_runner(
         assert job(state).state == "up"  # type: ignore[union-attr]
         await state.write([placement(action="stop", reason="scaled down")])
         await until(state, lambda: (j := job(state)) is not None and j.state in ("down", "crashed"))
+
+
+# -- draining ----------------------------------------------------------------------
+
+
+def is_up(state: StateService, job_id: str = "web-1") -> bool:
+    return (j := job(state, job_id)) is not None and j.state == "up"
+
+
+def stopping_since(state: StateService, job_id: str = "web-1") -> float | None:
+    """The trio time of the job's stopping report (None: not stopping)."""
+    j = job(state, job_id)
+    return (j.updated_at - T0_MS) / 1000 if j is not None and j.state == "stopping" else None
+
+
+def stopping_at(reports: dict[str, list[Job]], job_id: str) -> float:
+    """The trio time of the job's last stopping report."""
+    [*_, last] = (j for j in reports[job_id] if j.state == "stopping")
+    return (last.updated_at - T0_MS) / 1000
+
+
+async def test_a_stopped_web_job_is_reported_stopping_and_drains_before_the_backend_stops_it(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_world(tmp_path) as (state, runner, backend, reports):
+        await state.write([APP, RELEASE, web()])
+        await until(state, lambda: is_up(state))
+        assert job(state, "web-1").address is not None  # type: ignore[union-attr]
+        await state.write([web(action="stop", reason="scaled down")])
+        await until(state, lambda: stopping_since(state) is not None)
+        since = stopping_since(state)
+        assert since is not None
+        await trio.sleep(DRAIN_S - 0.1)
+        assert backend.stopped == []  # still draining: routers have dropped it, it still serves
+        await until(state, lambda: (j := job(state, "web-1")) is not None and j.state == "down")
+        assert backend.stopped_at["web-1"] - since == pytest.approx(DRAIN_S, abs=0.05)
+        assert states(reports, "web-1") == ["pending", "starting", "up", "stopping", "down"]
+        assert runner.stats["drained"] == 1
+        assert_lifecycle(reports)
+
+
+async def test_a_worker_stops_without_a_drain(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with open_world(tmp_path) as (state, runner, backend, reports):
+        await state.write([APP, RELEASE, placement()])
+        await until(state, lambda: is_up(state, "worker-1"))
+        await state.write([placement(action="stop", reason="scaled down")])
+        await until(state, lambda: (j := job(state)) is not None and j.state == "down")
+        assert backend.stopped_at["worker-1"] - stopping_at(reports, "worker-1") < 0.05
+        assert runner.stats["drained"] == 0
+
+
+async def test_a_second_stop_during_a_drain_does_not_restart_the_delay(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_world(tmp_path) as (state, runner, backend, reports):
+        await state.write([APP, RELEASE, web()])
+        await until(state, lambda: is_up(state))
+        await state.write([web(action="stop", reason="scaled down")])
+        await until(state, lambda: stopping_since(state) is not None)
+        since = stopping_since(state)
+        assert since is not None
+        await trio.sleep(DRAIN_S / 2)
+        await state.write([Delete(Placement.KIND, "web-1")])  # a second reason to stop
+        await runner.shutdown()  # and a third: the node leaves
+        assert backend.stopped_at["web-1"] - since == pytest.approx(DRAIN_S, abs=0.05)
+        assert backend.stopped == ["web-1"] and runner.stats["drained"] == 1
+        assert reports["web-1"][-1].reason == "scaled down"  # the first stop's reason stands
+
+
+async def test_a_restart_of_an_up_web_job_drains_the_old_generation(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_world(tmp_path) as (state, _runner, backend, reports):
+        await state.write([APP, RELEASE, web()])
+        await until(state, lambda: is_up(state))
+        await state.write([web(generation=1)])
+        await until(state, lambda: stopping_since(state) is not None)
+        since = stopping_since(state)
+        assert since is not None
+        await until(state, lambda: is_up(state) and job(state, "web-1").generation == 1)  # type: ignore[union-attr]
+        assert backend.stopped_at["web-1"] - since == pytest.approx(DRAIN_S, abs=0.05)
+        assert states(reports, "web-1") == ["pending", "starting", "up", "stopping", "down",
+                                            "pending", "starting", "up"]  # fmt: skip
+
+
+async def test_a_leaving_node_drains_its_web_jobs_at_once_within_its_bound(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_world(tmp_path) as (state, runner, backend, reports):
+        ids = ("web-1", "web-2", "web-3")
+        await state.write([APP, RELEASE, *(web(i) for i in ids), placement("worker-1")])
+        await until(state, lambda: all(is_up(state, i) for i in (*ids, "worker-1")))
+        began = trio.current_time()
+        await runner.shutdown()
+        took = trio.current_time() - began
+        assert DRAIN_S - 0.01 <= took < DRAIN_S + 1  # one delay for all three, not one each
+        assert took < runner.shutdown_bound_s
+        for i in ids:  # each reported stopping, then stopped once the delay was over
+            assert states(reports, i)[-2:] == ["stopping", "down"]
+            assert backend.stopped_at[i] - began == pytest.approx(DRAIN_S, abs=0.1)
+        assert backend.stopped_at["worker-1"] - began < 0.1  # a worker does not drain
+        assert not runner.runs and runner.stats["drained"] == 3
+        assert_lifecycle(reports)

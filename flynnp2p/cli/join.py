@@ -74,6 +74,8 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
         cfg.job_ports = args.job_ports
     if getattr(args, "tcp_route_ports", None) is not None:
         cfg.tcp_route_ports = args.tcp_route_ports
+    if args.drain_delay is not None:
+        cfg.drain_delay_s = conf.drain_seconds("--drain-delay", args.drain_delay)
     cfg.validate()
     return cfg, token, fresh
 

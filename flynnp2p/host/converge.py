@@ -32,6 +32,17 @@ stops nothing. A run whose placement was deleted is `Stop`ped; a record of this
 node whose placement was deleted and that nothing runs is `Forget`-ten. A job
 re-adopted from a previous agent run that no start placement claims is stopped
 (`recover` hands those over once, at boot).
+
+**Leaving** (`Local.leaving`: the agent got SIGTERM/SIGINT): every run and
+re-adopted job not stopping already is `Stop`ped for that reason, and nothing
+else happens (no start, no report): a node that leaves starts nothing.
+
+**Draining**: every `Stop` and `Restart` says whether the job drains first
+(`flynnp2p.state.jobs.drains`: its report says up and routers may be sending it
+requests); the runner then reports it ``stopping``, waits the deregistration
+delay, and only then stops it. The decision is taken once, with the stop: a run
+already stopping is never asked again, so a second stop (its placement deleted
+during the drain, the agent leaving) neither restarts nor skips the delay.
 """
 
 from __future__ import annotations
@@ -40,7 +51,16 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flynnp2p.state.jobs import DOWN, EXITED, START, STOP, STOPPING, fenced_reason, is_finished
+from flynnp2p.state.jobs import (
+    DOWN,
+    EXITED,
+    START,
+    STOP,
+    STOPPING,
+    drains,
+    fenced_reason,
+    is_finished,
+)
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import Job, Placement
 from flynnp2p.state.schema import EMPTY
@@ -60,18 +80,22 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    """Stop what runs here of `job_id` (a run, or a re-adopted job) and report why."""
+    """Stop what runs here of `job_id` (a run, or a re-adopted job) and report why;
+    with `drain`, report it stopping and wait the deregistration delay first."""
 
     job_id: str
     reason: str
+    drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Restart:
-    """Stop the run of an older generation; its end lets the next step start `generation`."""
+    """Stop the run of an older generation (draining it first, as `Stop`); its end
+    lets the next step start `generation`."""
 
     job_id: str
     generation: int
+    drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +139,7 @@ class Local:
     runs: Mapping[str, LocalRun] = field(default_factory=dict)
     adopted: frozenset[str] = frozenset()  # found running at boot, not taken over by a run yet
     busy: frozenset[str] = frozenset()  # a report, forget or adopted stop in flight
+    leaving: str | None = None  # the agent leaves the cluster, for this reason: stop everything
 
 
 def newest_epoch(floor: int, placements: Iterable[Placement]) -> int:
@@ -142,6 +167,13 @@ def converge(view: HostView, local: Local, now_ms: int) -> list[Action]:
             claimed.add(job_id)
             actions.append(action)
 
+    if local.leaving is not None:
+        for job_id in sorted(local.runs):
+            if not local.runs[job_id].stopping:
+                actions.append(Stop(job_id, local.leaving, drains(view.reports.get(job_id))))
+        for job_id in sorted(local.adopted - local.runs.keys()):
+            bookkeeping(job_id, Stop(job_id, local.leaving, drains(view.reports.get(job_id))))
+        return actions
     started: set[str] = set()
     placed = {p.id for p in view.placements}
     for p in sorted(view.placements, key=lambda p: p.id):
@@ -150,9 +182,9 @@ def converge(view: HostView, local: Local, now_ms: int) -> list[Action]:
             reason = p.reason or STOPPED_BY_SCHEDULER
             if run is not None:
                 if not run.stopping:
-                    actions.append(Stop(p.id, reason))
+                    actions.append(Stop(p.id, reason, drains(job)))
             elif p.id in local.adopted:
-                bookkeeping(p.id, Stop(p.id, reason))
+                bookkeeping(p.id, Stop(p.id, reason, drains(job)))
             elif job is not None and not is_finished(job.state, job.one_off):
                 record = dataclasses.replace(job, state=DOWN, reason=reason, updated_at=now_ms)
                 bookkeeping(p.id, Report(record))
@@ -160,7 +192,7 @@ def converge(view: HostView, local: Local, now_ms: int) -> list[Action]:
         assert p.action == START
         if run is not None:
             if p.generation > run.generation and not run.stopping:
-                actions.append(Restart(p.id, p.generation))
+                actions.append(Restart(p.id, p.generation, drains(job)))
             continue
         if job is None:
             if p.epoch < view.newest_epoch and p.id not in local.adopted:
@@ -174,9 +206,9 @@ def converge(view: HostView, local: Local, now_ms: int) -> list[Action]:
             started.add(p.id)
     for job_id in sorted(local.runs.keys() - placed):
         if job_id in view.removed and not local.runs[job_id].stopping:
-            actions.append(Stop(job_id, PLACEMENT_REMOVED))
+            actions.append(Stop(job_id, PLACEMENT_REMOVED, drains(view.reports.get(job_id))))
     for job_id in sorted(local.adopted - local.runs.keys() - started):
-        bookkeeping(job_id, Stop(job_id, NOT_PLACED))
+        bookkeeping(job_id, Stop(job_id, NOT_PLACED, drains(view.reports.get(job_id))))
     for job_id in sorted(view.removed & view.reports.keys() - placed - local.runs.keys()):
         if view.reports[job_id].host == view.node:  # (the only writer of its records)
             bookkeeping(job_id, Forget(job_id))

@@ -13,7 +13,8 @@ refilling replica, restarts) over this replica and what runs here, and carries
 out its actions: a run task per started job, a bookkeeping task per report,
 forget or stop of a re-adopted job. Others send it messages through its inbox:
 the state watcher and every task that ends say something changed; `shutdown`
-asks it to stop every job, and is answered once none is left.
+asks it to stop every job (converge's *leaving*), and is answered once none is
+left.
 
 One task per run (`_run_job`) owns it from start to its last report: prepare it
 (`flynnp2p.host.prepare`: wait for its release and artifact to reach this
@@ -22,6 +23,15 @@ the health check to pass (`up`), then wait for the exit (`crashed` or, when
 stopped or a one-off that exited 0, `down`), with the exit status and a reason.
 A run that fails its health check within ``boot_timeout_s`` is stopped and
 reported crashed. The reports follow `flynnp2p.state.jobs.NEXT`.
+
+Stopping (`_stop_when_asked`): report ``stopping``; when converge said the job
+drains (`flynnp2p.state.jobs.drains`), wait ``drain_delay_s`` so that every
+router has seen that report (or the leader's stop placement) and stopped
+choosing the job, while requests already sent to it go on; then the backend's
+stop: SIGTERM, up to ``stop_grace_s`` for the job to finish what it has, SIGKILL.
+Each run drains in its own task, so an agent that leaves drains all its jobs at
+once: the delay is paid once, not per job, and `shutdown` is bounded by
+``drain_delay_s + stop_grace_s`` and a margin for the reports.
 
 Reports are state writes; a write the cluster cannot acknowledge now is committed
 here and spreads later, so a report never fails a job.
@@ -71,6 +81,7 @@ BACKEND_ERRORS = (FlynnError, OSError, trio.ClosedResourceError)
 
 WATCHED_KINDS = (Placement.KIND, Job.KIND, Release.KIND, Artifact.KIND, App.KIND)
 INBOX = 64  # messages to the owning task; "something changed" is dropped when it is full
+SHUTDOWN_MARGIN_S = 5.0  # beyond drain and grace, for the reports a leaving node writes
 
 
 @dataclass
@@ -78,6 +89,7 @@ class _Run:
     placement: Placement
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     stop_reason: str | None = None
+    drain: bool = False  # the stop waits the deregistration delay first
     started: bool = False  # the backend runs it: a stop goes through the backend
     stopping: trio.Event = field(default_factory=trio.Event)
 
@@ -104,6 +116,7 @@ class HostRunner:
         work_dir: Path,
         *,
         stop_grace_s: float = 10.0,
+        drain_delay_s: float = 2.0,
         boot_timeout_s: float = 60.0,
     ) -> None:
         self.node = node
@@ -114,13 +127,14 @@ class HostRunner:
         self.epoch_floor = epoch_floor
         self.now_ms = now_ms
         self.stop_grace_s = stop_grace_s
+        self.drain_delay_s = drain_delay_s
         self.boot_timeout_s = boot_timeout_s
         self.prepare = Preparer(node, addr, state, backend.name, blobs, ports, work_dir)
         self.runs: dict[str, _Run] = {}
         self.adopted: dict[str, JobSpec] = {}
         self._busy: set[str] = set()  # jobs with a bookkeeping task in flight
         self._leaving: list[_Leave] = []
-        self.stats = {"started": 0, "stopped": 0, "fenced": 0, "adopted": 0, "crashed": 0}
+        self.stats = {"started": 0, "stopped": 0, "fenced": 0, "adopted": 0, "crashed": 0, "drained": 0}
         self._inbox, self._inbox_recv = trio.open_memory_channel[_Leave | None](INBOX)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,10 +155,16 @@ class HostRunner:
                         except trio.WouldBlock:
                             break
 
-    async def shutdown(self, timeout_s: float) -> None:
-        """The node leaves the cluster: stop every job here and report them down."""
+    @property
+    def shutdown_bound_s(self) -> float:
+        """How long `shutdown` may take: one drain and one grace (jobs stop concurrently)."""
+        return self.drain_delay_s + self.stop_grace_s + SHUTDOWN_MARGIN_S
+
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """The node leaves the cluster: drain and stop every job here, report them
+        down; give up after `timeout_s` (default `shutdown_bound_s`)."""
         leave = _Leave(f"node {self.node} left the cluster", trio.Event())
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_after(self.shutdown_bound_s if timeout_s is None else timeout_s):
             await self._inbox.send(leave)
             await leave.done.wait()
 
@@ -167,34 +187,28 @@ class HostRunner:
     # -- the owning task's step -------------------------------------------------
 
     def _step(self, nursery: trio.Nursery) -> None:
-        if self._leaving:
-            reason = self._leaving[0].reason
-            for run in list(self.runs.values()):
-                self._stop(run, reason)
-            for job_id in list(self.adopted):
-                self._spawn(nursery, job_id, self._stop_adopted, job_id, reason)
-            if not self.runs and not self._busy:
-                for leave in self._leaving:
-                    leave.done.set()
-            return
         view = view_of(self.state.state, self.node, self.epoch_floor())
         runs = {i: LocalRun(r.placement.generation, r.stop_reason is not None) for i, r in self.runs.items()}
-        local = Local(runs, frozenset(self.adopted), frozenset(self._busy))
+        leaving = self._leaving[0].reason if self._leaving else None
+        local = Local(runs, frozenset(self.adopted), frozenset(self._busy), leaving)
         for action in converge(view, local, self.now_ms()):
             self._carry_out(nursery, action)
+        if self._leaving and not self.runs and not self._busy:
+            for leave in self._leaving:
+                leave.done.set()
 
     def _carry_out(self, nursery: trio.Nursery, action: Action) -> None:
         match action:
             case Start(p):
                 run = self.runs[p.id] = _Run(p)
                 nursery.start_soon(self._run_job, run)
-            case Stop(job_id, reason):
+            case Stop(job_id, reason, drain):
                 if job_id in self.runs:
-                    self._stop(self.runs[job_id], reason)
+                    self._stop(self.runs[job_id], reason, drain)
                 else:  # re-adopted at boot, not taken over by a run
-                    self._spawn(nursery, job_id, self._stop_adopted, job_id, reason)
-            case Restart(job_id, _):  # the next step starts the new generation
-                self._stop(self.runs[job_id], RESTARTING)
+                    self._spawn(nursery, job_id, self._stop_adopted, job_id, reason, drain)
+            case Restart(job_id, _, drain):  # the next step starts the new generation
+                self._stop(self.runs[job_id], RESTARTING, drain)
             case Report(job):
                 self.stats["fenced"] += is_fenced(job)
                 self._spawn(nursery, job.id, self._write, [job])
@@ -218,18 +232,22 @@ class HostRunner:
 
         nursery.start_soon(task)
 
-    def _stop(self, run: _Run, reason: str) -> None:
-        if run.stop_reason is not None:
+    def _stop(self, run: _Run, reason: str, drain: bool = False) -> None:
+        if run.stop_reason is not None:  # the first stop's reason and drain stand
             return
-        run.stop_reason = reason
+        run.stop_reason, run.drain = reason, drain
         run.stopping.set()
         if not run.started:
             run.cancel.cancel()  # still preparing: nothing runs yet
 
-    async def _stop_adopted(self, job_id: str, reason: str) -> None:
+    async def _stop_adopted(self, job_id: str, reason: str, drain: bool) -> None:
         spec = self.adopted.pop(job_id, None)
         if spec is None:
             return
+        job = self.state.state.record(Job, job_id)
+        if drain and job is not None:
+            await self._write([dataclasses.replace(job, state=STOPPING, reason=reason, updated_at=self.now_ms())])
+            await self._drain(job_id)
         try:
             await self.backend.stop(job_id, self.stop_grace_s)
         except BACKEND_ERRORS as exc:  # nothing is left to stop, or the engine is gone
@@ -327,7 +345,15 @@ class HostRunner:
         await run.stopping.wait()
         self.stats["stopped"] += 1
         await self._report(run.placement, STOPPING, address, reason=run.stop_reason)
+        if run.drain:
+            await self._drain(run.placement.id)
         await self.backend.stop(run.placement.id, self.stop_grace_s)
+
+    async def _drain(self, job_id: str) -> None:
+        """The deregistration delay: routers drop the job, its requests in flight go on."""
+        self.stats["drained"] += 1
+        log.info("job %s: draining for %.1f s before it stops", job_id, self.drain_delay_s)
+        await trio.sleep(self.drain_delay_s)
 
     async def _health(self, p: Placement, spec: JobSpec, exited: trio.Event) -> str | None:
         """None once the job is healthy (or has nothing to check); else why not."""

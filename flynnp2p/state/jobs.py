@@ -30,6 +30,7 @@ The rules every component asks of a state, in one place:
 * `ACTIVE`: placed and not stopping: its host is bringing it up or runs it.
 * `IN_FLIGHT`: on its way somewhere: the picture may still change.
 * `takes_traffic`: up, and its placement is not a stop (the router's test).
+* `drains`: routers may be sending it requests, so its host drains it before a stop.
 * fencing (`FENCED`, `fenced_reason`, `is_fenced`): a host refused the placement.
 
 Pure: states are the strings the records carry, so the same rules serve records,
@@ -116,6 +117,17 @@ def takes_traffic(p: Placement | None, j: Job | None) -> bool:
     counts: its host says it is up. Whether it has an address to send them to is
     the router's to check (a worker is up without one)."""
     return effective_state(p, j) == UP
+
+
+def drains(job: Job | None) -> bool:
+    """Its host drains it before stopping it: the report says up, and it is a
+    service job with an address, so routers may be sending it requests (they only
+    ever choose such a job; see `takes_traffic`). Draining is the host's half of a
+    protocol with the routers: report it ``stopping`` (every router drops it on
+    seeing that, whoever decided the stop), wait the deregistration delay, then
+    SIGTERM with the grace period (`flynnp2p.host.runner`). A one-off, a worker,
+    or a job not up yet was never chosen: it stops at once."""
+    return job is not None and job.state == UP and not job.one_off and job.address is not None
 
 
 def fenced_reason(epoch: int, newest_epoch: int) -> str:
