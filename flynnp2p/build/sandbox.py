@@ -65,13 +65,11 @@ import trio
 
 from flynnp2p.errors import FlynnError
 from flynnp2p.host.process import APP_MOUNT
-from flynnp2p.host.spawn import Spawner, set_pdeathsig
+from flynnp2p.host.spawn import Spawner, chown_tree, line_batches, set_pdeathsig
 
 LineCallback = Callable[[str], Awaitable[None]]
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-_MAX_LINE = 64 * 1024
-_READ_CHUNK = 65536
 _TAIL_LINES = 40
 _DRAIN_S = 2.0  # after the program is gone, how long readers may finish the pipes
 _REAP_S = 5.0
@@ -121,13 +119,6 @@ def _preexec(limit_bytes: int | None) -> Callable[[], None]:
             resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
     return preexec
-
-
-def _chown_tree(root: Path, uid: int) -> None:
-    os.chown(root, uid, uid, follow_symlinks=False)
-    for base, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(base, name), uid, uid, follow_symlinks=False)
 
 
 def _killpg(pgid: int) -> None:
@@ -188,8 +179,8 @@ class Sandbox:
     def hand_over_sync(self) -> None:
         """Give the build tree and the cache to the build's uid (blocking)."""
         if self.isolation != "none":
-            _chown_tree(self.app, self.uid)
-            _chown_tree(self.cache_dir, self.uid)
+            chown_tree(self.app, self.uid)
+            chown_tree(self.cache_dir, self.uid)
 
     def add_tool_sync(self, program: Path) -> None:
         """Make ``program`` callable by name in the sandbox (first on its PATH).
@@ -286,22 +277,9 @@ class Sandbox:
 
 
 async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
-    buf = b""
-    while True:
-        chunk = await stream.receive_some(_READ_CHUNK)
-        buf += chunk
-        parts = buf.split(b"\n")
-        buf = parts.pop()
-        while len(buf) >= _MAX_LINE:
-            parts.append(buf[:_MAX_LINE])
-            buf = buf[_MAX_LINE:]
-        if not chunk and buf:
-            parts.append(buf)
-            buf = b""
+    async for parts in line_batches(stream):
         for p in parts:
             await sink(p.decode("utf-8", "replace").rstrip("\r"))
-        if not chunk:
-            return
 
 
 @contextlib.asynccontextmanager

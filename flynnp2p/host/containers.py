@@ -19,6 +19,7 @@ from typing import Any
 
 from flynnp2p.host.backend import JobSpec
 from flynnp2p.host.logs import Stream
+from flynnp2p.host.spawn import MAX_LINE
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
@@ -26,7 +27,8 @@ _LAUNCHER = (
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as host.slug checks it
 _LABEL = "flynnp2p."
 _LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}}
-_MAX_LINE = 64 * 1024  # longer lines are split, as in the process backend
+_MAX_LINE = MAX_LINE  # longer lines are split, as in the process backend
+
 _LOST_STATUS = -9  # the container vanished (removed outside flynnp2p) before we saw its exit
 _REFOLLOW_MIN_S = 0.1
 _REFOLLOW_MAX_S = 5.0

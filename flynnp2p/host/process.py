@@ -74,14 +74,12 @@ from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
-from flynnp2p.host.spawn import Child, Spawner, set_pdeathsig
+from flynnp2p.host.spawn import Child, Spawner, chown_tree, line_batches, set_pdeathsig
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
 )
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-_READ_CHUNK = 65536
-_MAX_LINE = 64 * 1024  # longer lines are split so one job cannot grow a buffer forever
 _DRAIN_S = 2.0  # after the group is gone, how long readers may finish the pipes
 _REAP_S = 5.0
 _GROUP_POLL_S = 0.05  # bound on waiting for a SIGKILLed process to be reaped
@@ -147,13 +145,6 @@ def detect_isolation() -> str:
         except (OSError, subprocess.TimeoutExpired):
             continue
     return "none"
-
-
-def _chown_tree(root: Path, uid: int) -> None:
-    os.chown(root, uid, uid)
-    for base, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(base, name), uid, uid, follow_symlinks=False)
 
 
 def _start_time(pid: int) -> str | None:
@@ -297,7 +288,7 @@ class ProcessBackend:
         home = app_dir
         if self.isolation != "none":
             uid = app_uid(spec.app_id)
-            await trio.to_thread.run_sync(_chown_tree, app_dir.parent, uid)
+            await trio.to_thread.run_sync(chown_tree, app_dir.parent, uid)
             prefix = [*_SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--"]
             if self.isolation == "namespaces":
                 prefix = [*_UNSHARE, "sh", "-c", _BIND_APP, "flynnp2p-mount", str(app_dir), *prefix]
@@ -405,33 +396,19 @@ class ProcessBackend:
             job.exited.set()
 
     async def _pump(self, job: _Job, stream: trio.abc.ReceiveStream, name: Stream) -> None:
-        buf = b""
         app_log = self._app_logs.of(job.spec.app_name)
-        while True:
-            chunk = await stream.receive_some(_READ_CHUNK)
-            buf += chunk
-            parts = buf.split(b"\n")
-            buf = parts.pop()
-            while len(buf) >= _MAX_LINE:
-                parts.append(buf[:_MAX_LINE])
-                buf = buf[_MAX_LINE:]
-            if not chunk and buf:  # EOF: the last line had no newline
-                parts.append(buf)
-                buf = b""
+        async for parts in line_batches(stream):
             now = self._clock_ms()
             lines = [LogLine(now, name, p.decode("utf-8", "replace")) for p in parts]
             for line in lines:
                 job.ring.append(line)
-            if lines and self._on_lines is not None:
+            if self._on_lines is not None:
                 self._on_lines(job.spec, lines)
-            if lines:
-                try:
-                    await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, lines)
-                except OSError:
-                    # A full or broken disk must not kill the job; the ring still has them.
-                    job.log_write_errors += 1
-            if not chunk:
-                return
+            try:
+                await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, lines)
+            except OSError:
+                # A full or broken disk must not kill the job; the ring still has them.
+                job.log_write_errors += 1
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,9 @@ lives as long as the backend runs. The job's own children are not covered (they 
 its group on a normal stop, and by ``recover()`` after a crash).
 
 `Child` is the trio side of a `subprocess.Popen`: its pipes as trio streams and
-``wait()`` on a pidfd (no thread parked per job).
+``wait()`` on a pidfd (no thread parked per job). `line_batches` reads a child's
+output as lines (jobs' and builds' alike), and `chown_tree` gives a working tree
+to the uid a job or build runs as.
 """
 
 from __future__ import annotations
@@ -23,10 +25,44 @@ import queue
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
+
+READ_CHUNK = 65536
+MAX_LINE = 64 * 1024  # longer lines are split, so one child cannot grow a buffer forever
+
+
+async def line_batches(stream: trio.abc.ReceiveStream) -> AsyncIterator[list[bytes]]:
+    """The lines `stream` sends (without their newline), a batch per read, until it
+    ends; a last line without a newline is a line too, and so is each MAX_LINE piece
+    of a longer one."""
+    buf = b""
+    while True:
+        chunk = await stream.receive_some(READ_CHUNK)
+        buf += chunk
+        parts = buf.split(b"\n")
+        buf = parts.pop()
+        while len(buf) >= MAX_LINE:
+            parts.append(buf[:MAX_LINE])
+            buf = buf[MAX_LINE:]
+        if not chunk and buf:
+            parts.append(buf)
+            buf = b""
+        if parts:
+            yield parts
+        if not chunk:
+            return
+
+
+def chown_tree(root: Path, uid: int) -> None:
+    """`root` and everything below it owned by `uid` (symlinks themselves, not their targets)."""
+    os.chown(root, uid, uid, follow_symlinks=False)
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(base, name), uid, uid, follow_symlinks=False)
 
 PR_SET_PDEATHSIG = 1
 _libc: Any = None
