@@ -202,6 +202,9 @@ def test_route_options_tcp_without_a_port_and_certificates(cli: Any, tmp_path: A
     )  # fmt: skip
     made = as_json(out)["route"]
     assert code == 0 and made["https_only"] and made["sticky"] and made["certificate_id"]
+    code, out, _ = cli("route", "-a", "secured")
+    row = next(line.split() for line in out.splitlines() if "secure.example.com" in line)
+    assert out.split("\n")[0].split()[-3:] == ["STICKY", "HTTPS_ONLY", "CERT"] and row[-3:] == ["yes", "yes", "own"]
     code, _, err = cli("route", "-a", "secured", "add", "http", "x.example.com", "--cert", str(tmp_path / "c.pem"))
     assert code != 0 and "--cert and --key come together" in err
     code, _, err = cli(

@@ -262,8 +262,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         if args.json:
             print_json(resp)
             return 0
-        rows = [(r["id"], r["type"], route_address(r), r["process_type"]) for r in resp["routes"]]
-        print(table(rows, ("ID", "TYPE", "ADDRESS", "PROCESS")))
+        rows = [
+            (r["id"], r["type"], route_address(r), r["process_type"],
+             "yes" if r.get("sticky") else "-", "yes" if r.get("https_only") else "-",
+             "own" if r.get("certificate_id") else ("cluster" if r["type"] == "http" else "-"))
+            for r in resp["routes"]
+        ]  # fmt: skip
+        print(table(rows, ("ID", "TYPE", "ADDRESS", "PROCESS", "STICKY", "HTTPS_ONLY", "CERT")))
         return 0
     if sub == "remove":
         resp = client.request("DELETE", app_path(args, "routes", args.id))
