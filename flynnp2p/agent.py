@@ -36,11 +36,13 @@ from flynnp2p.api.router import router_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
+from flynnp2p.build.deploy import BuildStep
 from flynnp2p.build.hooks import HookServer
 from flynnp2p.build.push import LeaderLink, PushLocks
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.config import (
     NodeConfig,
+    build_wait_s,
     coord_dead_after_s,
     etcd_binary,
     job_drain_delay_s,
@@ -243,10 +245,15 @@ class Agent:
         git_dir = cfg.data_dir / "git"
         self.git_hooks = HookServer(git_dir / "hooks")
         locks = PushLocks(lambda: self.coord.client, now_ms)
+        # A push to main or master is built, released and deployed before it is accepted.
+        self.builds = BuildStep(
+            api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
+            wait_s=build_wait_s(),
+        )  # fmt: skip
         self.git_api = git_api = GitApi(
             self.ctx, repos=RepoStore(git_dir, git_dir / "hooks"), hooks=self.git_hooks,
             blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,
-            node_name=cfg.name, scratch=git_scratch(cfg.data_dir),
+            node_name=cfg.name, scratch=git_scratch(cfg.data_dir), step=self.builds,
         )  # fmt: skip
         app.register_blueprint(git_blueprint(self.ctx, git_api, GitLeaderApi(self.ctx, locks)))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
@@ -407,7 +414,7 @@ class Agent:
                     **self.state.stats,
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
-                "git": {"ok": self.git_hooks.port != 0, **self.git_api.stats},
+                "git": {"ok": self.git_hooks.port != 0, **self.git_api.stats, **self.builds.stats},
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),

@@ -99,6 +99,14 @@ def state_gc_interval_s() -> float:
         return 60.0
 
 
+def build_wait_s() -> float:
+    """How long a push waits for its release's web jobs to be up (tests shorten it)."""
+    try:
+        return max(0.0, float(os.environ.get("FLYNNP2P_BUILD_WAIT_S", "60")))
+    except ValueError:
+        return 60.0
+
+
 def job_stop_grace_s() -> float:
     """Grace between SIGTERM and SIGKILL when a job is stopped (tests shorten it)."""
     try:

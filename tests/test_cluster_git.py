@@ -1,9 +1,11 @@
 """git push to any node of a real 3-node cluster (real agents, serf, etcd, git).
 
-A push to node 1, a fast-forward pushed to node 2 (its repository restored from
+A push to node 1 (built, released and served through the routers), a
+fast-forward pushed to node 2 (its repository restored from
 the bundle node 1 saved), a non-fast-forward to node 3 refused as git refuses
 it, then two pushes to one app at once on two nodes: one is accepted, the other
-refused with a clear message, and every node serves the accepted commit.
+refused with a clear message, and every node serves the accepted commit, built
+and deployed; last, a push whose build fails is refused and the app keeps serving.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -45,11 +48,16 @@ async def test_push_to_any_node(cluster: Cluster, tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
     git = Git(tmp_path / "client")
 
-    # 1. A first push, to node 1.
+    # 1. A first push, to node 1: built (a Procfile app), released, running, routed.
     a = await git.work_tree("a", url_of(n1))
+    await git.commit(a, "Procfile", "web: exec python3 -m http.server $PORT\n")
     await git.commit(a, "app.py", "v1")
     pushed = await git.run("push", "origin", "HEAD:main", cwd=a)
-    assert "remote: -----> repository saved (generation 1 on 2 nodes, full bundle)" in text(pushed)
+    out = text(pushed)
+    assert "remote: -----> repository saved (generation 1 on 2 nodes, full bundle)" in out
+    assert "remote: -----> Building hello (main at" in out and "process types: web" in out, out
+    assert "remote: -----> Released v1" in out and "remote: -----> web is up (1 job(s))" in out, out
+    assert await served(n3, "/app.py") == (200, "v1")  # through another node's router
     b = await git.work_tree("b", url_of(n1))  # at the first commit
 
     # 2. A fast-forward to node 2: it restores the repository node 1 saved.
@@ -91,3 +99,18 @@ async def test_push_to_any_node(cluster: Cluster, tmp_path: Path) -> None:
     await wait_for(everywhere, 15, f"every node to serve {winner[:7]}")
     clone = await git.work_tree("final", url_of(n1))
     assert (clone / "app.py").read_text() == f"from {accepted[0]}"
+    assert await served(n2, "/app.py") == (200, f"from {accepted[0]}")  # it was deployed too
+
+    # 5. A build that fails rejects the push with the builder's message; the app keeps serving.
+    await git.commit(clone, "Procfile", "this is not a Procfile\n")
+    refused = await git.run("push", "origin", "HEAD:main", cwd=clone, ok=False)
+    assert refused.returncode != 0 and "pre-receive hook declined" in text(refused)
+    assert "Push rejected: the build failed" in text(refused), text(refused)
+    assert await main_on(git, n1) == winner
+    assert await served(n1, "/app.py") == (200, f"from {accepted[0]}")
+
+
+async def served(agent: AgentProc, path: str) -> tuple[int, str]:
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.get(f"http://{agent.addr}:8080{path}", headers={"Host": "hello.flynnp2p.localhost"})
+        return r.status_code, r.text

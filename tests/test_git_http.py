@@ -27,7 +27,7 @@ from flynnp2p.api.git import GitApi, GitLeaderApi, git_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
-from flynnp2p.build.hooks import HookServer, RefUpdate, Say
+from flynnp2p.build.hooks import GitSource, HookServer, RefUpdate, Say
 from flynnp2p.build.push import LeaderLink, PreReceive, PushLocks, accept_push
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.coord.client import KV
@@ -267,7 +267,7 @@ async def test_non_fast_forward_is_refused_as_git_refuses_it(node: GitNode, tmp_
 
 
 async def test_a_refusing_step_rejects_the_push_with_its_message(nursery: trio.Nursery, tmp_path: Path) -> None:
-    async def refuse(app: App, updates: Sequence[RefUpdate], say: Say) -> bool:
+    async def refuse(app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
         await say("-----> Python app detected")
         await say("ERROR: no matching distribution for nosuchpkg==9")
         return False
@@ -292,7 +292,7 @@ async def test_a_refusing_step_rejects_the_push_with_its_message(nursery: trio.N
 async def test_a_second_push_while_one_runs_is_refused_clearly(nursery: trio.Nursery, tmp_path: Path) -> None:
     entered, release = trio.Event(), trio.Event()
 
-    async def slow(app: App, updates: Sequence[RefUpdate], say: Say) -> bool:
+    async def slow(app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
         entered.set()
         await release.wait()
         return True

@@ -11,7 +11,12 @@ as ``remote: …`` lines, live: that is how a build's output reaches the pusher.
 Both hooks are one small stdlib-only script (no flynnp2p import: it starts in
 milliseconds). It connects to this node's `HookServer` on 127.0.0.1 and sends::
 
-    <secret> <hook name>\\n<the hook's stdin: "old new ref" lines>
+    <secret> <hook name>\\n<git's object dirs, JSON>\\n<the hook's stdin: "old new ref" lines>
+
+The object directories are the quarantine git keeps a push's objects in until
+pre-receive accepts it (``GIT_OBJECT_DIRECTORY`` and
+``GIT_ALTERNATE_OBJECT_DIRECTORIES``): with them the agent can read the pushed
+commit (`GitSource.export`) before any ref moves, which is what a build needs.
 
 then half-closes. The server answers with text lines (the hook copies them to
 its stderr) and ends with one line ``\\0ok`` or ``\\0no``: the hook's exit status
@@ -27,12 +32,16 @@ owned by the requests that registered them.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import os
 import secrets
 import shlex
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+import tarfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +59,7 @@ RENEW_S = 4.0
 
 HOOK_SCRIPT = r'''"""flynnp2p's git hook: hands the push to the agent that runs git (see
 flynnp2p/build/hooks.py) and prints its answer; the agent decides."""
+import json
 import os
 import socket
 import sys
@@ -60,9 +70,11 @@ if not port or not secret:
     sys.stderr.write("flynnp2p: push through the flynnp2p agent (git push flynnp2p)\n")
     sys.exit(1)
 data = sys.stdin.buffer.read()
+OBJECT_ENV = ("GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_QUARANTINE_PATH")
 try:
     sock = socket.create_connection(("127.0.0.1", int(port)))
-    sock.sendall(secret.encode() + b" " + hook.encode() + b"\n" + data)
+    objects = {k: os.environ[k] for k in OBJECT_ENV if k in os.environ}
+    sock.sendall(secret.encode() + b" " + hook.encode() + b"\n" + json.dumps(objects).encode() + b"\n" + data)
     sock.shutdown(socket.SHUT_WR)
     ok = False
     for line in sock.makefile("rb"):
@@ -99,12 +111,46 @@ def parse_updates(text: str) -> list[RefUpdate]:
 
 
 Say = Callable[[str], Awaitable[None]]
+OBJECT_ENV = ("GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_QUARANTINE_PATH")
+
+
+@dataclass(frozen=True)
+class GitSource:
+    """The pushed repository as a hook sees it: its path, and the quarantine the
+    push's objects are in until pre-receive accepts them."""
+
+    repo: Path
+    objects: Mapping[str, str] = field(default_factory=dict)
+
+    async def export(self, commit: str, dest: Path) -> None:
+        """The tree of `commit`, written under `dest` (``git archive``, extracted with
+        tarfile's data filter: no path leaves `dest`)."""
+        if not all(c in "0123456789abcdef" for c in commit) or len(commit) not in (40, 64):
+            raise FlynnError(f"not a commit id: {commit!r}")
+        await trio.to_thread.run_sync(partial(dest.mkdir, parents=True, exist_ok=True))
+        archive = dest.parent / f"{dest.name}.tar"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_DIR": str(self.repo), **self.objects}
+        done = await trio.run_process(
+            ["git", "archive", "--format=tar", "-o", str(archive), commit], env=env,
+            capture_stderr=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise FlynnError(f"git archive {commit[:7]} failed: {done.stderr.decode(errors='replace')[:300]}")
+        try:
+            await trio.to_thread.run_sync(_extract, archive, dest)
+        finally:
+            archive.unlink(missing_ok=True)
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
 
 
 class Push(Protocol):
     """What a hook call is handed to (`flynnp2p.build.push.PushSession`)."""
 
-    async def pre_receive(self, updates: Sequence[RefUpdate], say: Say) -> bool: ...
+    async def pre_receive(self, updates: Sequence[RefUpdate], say: Say, objects: Mapping[str, str]) -> bool: ...
 
     async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None: ...
 
@@ -172,8 +218,10 @@ class HookServer:
                     if not chunk:
                         break
                     data += chunk
-            head, _, body = bytes(data).partition(b"\n")
+            head, _, rest = bytes(data).partition(b"\n")
+            objects_line, _, body = rest.partition(b"\n")
             secret, _, hook = head.decode(errors="replace").partition(" ")
+            objects = _objects(objects_line)
             push = self._find(secret)
             if push is None or hook not in HOOKS:
                 await stream.send_all(b"flynnp2p: this push is not known to the agent\n\0no\n")
@@ -185,7 +233,7 @@ class HookServer:
             updates = parse_updates(body.decode(errors="replace"))
             try:
                 if hook == "pre-receive":
-                    ok = await push.pre_receive(updates, say)
+                    ok = await push.pre_receive(updates, say, objects)
                 else:
                     await push.post_receive(updates, say)
                     ok = True
@@ -196,3 +244,14 @@ class HookServer:
                 await say(f"flynnp2p: {exc.message}")
                 ok = False
             await stream.send_all(b"\0ok\n" if ok else b"\0no\n")
+
+
+def _objects(line: bytes) -> dict[str, str]:
+    """The object directories a hook sent (only the names git uses, only strings)."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if k in OBJECT_ENV and isinstance(v, str) and "\0" not in v}

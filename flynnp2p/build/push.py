@@ -49,7 +49,7 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from flynnp2p.build.hooks import RefUpdate, Say
+from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.coord.client import KV
 from flynnp2p.errors import ClusterError, Conflict, FlynnError, NotFound
@@ -236,10 +236,12 @@ class PreReceive(Protocol):
     """The step that decides whether a push's refs are accepted (the build plugs
     in here). Lines given to `say` reach the pusher as ``remote: …``."""
 
-    async def __call__(self, app: App, updates: Sequence[RefUpdate], say: Say) -> bool: ...
+    async def __call__(
+        self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
+    ) -> bool: ...
 
 
-async def accept_push(app: App, updates: Sequence[RefUpdate], say: Say) -> bool:
+async def accept_push(app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
     """Today's pre-receive step: every ref is stored, none is built yet."""
     for update in updates:
         if update.ref in BUILD_BRANCHES and not update.deleted:
@@ -287,7 +289,9 @@ class PushSession:
         self.base = Saved()
         self.old_refs: dict[str, str] = {}
 
-    async def pre_receive(self, updates: Sequence[RefUpdate], say: Say) -> bool:
+    async def pre_receive(
+        self, updates: Sequence[RefUpdate], say: Say, objects: Mapping[str, str]
+    ) -> bool:
         try:
             self.lease, self.base = await self.leader.acquire(self.app.id, self.node)
         except Conflict as exc:
@@ -305,7 +309,7 @@ class PushSession:
             )
             return False
         self.old_refs = await self.repos.refs(self.app.id)  # the refs have not moved yet
-        return await self.step(self.app, updates, say)
+        return await self.step(self.app, updates, say, GitSource(self.repos.path(self.app.id), objects))
 
     async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None:
         if self.lease is None:

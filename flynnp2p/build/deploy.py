@@ -1,0 +1,172 @@
+"""git push → build → release → running: the pre-receive step of a push to main or master.
+
+Theory of operation
+-------------------
+`BuildStep` is the `flynnp2p.build.push.PreReceive` the agent plugs into git push.
+It runs before any ref moves, so a failed build rejects the push (git prints
+"pre-receive hook declined") and the running release keeps serving:
+
+1. the pushed commit's tree is exported from git's quarantine (`GitSource.export`);
+2. the builder (`flynnp2p.build.builder.build`) compiles it with the app's
+   current env, in its sandbox, every line of output sent to the pusher as
+   ``remote:       …``; the build cache is this node's, per app;
+3. the slug is stored in the blobstore (replicated to a second node before it is
+   acknowledged);
+4. the release is made through this node's own API (``POST /v1/apps/<app>/releases
+   {"slug"}``, forwarded to the leader, which numbers it and moves the formation
+   to it: the first release with a ``web`` type runs ``web=1``), with the commit
+   in its meta;
+5. the push waits (``wait_s``) until the new release's web jobs are up and says
+   where the app answers, or says why not.
+
+Pushes of other refs are stored only. A step error that is not the build's
+(the cluster cannot store the slug or make the release) refuses the push too,
+with the reason: nothing is half-made, since a slug no release names is collected.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from flynnp2p.build.builder import BuildError, build
+from flynnp2p.build.hooks import GitSource, RefUpdate, Say
+from flynnp2p.build.push import BUILD_BRANCHES
+from flynnp2p.errors import FlynnError
+from flynnp2p.state.records import App
+
+INDENT = "       "  # Heroku's: buildpack output under the "-----> " headings
+WAIT_S = 60.0
+
+
+class Slugs(Protocol):
+    async def put(self, digest: str, chunks: AsyncIterator[bytes]) -> tuple[int, int]: ...
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    f = await trio.open_file(path, "rb")
+    async with f:
+        while chunk := await f.read(1 << 20):
+            yield chunk
+
+
+class BuildStep:
+    """`api`: a client of this node's own API carrying the peer credential;
+    `work_root`: where builds run and each app's cache is kept."""
+
+    def __init__(
+        self, *, api: httpx.AsyncClient, api_url: str, slugs: Slugs, work_root: Path,
+        wait_s: float = WAIT_S,
+    ) -> None:  # fmt: skip
+        self.api = api
+        self.api_url = api_url.rstrip("/")
+        self.slugs = slugs
+        self.work_root = work_root
+        self.wait_s = wait_s
+        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
+
+    async def __call__(
+        self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
+    ) -> bool:
+        wanted = [u for u in updates if u.ref in BUILD_BRANCHES and not u.deleted]
+        if not wanted:
+            return True
+        if len(wanted) > 1:
+            await say(" !     push main or master, not both at once: each would deploy")
+            return False
+        update = wanted[0]
+        branch = update.ref[len("refs/heads/"):]
+        await say(f"-----> Building {app.name} ({branch} at {update.new[:7]})")
+        self.stats["builds"] += 1
+        await trio.to_thread.run_sync(lambda: self.work_root.mkdir(parents=True, exist_ok=True))
+        tmp = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(dir=self.work_root)))
+        try:
+            return await self._build_and_release(app, update, say, source, tmp)
+        except BuildError as exc:
+            self.stats["builds_failed"] += 1
+            await say(f" !     {exc.message}")
+            await say(" !     Push rejected: the build failed; the running release keeps serving.")
+            return False
+        except FlynnError as exc:
+            self.stats["builds_failed"] += 1
+            await say(f" !     {exc.message}")
+            await say(" !     Push rejected; the running release keeps serving. Push again.")
+            return False
+        finally:
+            await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
+
+    async def _build_and_release(
+        self, app: App, update: RefUpdate, say: Say, source: GitSource, tmp: Path
+    ) -> bool:
+        src = tmp / "src"
+        await source.export(update.new, src)
+        env = (await self._get(f"/v1/apps/{quote(app.id)}/env"))["env"]
+
+        async def line(text: str) -> None:
+            await say(INDENT + text)
+
+        started = time.monotonic()
+        result = await build(
+            src, app_id=app.id, work_dir=tmp / "out", cache_dir=self.work_root / "cache" / app.id,
+            env=env, on_line=line,
+        )  # fmt: skip
+        kinds = ", ".join(sorted(result.process_types)) or "none"
+        await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
+                  f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
+        await say(f"-----> Compressed slug: {result.size / 1e6:.1f} MB")
+        _, holders = await self.slugs.put(result.digest, _chunks(result.slug_path))
+        meta = {"git.commit": update.new, "git.ref": update.ref}
+        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", {"slug": result.digest, "meta": meta})
+        release = made["release"]
+        self.stats["releases"] += 1
+        await say(f"-----> Released v{release.get('version', '?')} (slug on {holders} node(s))")
+        if "web" in result.process_types:
+            await self._wait_web(app, release["id"], say)
+        return True
+
+    async def _wait_web(self, app: App, release_id: str, say: Say) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            formation = (await self._get(f"/v1/apps/{quote(app.id)}/formation"))["formation"] or {}
+            want = int(formation.get("processes", {}).get("web", 0))
+            jobs = (await self._get(f"/v1/apps/{quote(app.id)}/jobs"))["jobs"]
+            up = [j for j in jobs if j.get("process_type") == "web" and j.get("release_id") == release_id
+                  and j.get("state") == "up"]  # fmt: skip
+            if want == 0:
+                await say("-----> web is scaled to 0: 'flynnp2p scale web=1' runs it")
+                return
+            if len(up) >= want:
+                routes = (await self._get(f"/v1/apps/{quote(app.id)}/routes"))["routes"]
+                where = next((r["domain"] for r in routes if r["type"] == "http"), app.name)
+                await say(f"-----> web is up ({len(up)} job(s)): http://{where}:8080/")
+                return
+            await trio.sleep(0.5)
+        await say(f" !     web is not up after {self.wait_s:.0f} s: see 'flynnp2p ps' and "
+                  "'flynnp2p log' (the release is made; it keeps starting)")  # fmt: skip
+
+    async def _get(self, path: str) -> Any:
+        return await self._call("GET", path, None)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return await self._call("POST", path, body)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        try:
+            resp = await self.api.request(method, self.api_url + path, json=body, timeout=30)
+        except httpx.HTTPError as exc:
+            raise FlynnError(f"this node's API did not answer {method} {path}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:200]
+            raise FlynnError(f"{method} {path}: {resp.status_code} {message}")
+        return resp.json()
