@@ -115,13 +115,17 @@ def now_ms() -> int:
 
 
 async def _start_listening(
-    nursery: trio.Nursery, run: Callable[..., Awaitable[object]], what: str, option: str
+    nursery: trio.Nursery, run: Callable[..., Awaitable[object]], what: str | Callable[[], str],
+    option: str | Callable[[], str],
 ) -> None:
-    """Start a service that binds a port; a port it cannot bind is a configuration error."""
+    """Start a service that binds a port; a port it cannot bind is a configuration error
+    (`what` and `option` may be asked after the failure: which port it was)."""
     try:
         await nursery.start(run)
     except OSError as exc:
-        raise ConfigError(f"{what} cannot be used ({exc.strerror}; choose {option})") from None
+        port = what() if callable(what) else what
+        choose = option() if callable(option) else option
+        raise ConfigError(f"{port} cannot be used ({exc.strerror}; choose {choose})") from None
 
 
 
@@ -314,8 +318,11 @@ class Agent:
                     )
                 )  # fmt: skip
                 await _start_listening(
-                    nursery, self.router.run, f"router port {c.addr}:{c.http_port} or {c.https_port}", "--http-port or --https-port"
-                )
+                    nursery, self.router.run,
+                    lambda: f"router {self.router.failed.upper()} port {c.addr}:"
+                    f"{c.https_port if self.router.failed == 'https' else c.http_port}",
+                    lambda: f"--{self.router.failed}-port",
+                )  # fmt: skip
                 await nursery.start(self.fanout.run)
                 if self.backend is not None and self.runner is not None:
                     await nursery.start(self.backend.run)

@@ -192,6 +192,12 @@ async def test_startup_errors_are_one_line(cluster: Cluster, tmp_path: Path) -> 
         s.listen()
         code, out = await run(r.command())
     assert_clean_error(code, out, "router HTTP port", f"{r.addr}:8080", "--http-port")
+    r = AgentProc(tmp_path, "httpsbusy", next_addr(), token)
+    with socket.socket() as s:
+        s.bind((r.addr, 8443))
+        s.listen()
+        code, out = await run(r.command())
+    assert_clean_error(code, out, "router HTTPS port", f"{r.addr}:8443", "--https-port")
     # Missing etcd binary.
     m = AgentProc(tmp_path, "noetcd", next_addr(), token)
     code, out = await run(m.command(), env={"FLYNNP2P_ETCD": "etcd-not-installed"})

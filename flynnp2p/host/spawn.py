@@ -43,8 +43,13 @@ async def line_batches(stream: trio.abc.ReceiveStream) -> AsyncIterator[list[byt
     while True:
         chunk = await stream.receive_some(READ_CHUNK)
         buf += chunk
-        parts = buf.split(b"\n")
-        buf = parts.pop()
+        parts = []
+        *lines, buf = buf.split(b"\n")
+        for line in lines:  # a line may have grown past MAX_LINE within one read
+            while len(line) > MAX_LINE:
+                parts.append(line[:MAX_LINE])
+                line = line[MAX_LINE:]
+            parts.append(line)
         while len(buf) >= MAX_LINE:
             parts.append(buf[:MAX_LINE])
             buf = buf[MAX_LINE:]

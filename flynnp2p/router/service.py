@@ -100,13 +100,16 @@ class Router:
         self.bound_port: int | None = None
         self.bound_https_port: int | None = None
         self.tls_failures = 0  # handshakes that failed or timed out
+        self.failed = "http"
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        self.failed = "http"  # which listener a bind error (OSError) is about
         listener = _listen(self.address, self.http_port)
         secure = None
         try:
             self.bound_port = listener.getsockname()[1]
             if self.https_port is not None:
+                self.failed = "https"
                 secure = _listen(self.address, self.https_port)
                 https_port: int = secure.getsockname()[1]
                 self.bound_https_port = self.shared.https_port = https_port
