@@ -52,7 +52,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -65,7 +64,7 @@ import trio
 
 from flynnp2p.errors import FlynnError
 from flynnp2p.host.process import APP_MOUNT
-from flynnp2p.host.spawn import Spawner, chown_tree, line_batches, set_pdeathsig
+from flynnp2p.host.spawn import Spawner, child_preexec, chown_tree, line_batches
 
 LineCallback = Callable[[str], Awaitable[None]]
 
@@ -110,15 +109,6 @@ class RunResult:
     status: int  # exit code, or -signal
     stdout: str  # captured stdout (``capture_stdout=True``), else ""
     tail: tuple[str, ...]  # the last lines of streamed output
-
-
-def _preexec(limit_bytes: int | None) -> Callable[[], None]:
-    def preexec() -> None:
-        set_pdeathsig()
-        if limit_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return preexec
 
 
 def _killpg(pgid: int) -> None:
@@ -237,7 +227,7 @@ class Sandbox:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_preexec(limit),
+            preexec_fn=child_preexec(limit),
         )
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         captured: list[str] = []

@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import resource
 import shutil
 import signal as _signal
 import subprocess
@@ -74,7 +73,13 @@ from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
-from flynnp2p.host.spawn import Child, Spawner, chown_tree, line_batches, set_pdeathsig
+from flynnp2p.host.spawn import (
+    Child,
+    Spawner,
+    child_preexec,
+    chown_tree,
+    line_batches,
+)
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
@@ -159,17 +164,6 @@ def _start_time(pid: int) -> str | None:
 def _write_pidfile(path: Path, pid: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{pid} {_start_time(pid) or 0}\n")
-
-
-def _preexec(limit_bytes: int | None) -> Callable[[], None]:
-    """In the child: die with the agent (see ``host.spawn``), and the memory limit."""
-
-    def preexec() -> None:
-        set_pdeathsig()
-        if limit_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return preexec
 
 
 @dataclass
@@ -317,7 +311,7 @@ class ProcessBackend:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_preexec(limit),
+            preexec_fn=child_preexec(limit),
         )
         return app_dir, process
 

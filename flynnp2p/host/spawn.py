@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import resource
 import signal
 import subprocess
 import threading
@@ -60,6 +61,18 @@ async def line_batches(stream: trio.abc.ReceiveStream) -> AsyncIterator[list[byt
             yield parts
         if not chunk:
             return
+
+
+def child_preexec(limit_bytes: int | None) -> Callable[[], None]:
+    """In the child (jobs and builds alike): die with the agent (see the module
+    docstring), and the address-space limit when there is one."""
+
+    def preexec() -> None:
+        set_pdeathsig()
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return preexec
 
 
 def chown_tree(root: Path, uid: int) -> None:
