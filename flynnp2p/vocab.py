@@ -111,4 +111,6 @@ DOMAIN = Term(
 PATH = Term(r"/[^\s?#]{0,1023}", "a URL path starting with '/', without spaces, '?' or '#'", 1024)
 DIGEST = Term(r"sha256:[0-9a-f]{64}", "'sha256:' and 64 lowercase hex digits", 71)
 ADDRESS = Term(r"[A-Za-z0-9_.:\[\]-]{1,255}:[0-9]{1,5}", "'host:port'", 261)
+GIT_REF = Term(r"refs/[!-~]{1,250}", "a git ref name (refs/...)", 255)
+GIT_OID = Term(r"[0-9a-f]{40}(?:[0-9a-f]{24})?", "a git object id (hex)", 64)
 IDEMPOTENCY_KEY = Term(r"[A-Za-z0-9_.:-]{1,128}", "1-128 letters, digits and _.:-", 128)

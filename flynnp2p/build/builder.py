@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import stat
 import tarfile
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import trio
 
+from flynnp2p import vocab
 from flynnp2p.build.procfile import read_slug_procfile
 from flynnp2p.build.release_yaml import parse_default_process_types
 from flynnp2p.build.sandbox import BuildLimits, LineCallback, Sandbox, open_sandbox
@@ -70,7 +70,6 @@ from flynnp2p.host.slug import SlugError, check_members
 
 __all__ = ["BuildError", "BuildLimits", "BuildResult", "build"]
 
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 _CLONE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "GIT_TERMINAL_PROMPT": "0", "LANG": "C"}
 _MAX_SMALL_FILE = 64 * 1024  # .slugignore, .buildpacks
 
@@ -141,7 +140,7 @@ async def build(
     are references as in ``selection.parse_ref`` (an app setting); ``limits``
     default to ``BuildLimits()``."""
     for key in env:
-        if not _ENV_KEY.match(key):
+        if not vocab.ENV_NAME.ok(key):
             raise UserError(f"env key {key!r} is not valid; expected [A-Za-z_][A-Za-z0-9_]*")
     limits = limits or BuildLimits()
     if not await trio.to_thread.run_sync(source.is_dir):

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import re
 
+from flynnp2p import vocab
 from flynnp2p.errors import UserError
 
 _KEY = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)\s*:(?:\s+(.*?))?\s*$")
-_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "/": "/"}
 
 
@@ -99,7 +99,7 @@ def parse_default_process_types(text: str) -> dict[str, str]:
                 f"bin/release line {n}: expected 'type: command' under default_process_types"
             )
         name = m.group(1)
-        if not _TYPE.match(name):
+        if not vocab.PROCESS_TYPE.ok(name):
             raise ReleaseError(f"bin/release line {n}: {name!r} is not a valid process type")
         if name in types:
             raise ReleaseError(f"bin/release line {n}: process type {name!r} is defined twice")

@@ -377,8 +377,8 @@ class ClusterConfig(Record):
         return "config"
 
 
-GIT_REF = Str(r"refs/[!-~]{1,250}", "a git ref name (refs/...)", max_len=255)
-GIT_OID = Str(r"[0-9a-f]{40}(?:[0-9a-f]{24})?", "a git object id (hex)", max_len=64)
+GIT_REF = Str.of(vocab.GIT_REF)
+GIT_OID = Str.of(vocab.GIT_OID)
 MAX_MANIFEST_REFS = 64
 
 
