@@ -79,6 +79,9 @@ class CertStore:
     errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._issue_default()
+
+    def _issue_default(self) -> None:
         now = self.now or dt.datetime.now(dt.UTC)
         pem = self.ca.issue(
             f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), ips=self.ips, now=now
@@ -91,7 +94,7 @@ class CertStore:
         A new cluster `domain` gets a new default certificate."""
         if domain is not None and domain != self.domain:
             self.domain, self.now = domain, None
-            self.__post_init__()
+            self._issue_default()
         wanted = {c.id: c for c in certs}
         for cid in list(self.by_id):
             if cid not in wanted or self.by_id[cid][0] != wanted[cid]:
