@@ -247,6 +247,13 @@ async def test_patch_app_merges_meta_and_sets_strategy(node: tuple[Ctx, Api]) ->
     assert body["app"]["meta"] == {"b": "2", "c": "3"}
     app = ctx.state.state.records(App)[0]
     assert app.strategy == "one-by-one" and dict(app.meta) == {"b": "2", "c": "3"}
+    status, body = await api.call(
+        "PATCH", "/v1/apps/p", {"deploy_timeout_s": 30, "build_memory_mb": 2048, "build_timeout_s": 60}
+    )
+    assert status == 200
+    app = ctx.state.state.records(App)[0]
+    assert (app.deploy_timeout_s, app.build_memory_mb, app.build_timeout_s) == (30, 2048, 60)
+    assert app.strategy == "one-by-one" and dict(app.meta) == {"b": "2", "c": "3"}
 
 
 async def test_delete_app_deletes_routes_and_formation(node: tuple[Ctx, Api]) -> None:
@@ -541,6 +548,8 @@ HOSTILE: list[tuple[str, str, Any, int]] = [
     ("GET", "/v1/apps/myapp/../../etc/passwd", None, 404),
     ("PATCH", "/v1/apps/myapp", {}, 400),
     ("PATCH", "/v1/apps/myapp", {"strategy": "yolo"}, 400),
+    ("PATCH", "/v1/apps/myapp", {"build_memory_mb": 1}, 400),
+    ("PATCH", "/v1/apps/myapp", {"deploy_timeout_s": "soon"}, 400),
     ("PATCH", "/v1/apps/myapp", {"meta": []}, 400),
     ("PATCH", "/v1/apps/myapp", {"name": "renamed"}, 400),
     ("DELETE", "/v1/apps/nope", None, 404),

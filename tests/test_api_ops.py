@@ -85,7 +85,7 @@ class _Same(random.Random):
      ({"nothing": None}, "all-at-once", {"owner": "ann"})],
 )  # fmt: skip
 def test_patched_app(patch: dict[str, str | None], strategy: str, meta: dict[str, str]) -> None:
-    updated = ops.patched_app(APP, patch, strategy)
+    updated = ops.patched_app(APP, patch, {"strategy": strategy})
     assert (updated.id, updated.meta, updated.strategy) == ("a1", meta, strategy)
 
 

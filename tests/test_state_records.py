@@ -199,10 +199,10 @@ def test_constructor_validates_too() -> None:
         ProcessSpec(command="x", memory_mb=1)
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1", True])
+@pytest.mark.parametrize("version", [0, 3, None, "1", True])
 def test_unknown_schema_versions_are_rejected(version: object) -> None:
     wire = {**EXAMPLES[0].to_wire(), "v": version}
-    with pytest.raises(SchemaVersionError, match=r"app\.v: unknown schema version .*reads \[1\]"):
+    with pytest.raises(SchemaVersionError, match=r"app\.v: unknown schema version .*reads \[1, 2\]"):
         App.from_wire(wire)
     del wire["v"]
     with pytest.raises(SchemaVersionError):

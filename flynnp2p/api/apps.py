@@ -3,7 +3,9 @@
     POST   /v1/apps                          {"name"?, "meta"?}: the app and its default route
     GET    /v1/apps
     GET    /v1/apps/<app>                    the app, its current release, formation, routes
-    PATCH  /v1/apps/<app>                    {"meta"?: {k: v | null}, "strategy"?}
+    PATCH  /v1/apps/<app>                    {"meta"?: {k: v | null}, "strategy"?,
+                                              "deploy_timeout_s"?, "build_memory_mb"?,
+                                              "build_timeout_s"?}
     DELETE /v1/apps/<app>                    the app, its routes and formation, in one batch
     POST   /v1/apps/<app>/releases           {"artifacts", "env", "processes", "meta"}
     GET    /v1/apps/<app>/releases[/<id>]    newest first (releases are immutable)
@@ -169,9 +171,11 @@ class AppsApi:
         )
 
     async def patch_app(self, app: str) -> Response:
-        body = await edge.json_body({"meta", "strategy"})
+        body = await edge.json_body({"meta", *ops.APP_SETTINGS})
         if not body:
-            raise UserError("body: nothing to change; accepted fields: meta, strategy")
+            raise UserError(
+                f"body: nothing to change; accepted fields: meta, {', '.join(ops.APP_SETTINGS)}"
+            )
         found = self.app(app)
         patch = body.get("meta", {})
         if not isinstance(patch, dict):
@@ -181,7 +185,8 @@ class AppsApi:
             return relayed
         async with self.alloc.app_lock(found.id):  # per key: each patch on the last one
             found = ops.find_app(self.state, found.id)
-            updated = ops.patched_app(found, patch, body.get("strategy", found.strategy))
+            settings = {k: v for k, v in body.items() if k in ops.APP_SETTINGS}
+            updated = ops.patched_app(found, patch, settings)
             result = await self.ctx.state.write([updated])
         return edge.answer({"app": wire(updated), "replicas": result.replicas})
 

@@ -166,16 +166,21 @@ def new_app(name: str, meta: Mapping[str, str], domain: str, now: int) -> tuple[
     return app, route
 
 
-def patched_app(app: App, meta_patch: Mapping[str, str | None], strategy: str) -> App:
-    """JSON merge patch of the app's meta (None removes a key), and its strategy
-    (both checked by the record)."""
+APP_SETTINGS = ("strategy", "deploy_timeout_s", "build_memory_mb", "build_timeout_s")
+
+
+def patched_app(
+    app: App, meta_patch: Mapping[str, str | None], settings: Mapping[str, object] | None = None
+) -> App:
+    """JSON merge patch of the app's meta (None removes a key), and its settings
+    (`APP_SETTINGS`; both checked by the record)."""
     meta = dict(app.meta)
     for key, value in meta_patch.items():
         if value is None:
             meta.pop(key, None)
         else:
             meta[key] = value
-    return dataclasses.replace(app, meta=meta, strategy=strategy)
+    return dataclasses.replace(app, meta=meta, **(settings or {}))  # type: ignore[arg-type]
 
 
 def route_deletion(state: State, route: Route, going: Collection[str] = ()) -> list[Change]:

@@ -52,6 +52,7 @@ TIMESTAMP = Int(0, 2**63 - 1)
 DOMAIN = Str.of(vocab.DOMAIN)
 PATH = Str.of(vocab.PATH)
 PORT = Int(1, 65535)
+STRATEGIES = ("auto", "all-at-once", "one-by-one")
 PEM = Str(r"-----BEGIN [A-Z0-9 ]+-----\n[\s\S]+", "a PEM block", max_len=65536)
 
 
@@ -97,12 +98,26 @@ class IdRecord(Record):
 
 @dataclass(frozen=True, slots=True)
 class App(IdRecord):
+    """An app and its settings (``flynnp2p app set``).
+
+    ``strategy``: how a new release replaces the running one; "auto" is
+    one-by-one once the app runs 2 or more web jobs, else all-at-once.
+    ``deploy_timeout_s``: how long a deploy's new jobs have to become healthy
+    before the previous release is restored. ``build_memory_mb`` and
+    ``build_timeout_s``: the limits of the app's builds.
+    """
+
     KIND: ClassVar[str] = "app"
+    VERSION: ClassVar[int] = 2  # 2: "auto" strategy, deploy and build limits
+    READS: ClassVar[frozenset[int]] = frozenset({1, 2})
     id: Annotated[str, ID]
     name: Annotated[str, APP_NAME]
     created_at: Annotated[int, TIMESTAMP]
     meta: Annotated[Mapping[str, str], META] = EMPTY
-    strategy: Annotated[str, Choice("all-at-once", "one-by-one")] = "all-at-once"
+    strategy: Annotated[str, Choice(*STRATEGIES)] = "auto"
+    deploy_timeout_s: Annotated[int, Int(5, 3600)] = 120
+    build_memory_mb: Annotated[int, Int(128, 65536)] = 1024
+    build_timeout_s: Annotated[int, Int(10, 86400)] = 900
 
 
 @dataclass(frozen=True, slots=True)
