@@ -38,6 +38,7 @@ from typing import TypeVar
 
 from flynnp2p.build.procfile import process_specs
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
+from flynnp2p.scheduler.rollout import formation_on
 from flynnp2p.scheduler.surge import effective_strategy
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import (
@@ -340,12 +341,6 @@ def deployment_changes(state: State, app: App, moved: Formation, now: int) -> li
         if d.status == "running"
     ]
     return [*changes, new]
-
-
-def formation_on(formation: Formation, release: Release, now: int) -> Formation:
-    """`formation` moved to `release`: the types it lacks are dropped."""
-    counts = {t: n for t, n in formation.processes.items() if t in release.processes}
-    return dataclasses.replace(formation, release_id=release.id, updated_at=now, processes=counts)
 
 
 def release_by_ref(state: State, app: App, ref: str | int) -> Release:
