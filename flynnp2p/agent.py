@@ -430,6 +430,7 @@ class Agent:
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),
+                "deploys": dict(self.deploys.stats),
                 "jobs": {
                     "ok": self.runner is not None,
                     "backend": self.backend.name if self.backend else None,

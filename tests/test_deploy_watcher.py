@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from flynnp2p.scheduler.rollout import Verdict, judge, outcome
+from flynnp2p.scheduler.rollout import Verdict, expired, judge, outcome
 from flynnp2p.scheduler.watcher import DeployWatcher
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Deployment, Formation, Job, Placement, ProcessSpec, Release
@@ -169,3 +169,14 @@ def test_judge_cases() -> None:
     ]
     # web=0: nothing to wait for
     assert judge(world(web=0), DEP, now) == Verdict("complete")
+
+
+def test_only_the_newest_finished_deployments_are_kept() -> None:
+    done = [
+        dataclasses.replace(
+            DEP, id=f"d{i}", status="complete", created_at=T0_MS + i, finished_at=T0_MS + i
+        )
+        for i in range(5)
+    ]
+    state = state_of(DEP, *done, dataclasses.replace(done[0], id="other", app_id="a2"))
+    assert [c.key for c in expired(state, keep=2)] == ["d2", "d1", "d0"]  # never a running one

@@ -29,6 +29,9 @@ stops the failed release's jobs that are not up. A rolled-back formation gets no
 deployment of its own: a failed restore must not bounce back to the release that
 failed.
 
+Finished deployments are kept for the record, the newest `KEEP_FINISHED` per
+app (`expired` lists the others for the watcher to delete).
+
 Pure: state, deployment and ``now`` in, a verdict or records out.
 """
 
@@ -38,9 +41,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from flynnp2p.state.jobs import CRASHED, LIVE, START, UP, effective_state
-from flynnp2p.state.merge import Change, State
+from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import App, Deployment, Formation, Job, Placement, Release
 
+KEEP_FINISHED = 50  # finished deployments kept per app
 DEFAULT_TIMEOUT_S = 120  # `App.deploy_timeout_s`'s default, for an app this replica lacks
 
 
@@ -127,6 +131,19 @@ def outcome(state: State, dep: Deployment, verdict: Verdict, now: int) -> list[C
         return [finished]
     back = formation_on(formation, old, now)
     return [back, dataclasses.replace(finished, status="rolled-back")]
+
+
+def expired(state: State, keep: int = KEEP_FINISHED) -> list[Change]:
+    """Deletes of each app's finished deployments beyond its newest `keep`."""
+    by_app: dict[str, list[Deployment]] = {}
+    for dep in state.records(Deployment):
+        if dep.status != "running":
+            by_app.setdefault(dep.app_id, []).append(dep)
+    changes: list[Change] = []
+    for app_id in sorted(by_app):
+        old = sorted(by_app[app_id], key=lambda d: (d.created_at, d.id), reverse=True)[keep:]
+        changes.extend(Delete(Deployment.KIND, d.id) for d in old)
+    return changes
 
 
 def formation_on(formation: Formation, release: Release, now: int) -> Formation:

@@ -12,6 +12,8 @@ with its peers, then loops:
    under the app's lock (the one the API's formation writes take), after judging
    again on the state as it is then, so a deploy the API starts meanwhile is not
    overwritten by the rollback of the one it replaced.
+   Finished deployments beyond each app's newest 50 are deleted
+   (`rollout.expired`).
 2. **Sleep** until the state changes (deployments, formations, jobs, placements),
    the nearest deadline of a running deployment falls due, or ``period_s``
    passes; then ``debounce_s`` so one burst of job reports makes one pass.
@@ -30,7 +32,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from flynnp2p.errors import FlynnError
-from flynnp2p.scheduler.rollout import deadline_ms, judge, outcome
+from flynnp2p.scheduler.rollout import deadline_ms, expired, judge, outcome
 from flynnp2p.state.records import Deployment, Formation, Job, Placement
 from flynnp2p.state.service import StateService
 
@@ -122,4 +124,7 @@ class DeployWatcher:
                 "deployment %s of app %s: %s%s", dep.id, dep.app_id, status,
                 f" ({verdict.reason})" if verdict.reason else "",
             )  # fmt: skip
+        old = expired(self.state.state)
+        if old:
+            await self.state.write(old)
         return nearest
