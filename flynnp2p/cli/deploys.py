@@ -17,6 +17,9 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
+
+import httpx
 
 from flynnp2p import deployments
 from flynnp2p.cli.client import ApiClient
@@ -78,9 +81,12 @@ def wait_for_deploy(client: ApiClient, app: str, release_id: str, timeout_s: flo
     tail: list[str] = []
     params = deployments.log_params(dep)
     if params is not None:
-        resp = client.http.get(f"/v1/apps/{app}/log", params=params, timeout=15)
-        tail = deployments.log_tail(resp.text) if resp.status_code == 200 else []
-    releases = client.get(f"/v1/apps/{app}/releases")["releases"]
+        try:
+            resp = client.http.get(f"/v1/apps/{quote(app)}/log", params=params, timeout=15)
+            tail = deployments.log_tail(resp.text) if resp.status_code == 200 else []
+        except httpx.HTTPError:
+            tail = []  # best effort: the reason is printed anyway
+    releases = client.get(f"/v1/apps/{quote(app)}/releases")["releases"]
     versions = {r["id"]: int(r.get("version", 0)) for r in releases}
     for line in deployments.report(dep, versions, tail):
         print(line)

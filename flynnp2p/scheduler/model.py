@@ -12,8 +12,9 @@ replayed from a logged input.
   should run, how many jobs, how much memory each takes, whether it is omni (one
   per eligible host), the tags a host needs, and how a new release replaces the
   jobs of an old one (``strategy``, see `flynnp2p.scheduler.surge`: the app's
-  effective strategy for service types, `REPLACE` for omni ones). A group with ``hold`` set is left
-  alone (its release has not reached this replica yet) and reported as blocked.
+  effective strategy for service types, `REPLACE` for omni ones). A group with
+  ``hold`` set is left alone (its release has not reached this replica yet) and
+  reported as blocked.
 * `JobInfo`: a job as the scheduler understands it, merged from the host-written
   `Job` record and the leader-written `Placement` for the same id: a start
   placement the host has not acted on yet is a ``starting`` job (so a second
@@ -68,7 +69,8 @@ class Desired:
         if self.count < 0 or self.memory_mb < 0:
             raise ValueError(f"{self.app}/{self.type}: count and memory_mb must be >= 0")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"{self.app}/{self.type}: strategy must be one of {', '.join(STRATEGIES)}")
+            accepted = ", ".join(STRATEGIES)
+            raise ValueError(f"{self.app}/{self.type}: strategy must be one of {accepted}")
         object.__setattr__(self, "constraints", FrozenMap(self.constraints))
 
     @property
@@ -148,8 +150,9 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         s = spec(release_id, ptype)
         return DEFAULT_MEMORY_MB if s is None else s.memory_mb
 
+    apps = {a.id: a for a in state.records(App)}
     desired = [
-        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype), state.record(App, f.app_id))
+        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype), apps.get(f.app_id))
         for f in state.records(Formation)
         for ptype in sorted(f.processes)
     ]
