@@ -29,6 +29,7 @@ import httpx
 import pytest
 import trio
 
+from flynnp2p import deployments
 from tests.harness import AgentProc, Cluster, wait_for
 from tests.jobs_app import deploy, scale, wait_up
 from tests.test_cluster_drain import CLIENTS, HOST, Load, _client
@@ -160,6 +161,11 @@ async def test_redeploy_crash_rollback_and_rollback_lose_no_request(
     no_failures(load_a, "a release that crashes on start")
     [dep] = outcome
     assert dep["status"] == "rolled-back" and "exited" in dep["reason"], dep
+    async with front.client() as c:  # what the push and `rollback` show: the job's last lines
+        r = await c.get("/v1/apps/shop/log", params=deployments.log_params(dep), timeout=30)
+        assert r.status_code == 200 and "starting and giving up" in deployments.log_tail(r.text), (
+            r.text
+        )
     shown = await cli(front, "deployment", "-a", "shop")
     out = shown.stdout.decode()
     assert shown.returncode == 0, shown.stderr
