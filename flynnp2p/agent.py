@@ -5,7 +5,7 @@
     → node identity saved (only once the join has succeeded)
     → API served, state copied from peers, blobs, logs, jobs
     → etcd member (bootstrapped, restarted or joined as a learner) and the election
-    → leader duties (catch-up and claims, scheduler, etcd autopilot)
+    → leader duties (catch-up and claims, scheduler, deploy watcher, etcd autopilot)
     … until SIGINT/SIGTERM: jobs drained and stopped, graceful serf leave, children stopped.
 """
 
@@ -78,6 +78,7 @@ from flynnp2p.router.sticky import derive_key
 from flynnp2p.router.table import RouteTable
 from flynnp2p.router.tls import CertStore
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
+from flynnp2p.scheduler.watcher import DeployWatcher
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
@@ -237,6 +238,10 @@ class Agent:
         )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
+        # Deploys: finish each deployment, or restore the previous release (under the API's app lock).
+        self.deploys = DeployWatcher(self.state, now_ms, lambda e: self.ctx.caught_up.value == e,
+                                     app_lock=apps_api.alloc.app_lock)  # fmt: skip
+        self.duties.add(self.deploys.duty)
         app.register_blueprint(internal_blueprint(self.state.replication))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self.ctx, api=apps_api))
@@ -425,6 +430,7 @@ class Agent:
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),
+                "deploys": dict(self.deploys.stats),
                 "jobs": {
                     "ok": self.runner is not None,
                     "backend": self.backend.name if self.backend else None,

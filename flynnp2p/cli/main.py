@@ -18,6 +18,7 @@ from flynnp2p import __version__
 from flynnp2p.cli.apps import add_app_commands
 from flynnp2p.cli.client import ApiClient, ClientConfig, pin_ca
 from flynnp2p.cli.common import client_for, table
+from flynnp2p.cli.deploys import add_deploy_commands
 from flynnp2p.cli.git import add_git_commands
 from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     # git remote add, git-credentials (git's credential helper).
     add_git_commands(sub)
+    add_deploy_commands(sub)  # deployment, rollback, app set/show
     return parser
 
 
