@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flynnp2p.host.backend import ImageRoot
+from flynnp2p.host.containers import container_args, spec_from_container
 from flynnp2p.host.image import ImageConfig, ImageConfigError, image_config, web_process
 from flynnp2p.host.imagearchive import (
     ArchiveError,
@@ -412,3 +413,20 @@ async def test_a_process_job_runs_the_image_chrooted_as_its_apps_uid(tmp_path: P
         backend.forget("img-1")
         assert (image.rootfs / "bin/busybox").exists()  # the image stays for the next job
         assert not (tmp_path / "host" / "jobs" / "img-1").exists()
+
+
+# -- the container of an image job ------------------------------------------------------
+
+
+def test_an_image_job_publishes_the_hosts_port_to_the_images_port() -> None:
+    spec = job_spec(
+        None, "job-1", "", port=20001, slug_dir=None, image="shop:1",  # type: ignore[arg-type]
+        container_port=8000, host_addr="127.0.0.5",
+    )  # fmt: skip
+    args = container_args(spec, "node-a", image="shop:1", app_dir=None)
+    assert args["ports"] == {"8000/tcp": ("127.0.0.5", 20001)}
+    assert args["environment"]["PORT"] == "8000" and "command" not in args  # the image's own
+    env = [f"{k}={v}" for k, v in args["environment"].items()]
+    assert spec_from_container(args["labels"], env) == spec
+    labels = {k: v for k, v in args["labels"].items() if k != "flynnp2p.container_port"}
+    assert spec_from_container(labels, env).container_port is None  # a container of before

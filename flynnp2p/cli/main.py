@@ -19,6 +19,7 @@ from flynnp2p.cli.apps import add_app_commands
 from flynnp2p.cli.client import ApiClient, ClientConfig, pin_ca
 from flynnp2p.cli.common import client_for, table
 from flynnp2p.cli.git import add_git_commands
+from flynnp2p.cli.images import add_image_commands
 from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
 from flynnp2p.token import ClusterToken
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     # git remote add, git-credentials (git's credential helper).
     add_git_commands(sub)
+    # deploy --image / --image-tar.
+    add_image_commands(sub)
     return parser
 
 
