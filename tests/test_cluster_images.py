@@ -13,6 +13,7 @@ busybox (Debian's busybox-static).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -194,6 +195,8 @@ async def test_deploy_image_and_image_tar(
         assert set(seen.values()) == {"from-tar"}
         assert engine.images.get(tar_id).id == tar_id  # loaded back from the archive
         on_p3 = next(j for j in up if j["host"] == p3.name)
-        rootfs = p3.data_dir / "jobs" / "images"
-        assert [p.name for p in rootfs.iterdir()] and on_p3["id"] in seen
+        digest = "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+        unpacked = p3.data_dir / "jobs" / "images" / digest / "rootfs"
+        assert (unpacked / "srv" / "run.sh").read_bytes() == RUN_SH  # run from its rootfs
+        assert on_p3["id"] in seen
         assert len(live(await jobs(api, "img"))) == 2  # the first app serves on

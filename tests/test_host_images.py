@@ -290,6 +290,7 @@ async def test_an_image_is_unpacked_once_per_digest(tmp_path: Path) -> None:
     archive.unlink()  # the second asks nothing of the archive
     again = await unpack_image(archive, tmp_path / "host", "sha256:abc")
     assert again == first and again.config.workdir == "/w"
+    assert stat.S_IMODE(first.rootfs.parent.stat().st_mode) == 0o700  # root's alone
     with pytest.raises(ArchiveError, match="not valid"):
         await unpack_image(archive, tmp_path / "host", "../x")
 

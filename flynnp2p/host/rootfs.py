@@ -11,7 +11,9 @@ hostile or broken archive is refused with a 400 then, not on a host later.
 starts: the root filesystem is built in ``<root>/images/<digest>/`` exactly once
 (a temporary sibling renamed into place, as slugs are: a reader never sees half
 an image, two concurrent unpacks leave one), with the image's config beside it
-in ``config.json``. The layers are applied in order by `_apply_layer`: first the
+in ``config.json``. That directory is root's alone (0700): a job sees the image
+only through its chroot, read-only, so no other app's job on the host can reach
+the files an image left world-writable. The layers are applied in order by `_apply_layer`: first the
 layer's opaque directories are emptied and its whiteouts deleted, then its
 entries are written.
 
@@ -304,7 +306,6 @@ def _unpack_sync(archive: Path, dest: Path) -> ImageConfig:
             (tmp / "rootfs").mkdir()
             config = apply_layers(archive, tmp / "rootfs")
             _config_file(tmp).write_text(json.dumps(asdict(config)))
-            os.chmod(tmp, 0o755)
             try:
                 tmp.rename(dest)
             except OSError:
