@@ -29,6 +29,7 @@ from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
 from flynnp2p.api.coord import coord_blueprint
 from flynnp2p.api.git import GitApi, GitLeaderApi, git_blueprint, git_scratch
+from flynnp2p.api.images import ImagesApi, images_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.jobs import jobs_blueprint
 from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
@@ -248,6 +249,7 @@ class Agent:
         app.register_blueprint(jobs_blueprint(self.ctx, apps_api, self.heartbeats.unresponsive))
         app.register_blueprint(logs_blueprint(self.ctx, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
+        app.register_blueprint(images_blueprint(ImagesApi(apps_api, self.blobs, self.http, self.api_url)))
         app.register_blueprint(coord_blueprint(self.coord))
         app.register_blueprint(router_blueprint(self.router))
         # git push to any node: smart HTTP, the push lease and the repo's generation.

@@ -228,12 +228,12 @@ class AppsApi:
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        made, _, result = await self._next_release(
+        made, _, result = await self.next_release(
             found, lambda _base, n: (dataclasses.replace(release, version=n), [])
         )
         return edge.answer({"release": wire(made), "replicas": result.replicas}, 201)
 
-    async def _next_release(
+    async def next_release(
         self, app: App, build: Callable[[Release | None, int], tuple[Release, list[Change]]]
     ) -> tuple[Release, list[Change], WriteOutcome]:
         return await self.alloc.next_release(
@@ -278,7 +278,7 @@ class AppsApi:
             )  # fmt: skip
             return release, [artifact, moved, *ops.deployment_changes(self.state, app, moved, now)]
 
-        release, extra, result = await self._next_release(app, build)
+        release, extra, result = await self.next_release(app, build)
         formation = _formation_in(extra)
         return edge.answer(
             {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
@@ -340,7 +340,7 @@ class AppsApi:
             )
             return release, [moved, *ops.deployment_changes(self.state, found, moved, now)]
 
-        release, extra, result = await self._next_release(found, build)
+        release, extra, result = await self.next_release(found, build)
         return edge.answer(
             {
                 "env": dict(release.env),

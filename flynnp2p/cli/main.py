@@ -20,6 +20,7 @@ from flynnp2p.cli.client import ApiClient, ClientConfig, pin_ca
 from flynnp2p.cli.common import client_for, table
 from flynnp2p.cli.deploys import add_deploy_commands
 from flynnp2p.cli.git import add_git_commands
+from flynnp2p.cli.images import add_image_commands
 from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
 from flynnp2p.token import ClusterToken
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     # git remote add, git-credentials (git's credential helper).
     add_git_commands(sub)
     add_deploy_commands(sub)  # deployment, rollback, app set/show
+    # deploy --image / --image-tar.
+    add_image_commands(sub)
     return parser
 
 
