@@ -47,6 +47,10 @@ Isolation, when the agent runs as root (``isolation`` says what this host gives)
   as on Heroku, so absolute paths work whatever the permissions above the data
   dir. Else only the user switch: "user" (the path to the data dir must then be
   traversable by others for apps that use absolute paths).
+* the processes that set this up run as root, so they never see the job's env
+  (an app's ``LD_PRELOAD`` would otherwise run its code as root on the host): they
+  get a fixed ``PATH``, and the env reaches the launcher on an inherited memfd,
+  which it reads and closes after the uid switch.
 
 A job of an image archive (``spec.root``) runs the image's own argv (or ``/bin/sh
 -c`` a one-off's command) chrooted into the image's unpacked root filesystem,
@@ -71,7 +75,7 @@ import shutil
 import signal as _signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +96,15 @@ from flynnp2p.host.spawn import (
 
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
+)
+# Isolated jobs: the stages that run as root (unshare, its shell, setpriv) get a fixed
+# PATH only, never the job's env (an app's LD_PRELOAD would run its code as root on the
+# host). The env reaches the launcher on an inherited memfd (``K=V`` records,
+# NUL-separated; nothing on disk), which it exports once it runs as the app's uid and
+# then closes: $2 is the descriptor, $1 the command.
+_ENV_LAUNCHER = (
+    'while IFS= read -r -d "" kv; do export "$kv"; done <&"$2" || exit 126; '
+    'unset kv; fd=$2; exec {fd}<&-; unset fd; ' + _LAUNCHER
 )
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # docker's default
@@ -135,6 +148,21 @@ APP_MOUNT = Path("/app")  # where a job in a mount namespace sees its working co
 _BIND_APP = 'mount --bind "$1" /app && cd /app && shift && exec "$@"'
 # --pdeathsig: the uid switch clears the parent-death signal; set it again.
 _SETPRIV = ["setpriv", "--clear-groups", "--inh-caps=-all", "--pdeathsig=KILL"]
+
+
+def job_env_fd(env: Mapping[str, str]) -> int:
+    """A memfd holding `env` as `_ENV_LAUNCHER` reads it, at offset 0 (close it after
+    the spawn; ``pass_fds`` makes the child's copy inheritable)."""
+    fd = os.memfd_create("flynnp2p-job-env", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def app_uid(app_id: str) -> int:
@@ -332,16 +360,27 @@ class ProcessBackend:
         if spec.port is not None:
             env["PORT"] = str(spec.port)
         limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
-        process = await self._spawner.spawn(
-            [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
-            cwd=app_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=child_preexec(limit),
-        )
+        argv = [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command]
+        env_fd = None
+        if self.isolation != "none":
+            env_fd = job_env_fd(env)
+            argv = [*prefix, "bash", "-c", _ENV_LAUNCHER, "flynnp2p-job", spec.command, str(env_fd)]
+            env = {"PATH": HOST_PATH}
+        try:
+            process = await self._spawner.spawn(
+                argv,
+                cwd=app_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=child_preexec(limit),
+                pass_fds=() if env_fd is None else (env_fd,),
+            )
+        finally:
+            if env_fd is not None:
+                os.close(env_fd)
         return app_dir, process
 
     async def _spawn_in_image(self, spec: JobSpec, root: ImageRoot) -> tuple[Path, Child]:
