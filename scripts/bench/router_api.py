@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
-    ensure_tools()
+    ensure_tools((("nginx", "nginx"), ("wrk", "wrk")), stream=False)
     with tempfile.TemporaryDirectory(prefix="f2p-bench-router-api-") as tmp:
         cluster, agent, backend = trio.run(start, Path(tmp), args.workers)
         try:
