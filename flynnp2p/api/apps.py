@@ -388,6 +388,7 @@ def apps_blueprint(
         ("PATCH", "/v1/apps/<app>/env", api.patch_env),
         ("GET", "/v1/apps/<app>/routes", routes.list_routes),
         ("POST", "/v1/apps/<app>/routes", routes.create_route),
+        ("PATCH", "/v1/apps/<app>/routes/<route_id>", routes.update_route),
         ("DELETE", "/v1/apps/<app>/routes/<route_id>", routes.delete_route),
     )
     for method, rule, view in rules:
