@@ -113,3 +113,30 @@ async def test_workers_serve_follow_the_table_report_and_are_replaced_when_kille
         nursery.cancel_scope.cancel()
     # Stopped with their supervisor: no orphans.
     assert all(p is not None and not alive(p) for p in survivors)
+
+
+async def test_a_busy_port_at_start_is_the_agents_error_naming_the_listener() -> None:
+    import errno
+    import socket
+
+    import pytest
+
+    from flynnp2p.coord.ca import ClusterCA
+    from flynnp2p.router.tls import CertStore
+    from flynnp2p.token import ClusterToken
+
+    token = ClusterToken.generate()
+    certs = CertStore(ClusterCA(token.cluster_id, token.admin_secret), "flynnp2p.localhost")
+    with socket.socket() as taken:
+        taken.bind((LOCAL, 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for http_port, https_port, which in ((busy, 0, "http"), (0, busy, "https")):
+            workers = RouterWorkers(1, Watched(table_of([], {})), address=LOCAL, http_port=http_port,
+                                    https_port=https_port, certs=certs, log_writer=Lines(),
+                                    sticky_key=b"k" * 32)  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(OSError) as e:
+                    await nursery.start(workers.run)
+            assert e.value.errno == errno.EADDRINUSE and workers.failed == which
+            assert workers.slots[0].pid is None  # the worker that could not bind is reaped

@@ -172,13 +172,21 @@ class RouterWorkers:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         self._spawner.start()
+        failed: OSError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_inputs)
-                for slot in self.slots:
-                    await nursery.start(self._keep, slot)
-                assert self.bound_port is not None
-                task_status.started(self.bound_port)
+                try:
+                    for slot in self.slots:
+                        await nursery.start(self._keep, slot)
+                except OSError as exc:  # a busy port: raised bare, as the in-process router does
+                    failed = exc
+                    nursery.cancel_scope.cancel()
+                else:
+                    assert self.bound_port is not None
+                    task_status.started(self.bound_port)
+            if failed is not None:
+                raise failed
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._spawner.close)
@@ -230,21 +238,27 @@ class RouterWorkers:
             theirs.close()
         slot.pid = proc.pid
         channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        failed: OSError | ClusterError | None = None
         async with trio.open_nursery() as output:
             output.start_soon(self._relay_output, slot, proc.stdout)
             output.start_soon(self._relay_output, slot, proc.stderr)
             try:
                 await self._serve(slot, channel, started, first)
+            except (OSError, ClusterError) as exc:
+                failed = exc  # raised below, bare (not in the nursery's group)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._reap(slot, channel, proc)
                 output.cancel_scope.deadline = trio.current_time() + 1.0  # its output's last lines
+        if failed is not None:
+            raise failed
 
     async def _serve(
         self, slot: _Slot, channel: Channel, started: Callable[[], None], first: bool
     ) -> None:
         version, (table, certs) = self._inputs.version, self._inputs.value
         await channel.send(self._init(table, certs))
+        reply = None
         with trio.move_on_after(START_TIMEOUT_S):
             reply = await channel.receive()
         if reply is None or reply.get("t") not in ("ready", "error"):

@@ -331,7 +331,7 @@ def main() -> None:
         backend = subprocess.Popen(["taskset", "-c", OTHER_CORE, nginx_bin(), "-c", str(b_conf)])
         procs.append(backend)
         iperf = subprocess.Popen(["taskset", "-c", OTHER_CORE, "iperf3", "-s", "-B", HOST, "-p", str(i_port)],
-                                 stdout=subprocess.DEVNULL)  # fmt: skip
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         procs.append(iperf)
         nginx = subprocess.Popen(["taskset", "-c", PROXY_CORE, nginx_bin(), "-c", str(n_conf)])
         procs.append(nginx)
