@@ -78,6 +78,7 @@ from flynnp2p.router.service import Router
 from flynnp2p.router.sticky import derive_key
 from flynnp2p.router.table import RouteTable
 from flynnp2p.router.tls import CertStore
+from flynnp2p.router.workers import RouterWorkers
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
 from flynnp2p.scheduler.watcher import DeployWatcher
 from flynnp2p.state.errors import StoreError
@@ -233,10 +234,19 @@ class Agent:
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
         # HTTPS: the cluster CA's *.<domain> certificate, and routes' own, by SNI.
         self.certs = CertStore(self.ca, cfg.domain, ips=(cfg.addr,))
-        self.router = Router(
-            self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
-            https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
-        )  # fmt: skip
+        # --router-workers 0: in this process; N: N supervised processes (router.workers).
+        self.router: Router | RouterWorkers
+        if cfg.router_workers == 0:
+            self.router = Router(
+                self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
+                https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
+            )  # fmt: skip
+        else:
+            self.router = RouterWorkers(
+                cfg.router_workers, self.routes, address=cfg.addr, http_port=cfg.http_port,
+                log_writer=self.loghub, https_port=cfg.https_port, certs=self.certs,
+                sticky_key=derive_key(token.admin_secret),
+            )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
         # Deploys: finish each deployment, or restore the previous release (under the API's app lock).

@@ -393,6 +393,7 @@ def apps_blueprint(
         ("PATCH", "/v1/apps/<app>/env", api.patch_env),
         ("GET", "/v1/apps/<app>/routes", routes.list_routes),
         ("POST", "/v1/apps/<app>/routes", routes.create_route),
+        ("PATCH", "/v1/apps/<app>/routes/<route_id>", routes.update_route),
         ("DELETE", "/v1/apps/<app>/routes/<route_id>", routes.delete_route),
         ("GET", "/v1/apps/<app>/deployments", deploys.list_deployments),
         ("GET", "/v1/apps/<app>/deployments/<deployment_id>", deploys.get_deployment),

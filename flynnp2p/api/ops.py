@@ -382,3 +382,47 @@ def rollback_formation(state: State, app: App, ref: str | int | None, now: int) 
     if target.id == current.id:
         raise Conflict(f"app {app.name!r} already runs release v{target.version} ({target.id})")
     return formation_on(formation, target, now)
+
+
+# -- route updates (`route update ID`) ---------------------------------------------------
+#
+# A route keeps its identity: its type, and the domain or port it claimed. What a
+# route does with the requests it gets can change: stickiness, https_only, the
+# path prefix (an HTTP route's claim is its domain+path, so a new path is a new
+# claim: the handler claims it before the write and drops the old one after), the
+# process type it targets, and its certificate (checked like one given at
+# `route add`; the old one goes unless another route uses it).
+
+ROUTE_UPDATABLE = ("sticky", "https_only", "path", "process_type", "cert_pem", "key_pem")
+ROUTE_FIXED = ("type", "domain", "port")
+
+
+def route_update(route: Route, changes: Mapping[str, object], certificate_id: str | None = None) -> Route:
+    """`route` with `changes` (a request body's fields) applied and checked as a
+    record; `certificate_id`: its new certificate. A field that cannot change is
+    refused with a message that says what can."""
+    fixed = sorted(k for k in changes if k in ROUTE_FIXED)
+    if fixed:
+        raise UserError(
+            f"body.{fixed[0]}: a route's type, domain and port cannot change (remove the route "
+            f"and add another); what can: sticky, https_only, path, process_type, cert_pem+key_pem"
+        )
+    wanted = {k: v for k, v in changes.items() if k in ROUTE_UPDATABLE and k not in ("cert_pem", "key_pem")}
+    if not wanted and certificate_id is None:
+        raise UserError(
+            "body: nothing to change; give any of sticky, https_only, path, process_type, cert_pem+key_pem"
+        )
+    current = {f.name: getattr(route, f.name) for f in dataclasses.fields(route)}
+    if certificate_id is not None:
+        current["certificate_id"] = certificate_id
+    return Route.decode_fields("route", {**current, **wanted})
+
+
+def route_certificate_left(state: State, route: Route, replaced_by: str | None) -> list[Change]:
+    """Deleting the certificate `route` stops using, unless another route uses it."""
+    old = route.certificate_id
+    if old is None or old == replaced_by or state.record(Certificate, old) is None:
+        return []
+    if any(r.certificate_id == old and r.id != route.id for r in state.records(Route)):
+        return []
+    return [Delete(Certificate.KIND, old)]

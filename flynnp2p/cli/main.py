@@ -56,6 +56,8 @@ def _add_join(sub: Any) -> None:
                    help="the cluster's TCP route ports, set by its first node (default 3000-3500)")  # fmt: skip
     p.add_argument("--drain-delay", metavar="SECONDS",
                    help="before a job that takes traffic stops, how long routers get to stop choosing it (default 2)")
+    p.add_argument("--router-workers", type=int, metavar="N",
+                   help="run the router's data plane in N worker processes (default 1; 0: in the agent's process)")
     p.add_argument("--coord-peer-port", type=int, help="etcd peer port, TLS (default 2380)")
     p.add_argument("--coord-client-port", type=int, help="etcd client port, loopback only (default 2379)")
     p.add_argument("--coord-voters", type=int, choices=(1, 3, 5),
