@@ -157,7 +157,7 @@ class AgentProc:
         out = {}
         pids = self.data_dir / "jobs" / "pids"
         for path in pids.glob("*") if pids.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, IndexError):  # (being written: empty)
                 pgid = int(path.read_text().split()[0])
                 os.killpg(pgid, 0)
                 out[path.name] = pgid
