@@ -54,6 +54,7 @@ def caches(
 def test_pack_unpack_round_trip_and_fingerprint(tmp_path: Path) -> None:
     src = fill(tmp_path / "src", {"uv/wheels/a.whl": b"wheel", "npm/_cacache/x": b"y" * 5000})
     os.symlink("a.whl", src / "uv" / "wheels" / "latest")
+    os.link(src / "uv" / "wheels" / "a.whl", src / "uv" / "a-linked.whl")
     os.mkfifo(src / "fifo")  # not a cache's: left out
     before = scan(src)
     digest, size = pack(src, tmp_path / "c.tgz")
@@ -62,8 +63,9 @@ def test_pack_unpack_round_trip_and_fingerprint(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert (out / "uv/wheels/a.whl").read_bytes() == b"wheel"
     assert os.readlink(out / "uv/wheels/latest") == "a.whl"
+    assert (out / "uv/a-linked.whl").read_bytes() == b"wheel"
     assert not (out / "fifo").exists()
-    assert before.files == 2 and before.size == 5 + 5000
+    assert before.files == 3 and before.size == 5 + 5 + 5000
     (src / "uv/wheels/a.whl").write_bytes(b"wheel2")
     assert scan(src).fingerprint != before.fingerprint
 

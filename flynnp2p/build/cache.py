@@ -25,7 +25,7 @@ After a build that succeeded, `BuildCaches.save`: a tree whose fingerprint is
 the marker's is not packed again (the build changed nothing in it). Else, when
 the tree holds at most ``MAX_CACHE_BYTES`` (512 MiB of files), it is packed
 (gzip level 1: the cache is mostly compressed wheels and tarballs already;
-owners 0; regular files, directories and symlinks only) and stored in the
+owners 0; regular files, directories, symlinks and hard links only) and stored in the
 blobstore (on at least two nodes before ``put`` returns), then the record and
 the marker are written. A bigger cache is not stored (the push says so: the
 next build on another node is cold) and the previous record stays. A save that
@@ -95,8 +95,8 @@ def scan(root: Path) -> Tree:
 
 
 def _keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    if not (info.isreg() or info.isdir() or info.issym()):
-        return None  # sockets, fifos, devices, hard links: nothing a cache needs
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        return None  # sockets, fifos, devices: nothing a cache needs
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info

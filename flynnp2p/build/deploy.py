@@ -135,7 +135,8 @@ class BuildStep:
             await say(" !     Push rejected; the running release keeps serving. Push again.")
             return False
         finally:
-            await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
+            with trio.CancelScope(shield=True):  # a push cut off mid-build leaves nothing
+                await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
 
     async def _build_and_release(
         self, app: App, update: RefUpdate, say: Say, source: GitSource, tmp: Path
@@ -159,7 +160,6 @@ class BuildStep:
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
-        await say(f"-----> Compressed slug: {result.size / 1e6:.1f} MB")
         failed: FlynnError | None = None
         async with trio.open_nursery() as nursery:
             if self.caches is not None:  # meanwhile; it never fails the push
