@@ -37,6 +37,7 @@ from flynnp2p.api.router import router_blueprint
 from flynnp2p.api.server import ApiServer
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.blobstore import BlobStore
+from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.deploy import BuildStep
 from flynnp2p.build.hooks import HookServer
 from flynnp2p.build.push import LeaderLink, PushLocks
@@ -269,7 +270,9 @@ class Agent:
         # A push to main or master is built, released and deployed before it is accepted.
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
-            wait_s=build_wait_s(),
+            wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms,
+            caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
+                               node=cfg.name, now_ms=now_ms),
         )  # fmt: skip
         self.git_api = git_api = GitApi(
             self.ctx, repos=RepoStore(git_dir, git_dir / "hooks"), hooks=self.git_hooks,

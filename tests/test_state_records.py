@@ -20,6 +20,7 @@ from flynnp2p.state.records import (
     Artifact,
     BlobLocation,
     Blocked,
+    BuildCache,
     Certificate,
     ClusterConfig,
     Deployment,
@@ -82,6 +83,7 @@ EXAMPLES: list[Record] = [
     Certificate(id="cert-1", domains=("example.com",), cert_pem=PEM, key_pem=PEM, created_at=9),
     Repo(app_id="app-1", generation=2, updated_at=11, digest=DIGEST, size=2048, increments=(DIGEST,),
          refs={"refs/heads/main": "ab" * 20}),
+    BuildCache(app_id="app-1", digest=DIGEST, size=4096, node="node-1", updated_at=12),
     BlobLocation(digest=DIGEST, node="node-1", size=1024, created_at=10),
     ClusterConfig(domain="apps.example.com", created_at=1),
     Deployment(id="dep-1", app_id="app-1", new_release_id="rel-2", strategy="one-by-one",
@@ -181,7 +183,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("placement", _with(EXAMPLES[8], args="rake"), "placement.args", "a list"),
     ("certificate", _with(EXAMPLES[11], domains=[]), "certificate.domains", "at least one"),
     ("certificate", _with(EXAMPLES[11], key_pem="secret"), "certificate.key_pem", "PEM"),
-    ("blob", _with(EXAMPLES[13], node="no de"), "blob.node", "node name"),
+    ("blob", _with(EXAMPLES[14], node="no de"), "blob.node", "node name"),
 ]
 
 

@@ -21,7 +21,8 @@ its own location, then serves its local copy.  Concurrent gets of one missing
 blob share one fetch.
 
 Garbage collection.  Every ``gc_interval_s`` this node deletes its blobs that no
-`Artifact` (nor `Repo`: an app's saved git repository) references and that are
+`Artifact` (nor `Repo`: an app's saved git repository; nor `BuildCache`: its build
+cache) references and that are
 older than ``gc_grace_s`` (an upload is referenced by its artifact only after it
 is stored), and deletes their locations.
 """
@@ -41,7 +42,7 @@ from flynnp2p.build.blobstore import BlobStore, StoredBlob
 from flynnp2p.errors import ClusterError, NotFound, UserError
 from flynnp2p.peering import Peer
 from flynnp2p.state.merge import Change, Delete
-from flynnp2p.state.records import Artifact, BlobLocation, Repo
+from flynnp2p.state.records import Artifact, BlobLocation, BuildCache, Repo
 from flynnp2p.state.replica import Writable
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class BlobService:
         grace_ms = int(self.gc_grace_s * 1000)
         referenced = {a.digest for a in self.state.state.records(Artifact) if a.digest}
         referenced |= {d for r in self.state.state.records(Repo) for d in r.blobs}  # git bundles
+        referenced |= {c.digest for c in self.state.state.records(BuildCache)}  # build caches
         removed: list[str] = []
         for blob in await self.store.list():
             if blob.digest in referenced or now - blob.mtime_ms < grace_ms:

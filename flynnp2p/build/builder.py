@@ -29,18 +29,25 @@ isolation, the layout and what the programs see):
    /tmp; then every member is checked as a job host will check it
    (``host.slug.check_members``: no absolute or escaping links, no devices), its
    ``Procfile`` parsed and its digest computed;
-8. process types: the buildpacks' defaults, the ``Procfile`` over them;
+8. process types: the buildpacks' defaults, the app's ``Procfile`` over them,
+   written into the slug as its ``Procfile`` (before 7) when the defaults add
+   any, so that the slug says what it runs (a release of a slug reads its
+   Procfile);
 9. last, when nothing can fail any more, the slug is moved next to the sandbox:
    a slug file exists only for a build that succeeded, and only complete.
 
 The whole build runs under one wall-clock limit (``BuildLimits.timeout_s``):
 when it passes, the running program and everything it started are killed and
 the build fails saying so. Memory is ``RLIMIT_AS`` per program
-(``BuildLimits.memory_mb``). Either way the sandbox is removed.
+(``BuildLimits.memory_mb``); a compile that fails for want of it (`out_of_memory`:
+what the program printed last, or the signal it died of) fails saying so. Both
+messages name the limit and the ``flynnp2p app set`` that raises it. Either way
+the sandbox is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -54,7 +61,7 @@ from pathlib import Path
 import trio
 
 from flynnp2p import vocab
-from flynnp2p.build.procfile import read_slug_procfile
+from flynnp2p.build.procfile import parse_procfile, read_slug_procfile
 from flynnp2p.build.release_yaml import parse_default_process_types
 from flynnp2p.build.sandbox import BuildLimits, LineCallback, Sandbox, open_sandbox
 from flynnp2p.build.selection import (
@@ -68,7 +75,7 @@ from flynnp2p.errors import UserError
 from flynnp2p.host.process import app_uid, detect_isolation
 from flynnp2p.host.slug import SlugError, check_members
 
-__all__ = ["BuildError", "BuildLimits", "BuildResult", "build"]
+__all__ = ["BuildError", "BuildLimits", "BuildResult", "build", "memory_message", "out_of_memory"]
 
 _CLONE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "GIT_TERMINAL_PROMPT": "0", "LANG": "C"}
 _MAX_SMALL_FILE = 64 * 1024  # .slugignore, .buildpacks
@@ -163,7 +170,32 @@ async def build(
     await on_line(f" !     Build stopped: it took longer than {limits.timeout_s:g} s")
     raise BuildError(
         f"the build took longer than its time limit of {limits.timeout_s:g} s and was "
-        "stopped (the limit is set per app)"
+        f"stopped; raise the limit with 'flynnp2p app set build_timeout_s={int(limits.timeout_s) * 2}'"
+    )
+
+
+# What programs print when an allocation fails under RLIMIT_AS (Python, libc, C++,
+# V8, Go, the JVM); a program may also die of the signal its failed allocation raised.
+_OOM_MARKERS = (
+    "MemoryError", "Cannot allocate memory", "out of memory", "std::bad_alloc",
+    "heap out of memory", "OutOfMemoryError", "ENOMEM", "failed to allocate",
+)  # fmt: skip
+_OOM_SIGNALS = (6, 9, 11)  # SIGABRT, SIGKILL, SIGSEGV
+
+
+def out_of_memory(status: int, tail: Sequence[str]) -> bool:
+    """Whether a program that exited with `status` (-signal if killed) and printed
+    `tail` last most likely failed for want of memory."""
+    if status < 0 and -status in _OOM_SIGNALS:
+        return True
+    return any(marker.lower() in line.lower() for line in tail[-20:] for marker in _OOM_MARKERS)
+
+
+def memory_message(memory_mb: int) -> str:
+    """What a build over its memory limit says: the limit and how to raise it."""
+    return (
+        f"the build ran out of memory (memory limit {memory_mb} MiB per program, the app's "
+        f"build_memory_mb); raise it with 'flynnp2p app set build_memory_mb={memory_mb * 2}'"
     )
 
 
@@ -205,13 +237,14 @@ async def _build(
             await _compile(box, bp, name, limits, on_line)
         for bp, name in chosen:
             defaults.append(await _release(box, bp, name, on_line))
+        own = await trio.to_thread.run_sync(_app_procfile, box.app)
+        types = process_types(defaults, own)
+        if types != own:  # the slug says what it runs, as a release of a slug reads it
+            await trio.to_thread.run_sync(_write_procfile, box.app, types)
         slug = await _pack(box, on_line)
-        types = process_types(defaults, slug.procfile)
         await on_line("-----> Discovering process types")
-        await on_line(
-            "       Procfile declares types -> " + (", ".join(sorted(slug.procfile)) or "(none)")
-        )
-        extra = sorted(set(types) - set(slug.procfile))
+        await on_line("       Procfile declares types -> " + (", ".join(sorted(own)) or "(none)"))
+        extra = sorted(set(types) - set(own))
         if extra:
             await on_line("       Default types for buildpack -> " + ", ".join(extra))
         await on_line(f"-----> Compressed slug: {slug.size / 1e6:.1f} MB")
@@ -373,12 +406,14 @@ async def _compile(
     result = await box.run(argv, env=env, on_line=on_line, merge_stderr=True)
     if result.status != 0:
         how = f"exit code {result.status}" if result.status > 0 else f"signal {-result.status}"
-        hint = f" (memory limit {limits.memory_mb} MiB)" if limits.memory_mb else ""
         await on_line(f" !     {name} buildpack failed to compile: {how}")
+        if limits.memory_mb and out_of_memory(result.status, result.tail):
+            reason = f"{memory_message(limits.memory_mb)} ({bp.ref} failed: {how})"
+        else:
+            hint = f", memory limit {limits.memory_mb} MiB" if limits.memory_mb else ""
+            reason = f"buildpack {bp.ref} failed to compile this app ({how}{hint})"
         raise BuildError(
-            f"buildpack {bp.ref} failed to compile this app ({how}{hint}); its output ends:\n"
-            + "\n".join(result.tail[-20:]),
-            result.tail,
+            f"{reason}; its output ends:\n" + "\n".join(result.tail[-20:]), result.tail
         )
 
 
@@ -398,6 +433,39 @@ async def _release(box: Sandbox, bp: _Placed, name: str, on_line: LineCallback) 
 
 
 # -- 7. the slug -------------------------------------------------------------------------
+
+
+def _app_procfile(app: Path) -> dict[str, str]:
+    """The built app's own Procfile, parsed ({} when it has none); never through a
+    link the build left (the build's uid owns the tree, this runs as the agent)."""
+    path = app / "Procfile"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError:  # ELOOP: a symlink
+        raise BuildError("the built app's Procfile must be a regular file of at most 64 KiB") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SMALL_FILE:
+            raise BuildError("the built app's Procfile must be a regular file of at most 64 KiB")
+        text = f.read(_MAX_SMALL_FILE + 1).decode("utf-8", "replace")
+    try:
+        return parse_procfile(text)
+    except UserError as exc:
+        raise BuildError(f"the built app's {exc.message}") from None
+
+
+def _write_procfile(app: Path, types: Mapping[str, str]) -> None:
+    """Write the process types (the buildpacks' defaults, the app's Procfile over
+    them) as the slug's Procfile: a new file, never through what the build left."""
+    path = app / "Procfile"
+    with contextlib.suppress(FileNotFoundError):
+        if not path.is_dir() or path.is_symlink():
+            path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{name}: {command}\n" for name, command in sorted(types.items())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,19 +7,24 @@ It runs before any ref moves, so a failed build rejects the push (git prints
 "pre-receive hook declined") and the running release keeps serving:
 
 1. the pushed commit's tree is exported from git's quarantine (`GitSource.export`);
-2. the builder (`flynnp2p.build.builder.build`) compiles it with the app's
-   current env, in its sandbox, every line of output sent to the pusher as
-   ``remote:       …``; the build cache is this node's, per app;
-3. the slug is stored in the blobstore (replicated to a second node before it is
-   acknowledged);
-4. the release is made through this node's own API (``POST /v1/apps/<app>/releases
+2. the app's build cache is restored (`flynnp2p.build.cache`: the newest one
+   saved on any node; one that cannot be restored makes the build cold);
+3. the builder (`flynnp2p.build.builder.build`) compiles it with the app's
+   current env, in its sandbox, under the app's limits (``build_memory_mb``,
+   ``build_timeout_s`` of its `App` record), every line of output sent to the
+   pusher as ``remote:       …``;
+4. the slug is stored in the blobstore (replicated to a second node before it is
+   acknowledged), and the build cache is saved there meanwhile (a cache not
+   saved never fails the push);
+5. the release is made through this node's own API (``POST /v1/apps/<app>/releases
    {"slug"}``, forwarded to the leader, which numbers it and moves the formation
    to it: the first release with a ``web`` type runs ``web=1``), with the commit
    in its meta;
-5. the push waits (``wait_s``) until the new release's web jobs are up and says
+6. the push waits (``wait_s``) until the new release's web jobs are up and says
    where the app answers, or says why not.
 
-Pushes of other refs are stored only. A step error that is not the build's
+Everything the step says to the pusher is also kept in the app's log with
+source ``build`` (`flynnp2p.build.buildlog`). Pushes of other refs are stored only. A step error that is not the build's
 (the cluster cannot store the slug or make the release) refuses the push too,
 with the reason: nothing is half-made, since a slug no release names is collected.
 """
@@ -29,7 +34,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -38,7 +43,9 @@ import httpx
 import trio
 
 from flynnp2p import deployments
-from flynnp2p.build.builder import BuildError, build
+from flynnp2p.build.builder import BuildError, BuildLimits, build
+from flynnp2p.build.buildlog import BuildLog, LogSink
+from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
 from flynnp2p.errors import FlynnError
@@ -59,19 +66,29 @@ async def _chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+def limits_of(app: App) -> BuildLimits:
+    """The app's build limits (its `App` record's settings)."""
+    return BuildLimits(memory_mb=app.build_memory_mb, timeout_s=float(app.build_timeout_s))
+
+
 class BuildStep:
     """`api`: a client of this node's own API carrying the peer credential;
-    `work_root`: where builds run and each app's cache is kept."""
+    `work_root`: where builds run (and each app's cache is kept when there is
+    no `caches`); `logs`: where the ``build`` lines of an app's log go."""
 
     def __init__(
         self, *, api: httpx.AsyncClient, api_url: str, slugs: Slugs, work_root: Path,
-        wait_s: float = WAIT_S,
+        wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
         self.slugs = slugs
         self.work_root = work_root
         self.wait_s = wait_s
+        self.caches = caches
+        self.logs = logs
+        self.now_ms = now_ms
         self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
 
     async def __call__(
@@ -85,6 +102,23 @@ class BuildStep:
             return False
         update = wanted[0]
         branch = update.ref[len("refs/heads/"):]
+        if self.logs is None:
+            return await self._step(app, update, branch, say, source)
+        log = BuildLog(self.logs, app.name, self.now_ms)
+
+        async def tell(text: str) -> None:
+            await say(text)
+            await log.line(text)
+
+        try:
+            return await self._step(app, update, branch, tell, source)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await log.flush()
+
+    async def _step(
+        self, app: App, update: RefUpdate, branch: str, say: Say, source: GitSource
+    ) -> bool:
         await say(f"-----> Building {app.name} ({branch} at {update.new[:7]})")
         self.stats["builds"] += 1
         await trio.to_thread.run_sync(lambda: self.work_root.mkdir(parents=True, exist_ok=True))
@@ -102,7 +136,8 @@ class BuildStep:
             await say(" !     Push rejected; the running release keeps serving. Push again.")
             return False
         finally:
-            await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
+            with trio.CancelScope(shield=True):  # a push cut off mid-build leaves nothing
+                await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
 
     async def _build_and_release(
         self, app: App, update: RefUpdate, say: Say, source: GitSource, tmp: Path
@@ -114,24 +149,41 @@ class BuildStep:
         async def line(text: str) -> None:
             await say(INDENT + text)
 
+        if self.caches is not None:
+            cache_dir = await self.caches.restore(app.id, say)
+        else:
+            cache_dir = self.work_root / "cache" / app.id
         started = time.monotonic()
         result = await build(
-            src, app_id=app.id, work_dir=tmp / "out", cache_dir=self.work_root / "cache" / app.id,
-            env=env, on_line=line,
+            src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
+            limits=limits_of(app),
         )  # fmt: skip
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
-        await say(f"-----> Compressed slug: {result.size / 1e6:.1f} MB")
-        _, holders = await self.slugs.put(result.digest, _chunks(result.slug_path))
+        failed: FlynnError | None = None
+        async with trio.open_nursery() as nursery:
+            if self.caches is not None:  # meanwhile; it never fails the push
+                nursery.start_soon(self.caches.save, app.id, tmp, say)
+            try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
+                release_id = await self._release(app, update, result.digest, result.slug_path, say)
+                if "web" in result.process_types:
+                    await self._wait_web(app, release_id, say)
+            except FlynnError as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
+        return True
+
+    async def _release(self, app: App, update: RefUpdate, digest: str, slug: Path, say: Say) -> str:
+        """Store the slug, make the release; its id."""
+        _, holders = await self.slugs.put(digest, _chunks(slug))
         meta = {"git.commit": update.new, "git.ref": update.ref}
-        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", {"slug": result.digest, "meta": meta})
+        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", {"slug": digest, "meta": meta})
         release = made["release"]
         self.stats["releases"] += 1
         await say(f"-----> Released v{release.get('version', '?')} (slug on {holders} node(s))")
-        if "web" in result.process_types:
-            await self._wait_web(app, release["id"], say)
-        return True
+        return str(release["id"])
 
     async def _wait_web(self, app: App, release_id: str, say: Say) -> None:
         """Wait for the deployment of `release_id` (`flynnp2p.deployments`) and say how

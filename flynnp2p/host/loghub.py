@@ -8,8 +8,8 @@ to `LogHub.publish` as it is read. The hub fans them out to subscribers of the
 app; a subscriber that falls ``SUBSCRIBER_BUFFER`` lines behind is dropped (its
 stream ends; the client reconnects), so a slow reader never slows a job down.
 
-Lines that are not a job's (the router's, with job id ``router``) come in through
-`LogHub.write`, which publishes them and appends them to the same app file in a
+Lines that are not a job's (the router's, with job id ``router``; a build's, with
+job id ``build``: `flynnp2p.build.buildlog`) come in through `LogHub.write`, which publishes them and appends them to the same app file in a
 thread (`host.logs.AppLogFile` locks the file, so the backend's writer and this one
 never interleave or rotate under each other).
 
@@ -64,7 +64,13 @@ class LogHub:
         if not vocab.APP_NAME.ok(app):
             return
         self.publish_lines(app, job_id, lines)
-        await trio.to_thread.run_sync(self._files.of(app).append_lines, job_id, lines)
+        await self.append(app, job_id, lines)
+
+    async def append(self, app: str, job_id: str, lines: Sequence[LogLine]) -> None:
+        """Append `lines` to the app's file only (they were published already: a
+        build's lines go live one by one and to the file in batches)."""
+        if vocab.APP_NAME.ok(app):
+            await trio.to_thread.run_sync(self._files.of(app).append_lines, job_id, lines)
 
     def publish_lines(self, app: str, job_id: str, lines: Sequence[LogLine]) -> None:
         """Hand `lines` to the app's live subscribers (never blocks)."""

@@ -462,9 +462,31 @@ class Deployment(IdRecord):
             raise RecordError(f"{path}.finished_at", "set exactly when the deployment is finished")
 
 
+# -- the build cache (issue 11 part 3) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BuildCache(Record):
+    """The newest saved build cache of an app: a gzipped tar of its CACHE_DIR in the
+    blobstore (``digest``, ``size`` bytes), packed by ``node`` after a build that
+    succeeded there (`flynnp2p.build.cache`). One per app; the newest write wins
+    (pushes to one app are serialised, so two builds never race to write it)."""
+
+    KIND: ClassVar[str] = "buildcache"
+    app_id: Annotated[str, ID]
+    digest: Annotated[str, Str.of(vocab.DIGEST)]
+    size: Annotated[int, Int(0)]
+    node: Annotated[str, NODE]
+    updated_at: Annotated[int, TIMESTAMP]
+
+    @property
+    def key(self) -> str:
+        return self.app_id
+
+
 RECORD_TYPES: tuple[type[Record], ...] = (
     App, Release, Artifact, Formation, Route, Job, Placement, RunRequest, Blocked, Certificate,
-    BlobLocation, ClusterConfig, Repo, Deployment,
+    BlobLocation, ClusterConfig, Repo, Deployment, BuildCache,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))

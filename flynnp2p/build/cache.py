@@ -1,0 +1,250 @@
+"""An app's build cache, kept in the blobstore so that a warm build is warm on every node.
+
+Theory of operation
+-------------------
+Each node keeps an app's CACHE_DIR between builds at ``<root>/<app id>``, and
+beside it a marker ``<root>/<app id>.json``: the digest of the blob that
+directory was restored from or saved as, and the tree's `fingerprint` then
+(every entry's path, kind, size and mtime, hashed). The newest saved cache of
+the app, whichever node saved it, is named by its `BuildCache` record.
+
+Before a build, `BuildCaches.restore`:
+
+* no record: the local directory is used as it is (a first build, or an app
+  whose cache was never saved);
+* the marker names the record's digest and the tree is unchanged since: the
+  local directory *is* that cache (the common case: the last build was here);
+* else the blob is fetched (from any holder), unpacked into a fresh directory
+  (``tarfile``'s "data" filter: no absolute or escaping paths or links, no
+  devices) that then replaces the local one.
+
+A cache that cannot be restored (no alive holder, a corrupt blob, a full disk)
+only makes the build cold: the local directory is emptied and the push goes on.
+
+After a build that succeeded, `BuildCaches.save`: a tree whose fingerprint is
+the marker's is not packed again (the build changed nothing in it). Else, when
+the tree holds at most ``MAX_CACHE_BYTES`` (512 MiB of files), it is packed
+(gzip level 1: the cache is mostly compressed wheels and tarballs already;
+owners 0; regular files, directories, symlinks and hard links only) and stored in the
+blobstore (on at least two nodes before ``put`` returns), then the record and
+the marker are written. A bigger cache is not stored (the push says so: the
+next build on another node is cold) and the previous record stays. A save that
+fails says why and never fails the push: the release is already made.
+
+Pushes to one app are serialised by the push lease (`flynnp2p.build.push`), so
+one node's cache directory of an app is only ever used by one build at a time,
+and two nodes never write the app's record at once. The blobs of records are
+referenced for the blobstore's garbage collection (`flynnp2p.build.blobs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from flynnp2p.errors import FlynnError
+from flynnp2p.state.records import BuildCache
+from flynnp2p.state.replica import Writable
+
+MAX_CACHE_BYTES = 512 * 1024 * 1024  # of files in the tree; a bigger cache is not stored
+
+Say = Callable[[str], Awaitable[None]]
+
+
+class CacheBlobs(Protocol):
+    """The part of `flynnp2p.build.blobs.BlobService` the cache uses."""
+
+    async def put(self, digest: str, chunks: AsyncIterator[bytes]) -> tuple[int, int]: ...
+
+    async def local_path(self, digest: str) -> Path: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    fingerprint: str
+    files: int
+    size: int  # bytes of regular files
+
+
+def scan(root: Path) -> Tree:
+    """The fingerprint of the tree at `root` (blocking): entries in sorted order."""
+    h = hashlib.sha256()
+    files = size = 0
+    for base, dirs, names in os.walk(root):
+        dirs.sort()
+        rel = Path(base).relative_to(root)
+        for name in sorted(dirs + names):
+            st = os.lstat(Path(base) / name)
+            kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
+            h.update(f"{rel / name}\0{kind}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                size += st.st_size
+    return Tree(h.hexdigest(), files, size)
+
+
+def _keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        return None  # sockets, fifos, devices: nothing a cache needs
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def pack(root: Path, dest: Path) -> tuple[str, int]:
+    """Pack the tree at `root` into `dest` (blocking); its (digest, size)."""
+    with tarfile.open(dest, "w:gz", compresslevel=1) as tar:
+        for entry in sorted(os.listdir(root)):
+            tar.add(root / entry, arcname=entry, filter=_keep)
+    h = hashlib.sha256()
+    with dest.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest(), dest.stat().st_size
+
+
+def unpack(blob: Path, dest: Path) -> None:
+    """Unpack a packed cache into the new directory `dest` (blocking); tar errors,
+    and what the "data" filter refuses, raise ``tarfile.TarError``."""
+    dest.mkdir(parents=True)
+    with tarfile.open(blob, "r:gz") as tar:
+        tar.extractall(dest, filter="data")
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    f = await trio.open_file(path, "rb")
+    async with f:
+        while chunk := await f.read(1 << 20):
+            yield chunk
+
+
+class BuildCaches:
+    """The build caches of this node's apps (see the module's theory of operation)."""
+
+    def __init__(
+        self, root: Path, *, blobs: CacheBlobs, state: Writable, node: str,
+        now_ms: Callable[[], int], max_bytes: int = MAX_CACHE_BYTES,
+    ) -> None:  # fmt: skip
+        self.root = root
+        self.blobs = blobs
+        self.state = state
+        self.node = node
+        self.now_ms = now_ms
+        self.max_bytes = max_bytes
+        self.stats = {"restored": 0, "restore_failed": 0, "saved": 0, "unchanged": 0, "too_big": 0}
+
+    def dir(self, app_id: str) -> Path:
+        return self.root / app_id
+
+    def _marker(self, app_id: str) -> Path:
+        return self.root / f"{app_id}.json"
+
+    def _read_marker(self, app_id: str) -> tuple[str | None, str | None]:
+        try:
+            data = json.loads(self._marker(app_id).read_text())
+            return str(data["digest"]), str(data["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, None
+
+    def _write_marker(self, app_id: str, digest: str, fingerprint: str) -> None:
+        tmp = self._marker(app_id).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"digest": digest, "fingerprint": fingerprint}))
+        os.replace(tmp, self._marker(app_id))
+
+    async def restore(self, app_id: str, say: Say) -> Path:
+        """Make this node's cache directory of the app the newest saved one; its path."""
+        target = self.dir(app_id)
+        await trio.to_thread.run_sync(lambda: target.mkdir(parents=True, exist_ok=True))
+        record = self.state.state.record(BuildCache, app_id)
+        if record is None:
+            return target
+        digest, fingerprint = await trio.to_thread.run_sync(self._read_marker, app_id)
+        if (
+            digest == record.digest
+            and fingerprint == (await trio.to_thread.run_sync(scan, target)).fingerprint
+        ):
+            await say(f"-----> Build cache: this node's ({record.size / 1e6:.1f} MB)")
+            return target
+        try:
+            blob = await self.blobs.local_path(record.digest)
+            fresh = self.root / f"{app_id}.restore-{uuid.uuid4().hex[:8]}"
+            await trio.to_thread.run_sync(self._swap_in, blob, fresh, target, record.digest)
+        except (FlynnError, OSError, tarfile.TarError, EOFError) as exc:
+            self.stats["restore_failed"] += 1
+            why = exc.message if isinstance(exc, FlynnError) else str(exc) or type(exc).__name__
+            await say(f"-----> Build cache could not be restored ({why}): building without it")
+            await trio.to_thread.run_sync(self._empty, target)
+            return target
+        self.stats["restored"] += 1
+        await say(
+            f"-----> Build cache restored from node {record.node} ({record.size / 1e6:.1f} MB)"
+        )
+        return target
+
+    def _swap_in(self, blob: Path, fresh: Path, target: Path, digest: str) -> None:
+        try:
+            unpack(blob, fresh)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        self._marker(target.name).unlink(missing_ok=True)
+        old = target.with_name(target.name + ".old-" + uuid.uuid4().hex[:8])
+        if target.exists():
+            os.replace(target, old)
+        os.replace(fresh, target)
+        shutil.rmtree(old, ignore_errors=True)
+        self._write_marker(target.name, digest, scan(target).fingerprint)
+
+    def _empty(self, target: Path) -> None:
+        self._marker(target.name).unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True, exist_ok=True)
+
+    async def save(self, app_id: str, scratch: Path, say: Say) -> None:
+        """Store the app's cache directory after a build that succeeded (never raises
+        a `FlynnError`: a cache not saved only makes a later build cold)."""
+        target = self.dir(app_id)
+        tree = await trio.to_thread.run_sync(scan, target)
+        _, fingerprint = await trio.to_thread.run_sync(self._read_marker, app_id)
+        if (
+            fingerprint == tree.fingerprint
+            and self.state.state.record(BuildCache, app_id) is not None
+        ):
+            self.stats["unchanged"] += 1
+            return
+        if tree.files == 0:
+            return
+        if tree.size > self.max_bytes:
+            self.stats["too_big"] += 1
+            await say(f"-----> Build cache not saved: {tree.size / 1e6:.0f} MB of files is over its "
+                      f"bound of {self.max_bytes / 1e6:.0f} MB (a build on another node starts cold)")  # fmt: skip
+            return
+        dest = scratch / f"cache-{uuid.uuid4().hex[:8]}.tgz"
+        try:
+            digest, size = await trio.to_thread.run_sync(pack, target, dest)
+            _, holders = await self.blobs.put(digest, _chunks(dest))
+            record = BuildCache(
+                app_id=app_id, digest=digest, size=size, node=self.node, updated_at=self.now_ms()
+            )
+            await self.state.write([record])
+            # The tree as packed: a build that leaves it alone is not packed again.
+            await trio.to_thread.run_sync(self._write_marker, app_id, digest, tree.fingerprint)
+        except (FlynnError, OSError, tarfile.TarError) as exc:
+            why = exc.message if isinstance(exc, FlynnError) else str(exc) or type(exc).__name__
+            await say(f"-----> Build cache not saved ({why}): a later build may start cold")
+            return
+        finally:
+            await trio.to_thread.run_sync(lambda: dest.unlink(missing_ok=True))
+        self.stats["saved"] += 1
+        await say(f"-----> Build cache saved ({size / 1e6:.1f} MB on {holders} nodes)")
