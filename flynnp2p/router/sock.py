@@ -57,7 +57,10 @@ class Stream(Protocol):
 
 
 class Sock:
-    __slots__ = ("_budget", "closed", "sock")
+    """`parser`: whoever reads this connection may keep its parser here (the proxy
+    keeps an upstream connection's response parser with it in the pool)."""
+
+    __slots__ = ("_budget", "closed", "parser", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -65,6 +68,7 @@ class Sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.closed = False
+        self.parser: object | None = None
         self._budget = FAIR_OPS
 
     async def recv(self, size: int = RECV_SIZE) -> bytes:
@@ -82,6 +86,14 @@ class Sock:
                 self._budget = FAIR_OPS
                 await trio.lowlevel.checkpoint()
             return data
+
+    async def recv_later(self, size: int = RECV_SIZE) -> bytes:
+        """`recv` for bytes that cannot be there yet (an answer to what was just
+        sent): wait for readiness first, and save the system call and the
+        BlockingIOError a first try would cost."""
+        self._budget = FAIR_OPS
+        await trio.lowlevel.wait_readable(self.sock)
+        return await self.recv(size)
 
     async def sendall(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock
