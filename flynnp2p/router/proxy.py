@@ -48,7 +48,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import trio
@@ -62,6 +62,9 @@ from flynnp2p.router.sock import ConnectError, Sock, Stream, connect, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
 from flynnp2p.watch import Watched
+
+if TYPE_CHECKING:
+    from flynnp2p.router.lane import Lane
 
 
 @dataclass(frozen=True)
@@ -196,10 +199,11 @@ class _ResponseSide:
     the connection (``Sock.parser``, pooled with it): a connection goes back to the
     pool only after a complete response, where the parser is ready for the next."""
 
-    __slots__ = ("_head", "events", "messages", "on_header", "parser")
+    __slots__ = ("_head", "events", "in_lane", "messages", "on_header", "parser")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.in_lane = False  # registered with the fast lane's epoll (lane.py)
         self.messages = 0
         self._head = http1.HeadBuilder(http1.RESPONSE_SPECIAL)
         self.on_header = self._head.add
@@ -233,6 +237,7 @@ class ClientConnection:
         self.dead = False  # the parser stopped: error, end of stream or upgrade
         self.error: tuple[int, str] | None = None
         self.upgrade_extra = b""
+        self.lane: Lane | None = None  # the fast lane this connection goes back to (lane.py)
         self.answered = False  # a response went out and nothing of the next request is read
         self._recv_later = sock.recv_later if isinstance(sock, Sock) else sock.recv
         self.begun = False  # a request has begun and its head is not complete
@@ -336,33 +341,40 @@ class ClientConnection:
 
     async def serve(self) -> None:
         self.sh.live.add(self)
+        back = False
         try:
             with self.timer:
-                await self._serve()
+                back = await self._serve()
             if self.timer.cancelled_caught:
                 self._timed_out()
         except _ClientGone:
             pass
         finally:
-            self.sh.live.discard(self)
-            if self.upstream is not None:
-                self.upstream.close()
-            self.sock.close()
+            if not back:
+                self.sh.live.discard(self)
+                if self.upstream is not None:
+                    self.upstream.close()
+                self.sock.close()
+        if back:
+            assert self.lane is not None
+            self.lane.adopt(self)
 
-    async def _serve(self) -> None:
+    async def _serve(self) -> bool:
+        """Serve requests until the connection ends; True when it goes back to the
+        fast lane instead (`lane`: answered, nothing of the next request read)."""
         while True:
             kind, value = await self._next("head")
             if kind == EOF:
-                return
+                return False
             if kind == ERROR:
                 status, why = value
                 await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
                 self.sh.stats.record("-", status, 0.0, by_router=True)
-                return
+                return False
             if value.version not in ("1.0", "1.1"):
                 await self._send(http1.simple_response(
                     505, "505: this router speaks HTTP versions 1.0 and 1.1 only\n", close=True))  # fmt: skip
-                return
+                return False
             # the parser may have refused the body's framing right after the head:
             # answer that before anything reaches a backend
             # (an ERROR is queued only by a parser that stopped: `dead`)
@@ -371,12 +383,14 @@ class ClientConnection:
                 status, why = error
                 await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
                 self.sh.stats.record("-", status, 0.0, by_router=True)
-                return
+                return False
             if not value.has_body and self.events and self.events[0][0] == END:
                 self.events.popleft()  # a bodiless request ends with its head
             if not await self._handle(value) or (self.dead and not self.events):
-                return
+                return False
             self.answered = True
+            if self.lane is not None and not self.events and not self.begun and self.upstream is None:
+                return True
 
     def _timed_out(self) -> None:
         if self.phase == "head":
