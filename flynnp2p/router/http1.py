@@ -83,7 +83,7 @@ class HeadBuilder:
     def end_to_end(self) -> list[bytes]:
         """The rendered lines, without any the Connection header names (rare)."""
         conn = self.special.get(b"connection")
-        if conn is None:
+        if conn is None or conn.lower() in PLAIN_TOKENS:  # (the common "keep-alive")
             return self.lines
         tokens = {t.strip().lower() for t in conn.split(b",")} - PLAIN_TOKENS
         if not tokens:
