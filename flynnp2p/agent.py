@@ -5,7 +5,7 @@
     → node identity saved (only once the join has succeeded)
     → API served, state copied from peers, blobs, logs, jobs
     → etcd member (bootstrapped, restarted or joined as a learner) and the election
-    → leader duties (catch-up and claims, scheduler, etcd autopilot)
+    → leader duties (catch-up and claims, scheduler, deploy watcher, etcd autopilot)
     … until SIGINT/SIGTERM: jobs drained and stopped, graceful serf leave, children stopped.
 """
 
@@ -29,6 +29,7 @@ from flynnp2p.api.apps import AppsApi, apps_blueprint
 from flynnp2p.api.blobs import blobs_blueprint
 from flynnp2p.api.coord import coord_blueprint
 from flynnp2p.api.git import GitApi, GitLeaderApi, git_blueprint, git_scratch
+from flynnp2p.api.images import ImagesApi, images_blueprint
 from flynnp2p.api.internal import internal_blueprint
 from flynnp2p.api.jobs import jobs_blueprint
 from flynnp2p.api.logs import LogFanout, internal_log_blueprint, logs_blueprint
@@ -77,7 +78,9 @@ from flynnp2p.router.service import Router
 from flynnp2p.router.sticky import derive_key
 from flynnp2p.router.table import RouteTable
 from flynnp2p.router.tls import CertStore
+from flynnp2p.router.workers import RouterWorkers
 from flynnp2p.scheduler.service import Scheduler, hosts_from_members
+from flynnp2p.scheduler.watcher import DeployWatcher
 from flynnp2p.state.errors import StoreError
 from flynnp2p.state.service import StateService
 from flynnp2p.state.store import SqliteStore
@@ -231,18 +234,32 @@ class Agent:
         self.routes: Watched[RouteTable] = Watched(RouteTable.build([], {}))
         # HTTPS: the cluster CA's *.<domain> certificate, and routes' own, by SNI.
         self.certs = CertStore(self.ca, cfg.domain, ips=(cfg.addr,))
-        self.router = Router(
-            self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
-            https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
-        )  # fmt: skip
+        # --router-workers 0: in this process; N: N supervised processes (router.workers).
+        self.router: Router | RouterWorkers
+        if cfg.router_workers == 0:
+            self.router = Router(
+                self.routes, address=cfg.addr, http_port=cfg.http_port, log=RouterLog(self.loghub),
+                https_port=cfg.https_port, certs=self.certs, sticky_key=derive_key(token.admin_secret),
+            )  # fmt: skip
+        else:
+            self.router = RouterWorkers(
+                cfg.router_workers, self.routes, address=cfg.addr, http_port=cfg.http_port,
+                log_writer=self.loghub, https_port=cfg.https_port, certs=self.certs,
+                sticky_key=derive_key(token.admin_secret),
+            )  # fmt: skip
         app = create_app(self)
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
+        # Deploys: finish each deployment, or restore the previous release (under the API's app lock).
+        self.deploys = DeployWatcher(self.state, now_ms, lambda e: self.ctx.caught_up.value == e,
+                                     app_lock=apps_api.alloc.app_lock)  # fmt: skip
+        self.duties.add(self.deploys.duty)
         app.register_blueprint(internal_blueprint(self.state.replication))
         app.register_blueprint(internal_log_blueprint(self.loghub))
         app.register_blueprint(apps_blueprint(self.ctx, api=apps_api))
         app.register_blueprint(jobs_blueprint(self.ctx, apps_api, self.heartbeats.unresponsive))
         app.register_blueprint(logs_blueprint(self.ctx, self.fanout))
         app.register_blueprint(blobs_blueprint(self.blobs))
+        app.register_blueprint(images_blueprint(ImagesApi(apps_api, self.blobs, self.http, self.api_url)))
         app.register_blueprint(coord_blueprint(self.coord))
         app.register_blueprint(router_blueprint(self.router))
         # git push to any node: smart HTTP, the push lease and the repo's generation.
@@ -425,6 +442,7 @@ class Agent:
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),
+                "deploys": dict(self.deploys.stats),
                 "jobs": {
                     "ok": self.runner is not None,
                     "backend": self.backend.name if self.backend else None,

@@ -36,6 +36,10 @@ DEFAULT_COORD_PEER_PORT = 2380
 DEFAULT_COORD_CLIENT_PORT = 2379
 DEFAULT_COORD_VOTERS = 5
 DEFAULT_DRAIN_DELAY_S = 2.0  # a job being stopped first leaves every router's table
+# One worker process: a saturated in-process router pushed API p99 to 400-500 ms,
+# one worker kept it under 20 ms (scripts/bench/router_api.py; see router.workers).
+DEFAULT_ROUTER_WORKERS = 1
+MAX_ROUTER_WORKERS = 64
 MAX_DRAIN_DELAY_S = 300.0  # a node that leaves waits this long at most before its jobs stop
 BACKENDS = ("auto", "process", "docker")
 
@@ -157,6 +161,7 @@ class NodeConfig:
     coord_client_port: int = DEFAULT_COORD_CLIENT_PORT
     coord_voters: int = DEFAULT_COORD_VOTERS
     drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
+    router_workers: int = DEFAULT_ROUTER_WORKERS
 
     def validate(self) -> None:
         if not self.data_dir.is_absolute():  # resolve it at the edge: `absolute_path`
@@ -190,6 +195,11 @@ class NodeConfig:
         if not (math.isfinite(self.drain_delay_s) and 0 <= self.drain_delay_s <= MAX_DRAIN_DELAY_S):
             raise ConfigError(
                 f"invalid --drain-delay {self.drain_delay_s}: give seconds from 0 to {MAX_DRAIN_DELAY_S:g}"
+            )
+        if not 0 <= self.router_workers <= MAX_ROUTER_WORKERS:
+            raise ConfigError(
+                f"invalid --router-workers {self.router_workers}: use 0 (the router in the agent's "
+                f"process) to {MAX_ROUTER_WORKERS}"
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"invalid --backend {self.backend!r}: use {', '.join(BACKENDS)}")
@@ -273,6 +283,7 @@ def load_node(data_dir: Path) -> tuple[NodeConfig, ClusterToken] | None:
             coord_client_port=int(raw.get("coord_client_port", DEFAULT_COORD_CLIENT_PORT)),
             coord_voters=int(raw.get("coord_voters", DEFAULT_COORD_VOTERS)),
             drain_delay_s=float(raw.get("drain_delay_s", DEFAULT_DRAIN_DELAY_S)),
+            router_workers=int(raw.get("router_workers", DEFAULT_ROUTER_WORKERS)),
         )
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise ConfigError(f"data dir {data_dir} holds a damaged node: {exc}") from None

@@ -13,7 +13,10 @@ logged, and the body says only "internal error" (the message may name paths).
     │   ├── Forbidden (403)           authenticated, but not for this (a user's key on a peer endpoint)
     │   ├── NotFound (404)
     │   ├── Conflict (409)
-    │   └── SlugError                 host.slug: a slug tarball is malformed or unsafe
+    │   ├── SlugError                 host.slug: a slug tarball is malformed or unsafe
+    │   ├── ArchiveError              host.imagearchive: a docker save archive is malformed or unsafe
+    │   ├── ImageConfigError          host.image: an image's config cannot be run as a web process
+    │   └── ArchiveTooLarge (413)     api.images: an image archive over the limit
     ├── ConfigError (500)             the node cannot start as configured (exit code 2)
     ├── ClusterError (503)            the cluster cannot do it right now (no leader, no quorum, peer down)
     │   ├── CoordError                coord.client: etcd is not running, has no quorum, or refused

@@ -308,6 +308,40 @@ async def test_as_root_jobs_run_as_their_apps_uid_in_their_own_namespaces(
         assert not Path("/app/made-here").exists(), "the bind mount must not leak to the host"
 
 
+PRELOAD_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void seen(void) {
+    const char *log = getenv("PRELOAD_LOG");
+    FILE *f = log ? fopen(log, "a") : NULL;
+    if (f) { fprintf(f, "%d\n", (int)getuid()); fclose(f); }
+}
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the preload library")
+async def test_an_apps_env_never_reaches_the_root_stages(backend: ProcessBackend, slug_app: Path) -> None:
+    """An app's LD_PRELOAD runs in its job, as its uid, and in no process that runs as root."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="flynnp2p-preload-") as d:
+        os.chmod(d, 0o777)  # the job's uid writes its line here
+        (Path(d) / "seen.c").write_text(PRELOAD_C)
+        lib, log = Path(d) / "seen.so", Path(d) / "log"
+        done = await trio.run_process(
+            ["cc", "-shared", "-fPIC", "-o", str(lib), str(Path(d) / "seen.c")], check=False
+        )
+        assert done.returncode == 0
+        job_env = {"LD_PRELOAD": str(lib), "PRELOAD_LOG": str(log)}
+        await backend.start(spec(slug_app, "job-preload", "exec /bin/true", env=job_env))
+        assert await backend.wait("job-preload") == 0
+        uids = log.read_text().split()
+        assert str(app_uid("app-1")) in uids  # the job got its env
+        assert "0" not in uids, uids  # and nothing that ran as root did
+
+
 async def test_forget_drops_an_exited_job_and_its_copy(backend: ProcessBackend, slug_app: Path) -> None:
     job = await backend.start(spec(slug_app, "job-gone", "sleep 30"))
     assert job.app_dir is not None and job.app_dir.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+from pathlib import Path
 
 import httpx
 import trio
@@ -177,4 +178,72 @@ async def test_https_through_the_router_by_sni_with_keep_alive_and_https_only() 
                 pass
         await stream.aclose()
         assert router.status()["tls"]["handshake_failures"] == 1  # type: ignore[index]
+        nursery.cancel_scope.cancel()
+
+
+async def openssl_get(port: int, name: str, ca_file: str) -> str:
+    """`openssl s_client -servername NAME`, verifying against `ca_file`, one GET."""
+    request = f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode()
+    with trio.fail_after(20):
+        done = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name,
+             "-CAfile", ca_file, "-verify_return_error", "-ign_eof", "-alpn", "http/1.1"],
+            stdin=request, capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    return done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+
+
+async def test_two_certificates_on_one_port_by_sni_with_openssl_s_client_through_workers(
+    tmp_path: Path,
+) -> None:
+    """Router workers are handed the certificates (PEM, the default one included) and
+    serve each by SNI; a certificate added later reaches them too."""
+    from flynnp2p.router.workers import RouterWorkers
+    from flynnp2p.watch import Watched
+    from tests.test_router_helpers import LOCAL, HttpBackend, route, table_of
+
+    shop, shop_key = make_cert("shop.example.org", days=(-1, 30), at=NOW)
+    blog, blog_key = make_cert("blog.example.com", days=(-1, 30), at=NOW)
+    later, later_key = make_cert("later.example.com", days=(-1, 30), at=NOW)
+    for name, pem in (("shop", shop), ("blog", blog), ("later", later), ("ca", CA.cert_pem)):
+        (tmp_path / f"{name}.pem").write_text(pem if isinstance(pem, str) else pem.decode())
+    certs = CertStore(CA, "flynnp2p.localhost", NOW)
+    certs.update([StoredCert("c1", ("shop.example.org",), shop, shop_key),
+                  StoredCert("c2", ("blog.example.com",), blog, blog_key)])  # fmt: skip
+
+    class NoLines:
+        async def write(self, app: str, job_id: str, lines: object) -> None:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        backend = HttpBackend("b")
+        address = await backend.start(nursery)
+        names = ("shop.example.org", "blog.example.com", "later.example.com", "hello.flynnp2p.localhost")
+        table = Watched(table_of([route(f"r{i}", n) for i, n in enumerate(names)], {("app1", "web"): [address]}))
+        workers = RouterWorkers(2, table, address=LOCAL, http_port=0, https_port=0, certs=certs,
+                                log_writer=NoLines(), sticky_key=b"k" * 32)  # fmt: skip
+        await nursery.start(workers.run)
+        port = workers.bound_https_port
+        assert port
+        for name, ca in (("shop.example.org", "shop"), ("blog.example.com", "blog"),
+                         ("hello.flynnp2p.localhost", "ca")):  # fmt: skip
+            for _ in range(3):  # new connections: both workers answer
+                out = await openssl_get(port, name, str(tmp_path / f"{ca}.pem"))
+                assert "Verify return code: 0 (ok)" in out, out
+                assert f"CN = {name}" in out or f"CN={name}" in out or ca == "ca", out
+                assert "ALPN protocol: http/1.1" in out and "hello from b" in out, out
+        # The wrong certificate for the name does not verify against another's.
+        out = await openssl_get(port, "shop.example.org", str(tmp_path / "blog.pem"))
+        assert "Verify return code: 0 (ok)" not in out
+        # Until its certificate arrives, later.example.com gets the default one.
+        out = await openssl_get(port, "later.example.com", str(tmp_path / "later.pem"))
+        assert "Verify return code: 0 (ok)" not in out
+        certs.update([*(c for c, _ in certs.by_id.values()),
+                      StoredCert("c3", ("later.example.com",), later, later_key)])  # fmt: skip
+        with trio.fail_after(10):
+            while True:
+                outs = [await openssl_get(port, "later.example.com", str(tmp_path / "later.pem")) for _ in range(4)]
+                if all("Verify return code: 0 (ok)" in o for o in outs):
+                    break
+                await trio.sleep(0.1)
         nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ from flynnp2p.state.records import (
     Blocked,
     Certificate,
     ClusterConfig,
+    Deployment,
     Formation,
     HealthCheck,
     Job,
@@ -83,6 +84,9 @@ EXAMPLES: list[Record] = [
          refs={"refs/heads/main": "ab" * 20}),
     BlobLocation(digest=DIGEST, node="node-1", size=1024, created_at=10),
     ClusterConfig(domain="apps.example.com", created_at=1),
+    Deployment(id="dep-1", app_id="app-1", new_release_id="rel-2", strategy="one-by-one",
+               status="rolled-back", created_at=12, old_release_id="rel-1", finished_at=13,
+               reason="job web-1 exited with code 1", failed_job_id="web-1"),
 ]  # fmt: skip
 
 
@@ -116,8 +120,8 @@ def test_records_are_immutable_and_normalised() -> None:
 
 def test_keys() -> None:
     assert EXAMPLES[4].key == "app-1"  # one formation per app
-    assert EXAMPLES[-2].key == f"{DIGEST}@node-1"
-    assert EXAMPLES[-1].key == "config"  # one cluster config
+    assert EXAMPLES[-3].key == f"{DIGEST}@node-1"
+    assert EXAMPLES[-2].key == "config"  # one cluster config
 
 
 def _with(record: Record, **changes: Any) -> dict[str, Any]:
@@ -268,3 +272,12 @@ def test_version_1_jobs_and_placements_still_read() -> None:
         "host": "n", "action": "start", "epoch": 1, "created_at": 1,
     }  # fmt: skip
     assert decode_record("placement", placement).generation == 0
+
+
+def test_a_deployment_is_finished_exactly_when_it_has_a_finish_time() -> None:
+    base = dict(id="d", app_id="a", new_release_id="r", strategy="all-at-once", created_at=1)
+    Deployment(**base, status="running")  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="finished_at"):
+        Deployment(**base, status="complete")  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="finished_at"):
+        Deployment(**base, status="running", finished_at=2)  # type: ignore[arg-type]

@@ -16,6 +16,8 @@
     GET    /v1/apps/<app>/routes
     POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?} | {"type": "tcp", "port"?}
     DELETE /v1/apps/<app>/routes/<id>
+    GET    /v1/apps/<app>/deployments[/<id>] newest first (`flynnp2p.api.deploys`)
+    POST   /v1/apps/<app>/rollback           {"release"?}: back to an earlier release
     GET    /v1/events[?kinds=app,route]      Server-Sent Events of record changes (resume:
                                              Last-Event-ID header or ?last_event_id=)
 
@@ -62,6 +64,7 @@ from quart import Blueprint, Response
 from flynnp2p.api import edge, ops
 from flynnp2p.api.allocate import Allocator
 from flynnp2p.api.context import ClusterContext
+from flynnp2p.api.deploys import DeploysApi
 from flynnp2p.api.events import events
 from flynnp2p.api.forward import Forwarder
 from flynnp2p.api.render import wire
@@ -225,12 +228,12 @@ class AppsApi:
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        made, _, result = await self._next_release(
+        made, _, result = await self.next_release(
             found, lambda _base, n: (dataclasses.replace(release, version=n), [])
         )
         return edge.answer({"release": wire(made), "replicas": result.replicas}, 201)
 
-    async def _next_release(
+    async def next_release(
         self, app: App, build: Callable[[Release | None, int], tuple[Release, list[Change]]]
     ) -> tuple[Release, list[Change], WriteOutcome]:
         return await self.alloc.next_release(
@@ -273,9 +276,9 @@ class AppsApi:
                 app, base, formation, number, artifact=artifact, types=types, env=env_given,
                 meta=meta, now=now,
             )  # fmt: skip
-            return release, [artifact, moved]
+            return release, [artifact, moved, *ops.deployment_changes(self.state, app, moved, now)]
 
-        release, extra, result = await self._next_release(app, build)
+        release, extra, result = await self.next_release(app, build)
         formation = _formation_in(extra)
         return edge.answer(
             {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
@@ -306,10 +309,10 @@ class AppsApi:
         if relayed is not None:
             return relayed
         async with self.alloc.app_lock(found.id):
-            formation = ops.new_formation(
-                self.state, found, counts, given, release_id, self.ctx.now_ms()
-            )
-            result = await self.ctx.state.write([formation])
+            now = self.ctx.now_ms()
+            formation = ops.new_formation(self.state, found, counts, given, release_id, now)
+            deploy = ops.deployment_changes(self.state, found, formation, now)
+            result = await self.ctx.state.write([formation, *deploy])
         return edge.answer({"formation": wire(formation), "replicas": result.replicas})
 
     # env
@@ -331,12 +334,13 @@ class AppsApi:
 
         def build(base: Release | None, number: int) -> tuple[Release, list[Change]]:
             formation = self.state.record(Formation, found.id)
+            now = self.ctx.now_ms()
             release, moved = ops.env_release(
-                found, base, formation, number, set_=to_set, unset=to_unset, now=self.ctx.now_ms()
+                found, base, formation, number, set_=to_set, unset=to_unset, now=now
             )
-            return release, [moved]
+            return release, [moved, *ops.deployment_changes(self.state, found, moved, now)]
 
-        release, extra, result = await self._next_release(found, build)
+        release, extra, result = await self.next_release(found, build)
         return edge.answer(
             {
                 "env": dict(release.env),
@@ -372,6 +376,7 @@ def apps_blueprint(
     """The app API; `transport` replaces the network when forwarding (tests)."""
     api = api or AppsApi(ctx, transport, rng)
     routes = RoutesApi(api)
+    deploys = DeploysApi(api)
     bp = Blueprint("apps", __name__)
     rules: Iterable[tuple[str, str, Any]] = (
         ("POST", "/v1/apps", api.create_app),
@@ -388,7 +393,11 @@ def apps_blueprint(
         ("PATCH", "/v1/apps/<app>/env", api.patch_env),
         ("GET", "/v1/apps/<app>/routes", routes.list_routes),
         ("POST", "/v1/apps/<app>/routes", routes.create_route),
+        ("PATCH", "/v1/apps/<app>/routes/<route_id>", routes.update_route),
         ("DELETE", "/v1/apps/<app>/routes/<route_id>", routes.delete_route),
+        ("GET", "/v1/apps/<app>/deployments", deploys.list_deployments),
+        ("GET", "/v1/apps/<app>/deployments/<deployment_id>", deploys.get_deployment),
+        ("POST", "/v1/apps/<app>/rollback", deploys.rollback),
     )
     for method, rule, view in rules:
         bp.add_url_rule(rule, f"{view.__name__}", view, methods=[method])

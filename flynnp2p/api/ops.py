@@ -20,7 +20,12 @@ The rules that live here and nowhere else:
   (the process types its Procfile lacks are dropped; the first one scales
   ``web=1``); an env change is a new release the formation moves to;
 * a formation names only process types its release has, and per-type constraints
-  merge into the current ones (``{}`` removes a type's).
+  merge into the current ones (``{}`` removes a type's);
+* every formation write that names a new release is a deploy: it goes with a
+  running `Deployment` (`deployment_changes`; a deploy still running is marked
+  failed, replaced), which the leader's deploy watcher finishes;
+* a rollback moves the formation to an earlier release (default: the one before
+  the current), keeping the counts of the types that release has.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from flynnp2p.build.procfile import process_specs
-from flynnp2p.errors import ClusterError, NotFound, UserError
+from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
+from flynnp2p.scheduler.rollout import formation_on
+from flynnp2p.scheduler.surge import effective_strategy
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import (
     App,
     Artifact,
     Certificate,
     ClusterConfig,
+    Deployment,
     Formation,
     Release,
     Repo,
@@ -208,6 +216,7 @@ def app_deletion(state: State, app: App) -> list[Change]:
     for kind in (Formation, Repo):  # keyed by the app's id; a repo's bundles are then collected
         if state.record(kind, app.id) is not None:
             changes.append(Delete(kind.KIND, app.id))
+    changes.extend(Delete(Deployment.KIND, d.id) for d in deployments_of(state, app))
     return changes
 
 
@@ -229,9 +238,7 @@ def slug_release(
     if formation is None:
         counts = {"web": 1} if "web" in types else {}
         return release, Formation(app_id=app.id, release_id=release.id, updated_at=now, processes=counts)
-    counts = {t: n for t, n in formation.processes.items() if t in types}
-    moved = dataclasses.replace(formation, release_id=release.id, updated_at=now, processes=counts)
-    return release, moved
+    return release, formation_on(formation, release, now)
 
 
 def env_release(
@@ -301,3 +308,121 @@ def new_formation(
         tags=current.tags if current is not None else {},
         constraints=merged,
     )
+
+
+# -- deployments and rollback -----------------------------------------------
+
+
+def deployments_of(state: State, app: App) -> list[Deployment]:
+    """The app's deployments, newest first."""
+    mine = [d for d in state.records(Deployment) if d.app_id == app.id]
+    return sorted(mine, key=lambda d: (d.created_at, d.id), reverse=True)
+
+
+def deployment_changes(state: State, app: App, moved: Formation, now: int) -> list[Change]:
+    """What goes with the formation write `moved`: when it names another release
+    than the formation has, a running `Deployment` of it (from the current release,
+    with the app's effective strategy), and every deployment of the app still
+    running marked failed, replaced by it. Nothing for a formation on the same
+    release (a scale)."""
+    current = state.record(Formation, app.id)
+    old = None if current is None else current.release_id
+    if old == moved.release_id:
+        return []
+    new = Deployment(
+        id=uuid.uuid4().hex, app_id=app.id, new_release_id=moved.release_id,
+        strategy=effective_strategy(app.strategy, moved.processes), status="running",
+        created_at=now, old_release_id=old,
+    )  # fmt: skip
+    why = f"replaced by deployment {new.id} (release {moved.release_id}) before it finished"
+    changes: list[Change] = [
+        dataclasses.replace(d, status="failed", finished_at=now, reason=why)
+        for d in deployments_of(state, app)
+        if d.status == "running"
+    ]
+    return [*changes, new]
+
+
+def release_by_ref(state: State, app: App, ref: str | int) -> Release:
+    """One of the app's releases by id, by version number, or by "vN"."""
+    text = str(ref)
+    number = text[1:] if text[:1] in ("v", "V") else text
+    if number.isdigit() and len(number) < 10:
+        found = next((r for r in releases_of(state, app) if r.version == int(number)), None)
+        if found is not None:
+            return found
+    if isinstance(ref, str):
+        release = state.record(Release, ref)
+        if release is not None and release.app_id == app.id:
+            return release
+    raise NotFound(
+        f"app {app.name!r} has no release {text!r}; give an id or a version such as v2 "
+        "(see 'flynnp2p release')"
+    )
+
+
+def rollback_formation(state: State, app: App, ref: str | int | None, now: int) -> Formation:
+    """The app's formation moved back to release `ref`, or by default to the release
+    before the current one; 409 when there is none (or the app runs nothing)."""
+    formation = state.record(Formation, app.id)
+    current = None if formation is None else state.record(Release, formation.release_id)
+    if formation is None or current is None:
+        raise Conflict(f"app {app.name!r} has no formation to roll back: nothing is deployed")
+    if ref is None:
+        ordered = releases_of(state, app)
+        older = ordered[ordered.index(current) + 1:] if current in ordered else []
+        if not older:
+            raise Conflict(
+                f"app {app.name!r} has no release before v{current.version} ({current.id}) "
+                "to roll back to"
+            )
+        target = older[0]
+    else:
+        target = release_by_ref(state, app, ref)
+    if target.id == current.id:
+        raise Conflict(f"app {app.name!r} already runs release v{target.version} ({target.id})")
+    return formation_on(formation, target, now)
+
+
+# -- route updates (`route update ID`) ---------------------------------------------------
+#
+# A route keeps its identity: its type, and the domain or port it claimed. What a
+# route does with the requests it gets can change: stickiness, https_only, the
+# path prefix (an HTTP route's claim is its domain+path, so a new path is a new
+# claim: the handler claims it before the write and drops the old one after), the
+# process type it targets, and its certificate (checked like one given at
+# `route add`; the old one goes unless another route uses it).
+
+ROUTE_UPDATABLE = ("sticky", "https_only", "path", "process_type", "cert_pem", "key_pem")
+ROUTE_FIXED = ("type", "domain", "port")
+
+
+def route_update(route: Route, changes: Mapping[str, object], certificate_id: str | None = None) -> Route:
+    """`route` with `changes` (a request body's fields) applied and checked as a
+    record; `certificate_id`: its new certificate. A field that cannot change is
+    refused with a message that says what can."""
+    fixed = sorted(k for k in changes if k in ROUTE_FIXED)
+    if fixed:
+        raise UserError(
+            f"body.{fixed[0]}: a route's type, domain and port cannot change (remove the route "
+            f"and add another); what can: sticky, https_only, path, process_type, cert_pem+key_pem"
+        )
+    wanted = {k: v for k, v in changes.items() if k in ROUTE_UPDATABLE and k not in ("cert_pem", "key_pem")}
+    if not wanted and certificate_id is None:
+        raise UserError(
+            "body: nothing to change; give any of sticky, https_only, path, process_type, cert_pem+key_pem"
+        )
+    current = {f.name: getattr(route, f.name) for f in dataclasses.fields(route)}
+    if certificate_id is not None:
+        current["certificate_id"] = certificate_id
+    return Route.decode_fields("route", {**current, **wanted})
+
+
+def route_certificate_left(state: State, route: Route, replaced_by: str | None) -> list[Change]:
+    """Deleting the certificate `route` stops using, unless another route uses it."""
+    old = route.certificate_id
+    if old is None or old == replaced_by or state.record(Certificate, old) is None:
+        return []
+    if any(r.certificate_id == old and r.id != route.id for r in state.records(Route)):
+        return []
+    return [Delete(Certificate.KIND, old)]

@@ -4,6 +4,8 @@
     POST   /v1/apps/<app>/routes             {"type": "http", "domain", "path"?, "sticky"?,
                                              "https_only"?, "cert_pem"?, "key_pem"?}
                                              | {"type": "tcp", "port"?}
+    PATCH  /v1/apps/<app>/routes/<id>        {"sticky"?, "https_only"?, "path"?, "process_type"?,
+                                             "cert_pem"?, "key_pem"?}
     DELETE /v1/apps/<app>/routes/<id>
 
 A TCP route given no port takes the lowest free one of the cluster's range
@@ -13,7 +15,10 @@ claims it in etcd before the route is written (`flynnp2p.api.allocate`), under t
 app's lock, and a retry with the same ``Idempotency-Key`` answers with the route
 the first attempt made. An HTTP route may bring its own certificate (PEM): it is
 checked at once (`flynnp2p.tls`) and stored as a `Certificate` record with the
-route, and goes with its last route. The handlers share the app API's allocator and forwarder.
+route, and goes with its last route. An update (`flynnp2p.api.ops.route_update`)
+keeps the route's type, domain and port; a new path is claimed like a new route's
+domain+path before the write, and the old claim is dropped after it. The handlers
+share the app API's allocator and forwarder.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flynnp2p.api.edge import answer, idempotency_key, json_body, ref
 from flynnp2p.api.render import wire
 from flynnp2p.coord.claims import route_keys
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
+from flynnp2p.state.merge import Change
 from flynnp2p.state.records import DOMAIN, PEM, App, Certificate, Route
 from flynnp2p.tls import check_certificate
 
@@ -148,3 +154,37 @@ class RoutesApi:
         result = await self.apps.ctx.state.write(ops.route_deletion(self.apps.state, route))
         await self.apps.drop_claims(found.id, route_keys(route))
         return answer({"deleted": route.id, "replicas": result.replicas})
+
+    async def update_route(self, app: str, route_id: str) -> Response:
+        body = await json_body({*ops.ROUTE_UPDATABLE, *ops.ROUTE_FIXED})
+        found = self.apps.app(app)
+        route = ops.of_app(self.apps.state, found, Route, ref("route", route_id))
+        self._updated(route, body)  # refused here already, before any forwarding
+        idem = idempotency_key()
+        relayed = await self.apps.forwarder.via_leader()
+        if relayed is not None:
+            return relayed
+        async with self.apps.alloc.app_lock(found.id):
+            route = ops.of_app(self.apps.state, found, Route, route.id)  # as it is now, on the leader
+            updated, cert = self._updated(route, body)
+            changes: list[Change] = [*([cert] if cert is not None else []), updated]
+            changes += ops.route_certificate_left(self.apps.state, route, updated.certificate_id)
+            old_keys, new_keys = route_keys(route), route_keys(updated)
+            if new_keys == old_keys:
+                result = await self.apps.ctx.state.write(changes)
+                replicas = result.replicas
+            else:  # a new path: claim its domain+path first, like a new route's
+                clash = ops.route_clash(self.apps.state, updated)
+                if clash is not None:
+                    raise Conflict(clash)
+                taken = f"{ops.describe_route(updated)} is taken"
+                outcome = await self.apps.alloc.claim_and_write(found.id, new_keys, changes, idem, taken)
+                replicas = outcome.replicas if outcome is not None else 1
+                await self.apps.drop_claims(found.id, old_keys)
+        return answer({"route": wire(updated), "replicas": replicas})
+
+    def _updated(self, route: Route, body: dict[str, Any]) -> tuple[Route, Certificate | None]:
+        """The route as `body` changes it, and its new certificate (checked) if it brings one."""
+        fields = {**body, "type": route.type, "domain": route.domain}  # a copy: `_certificate` pops
+        cert = self._certificate(fields, self.apps.ctx.now_ms())
+        return ops.route_update(route, body, cert.id if cert is not None else None), cert

@@ -37,6 +37,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from flynnp2p import deployments
 from flynnp2p.build.builder import BuildError, build
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
@@ -133,24 +134,41 @@ class BuildStep:
         return True
 
     async def _wait_web(self, app: App, release_id: str, say: Say) -> None:
-        deadline = time.monotonic() + self.wait_s
-        while time.monotonic() < deadline:
-            formation = (await self._get(f"/v1/apps/{quote(app.id)}/formation"))["formation"] or {}
+        """Wait for the deployment of `release_id` (`flynnp2p.deployments`) and say how
+        it ended: where the app answers, or why it failed, with the failing job's last
+        log lines, and that the previous release still serves."""
+        base = f"/v1/apps/{quote(app.id)}"
+        timeout = max(self.wait_s, app.deploy_timeout_s + 10.0)  # the watcher ends it by then
+        dep = await deployments.wait_for(
+            self._get, app.id, release_id, timeout_s=timeout, sleep=trio.sleep,
+            monotonic=time.monotonic,
+        )  # fmt: skip
+        if not deployments.finished(dep) or dep is None:
+            await say(f" !     the deploy is not finished after {timeout:.0f} s: see 'flynnp2p "
+                      "deployment' and 'flynnp2p ps' (the release is made; it keeps deploying)")  # fmt: skip
+            return
+        if dep["status"] == "complete":
+            formation = (await self._get(f"{base}/formation"))["formation"] or {}
             want = int(formation.get("processes", {}).get("web", 0))
-            jobs = (await self._get(f"/v1/apps/{quote(app.id)}/jobs"))["jobs"]
-            up = [j for j in jobs if j.get("process_type") == "web" and j.get("release_id") == release_id
-                  and j.get("state") == "up"]  # fmt: skip
             if want == 0:
                 await say("-----> web is scaled to 0: 'flynnp2p scale web=1' runs it")
                 return
-            if len(up) >= want:
-                routes = (await self._get(f"/v1/apps/{quote(app.id)}/routes"))["routes"]
-                where = next((r["domain"] for r in routes if r["type"] == "http"), app.name)
-                await say(f"-----> web is up ({len(up)} job(s)): http://{where}:8080/")
-                return
-            await trio.sleep(0.5)
-        await say(f" !     web is not up after {self.wait_s:.0f} s: see 'flynnp2p ps' and "
-                  "'flynnp2p log' (the release is made; it keeps starting)")  # fmt: skip
+            routes = (await self._get(f"{base}/routes"))["routes"]
+            where = next((r["domain"] for r in routes if r["type"] == "http"), app.name)
+            await say(f"-----> web is up ({want} job(s)): http://{where}:8080/")
+            return
+        releases = (await self._get(f"{base}/releases"))["releases"]
+        versions = {r["id"]: int(r.get("version", 0)) for r in releases}
+        tail: list[str] = []
+        params = deployments.log_params(dep)
+        if params is not None:
+            try:
+                resp = await self.api.get(self.api_url + f"{base}/log", params=params, timeout=15)
+                tail = deployments.log_tail(resp.text) if resp.status_code == 200 else []
+            except httpx.HTTPError:
+                tail = []  # best effort: the reason is said anyway
+        for line in deployments.report(dep, versions, tail):
+            await say(f" !     {line}")
 
     async def _get(self, path: str) -> Any:
         return await self._call("GET", path, None)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import httpx
 
 from flynnp2p import vocab
-from flynnp2p.cli.client import ApiClient
+from flynnp2p.cli.client import IDEMPOTENCY_KEY, ApiClient
 from flynnp2p.cli.common import (
     app_options,
     app_path,
@@ -277,6 +278,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         else:
             print(f"removed route {args.id}")
         return 0
+    if sub == "update":
+        return _route_update(client, args)
     if args.route_type == "http":
         domain, slash, path = args.address.partition("/")
         body: dict[str, Any] = {"type": "http", "domain": domain, "path": slash + path or "/"}
@@ -298,6 +301,33 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     route = resp["route"]
     print(f"added route {route['id']}: {route['type']} {route_address(route)}")
+    return 0
+
+
+def _route_update(client: ApiClient, args: argparse.Namespace) -> int:
+    """``route update ID``: only the options given change (the API refuses the rest)."""
+    body: dict[str, Any] = {}
+    for flag in ("sticky", "https_only", "path", "process_type"):
+        value = getattr(args, flag)
+        if value is not None:
+            body[flag] = value
+    if (args.cert is None) != (args.key is None):
+        raise UserError("--cert and --key come together (a PEM certificate chain and its key)")
+    if args.cert is not None:
+        body["cert_pem"], body["key_pem"] = read_text(args.cert, "--cert"), read_text(args.key, "--key")
+    if not body:
+        raise UserError("nothing to change: give --sticky/--no-sticky, --https-only/--no-https-only, "
+                        "-t TYPE, --path P or --cert C --key K")  # fmt: skip
+    # A new path is a new claim: the key lets a retry find the first attempt's.
+    resp = client.request("PATCH", app_path(args, "routes", args.id), json=body,
+                          headers={IDEMPOTENCY_KEY: str(uuid.uuid4())})  # fmt: skip
+    if args.json:
+        print_json(resp)
+        return 0
+    r = resp["route"]
+    print(f"updated route {r['id']}: {r['type']} {route_address(r)} -> {r['process_type']}"
+          f"{' sticky' if r.get('sticky') else ''}{' https_only' if r.get('https_only') else ''}"
+          f"{' own certificate' if r.get('certificate_id') else ''}")  # fmt: skip
     return 0
 
 
@@ -420,7 +450,7 @@ def add_app_commands(sub: Any) -> None:
     r.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set a variable in the release (repeatable)")  # fmt: skip
 
-    p = sub.add_parser("route", parents=top, help="list, add or remove routes")
+    p = sub.add_parser("route", parents=top, help="list, add, update or remove routes")
     p.set_defaults(func=cmd_route)
     routes = p.add_subparsers(dest="route_cmd", metavar="SUBCOMMAND")
     add = routes.add_parser("add", parents=nested, help="add an http or tcp route")
@@ -434,6 +464,20 @@ def add_app_commands(sub: Any) -> None:
     h.add_argument("--sticky", action="store_true", help="a cookie keeps a client on one job")
     t = kinds.add_parser("tcp", parents=nested, help="tcp [PORT] (default: a free port of the cluster's range)")
     t.add_argument("port", type=int, nargs="?", metavar="PORT")
+    up = routes.add_parser(
+        "update", parents=nested,
+        help="change a route's sticky, https_only, path, process type or certificate "
+        "(its type, domain and port stay: remove it and add another)",
+    )  # fmt: skip
+    up.add_argument("id", metavar="ID")
+    up.add_argument("--sticky", action=argparse.BooleanOptionalAction, default=None,
+                    help="a cookie keeps a client on one job (or not)")  # fmt: skip
+    up.add_argument("--https-only", action=argparse.BooleanOptionalAction, default=None,
+                    help="answer plain HTTP with a 308 to HTTPS (or not)")  # fmt: skip
+    up.add_argument("-t", "--type", dest="process_type", metavar="TYPE", help="the process type it targets")
+    up.add_argument("--path", metavar="P", help="the path prefix (an http route's)")
+    up.add_argument("--cert", metavar="FILE", help="a new certificate chain (PEM), with --key")
+    up.add_argument("--key", metavar="FILE", help="the new certificate's private key (PEM)")
     rm = routes.add_parser("remove", parents=nested, help="remove a route")
     rm.add_argument("id", metavar="ID")
 

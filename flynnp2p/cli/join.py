@@ -57,7 +57,7 @@ def resolve_node(args: argparse.Namespace) -> tuple[conf.NodeConfig, ClusterToke
     # Explicit flags override what the data dir holds (ports may move).
     for attr in (
         "addr", "api_port", "gossip_port", "http_port", "https_port",
-        "coord_peer_port", "coord_client_port", "coord_voters",
+        "coord_peer_port", "coord_client_port", "coord_voters", "router_workers",
     ):  # fmt: skip
         value = getattr(args, attr, None)
         if value is not None:

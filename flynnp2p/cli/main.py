@@ -18,7 +18,9 @@ from flynnp2p import __version__
 from flynnp2p.cli.apps import add_app_commands
 from flynnp2p.cli.client import ApiClient, ClientConfig, pin_ca
 from flynnp2p.cli.common import client_for, table
+from flynnp2p.cli.deploys import add_deploy_commands
 from flynnp2p.cli.git import add_git_commands
+from flynnp2p.cli.images import add_image_commands
 from flynnp2p.cli.jobs import add_job_commands
 from flynnp2p.errors import ConfigError, FlynnError, UserError, first_in
 from flynnp2p.token import ClusterToken
@@ -54,6 +56,8 @@ def _add_join(sub: Any) -> None:
                    help="the cluster's TCP route ports, set by its first node (default 3000-3500)")  # fmt: skip
     p.add_argument("--drain-delay", metavar="SECONDS",
                    help="before a job that takes traffic stops, how long routers get to stop choosing it (default 2)")
+    p.add_argument("--router-workers", type=int, metavar="N",
+                   help="run the router's data plane in N worker processes (default 1; 0: in the agent's process)")
     p.add_argument("--coord-peer-port", type=int, help="etcd peer port, TLS (default 2380)")
     p.add_argument("--coord-client-port", type=int, help="etcd client port, loopback only (default 2379)")
     p.add_argument("--coord-voters", type=int, choices=(1, 3, 5),
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     # git remote add, git-credentials (git's credential helper).
     add_git_commands(sub)
+    add_deploy_commands(sub)  # deployment, rollback, app set/show
+    # deploy --image / --image-tar.
+    add_image_commands(sub)
     return parser
 
 

@@ -28,7 +28,16 @@ from typing import Protocol
 
 import trio
 
+from flynnp2p.host.image import ImageConfig
 from flynnp2p.host.logs import LogLine
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRoot:
+    """An image's unpacked root filesystem (``host.rootfs``) and how it runs."""
+
+    path: Path
+    config: ImageConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,13 @@ class JobSpec:
     memory_mb: int  # 0 means no limit
     image: str | None = None  # a Docker image to run as it is (docker backend only)
     host_addr: str = "127.0.0.1"  # the node's address: $HOST, and where Docker publishes
+    # Images (``host.image``): where the job listens inside its container when the image
+    # says (its first exposed port; the host's ``port`` is published to it), the
+    # ``docker save`` archive holding ``image`` (loaded when the engine lacks it), and
+    # the unpacked root filesystem a process-backend job runs in.
+    container_port: int | None = None
+    image_archive: Path | None = None
+    root: ImageRoot | None = None
 
 
 @dataclass(frozen=True, slots=True)

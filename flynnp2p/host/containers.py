@@ -56,6 +56,7 @@ def job_labels(spec: JobSpec, node: str) -> dict[str, str]:
         _LABEL + "release": spec.release_id,
         _LABEL + "type": spec.process_type,
         _LABEL + "port": "" if spec.port is None else str(spec.port),
+        _LABEL + "container_port": "" if spec.container_port is None else str(spec.container_port),
         _LABEL + "command": spec.command,
         _LABEL + "image": spec.image or "",
         _LABEL + "slug_dir": "" if spec.slug_dir is None else str(spec.slug_dir),
@@ -71,6 +72,7 @@ def spec_from_container(labels: Mapping[str, str], env: Sequence[str]) -> JobSpe
         values = dict(item.partition("=")[::2] for item in env)
         keys = json.loads(labels[_LABEL + "env_keys"])
         port, slug_dir, image = (labels[_LABEL + k] for k in ("port", "slug_dir", "image"))
+        inner = labels.get(_LABEL + "container_port", "")  # older containers lack it
         return JobSpec(
             job_id=labels[_LABEL + "job"],
             app_name=labels[_LABEL + "app_name"],
@@ -84,6 +86,7 @@ def spec_from_container(labels: Mapping[str, str], env: Sequence[str]) -> JobSpe
             memory_mb=int(labels[_LABEL + "memory_mb"]),
             image=image or None,
             host_addr=labels[_LABEL + "host_addr"],
+            container_port=int(inner) if inner else None,
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"container labels do not describe a flynnp2p job: {e!r}") from e
@@ -102,8 +105,13 @@ def job_env(spec: JobSpec, *, in_slug: bool) -> dict[str, str]:
     if in_slug:
         env["HOME"] = "/app"
     if spec.port is not None:
-        env["PORT"] = str(spec.port)
+        env["PORT"] = str(_inner_port(spec))
     return env
+
+
+def _inner_port(spec: JobSpec) -> int | None:
+    """Where the job listens in its container: the image's port, else the host's."""
+    return spec.container_port if spec.container_port is not None else spec.port
 
 
 def container_args(spec: JobSpec, node: str, *, image: str, app_dir: Path | None) -> dict[str, Any]:
@@ -125,7 +133,7 @@ def container_args(spec: JobSpec, node: str, *, image: str, app_dir: Path | None
     elif spec.command:
         args["command"] = ["sh", "-c", spec.command]
     if spec.port is not None:
-        args["ports"] = {f"{spec.port}/tcp": (spec.host_addr, spec.port)}
+        args["ports"] = {f"{_inner_port(spec)}/tcp": (spec.host_addr, spec.port)}
     if spec.memory_mb > 0:
         args["mem_limit"] = args["memswap_limit"] = f"{spec.memory_mb}m"
     return args

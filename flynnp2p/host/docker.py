@@ -17,7 +17,11 @@ tini, as PID 1): a job's main process is then not PID 1, so signals it does not
 handle still kill it, and zombies are reaped. Its exit status is the main
 process's; when the main process exits, the PID namespace and everything in it go
 with it. The job's port is published as ``host_addr:port -> port/tcp`` (the same
-number inside, as ``$PORT``; the app binds ``$HOST`` = ``0.0.0.0``). Memory is a hard
+number inside, as ``$PORT``; the app binds ``$HOST`` = ``0.0.0.0``), or to the
+image's own port (``spec.container_port``, its first exposed one) when it has one.
+An image deployed as a ``docker save`` archive (``spec.image_archive``) is loaded
+into the engine before its first job here when the engine lacks it (one load at a
+time; the image is named by its id, so a load is never of the wrong image). Memory is a hard
 cgroup limit (``mem_limit`` = ``memswap_limit``). The container is named
 ``flynnp2p-<node>-<job_id>`` and labelled ``flynnp2p.*`` with everything needed to
 rebuild its ``JobSpec`` (``host.containers``: the pure parts). Docker keeps its own
@@ -247,6 +251,7 @@ class DockerBackend:
         self._client_factory = client_factory
         self._stack_image = stack_image
         self._stack_lock = trio.Lock()
+        self._load_lock = trio.Lock()
         self._clock_ms = clock_ms
         self._jobs: dict[str, _Job] = {}
         self._starting: set[str] = set()
@@ -293,6 +298,8 @@ class DockerBackend:
         try:
             if spec.image:
                 image, app_dir = spec.image, None
+                if spec.image_archive is not None:
+                    await self._ensure_loaded(client, spec.image, spec.image_archive)
             elif spec.slug_dir is None:
                 raise UserError(f"job {spec.job_id!r} has neither a slug nor an image to run")
             else:
@@ -419,6 +426,20 @@ class DockerBackend:
                 except (docker.errors.DockerException, OSError) as e:
                     raise DockerError(f"cannot build the stack image: {e}") from e
             return self._stack_image
+
+    async def _ensure_loaded(self, client: Any, image: str, archive: Path) -> None:
+        """``docker load`` `archive` unless the engine has `image` (its id) already."""
+        async with self._load_lock:
+            try:
+                await self._engine(client.api.inspect_image, image)
+                return
+            except docker.errors.NotFound:
+                pass
+            await self._engine(_load_archive, client, archive)
+            try:
+                await self._engine(client.api.inspect_image, image)
+            except docker.errors.NotFound:
+                raise DockerError(f"docker load of {archive.name} did not make image {image}") from None
 
     async def _kill(self, job: _Job, sig: int) -> None:
         try:
@@ -549,6 +570,14 @@ class DockerBackend:
                 job.cleanup_errors += 1
         if _JOB_ID.match(job_id):
             shutil.rmtree(self.root_dir / "jobs" / job_id, ignore_errors=True)
+
+
+def _load_archive(client: Any, archive: Path) -> None:
+    """``docker load`` (blocking): the archive streamed to the engine, its answer read out."""
+    with archive.open("rb") as f:
+        for event in client.api.load_image(f):
+            if isinstance(event, dict) and event.get("error"):
+                raise DockerError(f"docker load of {archive.name} failed: {event['error']}")
 
 
 def _create_and_start(client: Any, args: dict[str, Any], spec: JobSpec) -> dict[str, Any]:

@@ -8,6 +8,15 @@ reading the snapshot, so no write lands unseen between the two, and returns as
 soon as the record arrives (`RECORD_WAIT_S` at most). `prepare_spec` then fetches
 and unpacks the slug (or names the Docker image) and allocates the port, or says
 why it cannot with `StartFailed`: the reason reported on the crashed job.
+
+A Docker artifact is an image on the engine (``docker:REF``: docker backend only)
+or a ``docker save`` archive in the blobstore (``docker-archive:DIGEST``): fetched
+here, then loaded by the docker backend when its engine lacks the image (named by
+its id, ``meta["image_id"]``), or unpacked into a root filesystem for the process
+backend (`flynnp2p.host.rootfs`). A job of an image runs the image's own command;
+a one-off runs its command with ``sh -c`` in the image. The ``web`` process's port
+(``ports[0]``, the image's first exposed port; 0 if none) is where it listens in
+its container.
 """
 
 from __future__ import annotations
@@ -20,13 +29,15 @@ from typing import Protocol, TypeVar
 import trio
 
 from flynnp2p.errors import FlynnError
-from flynnp2p.host.backend import JobSpec
+from flynnp2p.host.backend import ImageRoot, JobSpec
 from flynnp2p.host.ports import PortAllocator
+from flynnp2p.host.rootfs import unpack_image
 from flynnp2p.host.slug import unpack_slug
 from flynnp2p.state.records import App, Artifact, Placement, ProcessSpec, Release
 from flynnp2p.state.replica import wait_for_record
 from flynnp2p.state.service import StateService
 
+ARCHIVE_SCHEME = "docker-archive:"  # an image saved with docker save, in the blobstore
 RECORD_WAIT_S = 30.0  # how long a run waits for its release/artifact to replicate here
 
 _R = TypeVar("_R", Release, App, Artifact)
@@ -72,16 +83,11 @@ class Preparer:
         else:
             proc = spec_of
         slug_dir: Path | None = None
-        image: str | None = None
+        image = _ImageJob()
         for artifact_id in release.artifacts[:1]:
             artifact = await wait_record(self.state, Artifact, artifact_id, self.node)
             if artifact.type == "docker":
-                if self.backend_name != "docker":
-                    raise StartFailed(
-                        f"artifact {artifact.id} is a Docker image and node {self.node} "
-                        "runs jobs as processes (start it with --backend docker)"
-                    )
-                image = artifact.uri.removeprefix("docker://")
+                image = await self._image(artifact)
             else:
                 assert artifact.digest is not None
                 try:
@@ -89,7 +95,7 @@ class Preparer:
                     slug_dir = await unpack_slug(tarball, self.work_dir, artifact.digest)
                 except FlynnError as exc:
                     raise StartFailed(f"cannot get slug {artifact.digest}: {exc}") from None
-        if slug_dir is None and image is None:
+        if slug_dir is None and image.image is None and image.root is None:
             slug_dir = self.work_dir / "empty" / "app"
             slug_dir.mkdir(parents=True, exist_ok=True)
         port = None
@@ -104,11 +110,52 @@ class Preparer:
             app_id=app.id,
             release_id=release.id,
             process_type=p.process_type,
-            command=proc.command,
+            command="" if image.runs_own_command(p.one_off) else proc.command,
             env={**release.env, **p.env},
             port=port,
             slug_dir=slug_dir,
             memory_mb=proc.memory_mb,
-            image=image,
+            image=image.image,
             host_addr=self.addr,
+            container_port=(proc.ports[0] or None) if image.is_image and proc.ports else None,
+            image_archive=image.archive,
+            root=image.root,
         )
+
+    async def _image(self, artifact: Artifact) -> _ImageJob:
+        """What the backend needs to run a Docker artifact here (see the module docstring)."""
+        if artifact.uri.startswith(ARCHIVE_SCHEME):
+            digest = artifact.digest
+            assert digest is not None
+            try:
+                archive = await self.blobs.local_path(digest)
+                if self.backend_name == "docker":
+                    image_id = artifact.meta.get("image_id")
+                    if not image_id:
+                        raise StartFailed(f"artifact {artifact.id} does not name its image's id")
+                    return _ImageJob(image=image_id, archive=archive)
+                unpacked = await unpack_image(archive, self.work_dir, digest)
+            except FlynnError as exc:
+                raise StartFailed(f"cannot get image archive {digest}: {exc}") from None
+            return _ImageJob(root=ImageRoot(unpacked.rootfs, unpacked.config))
+        if self.backend_name != "docker":
+            raise StartFailed(
+                f"artifact {artifact.id} is a Docker image and node {self.node} "
+                "runs jobs as processes (start it with --backend docker, or deploy the "
+                "image with --image-tar)"
+            )
+        return _ImageJob(image=artifact.uri.removeprefix("docker://").removeprefix("docker:"))
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    image: str | None = None
+    archive: Path | None = None
+    root: ImageRoot | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None or self.root is not None
+
+    def runs_own_command(self, one_off: bool) -> bool:
+        return self.is_image and not one_off

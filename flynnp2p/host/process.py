@@ -47,6 +47,17 @@ Isolation, when the agent runs as root (``isolation`` says what this host gives)
   as on Heroku, so absolute paths work whatever the permissions above the data
   dir. Else only the user switch: "user" (the path to the data dir must then be
   traversable by others for apps that use absolute paths).
+* the processes that set this up run as root, so they never see the job's env
+  (an app's ``LD_PRELOAD`` would otherwise run its code as root on the host): they
+  get a fixed ``PATH``, and the env reaches the launcher on an inherited memfd,
+  which it reads and closes after the uid switch.
+
+A job of an image archive (``spec.root``) runs the image's own argv (or ``/bin/sh
+-c`` a one-off's command) chrooted into the image's unpacked root filesystem,
+read-only, in the same namespaces and as the same uid (``host.chroot`` says how);
+it needs "namespaces". With no network namespace it listens on the host's
+``$PORT``, not on the port the image exposes. Its env is the image's ``Env`` with
+the release's over it.
 
 A PID namespace is left out on purpose: the job would be PID 1 of it, and PID 1
 ignores SIGTERM unless it installs a handler, so most apps could not be stopped
@@ -59,18 +70,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal as _signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
-from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
+from flynnp2p.host.backend import ImageRoot, JobSpec, LineSink, RunningJob, stop_within
+from flynnp2p.host.chroot import HOST_PATH, enter_argv, write_env_file
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
 from flynnp2p.host.spawn import (
@@ -84,7 +97,18 @@ from flynnp2p.host.spawn import (
 _LAUNCHER = (
     'for f in .profile.d/*.sh; do if [ -r "$f" ]; then . "$f"; fi; done; unset f; exec bash -c "$1"'
 )
+# Isolated jobs: the stages that run as root (unshare, its shell, setpriv) get a fixed
+# PATH only, never the job's env (an app's LD_PRELOAD would run its code as root on the
+# host). The env reaches the launcher on an inherited memfd (``K=V`` records,
+# NUL-separated; nothing on disk), which it exports once it runs as the app's uid and
+# then closes: $2 is the descriptor, $1 the command.
+_ENV_LAUNCHER = (
+    'while IFS= read -r -d "" kv; do export "$kv"; done <&"$2" || exit 126; '
+    'unset kv; fd=$2; exec {fd}<&-; unset fd; ' + _LAUNCHER
+)
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # docker's default
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as host.slug checks it
 _DRAIN_S = 2.0  # after the group is gone, how long readers may finish the pipes
 _REAP_S = 5.0
 _GROUP_POLL_S = 0.05  # bound on waiting for a SIGKILLed process to be reaped
@@ -126,6 +150,21 @@ _BIND_APP = 'mount --bind "$1" /app && cd /app && shift && exec "$@"'
 _SETPRIV = ["setpriv", "--clear-groups", "--inh-caps=-all", "--pdeathsig=KILL"]
 
 
+def job_env_fd(env: Mapping[str, str]) -> int:
+    """A memfd holding `env` as `_ENV_LAUNCHER` reads it, at offset 0 (close it after
+    the spawn; ``pass_fds`` makes the child's copy inheritable)."""
+    fd = os.memfd_create("flynnp2p-job-env", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def app_uid(app_id: str) -> int:
     """The uid (and gid) an app's jobs run as when the agent is root."""
     return 200_000 + int.from_bytes(hashlib.sha256(app_id.encode()).digest()[:4], "big") % 100_000
@@ -164,6 +203,22 @@ def _start_time(pid: int) -> str | None:
 def _write_pidfile(path: Path, pid: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{pid} {_start_time(pid) or 0}\n")
+
+
+def _image_job_env(spec: JobSpec) -> dict[str, str]:
+    """An image job's env over the image's: the release's, then what flynnp2p sets."""
+    env = dict(spec.env)
+    env.update(
+        APP_NAME=spec.app_name,
+        APP_ID=spec.app_id,
+        RELEASE_ID=spec.release_id,
+        JOB_ID=spec.job_id,
+        PROCESS_TYPE=spec.process_type,
+    )
+    env.setdefault("HOST", spec.host_addr)
+    if spec.port is not None:
+        env["PORT"] = str(spec.port)  # no network namespace: the host's port, not the image's
+    return env
 
 
 @dataclass
@@ -275,6 +330,8 @@ class ProcessBackend:
         return self.root_dir / "pids" / job_id
 
     async def _spawn(self, spec: JobSpec) -> tuple[Path, Child]:
+        if spec.root is not None:
+            return await self._spawn_in_image(spec, spec.root)
         if spec.slug_dir is None:
             raise UserError(f"job {spec.job_id}: the process backend runs slugs, and it has none")
         app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
@@ -303,17 +360,57 @@ class ProcessBackend:
         if spec.port is not None:
             env["PORT"] = str(spec.port)
         limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
+        argv = [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command]
+        env_fd = None
+        if self.isolation != "none":
+            env_fd = job_env_fd(env)
+            argv = [*prefix, "bash", "-c", _ENV_LAUNCHER, "flynnp2p-job", spec.command, str(env_fd)]
+            env = {"PATH": HOST_PATH}
+        try:
+            process = await self._spawner.spawn(
+                argv,
+                cwd=app_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=child_preexec(limit),
+                pass_fds=() if env_fd is None else (env_fd,),
+            )
+        finally:
+            if env_fd is not None:
+                os.close(env_fd)
+        return app_dir, process
+
+    async def _spawn_in_image(self, spec: JobSpec, root: ImageRoot) -> tuple[Path, Child]:
+        """A job of an image archive: its argv chrooted into the image (``host.chroot``)."""
+        if self.isolation != "namespaces":
+            raise UserError(
+                f"job {spec.job_id}: running an image archive needs the agent to run as root "
+                f"where mount namespaces are allowed (this host: isolation {self.isolation!r})"
+            )
+        if not _JOB_ID.match(spec.job_id):
+            raise UserError(f"job id {spec.job_id!r} is not valid; expected [A-Za-z0-9][A-Za-z0-9_.-]*")
+        job_dir = self.root_dir / "jobs" / spec.job_id
+        env = {"PATH": _IMAGE_PATH, "HOME": "/", **root.config.env_map(), **_image_job_env(spec)}
+        env_file = job_dir / "env.json"
+        await trio.to_thread.run_sync(write_env_file, env_file, env)
+        argv = list(root.config.argv) if not spec.command else ["/bin/sh", "-c", spec.command]
+        limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
         process = await self._spawner.spawn(
-            [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command],
-            cwd=app_dir,
-            env=env,
+            enter_argv(
+                _UNSHARE, root.path, app_uid(spec.app_id), env_file, root.config.workdir, argv
+            ),
+            cwd=job_dir,
+            env={"PATH": HOST_PATH},  # the job's env reaches only the job (host.chroot)
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=child_preexec(limit),
         )
-        return app_dir, process
+        return job_dir / "app", process
 
     async def stop(self, job_id: str, grace_s: float = 10.0) -> None:
         """SIGTERM the job's group, SIGKILL it after ``grace_s``; return once reaped.

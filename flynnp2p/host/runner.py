@@ -48,7 +48,7 @@ from pathlib import Path
 
 import trio
 
-from flynnp2p.errors import FlynnError
+from flynnp2p.errors import ClusterError, FlynnError
 from flynnp2p.host.backend import JobBackend, JobSpec
 from flynnp2p.host.converge import (
     RESTARTING,
@@ -68,6 +68,7 @@ from flynnp2p.host.health import HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.prepare import Blobs, Preparer, StartFailed
 from flynnp2p.netaddr import url_host
+from flynnp2p.state.errors import RecordError, StoreError
 from flynnp2p.state.jobs import CRASHED, DOWN, EXITED, PENDING, STARTING, STOPPING, UP, is_fenced
 from flynnp2p.state.merge import Change, Delete
 from flynnp2p.state.records import App, Artifact, HealthCheck, Job, Placement, Release
@@ -391,8 +392,12 @@ class HostRunner:
     async def _write(self, changes: list[Change]) -> None:
         try:
             await self.state.write(changes)
-        except FlynnError as exc:  # committed here; it spreads when peers answer
+        except ClusterError as exc:  # committed here; it spreads when peers answer
             log.info("job report not acknowledged by a peer yet: %s", exc)
+        except RecordError:  # a bug: said loudly, but one bad report must not stop the host
+            log.exception("job report refused by the state")
+        except StoreError as exc:  # not committed (a full disk); the next report carries it
+            log.warning("job report not stored here: %s", exc)
 
 
 def _exit_reason(code: int) -> str:

@@ -41,11 +41,13 @@ from flynnp2p.watch import Watched
 ACCEPT_BATCH = 64
 
 
-def _listen(address: str, port: int) -> socket.socket:
+def _listen(address: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # router workers: the kernel spreads connections over their listeners
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((address, port))
         s.listen(1024)
         s.setblocking(False)
@@ -62,6 +64,10 @@ class Router:
     `log`: where the router's lines for apps' logs go.
     `http_port`: 0 picks a free port (tests); the bound port is what
     ``await nursery.start(router.run)`` returns.
+    `reuse_port`: bind every listener with SO_REUSEPORT, so that several router
+    processes (`flynnp2p.router.workers`) share the ports.
+    `fast_lane`: plain-HTTP connections are served by `lane.Lane` (one reactor
+    task) and handed to a task per connection only for what the lane leaves out.
     """
 
     def __init__(
@@ -78,9 +84,11 @@ class Router:
         https_port: int | None = None,
         certs: CertStore | None = None,
         sticky_key: bytes | None = None,
+        reuse_port: bool = False,
         fast_lane: bool = True,
     ) -> None:
         self.table = table
+        self.reuse_port = reuse_port
         self.address = address
         self.http_port = http_port
         # HTTPS when both are given: `certs` picks each handshake's certificate by SNI.
@@ -108,13 +116,13 @@ class Router:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         self.failed = "http"  # which listener a bind error (OSError) is about
-        listener = _listen(self.address, self.http_port)
+        listener = _listen(self.address, self.http_port, self.reuse_port)
         secure = None
         try:
             self.bound_port = listener.getsockname()[1]
             if self.https_port is not None:
                 self.failed = "https"
-                secure = _listen(self.address, self.https_port)
+                secure = _listen(self.address, self.https_port, self.reuse_port)
                 https_port: int = secure.getsockname()[1]
                 self.bound_https_port = self.shared.https_port = https_port
             async with trio.open_nursery() as nursery:
@@ -131,6 +139,10 @@ class Router:
                     trio.lowlevel.notify_closing(sock)
                     sock.close()
             self.shared.pool.close_all()
+
+    async def current_status(self) -> dict[str, object]:
+        """`status`, as `/v1/router/status` asks for it (workers answer over a pipe)."""
+        return self.status()
 
     def status(self) -> dict[str, object]:
         """What `/v1/router/status` will show for this node."""
@@ -246,7 +258,7 @@ class Router:
             self.tcp_errors = {p: e for p, e in self.tcp_errors.items() if p in wanted}
             for port in sorted(wanted - set(self.tcp_listeners)):
                 try:
-                    listener = _listen(self.address, port)
+                    listener = _listen(self.address, port, self.reuse_port)
                 except OSError as e:
                     self.tcp_errors[port] = str(e)
                     continue

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from flynnp2p.coord.ca import ClusterCA
+from flynnp2p.coord.ca import ClusterCA, Pem
 from flynnp2p.router.sock import RECV_SIZE, Sock
 from flynnp2p.tls import names_domain
 
@@ -75,6 +75,7 @@ class CertStore:
     now: dt.datetime | None = None  # when the default certificate is issued (None: now)
     ips: tuple[str, ...] = ()  # this node's addresses, named by its default certificate too
     default: ssl.SSLContext = field(init=False)
+    default_pem: Pem = field(init=False)  # what router workers are handed (`router.handover`)
     by_id: dict[str, tuple[StoredCert, ssl.SSLContext]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -86,7 +87,7 @@ class CertStore:
         pem = self.ca.issue(
             f"*.{self.domain}", dns=(f"*.{self.domain}", self.domain), ips=self.ips, now=now
         )
-        self.default = _context(pem.cert, pem.key)
+        self.default, self.default_pem = _context(pem.cert, pem.key), pem
         self.default.sni_callback = self._pick
 
     def update(self, certs: Iterable[StoredCert], domain: str | None = None) -> None:

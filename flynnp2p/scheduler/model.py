@@ -10,8 +10,11 @@ replayed from a logged input.
 * `Host`: a member of the cluster, its tags and its memory capacity.
 * `Desired`: one *group*, an (app, process type) of a formation: the release it
   should run, how many jobs, how much memory each takes, whether it is omni (one
-  per eligible host) and the tags a host needs. A group with ``hold`` set is left
-  alone (its release has not reached this replica yet) and reported as blocked.
+  per eligible host), the tags a host needs, and how a new release replaces the
+  jobs of an old one (``strategy``, see `flynnp2p.scheduler.surge`: the app's
+  effective strategy for service types, `REPLACE` for omni ones). A group with
+  ``hold`` set is left alone (its release has not reached this replica yet) and
+  reported as blocked.
 * `JobInfo`: a job as the scheduler understands it, merged from the host-written
   `Job` record and the leader-written `Placement` for the same id: a start
   placement the host has not acted on yet is a ``starting`` job (so a second
@@ -28,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from flynnp2p.scheduler.surge import REPLACE, STRATEGIES, effective_strategy
 from flynnp2p.state.jobs import effective_state, is_fenced, is_finished
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Release, RunRequest
+from flynnp2p.state.records import App, Formation, Job, Placement, ProcessSpec, Release, RunRequest
 from flynnp2p.state.schema import EMPTY, FrozenMap
 
 DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
@@ -59,10 +63,14 @@ class Desired:
     omni: bool = False
     constraints: Mapping[str, str] = EMPTY
     hold: str | None = None  # why the group must be left alone for now
+    strategy: str = REPLACE  # how jobs of another release give way (`surge`)
 
     def __post_init__(self) -> None:
         if self.count < 0 or self.memory_mb < 0:
             raise ValueError(f"{self.app}/{self.type}: count and memory_mb must be >= 0")
+        if self.strategy not in STRATEGIES:
+            accepted = ", ".join(STRATEGIES)
+            raise ValueError(f"{self.app}/{self.type}: strategy must be one of {accepted}")
         object.__setattr__(self, "constraints", FrozenMap(self.constraints))
 
     @property
@@ -142,8 +150,9 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         s = spec(release_id, ptype)
         return DEFAULT_MEMORY_MB if s is None else s.memory_mb
 
+    apps = {a.id: a for a in state.records(App)}
     desired = [
-        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype))
+        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype), apps.get(f.app_id))
         for f in state.records(Formation)
         for ptype in sorted(f.processes)
     ]
@@ -191,9 +200,11 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
 
 
 def _desired(
-    f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None
+    f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None, app: App | None
 ) -> Desired:
     count = f.processes[ptype]
+    omni = False if spec is None else spec.omni
+    strategy = REPLACE if omni or app is None else effective_strategy(app.strategy, f.processes)
     hold = None
     if release is None:
         hold = f"release {f.release_id} has not reached this node yet"
@@ -205,9 +216,10 @@ def _desired(
         type=ptype,
         count=count,
         memory_mb=DEFAULT_MEMORY_MB if spec is None else spec.memory_mb,
-        omni=False if spec is None else spec.omni,
+        omni=omni,
         constraints=f.constraints_of(ptype),
         hold=hold,
+        strategy=strategy,
     )
 
 

@@ -7,11 +7,14 @@ service job is restarted in place, so it still holds its slot). Stopping and dow
 jobs are on their way out and count for nothing. For each group, in sorted order:
 
 1. Counted jobs that can no longer stay are stopped, and so do not count: those on
-   a host that is not alive (or unknown), those of a release the formation no
-   longer names (a deploy is all-at-once: the whole old release stops, the new one
-   starts), and those on a host that lost a tag the formation requires.
+   a host that is not alive (or unknown), and those on a host that lost a tag the
+   formation requires. Jobs of a release the formation no longer names are *old*:
+   with the group's strategy `REPLACE` they stop at once; with a surge
+   (all-at-once, one-by-one) they give way as `flynnp2p.scheduler.surge` says: an
+   old job that is up stops only once a new one is up.
 2. Service groups: surplus jobs are stopped, crashed ones first (they run nothing),
-   then the newest; a shortfall becomes a `Need` for the planner.
+   then those not up, then the newest; a shortfall becomes a `Need` for the
+   planner (during a one-by-one deploy, at most one new job at a time).
    Omni groups: the target is one job on every alive host with the tags; extra jobs
    on a host are stopped (keeping the one that is up, then the oldest), and every
    target host without one becomes part of the `Need`. Joins and failures follow
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 
 from flynnp2p.scheduler.feasible import Eligible, check_host, eligible
 from flynnp2p.scheduler.model import Desired, Host, Inputs, JobInfo, OneOff
+from flynnp2p.scheduler.surge import REPLACE, keep_first, surge
 from flynnp2p.state.jobs import LIVE
 
 BACKOFF_MS = (0, 10_000, 30_000)  # by restarts so far; the last value repeats
@@ -132,8 +136,17 @@ def reconcile(inputs: Inputs, now_ms: int) -> Reconciled:
         el = cache.get(d.constraints)
         if el is None:
             el = cache[d.constraints] = eligible(host_list, d.constraints)
-        keep = _drop_misplaced(d, jobs, hosts, stops)
-        if d.omni:
+        keep, old = _drop_misplaced(d, jobs, hosts, stops)
+        if d.omni or d.strategy == REPLACE:
+            stops.extend(_stop(j, f"release {j.release} replaced by {d.release}") for j in old)
+            old = []
+        if old:
+            moved = surge(d.release, d.count, d.strategy, keep, old)
+            stops.extend(_stop(j, why) for j, why in moved.stops)
+            keep = list(moved.keep)
+            if moved.start:
+                needs.append(Need(d, moved.start, el, Counter(j.host for j in keep)))
+        elif d.omni:
             keep = _omni_extras(d, keep, stops)
             kept = Counter(j.host for j in keep)
             missing = () if d.count == 0 else tuple(h for h in el.hosts if h not in kept)
@@ -142,8 +155,8 @@ def reconcile(inputs: Inputs, now_ms: int) -> Reconciled:
         else:
             surplus = len(keep) - d.count
             if surplus > 0:
-                # crashed first (they run nothing), then the newest
-                order = sorted(keep, key=lambda j: (j.state == "crashed", j.created_at, j.id))
+                # crashed first (they run nothing), then those not up, then the newest
+                order = sorted(keep, key=keep_first)
                 stops.extend(_stop(j, f"scaled down to {d.count}") for j in order[-surplus:])
                 keep = order[:-surplus]
             elif surplus < 0:
@@ -167,21 +180,24 @@ def _stop(job: JobInfo, reason: str) -> Stop:
 
 def _drop_misplaced(
     d: Desired, jobs: list[JobInfo], hosts: Mapping[str, Host], stops: list[Stop]
-) -> list[JobInfo]:
-    """Stop the jobs that cannot stay (dead host, old release, lost tag); return the rest."""
-    keep = []
+) -> tuple[list[JobInfo], list[JobInfo]]:
+    """Stop the jobs that cannot stay (dead host, lost tag); return the rest: those
+    of the desired release, and those of an old one."""
+    keep, old = [], []
     for job in jobs:
         host = hosts.get(job.host)
         why = None if host is None else check_host(host, d.constraints)
         if host is None or not host.alive:
             stops.append(_stop(job, f"host {job.host} is not alive"))
+        elif job.release != d.release and why is None:
+            old.append(job)
         elif job.release != d.release:
             stops.append(_stop(job, f"release {job.release} replaced by {d.release}"))
         elif why is not None:
             stops.append(_stop(job, str(why)))
         else:
             keep.append(job)
-    return keep
+    return keep, old
 
 
 def _omni_extras(d: Desired, jobs: list[JobInfo], stops: list[Stop]) -> list[JobInfo]:

@@ -429,9 +429,42 @@ class Repo(Record):
         return (self.digest, *self.increments) if self.digest is not None else ()
 
 
+DEPLOY_STATUSES = ("running", "complete", "failed", "rolled-back")
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment(IdRecord):
+    """One move of an app's formation to a new release, and how it ended.
+
+    Written by the leader with the formation write that names ``new_release_id``
+    (`flynnp2p.api.ops.deployment_changes`), as "running"; its deploy watcher
+    (`flynnp2p.scheduler.watcher`) then marks it "complete" once only the new
+    release's jobs run and are up, or "failed" (a new job crashed, or was not
+    up within the app's ``deploy_timeout_s``: ``reason``, ``failed_job_id``),
+    "rolled-back" when it then moved the formation back to ``old_release_id``.
+    ``strategy`` is the effective one (never "auto").
+    """
+
+    KIND: ClassVar[str] = "deployment"
+    id: Annotated[str, ID]
+    app_id: Annotated[str, ID]
+    new_release_id: Annotated[str, ID]
+    strategy: Annotated[str, Choice("all-at-once", "one-by-one")]
+    status: Annotated[str, Choice(*DEPLOY_STATUSES)]
+    created_at: Annotated[int, TIMESTAMP]
+    old_release_id: Annotated[str | None, Opt(ID)] = None
+    finished_at: Annotated[int | None, Opt(TIMESTAMP)] = None
+    reason: Annotated[str | None, Opt(TEXT)] = None
+    failed_job_id: Annotated[str | None, Opt(ID)] = None
+
+    def validate(self, path: str) -> None:
+        if (self.status == "running") != (self.finished_at is None):
+            raise RecordError(f"{path}.finished_at", "set exactly when the deployment is finished")
+
+
 RECORD_TYPES: tuple[type[Record], ...] = (
     App, Release, Artifact, Formation, Route, Job, Placement, RunRequest, Blocked, Certificate,
-    BlobLocation, ClusterConfig, Repo,
+    BlobLocation, ClusterConfig, Repo, Deployment,
 )  # fmt: skip
 KINDS: Mapping[str, type[Record]] = {cls.KIND: cls for cls in RECORD_TYPES}
 KIND_CHOICES = ", ".join(sorted(KINDS))

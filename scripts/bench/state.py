@@ -192,8 +192,8 @@ async def state_layer_writes_per_s(clients: int) -> float:
             await cluster.wait_converged(agents, alive=2)
             store = SqliteStore(Path(d) / "bench-node", "bench")
             async with httpx.AsyncClient(
-                headers={"Authorization": f"Bearer {cluster.token.api_key}"}, timeout=10
-            ) as http:
+                headers={"Authorization": f"Bearer {cluster.token.peer_key}"}, timeout=10
+            ) as http:  # the peers' endpoints take the peer credential
                 service = StateService(store, _TwoPeers(agents), http, lambda: int(time.time() * 1000))
                 async with trio.open_nursery() as nursery:
                     await nursery.start(service.run)
@@ -270,7 +270,9 @@ async def full_copy(records: int) -> float:
                     )
                     delta = Delta(entries, {}, {}, False)
                     r = await c.post("/v1/internal/state/push", content=msgpack.packb(envelope(delta)),
-                                     headers={"Content-Type": "application/x-msgpack"}, timeout=120)
+                                     headers={"Content-Type": "application/x-msgpack",
+                                              "Authorization": f"Bearer {cluster.token.peer_key}"},
+                                     timeout=120)
                     assert r.status_code == 200, r.text
             t0 = time.monotonic()
             (new,) = await cluster.start(1, timeout=120)

@@ -10,6 +10,7 @@ ensure_system_packages() {
   have curl || need_apt+=(curl)
   have iptables || need_apt+=(iptables)
   have ip || need_apt+=(iproute2)
+  dpkg-query -W busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # image tests: a static busybox root filesystem
   if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "missing: ${need_apt[*]} (install them, or run as root to have them installed)" >&2

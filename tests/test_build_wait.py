@@ -1,0 +1,88 @@
+"""The push's wait on its deployment (`BuildStep._wait_web`), against a fake API
+(`httpx.MockTransport`) that answers as a node does while the deploy runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from flynnp2p.build.deploy import BuildStep
+from flynnp2p.state.records import App
+
+APP = App(id="a1", name="shop", created_at=0, deploy_timeout_s=5)
+RUNNING = {
+    "id": "d2", "app_id": "a1", "old_release_id": "r1", "new_release_id": "r2",
+    "strategy": "one-by-one", "status": "running", "created_at": 1_000,
+}  # fmt: skip
+FAILED = {
+    **RUNNING, "status": "rolled-back", "finished_at": 3_000, "failed_job_id": "web-9",
+    "reason": "job web-9 (web) exited with code 3",
+}  # fmt: skip
+
+
+def fake_api(finish_as: dict[str, Any], asked: list[str]) -> httpx.AsyncClient:
+    polls = iter([[RUNNING], [RUNNING], [finish_as, {**RUNNING, "new_release_id": "r1"}]])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.url.path}?{request.url.query.decode()}".rstrip("?"))
+        path = request.url.path
+        if path.endswith("/deployments"):
+            return httpx.Response(200, json={"deployments": next(polls)})
+        if path.endswith("/releases"):
+            return httpx.Response(
+                200, json={"releases": [{"id": "r2", "version": 2}, {"id": "r1", "version": 1}]}
+            )
+        if path.endswith("/log"):
+            lines = [
+                {"text": "Traceback (most recent call last):"},
+                {"event": "history-done"},
+                {"text": "boom"},
+            ]
+            return httpx.Response(200, text="\n".join(json.dumps(x) for x in lines) + "\n")
+        if path.endswith("/formation"):
+            return httpx.Response(200, json={"formation": {"processes": {"web": 2}}})
+        if path.endswith("/routes"):
+            return httpx.Response(
+                200, json={"routes": [{"type": "http", "domain": "shop.example"}]}
+            )
+        return httpx.Response(404, json={"error": {"message": "no"}})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+async def waited(finish_as: dict[str, Any], tmp_path: Path) -> tuple[list[str], list[str]]:
+    said: list[str] = []
+    asked: list[str] = []
+
+    async def say(line: str) -> None:
+        said.append(line)
+
+    step = BuildStep(api=fake_api(finish_as, asked), api_url="http://node:7100", slugs=None,  # type: ignore[arg-type]
+                     work_root=tmp_path, wait_s=1)  # fmt: skip
+    await step._wait_web(APP, "r2", say)
+    return said, asked
+
+
+async def test_a_failed_deploy_says_why_with_the_jobs_last_lines(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    said, asked = await waited(FAILED, tmp_path)
+    assert said == [
+        " !     deploy of v2 failed after 2.0 s: job web-9 (web) exited with code 3",
+        " !     last lines of job web-9:",
+        " !         Traceback (most recent call last):",
+        " !         boom",
+        " !     rolled back: the previous release v1 still serves",
+    ]
+    assert "/v1/apps/a1/log?job=web-9&n=10" in asked and asked.count("/v1/apps/a1/deployments") == 3
+
+
+async def test_a_complete_deploy_says_where_the_app_answers(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    done = {**RUNNING, "status": "complete", "finished_at": 2_000}
+    said, _ = await waited(done, tmp_path)
+    assert said == ["-----> web is up (2 job(s)): http://shop.example:8080/"]
