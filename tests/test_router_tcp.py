@@ -96,3 +96,78 @@ async def test_a_silent_tcp_tunnel_is_closed_after_its_idle_timeout() -> None:
             assert await stream.receive_some(100) == b""  # closed by the router
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_50_mb_tcp_transfer_is_spliced_intact_and_half_close_still_works() -> None:
+    """Bulk goes through `os.splice` (counted), bytes intact both ways, and the
+    client's half-close reaches the backend, whose answer still comes back."""
+    import hashlib
+
+    from flynnp2p.router import sock
+
+    block = bytes(range(256)) * 4000  # 1,024,000 bytes
+    size = 50 * len(block)
+    got_up = hashlib.sha256()
+    received = 0
+
+    async def sink_then_answer(stream: trio.SocketStream) -> None:
+        # reads to the client's end of stream (the half-close), then answers: the
+        # answer can only arrive if EOF was passed on while our side stayed open
+        nonlocal received
+        while data := await stream.receive_some(1 << 16):
+            got_up.update(data)
+            received += len(data)
+        await stream.send_all(b"got %d\n" % received)
+        await stream.send_all(bytes(range(256)) * 4096 * 40)  # ~40 MiB back: spliced too
+        await stream.send_eof()
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        backend = f"{LOCAL}:{await serve(nursery, sink_then_answer)}"
+        port = free_port()
+        router, watched, _ = await start_router(nursery, RouteTable())
+        watched.set(tcp_table(port, [backend]))
+        await wait_for(lambda: port in router.status()["listeners"]["tcp"])  # type: ignore[index]
+        before = sock.COUNTERS.spliced
+        sent_up = hashlib.sha256()
+        stream = await trio.open_tcp_stream(LOCAL, port)
+        with trio.fail_after(60):
+            for _ in range(50):
+                await stream.send_all(block)
+                sent_up.update(block)
+            await stream.send_eof()
+            back = bytearray()
+            while data := await stream.receive_some(1 << 16):
+                back += data
+        await stream.aclose()
+        answer, rest = bytes(back).split(b"\n", 1)
+        assert answer == b"got %d" % size
+        assert got_up.digest() == sent_up.digest()
+        assert rest == bytes(range(256)) * 4096 * 40
+        assert sock.COUNTERS.spliced - before > size  # both directions, less a first copied read
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_small_message_tunnel_copies_and_never_splices() -> None:
+    from flynnp2p.router import sock
+
+    async with trio.open_nursery() as nursery:
+        echo = f"{LOCAL}:{await serve(nursery, tcp_echo)}"
+        port = free_port()
+        router, watched, _ = await start_router(nursery, RouteTable())
+        watched.set(tcp_table(port, [echo]))
+        await wait_for(lambda: port in router.status()["listeners"]["tcp"])  # type: ignore[index]
+        spliced, copied = sock.COUNTERS.spliced, sock.COUNTERS.copied
+        stream = await trio.open_tcp_stream(LOCAL, port)
+        with trio.fail_after(10):
+            for i in range(50):
+                await stream.send_all(b"ping %d\n" % i)
+                expect = b"ping %d\n" % i
+                got = b""
+                while len(got) < len(expect):
+                    got += await stream.receive_some(100)
+                assert got == expect
+        await stream.aclose()
+        assert sock.COUNTERS.spliced == spliced
+        assert sock.COUNTERS.copied - copied >= 2 * sum(len(b"ping %d\n" % i) for i in range(50))
+        nursery.cancel_scope.cancel()

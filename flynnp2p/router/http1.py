@@ -65,11 +65,11 @@ class HeadBuilder:
         self.count = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        self.size += len(name) + len(value) + 4
-        if self.size > self.max_size or self.count > self.max_count:
+        count = self.count = self.count + 1  # (once per header: kept lean)
+        size = self.size = self.size + len(name) + len(value) + 4
+        if size > self.max_size or count > self.max_count:
             self.error = (
-                f"headers exceed {self.max_size} bytes" if self.size > self.max_size
+                f"headers exceed {self.max_size} bytes" if size > self.max_size
                 else f"more than {self.max_count} headers"
             )  # fmt: skip
             raise HeadersTooLarge(self.error)
@@ -78,12 +78,12 @@ class HeadBuilder:
             old = self.special.get(n)
             self.special[n] = value if old is None else old + b", " + value
         else:
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines.append(b"%s: %s\r\n" % (name, value))
 
     def end_to_end(self) -> list[bytes]:
         """The rendered lines, without any the Connection header names (rare)."""
         conn = self.special.get(b"connection")
-        if conn is None:
+        if conn is None or conn.lower() in PLAIN_TOKENS:  # (the common "keep-alive")
             return self.lines
         tokens = {t.strip().lower() for t in conn.split(b",")} - PLAIN_TOKENS
         if not tokens:

@@ -48,7 +48,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import trio
@@ -62,6 +62,9 @@ from flynnp2p.router.sock import ConnectError, Sock, Stream, connect, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
 from flynnp2p.watch import Watched
+
+if TYPE_CHECKING:
+    from flynnp2p.router.lane import Lane
 
 
 @dataclass(frozen=True)
@@ -192,21 +195,23 @@ def _ms(seconds: float) -> int:
 
 
 class _ResponseSide:
-    """Callbacks of one upstream response parser."""
+    """Callbacks of one upstream connection's response parser. It lives as long as
+    the connection (``Sock.parser``, pooled with it): a connection goes back to the
+    pool only after a complete response, where the parser is ready for the next."""
 
-    __slots__ = ("_head", "events", "messages", "on_header", "parser")
+    __slots__ = ("_head", "events", "in_lane", "messages", "on_header", "parser")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.in_lane = False  # registered with the fast lane's epoll (lane.py)
         self.messages = 0
         self._head = http1.HeadBuilder(http1.RESPONSE_SPECIAL)
         self.on_header = self._head.add
         self.parser = httptools.HttpResponseParser(self)
 
     def on_message_begin(self) -> None:
-        self.messages += 1
-        if self.messages > 1:  # after an interim (1xx) response
-            self._head.reset()
+        self.messages += 1  # (more than one in an exchange: interim 1xx responses)
+        self._head.reset()
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -232,6 +237,9 @@ class ClientConnection:
         self.dead = False  # the parser stopped: error, end of stream or upgrade
         self.error: tuple[int, str] | None = None
         self.upgrade_extra = b""
+        self.lane: Lane | None = None  # the fast lane this connection goes back to (lane.py)
+        self.answered = False  # a response went out and nothing of the next request is read
+        self._recv_later = sock.recv_later if isinstance(sock, Sock) else sock.recv
         self.begun = False  # a request has begun and its head is not complete
         self.begun_at: float | None = None
         self.timer = trio.CancelScope()  # cancelled by the router's sweeper at expires_at
@@ -293,6 +301,7 @@ class ClientConnection:
             self.dead = True
 
     async def _next(self, phase: str) -> Event:
+        recv = self.sock.recv
         while not self.events:
             if self.dead:
                 return EOF, None
@@ -301,15 +310,19 @@ class ClientConnection:
                 self.expires_at = now + self.cfg.idle_timeout
             elif not self.begun:
                 self.phase, self.expires_at = "idle", now + self.cfg.idle_timeout
+                if self.answered:  # a keep-alive client sends its next request after our answer
+                    self.answered = False
+                    recv = self._recv_later
             else:
                 if self.begun_at is None:
                     self.begun_at = now
                 self.phase = "head"
                 self.expires_at = self.begun_at + self.cfg.header_timeout
             try:
-                data = await self.sock.recv()
+                data = await recv()
             except OSError:
                 raise _ClientGone from None
+            recv = self.sock.recv
             if not data:
                 self.dead = True
                 if self.begun or phase != "head":
@@ -328,45 +341,56 @@ class ClientConnection:
 
     async def serve(self) -> None:
         self.sh.live.add(self)
+        back = False
         try:
             with self.timer:
-                await self._serve()
+                back = await self._serve()
             if self.timer.cancelled_caught:
                 self._timed_out()
         except _ClientGone:
             pass
         finally:
-            self.sh.live.discard(self)
-            if self.upstream is not None:
-                self.upstream.close()
-            self.sock.close()
+            if not back:
+                self.sh.live.discard(self)
+                if self.upstream is not None:
+                    self.upstream.close()
+                self.sock.close()
+        if back:
+            assert self.lane is not None
+            self.lane.adopt(self)
 
-    async def _serve(self) -> None:
+    async def _serve(self) -> bool:
+        """Serve requests until the connection ends; True when it goes back to the
+        fast lane instead (`lane`: answered, nothing of the next request read)."""
         while True:
             kind, value = await self._next("head")
             if kind == EOF:
-                return
+                return False
             if kind == ERROR:
                 status, why = value
                 await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
                 self.sh.stats.record("-", status, 0.0, by_router=True)
-                return
+                return False
             if value.version not in ("1.0", "1.1"):
                 await self._send(http1.simple_response(
                     505, "505: this router speaks HTTP versions 1.0 and 1.1 only\n", close=True))  # fmt: skip
-                return
+                return False
             # the parser may have refused the body's framing right after the head:
             # answer that before anything reaches a backend
-            error = next((v for k, v in self.events if k == ERROR), None)
+            # (an ERROR is queued only by a parser that stopped: `dead`)
+            error = next((v for k, v in self.events if k == ERROR), None) if self.dead else None
             if error is not None and all(k in (BODY, ERROR) for k, _ in self.events):
                 status, why = error
                 await self._send(http1.simple_response(status, f"{status}: {why}\n", close=True))
                 self.sh.stats.record("-", status, 0.0, by_router=True)
-                return
+                return False
             if not value.has_body and self.events and self.events[0][0] == END:
                 self.events.popleft()  # a bodiless request ends with its head
             if not await self._handle(value) or (self.dead and not self.events):
-                return
+                return False
+            self.answered = True
+            if self.lane is not None and not self.events and not self.begun and self.upstream is None:
+                return True
 
     def _timed_out(self) -> None:
         if self.phase == "head":
@@ -516,14 +540,14 @@ class ClientConnection:
     async def _send_request(self, head: RequestHead, up_head: bytes, up: Sock) -> None:
         """Send the head and stream the body; raise _UpstreamFailed if the request
         cannot be completed (the reason for the client is then queued as ERROR)."""
-        out = bytearray(up_head)
         if not head.has_body:
             try:
-                await up.sendall(out)
+                await up.sendall(up_head)
             except OSError as e:
                 raise _UpstreamFailed(f"send: {e}") from None  # (H13: the head alone was lost)
             return
         self.phase = "request-body"
+        out = bytearray(up_head)
         sent = 0
         chunked = head.chunked
         while True:
@@ -615,7 +639,10 @@ class ClientConnection:
         uploaded: bool | Callable[[], bool],
     ) -> bool:  # fmt: skip
         cfg = self.cfg
-        side = _ResponseSide()
+        side = up.parser
+        if not isinstance(side, _ResponseSide):
+            side = up.parser = _ResponseSide()
+        side.messages = 0
         self.phase = "response-head"
         self.expires_at = self.sh.now() + cfg.response_header_timeout
         resp: ResponseHead | None = None
@@ -625,9 +652,11 @@ class ClientConnection:
         interim = 0
         extra = b""
         out = bytearray()
+        recv = up.recv_later  # nothing can be there before the backend has read the request
         while not done:
             try:
-                data = await up.recv()
+                data = await recv()
+                recv = up.recv
             except OSError as e:
                 if resp is None:
                     raise _UpstreamFailed(f"recv: {e}") from None

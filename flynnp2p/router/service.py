@@ -30,6 +30,7 @@ import trio
 
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
+from flynnp2p.router.lane import Lane
 from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared, connect_backend
 from flynnp2p.router.sock import ConnectError, Sock, Stream, tunnel
 from flynnp2p.router.stats import Stats
@@ -65,6 +66,8 @@ class Router:
     ``await nursery.start(router.run)`` returns.
     `reuse_port`: bind every listener with SO_REUSEPORT, so that several router
     processes (`flynnp2p.router.workers`) share the ports.
+    `fast_lane`: plain-HTTP connections are served by `lane.Lane` (one reactor
+    task) and handed to a task per connection only for what the lane leaves out.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Router:
         certs: CertStore | None = None,
         sticky_key: bytes | None = None,
         reuse_port: bool = False,
+        fast_lane: bool = True,
     ) -> None:
         self.table = table
         self.reuse_port = reuse_port
@@ -100,13 +104,15 @@ class Router:
         )  # fmt: skip
         if sticky_key is not None:  # the cluster's: a cookie is good on every node
             self.shared.sticky_key = sticky_key
-        self.connections = 0
+        self.by_tasks = 0  # connections served by a task (the fast lane counts its own)
         self.tcp_listeners: dict[int, trio.CancelScope] = {}
         self.tcp_errors: dict[int, str] = {}
         self.bound_port: int | None = None
         self.bound_https_port: int | None = None
         self.tls_failures = 0  # handshakes that failed or timed out
         self.failed = "http"
+        self.lane: Lane | None = None
+        self.fast_lane = fast_lane
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         self.failed = "http"  # which listener a bind error (OSError) is about
@@ -152,6 +158,7 @@ class Router:
             },
             "tcp_errors": dict(sorted(self.tcp_errors.items())),
             "connections": self.connections,
+            "lane": self.lane.status() if self.lane is not None else None,
             "routes": len(table.routes),
             "backends": {
                 f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.backends.items())
@@ -175,7 +182,7 @@ class Router:
 
     async def _accept_loop(
         self, listener: socket.socket, handle: Callable[[socket.socket, str], Awaitable[None]],
-        nursery: trio.Nursery,
+        nursery: trio.Nursery, take: Callable[[socket.socket, str], None] | None = None,
     ) -> None:  # fmt: skip
         while True:
             await trio.lowlevel.wait_readable(listener)
@@ -194,12 +201,15 @@ class Router:
                 if self.connections >= self.config.max_connections:
                     conn.close()
                     continue
-                nursery.start_soon(handle, conn, peer[0])
+                if take is not None:
+                    take(conn, peer[0])
+                else:
+                    nursery.start_soon(handle, conn, peer[0])
             await trio.lowlevel.checkpoint()
 
     async def _serve_http(self, listener: socket.socket, proto: str, port: int) -> None:
         async def handle(conn: socket.socket, peer_ip: str) -> None:
-            self.connections += 1
+            self.by_tasks += 1
             try:
                 stream: Stream = Sock(conn)
                 if proto == "https":
@@ -213,10 +223,28 @@ class Router:
                         return
                 await ClientConnection(self.shared, stream, peer_ip, proto, port).serve()
             finally:
-                self.connections -= 1
+                self.by_tasks -= 1
+
+        async def by_task(conn: ClientConnection) -> None:  # handed off by the lane
+            self.by_tasks += 1
+            try:
+                await conn.serve()
+            finally:
+                self.by_tasks -= 1
 
         async with trio.open_nursery() as nursery:
-            await self._accept_loop(listener, handle, nursery)
+            if proto == "http" and self.fast_lane:
+                lane = self.lane = Lane(self.shared, lambda c: nursery.start_soon(by_task, c))
+                nursery.start_soon(lane.run)
+                await self._accept_loop(listener, handle, nursery,
+                                        lambda conn, ip: lane.add(conn, ip, port))  # fmt: skip
+            else:
+                await self._accept_loop(listener, handle, nursery)
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now, HTTP, HTTPS and TCP."""
+        return self.by_tasks + (self.lane.count if self.lane is not None else 0)
 
     # -- TCP routes ----------------------------------------------------------------------
 
@@ -243,11 +271,11 @@ class Router:
 
     async def _serve_tcp(self, listener: socket.socket, port: int, scope: trio.CancelScope) -> None:
         async def handle(conn: socket.socket, peer_ip: str) -> None:
-            self.connections += 1
+            self.by_tasks += 1
             try:
                 await self._proxy_tcp(Sock(conn), port)
             finally:
-                self.connections -= 1
+                self.by_tasks -= 1
 
         try:
             async with trio.open_nursery() as conns:

@@ -1,0 +1,465 @@
+"""The HTTP fast lane: plain-HTTP keep-alive requests served by one reactor task.
+
+Theory of operation
+-------------------
+A trio task per connection pays trio's scheduling on every wait: an epoll
+registration change, a task switch and a resume through the coroutine chain,
+twice per proxied request (FACTS.md measured that overhead, not parsing, as
+what bounds a trio proxy). Here one task owns a private ``select.epoll``: it
+waits with one `trio.lowlevel.wait_readable` on the epoll's own fd, takes
+every ready socket of the batch with ``poll(0)`` and runs plain callbacks.
+Sockets are registered edge-triggered; a read that fills less than its buffer
+has drained the socket (the next byte brings a new edge), so no read ends in
+EAGAIN on the common path.
+
+The lane serves only the common case and hands everything else to the task
+path (`proxy.ClientConnection.serve`), which has every feature: a request that
+has a body, is not idempotent, asks for an upgrade or 100-continue, or whose
+route redirects, is
+sticky, has no backend, or whose chosen backend has no idle pooled connection;
+any refusal or error of the parser; a backend that fails before its response
+head reached the client (the task path then retries it, as it would its own).
+A handed-off connection comes back to the lane when the task path has answered
+its request and nothing of the next one is read (`adopt`).
+
+What the lane does for a request it keeps is what `ClientConnection` does, with
+the same code where it can: the connection's own httptools parser and event
+queue, the upstream connection's `_ResponseSide`, `http1` for the heads, the
+balancer and the pool, `Stats`. A response the client cannot take at once is
+held (one pending buffer) and the upstream is not read until the client has
+taken it: flow control as on the task path.
+
+Timeouts stay with the router's sweeper: a lane connection's ``timer`` is a
+`_Timer` whose ``cancel`` (what the sweeper calls at ``expires_at``) answers
+like the task path (408 in a head, 504 with a router log line while waiting
+for a response head) and closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+from collections.abc import Callable
+
+import trio
+
+from flynnp2p.router import http1
+from flynnp2p.router.proxy import (
+    BODY,
+    END,
+    HEAD,
+    ClientConnection,
+    Shared,
+    _ResponseSide,
+)  # fmt: skip
+from flynnp2p.router.sock import RECV_SIZE, Sock
+from flynnp2p.router.table import Backend
+
+_IN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+_SLOW = object()  # `_start`'s answer for a request the task path must serve
+
+
+class _Timer:
+    """What the sweeper cancels for a connection in the lane."""
+
+    __slots__ = ("lane", "st")
+
+    def __init__(self, lane: Lane, st: _State) -> None:
+        self.lane, self.st = lane, st
+
+    def cancel(self) -> None:
+        self.lane.expired(self.st)
+
+
+class _State:
+    """A client connection in the lane, and its request in flight, if any."""
+
+    __slots__ = (
+        "app",
+        "backend",
+        "conn",
+        "fd",
+        "framing",
+        "head",
+        "interim",
+        "keep",
+        "pending",
+        "readable",
+        "resp",
+        "side",
+        "up",
+        "up_fd",
+        "up_readable",
+    )  # fmt: skip
+
+    def __init__(self, conn: ClientConnection, fd: int) -> None:
+        self.conn = conn
+        self.fd = fd
+        self.readable = True  # not known to be drained (edge-triggered)
+        self.up: Sock | None = None
+        self.up_fd = -1
+        self.up_readable = False
+        self.side: _ResponseSide | None = None
+        self.head: http1.RequestHead | None = None
+        self.resp: http1.ResponseHead | None = None
+        self.backend: Backend | None = None
+        self.app = ""
+        self.framing = "none"
+        self.keep = False
+        self.pending: memoryview | None = None  # response bytes the client has not taken
+        self.interim = 0  # 1xx responses before this one
+
+
+class Lane:
+    """The reactor. `handoff(conn)` must start the task path for `conn` (the
+    router's nursery); `closed()` is called once per connection the lane closes."""
+
+    def __init__(self, sh: Shared, handoff: Callable[[ClientConnection], None]) -> None:
+        self.sh = sh
+        self.handoff_to_task = handoff
+        self.ep = select.epoll()
+        self.clients: dict[int, _State] = {}
+        self.uploads: dict[int, _State] = {}  # upstream fd -> the state waiting on it
+        self.kept = 0  # requests the lane proxied itself
+        self.handed = 0  # requests handed to the task path
+
+    @property
+    def count(self) -> int:
+        """Client connections in the lane now."""
+        return len(self.clients)
+
+    def status(self) -> dict[str, int]:
+        return {"connections": self.count, "kept": self.kept, "handed": self.handed}
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ep = self.ep
+        clients, uploads = self.clients, self.uploads
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(ep.fileno())
+                for fd, ev in ep.poll(0, 256):
+                    st = clients.get(fd)
+                    if st is not None:
+                        if ev & select.EPOLLOUT and st.pending is not None:
+                            self._flush(st)
+                        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                            st.readable = True
+                            self._read_client(st)
+                        continue
+                    st = uploads.get(fd)
+                    if st is not None:
+                        st.up_readable = True
+                        if st.pending is None:
+                            self._read_upstream(st)
+        finally:
+            for st in list(clients.values()):
+                self._close(st)
+            ep.close()
+
+    # -- client connections ------------------------------------------------------------
+
+    def add(self, raw: socket.socket, client_ip: str, port: int) -> None:
+        """Take a newly accepted plain-HTTP connection."""
+        conn = ClientConnection(self.sh, Sock(raw), client_ip, "http", port)
+        conn.lane = self
+        self.sh.live.add(conn)
+        self.adopt(conn)
+
+    def adopt(self, conn: ClientConnection) -> None:
+        """Take (back) a connection that has no request in flight."""
+        sock = conn.sock
+        assert isinstance(sock, Sock)
+        fd = sock.sock.fileno()
+        st = _State(conn, fd)
+        conn.timer = _Timer(self, st)  # type: ignore[assignment]
+        conn.phase, conn.expires_at = "idle", self.sh.now() + conn.cfg.idle_timeout
+        self.clients[fd] = st
+        self.ep.register(fd, _IN)
+        if conn.events:
+            self._dispatch(st)
+        else:
+            self._read_client(st)
+
+    def _read_client(self, st: _State) -> None:
+        conn = st.conn
+        raw = conn.sock.sock  # type: ignore[attr-defined]
+        while st.readable and st.up is None and st.fd in self.clients:
+            try:
+                data = raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                st.readable = False
+                return
+            except OSError:
+                self._close(st)
+                return
+            if len(data) < RECV_SIZE:
+                st.readable = False
+            if not data:
+                if conn.begun or conn.events:
+                    self._handoff(st)  # the task path answers an early end (it reads EOF again)
+                else:
+                    self._close(st)
+                return
+            now = self.sh.now()
+            if not conn.begun and not conn.events:
+                conn.begun_at = now
+            conn._feed(data)
+            if conn.begun:  # a head under way: the header timeout runs
+                conn.phase = "head"
+                conn.expires_at = (conn.begun_at or now) + conn.cfg.header_timeout
+            self._dispatch(st)
+
+    def _dispatch(self, st: _State) -> None:
+        """Start the next queued request, or hand the connection off."""
+        conn = st.conn
+        while conn.events and st.up is None and st.fd in self.clients:
+            kind, head = conn.events[0]
+            if (
+                kind != HEAD or conn.dead or head.has_body or head.upgrade is not None
+                or head.expect_continue or head.version not in ("1.0", "1.1")
+                or len(conn.events) < 2 or conn.events[1][0] != END
+            ):  # fmt: skip
+                self._handoff(st)
+                return
+            if self._start(st, head) is _SLOW:
+                self._handoff(st)
+                return
+            conn.events.popleft()
+            conn.events.popleft()
+
+    def _handoff(self, st: _State) -> None:
+        """The task path serves this connection from its queued events on."""
+        self.handed += 1
+        conn = st.conn
+        self._forget(st)
+        conn.timer = trio.CancelScope()
+        self.handoff_to_task(conn)
+
+    def _forget(self, st: _State) -> None:
+        if self.clients.pop(st.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self.ep.unregister(st.fd)
+
+    def _close(self, st: _State) -> None:
+        conn = st.conn
+        if st.up is not None:
+            self._drop_upstream(st, reuse=False)
+        if st.fd in self.clients:
+            self._forget(st)
+        self.sh.live.discard(conn)
+        conn.sock.close()
+
+    # -- one request -------------------------------------------------------------------
+
+    def _start(self, st: _State, head: http1.RequestHead) -> object:
+        sh, conn = self.sh, st.conn
+        host = head.host.decode("latin-1")
+        if not host or head.method not in http1.IDEMPOTENT:
+            return _SLOW  # (a failed attempt is tried again: only requests that allow it)
+        table = sh.table.value
+        route = table.route_http(host, head.path)
+        if route is None or route.https_only or route.sticky:
+            return _SLOW
+        backends = table.backends.get(route.service, ())
+        if not backends:
+            return _SLOW
+        now = sh.now()
+        backend = sh.balancer.choose(backends, now, ())
+        if backend is None:
+            return _SLOW
+        up = sh.pool.take_nowait(backend.address, now)
+        if up is None:
+            return _SLOW  # the task path connects (and pools the connection after)
+        rid = head.request_id if head.request_id and http1.valid_request_id(head.request_id) \
+            else sh.new_request_id()  # fmt: skip
+        app = route.app_name or route.app_id
+        up_head = http1.upstream_request(
+            head, client_ip=conn.ip, proto_port=conn.proto_port, request_id=rid,
+            start_ms=sh.wall_ms(),
+        )  # fmt: skip
+        try:
+            sent = up.sock.send(up_head)
+        except OSError:
+            sent = -1
+        if sent != len(up_head):  # a pooled connection the backend closed: the task path retries
+            up.close()
+            return _SLOW
+        side = up.parser
+        if not isinstance(side, _ResponseSide):
+            side = up.parser = _ResponseSide()
+        side.messages = 0
+        st.up, st.up_fd, st.side, st.head, st.backend, st.app = up, up.sock.fileno(), side, head, backend, app
+        st.resp, st.up_readable, st.interim = None, False, 0
+        if not side.in_lane:  # registered once for the connection's life
+            self.ep.register(st.up_fd, select.EPOLLIN | select.EPOLLET)
+            side.in_lane = True
+        self.uploads[st.up_fd] = st
+        sh.balancer.acquire(backend.address)
+        conn.current = (app, now, rid)
+        conn.attempt = (head, route.app_name, backend, 0.0, now)
+        conn.phase = "response-head"
+        conn.expires_at = now + conn.cfg.response_header_timeout
+        self.kept += 1
+        return None
+
+    def _read_upstream(self, st: _State) -> None:
+        """Read the response while the client takes it (one receive at a time)."""
+        side = st.side
+        while st.up is not None and st.up_readable and st.pending is None:
+            assert side is not None
+            raw = st.up.sock
+            try:
+                data = raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                st.up_readable = False
+                break
+            except OSError:
+                self._upstream_failed(st) if st.resp is None else self._close(st)
+                return
+            if len(data) < RECV_SIZE:
+                st.up_readable = False
+            if not data:
+                resp = st.resp
+                if resp is None:
+                    self._upstream_failed(st)
+                    return
+                if st.framing not in ("close", "chunked") or resp.chunked or resp.content_length is not None:
+                    self._close(st)  # truncated: close the client's connection too
+                    return
+                side.events.append((END, None))
+            else:
+                try:
+                    side.parser.feed_data(data)
+                except Exception:  # httptools.HttpParserError, an upgrade nobody asked for
+                    side.events.clear()
+                    self._upstream_failed(st) if st.resp is None else self._close(st)
+                    return
+            out = bytearray()
+            done = False
+            for kind, value in side.events:
+                if kind == HEAD:
+                    if 100 <= value.status < 200:
+                        if value.status == 101:  # no upgrade was asked for (see _dispatch)
+                            side.events.clear()
+                            self._upstream_failed(st)
+                            return
+                        st.interim += 1
+                        continue  # interim responses stop here
+                    st.resp = value
+                    assert st.head is not None
+                    st.framing, st.keep = st.conn._framing(st.head, value)
+                    out += http1.client_response(
+                        value, body_framing=st.framing, keep_alive=st.keep,
+                        client_version=st.head.version, request_id=st.conn.current[2],  # type: ignore[index]
+                    )  # fmt: skip
+                    st.conn.phase = "response-body"
+                    if st.framing == "none":
+                        done = True
+                        break
+                elif st.resp is None:
+                    continue
+                elif kind == BODY:
+                    out += http1.chunk(value) if st.framing == "chunked" else value
+                else:
+                    if st.framing == "chunked":
+                        out += http1.LAST_CHUNK
+                    done = True
+                    break
+            side.events.clear()
+            if out and not self._send_client(st, out):
+                return
+            if done:
+                self._finish(st)
+                return
+            st.conn.expires_at = self.sh.now() + st.conn.cfg.idle_timeout
+
+    def _send_client(self, st: _State, out: bytearray) -> bool:
+        """Send what can go now; hold the rest (the upstream is then not read).
+        False if the client is gone (closed)."""
+        raw = st.conn.sock.sock  # type: ignore[attr-defined]
+        try:
+            sent = raw.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(st)
+            return False
+        if sent < len(out):
+            st.pending = memoryview(out)[sent:]
+        return True
+
+    def _flush(self, st: _State) -> None:
+        raw = st.conn.sock.sock  # type: ignore[attr-defined]
+        view = st.pending
+        assert view is not None
+        try:
+            sent = raw.send(view)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(st)
+            return
+        if sent < len(view):
+            st.pending = view[sent:]
+            return
+        st.pending = None
+        st.conn.expires_at = self.sh.now() + st.conn.cfg.idle_timeout
+        if st.up is not None:  # the response goes on
+            self._read_upstream(st)
+        elif not st.keep or st.conn.dead:
+            self._close(st)
+        else:
+            self._dispatch(st)
+            self._read_client(st)
+
+    def _finish(self, st: _State) -> None:
+        """The response is complete (maybe not all sent yet: `pending`)."""
+        sh, conn, resp, head = self.sh, st.conn, st.resp, st.head
+        assert resp is not None and head is not None and st.side is not None
+        sh.stats.record(st.app, resp.status, sh.now() - conn.current[1])  # type: ignore[index]
+        reusable = (
+            resp.keep_alive and head.method != "HEAD" and st.side.messages == 1 + st.interim
+            and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
+        )  # fmt: skip
+        self._drop_upstream(st, reuse=reusable)
+        conn.current = None
+        if not st.keep or conn.dead:
+            if st.pending is None:
+                self._close(st)
+            else:
+                st.keep = False  # closed once the pending bytes are sent
+            return
+        conn.phase, conn.expires_at = "idle", sh.now() + conn.cfg.idle_timeout
+        if st.pending is None:
+            self._dispatch(st)
+            self._read_client(st)
+
+    def _drop_upstream(self, st: _State, *, reuse: bool) -> None:
+        up, backend = st.up, st.backend
+        assert up is not None and backend is not None
+        self.uploads.pop(st.up_fd, None)
+        self.sh.balancer.release(backend.address)
+        if reuse:
+            self.sh.pool.put(backend.address, up, self.sh.now())
+        else:
+            up.close()
+        st.up, st.up_fd, st.side, st.backend = None, -1, None, None
+
+    def _upstream_failed(self, st: _State) -> None:
+        """Before anything reached the client: the task path tries again."""
+        conn, head = st.conn, st.head
+        self._drop_upstream(st, reuse=False)
+        conn.current = None
+        assert head is not None
+        conn.events.appendleft((END, None))
+        conn.events.appendleft((HEAD, head))
+        self._handoff(st)
+
+    def expired(self, st: _State) -> None:
+        if st.fd not in self.clients:
+            return
+        st.conn._timed_out()  # 408 in a head, 504 (and its log line) awaiting a response
+        self._close(st)
