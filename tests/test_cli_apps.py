@@ -130,13 +130,14 @@ def test_the_app_comes_from_the_flynnp2p_git_remote(cli: Any, tmp_path: Path) ->
 
 def test_env_set_get_unset(cli: Any) -> None:
     cli("create", "envapp")
-    code, out, _ = cli("env", "-a", "envapp", "set", "A=1", "B=x=y")
+    # (-n: this API server runs no leader duties, so no deploy would finish)
+    code, out, _ = cli("env", "-a", "envapp", "set", "-n", "A=1", "B=x=y")
     assert code == 0 and out.startswith("set A, B (new release ")
     code, out, _ = cli("env", "-a", "envapp")
     assert out.splitlines() == ["A=1", "B=x=y"]
     code, out, _ = cli("env", "get", "-a", "envapp", "B")
     assert code == 0 and out == "x=y\n"
-    code, out, _ = cli("env", "-a", "envapp", "unset", "A")
+    code, out, _ = cli("env", "-a", "envapp", "unset", "-n", "A")
     assert code == 0
     code, out, _ = cli("env", "-a", "envapp", "--json")
     assert as_json(out)["env"] == {"B": "x=y"}
@@ -240,3 +241,15 @@ def test_delete_with_yes(cli: Any) -> None:
     cli("create", "quick")
     code, out, _ = cli("delete", "-a", "quick", "-y")
     assert code == 0 and "deleted app quick (1 route(s))" in out
+
+
+def test_an_api_key_beginning_with_a_dash_is_taken_as_the_tokens_value() -> None:
+    from flynnp2p.cli.main import build_parser, joined_secrets
+
+    key = "-" + "A1_b" * 10 + "xyz"  # 43 characters, as base64url keys are
+    argv = ["cluster", "add", "k", "--url", "http://127.0.0.1:1", "--token", key]
+    with pytest.raises(SystemExit):  # what argparse alone makes of it
+        build_parser().parse_args(argv)
+    args = build_parser().parse_args(joined_secrets(argv))
+    assert args.token == key and args.url == "http://127.0.0.1:1"
+    assert joined_secrets(["--token", "--url"]) == ["--token", "--url"]  # an option stays one

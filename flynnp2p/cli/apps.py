@@ -27,6 +27,7 @@ import httpx
 from flynnp2p import vocab
 from flynnp2p.cli.client import IDEMPOTENCY_KEY, ApiClient
 from flynnp2p.cli.common import (
+    app_of,
     app_options,
     app_path,
     client_for,
@@ -34,6 +35,7 @@ from flynnp2p.cli.common import (
     print_json,
     table,
 )
+from flynnp2p.cli.deploys import deploy_wait_options, wait_for_deploy
 from flynnp2p.cli.git import add_remote, in_work_tree
 from flynnp2p.cli.scale import wait_for_formation
 from flynnp2p.errors import NotFound, UserError
@@ -160,8 +162,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         print_json(resp)
         return 0
     names = ", ".join(body.get("set") or body["unset"])
-    print(f"{'set' if sub == 'set' else 'unset'} {names} (new release {resp['release']['id']})")
-    return 0
+    release = resp["release"]
+    version = f"v{release['version']}" if release.get("version") else release["id"]
+    print(f"{'set' if sub == 'set' else 'unset'} {names} (new release {version}), deploying…")
+    if args.no_wait:
+        return 0
+    return wait_for_deploy(client, app_of(args), release["id"], args.timeout)
 
 
 SLUG_CHUNK = 1 << 20
@@ -434,10 +440,12 @@ def add_app_commands(sub: Any) -> None:
     env = p.add_subparsers(dest="env_cmd", metavar="SUBCOMMAND")
     e = env.add_parser("get", parents=nested, help="print one variable")
     e.add_argument("name", metavar="NAME")
-    e = env.add_parser("set", parents=nested, help="set variables (a new release)")
+    e = env.add_parser("set", parents=nested, help="set variables (a new release, deployed)")
     e.add_argument("pairs", nargs="+", metavar="NAME=VALUE")
-    e = env.add_parser("unset", parents=nested, help="remove variables (a new release)")
+    deploy_wait_options(e)
+    e = env.add_parser("unset", parents=nested, help="remove variables (a new release, deployed)")
     e.add_argument("names", nargs="+", metavar="NAME")
+    deploy_wait_options(e)
 
     p = sub.add_parser("release", parents=top, help="list releases, show one, or add one from a slug")
     p.set_defaults(func=cmd_release)

@@ -67,6 +67,13 @@ def cmd_deployment(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy_wait_options(p: argparse.ArgumentParser) -> None:
+    """The options of a command that waits for the deploy it starts."""
+    p.add_argument("-n", "--no-wait", action="store_true", help="do not wait for the deploy")
+    p.add_argument("--timeout", type=float, default=180.0, metavar="S",
+                   help="how long to wait for the deploy, in seconds (default 180)")  # fmt: skip
+
+
 def wait_for_deploy(client: ApiClient, app: str, release_id: str, timeout_s: float) -> int:
     """Wait for the deployment of `release_id` and print how it ended; 0 if it
     completed, else 1 (failed, rolled back, or not finished in `timeout_s`)."""
@@ -175,9 +182,7 @@ def add_deploy_commands(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("release", nargs="?", metavar="ID|vN", help="the release to go back to")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("-n", "--no-wait", action="store_true", help="do not wait for the deploy")
-    p.add_argument("--timeout", type=float, default=180.0, metavar="S",
-                   help="how long to wait for the deploy, in seconds (default 180)")  # fmt: skip
+    deploy_wait_options(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("app", parents=top, help="show or change the app's settings")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -219,9 +220,27 @@ def cmd_cluster_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+_SECRET = re.compile(r"-[A-Za-z0-9_-]{39,}")  # an API key may begin with "-" (base64url)
+
+
+def joined_secrets(argv: Sequence[str]) -> list[str]:
+    """``--token KEY`` as ``--token=KEY`` when KEY begins with "-" (argparse would
+    take it for an option: one API key in 64 does)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--token" and i + 1 < len(argv) and _SECRET.fullmatch(argv[i + 1]):
+            out.append(f"--token={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_secrets(sys.argv[1:] if argv is None else argv))
     try:
         code: int = args.func(args)
         return code
