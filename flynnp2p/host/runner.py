@@ -64,7 +64,7 @@ from flynnp2p.host.converge import (
     job_report,
     view_of,
 )
-from flynnp2p.host.health import HealthTimeout, wait_healthy
+from flynnp2p.host.health import FAST_FOR_S, HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.prepare import Blobs, Preparer, StartFailed
 from flynnp2p.netaddr import url_host
@@ -364,7 +364,7 @@ class HostRunner:
         try:
             await wait_healthy(
                 check, self.addr, spec.port, boot_timeout_s=self.boot_timeout_s,
-                is_alive=lambda: not exited.is_set(),
+                is_alive=lambda: not exited.is_set(), fast_for_s=FAST_FOR_S,
             )  # fmt: skip
         except HealthTimeout as exc:
             return f"health check failed: {exc}"
