@@ -18,7 +18,8 @@ left.
 
 One task per run (`_run_job`) owns it from start to its last report: prepare it
 (`flynnp2p.host.prepare`: wait for its release and artifact to reach this
-replica, fetch and unpack the slug; `pending`), start it (`starting`), wait for
+replica, fetch and unpack the slug; `pending`, reported meanwhile), start it
+(`starting`, once the `pending` write is done, so reports keep their order), wait for
 the health check to pass (`up`), then wait for the exit (`crashed` or, when
 stopped or a one-off that exited 0, `down`), with the exit status and a reason.
 A run that fails its health check within ``boot_timeout_s`` is stopped and
@@ -294,13 +295,20 @@ class HostRunner:
                 spec = None
         with run.cancel:
             if spec is None:
-                await self._report(p, PENDING)
-                try:
-                    spec = await self.prepare.spec(p)
-                except StartFailed as exc:
+                prepared: JobSpec | StartFailed | None = None
+                async with trio.open_nursery() as reporting:
+                    # The pending report (a write a peer acknowledges) while the run is
+                    # prepared, not before: the next report waits for it (nursery).
+                    reporting.start_soon(self._report, p, PENDING)
+                    try:
+                        prepared = await self.prepare.spec(p)
+                    except StartFailed as exc:
+                        prepared = exc
+                if not isinstance(prepared, JobSpec):
                     self.stats["crashed"] += 1
-                    await self._report(p, CRASHED, reason=str(exc))
+                    await self._report(p, CRASHED, reason=str(prepared))
                     return
+                spec = prepared
                 with trio.CancelScope(shield=True):
                     await self.backend.start(spec)
                 self.stats["started"] += 1
