@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import trio
 
 from flynnp2p.build.deploy import BuildStep
 from flynnp2p.state.records import App
@@ -86,3 +89,47 @@ async def test_a_complete_deploy_says_where_the_app_answers(
     done = {**RUNNING, "status": "complete", "finished_at": 2_000}
     said, _ = await waited(done, tmp_path)
     assert said == ["-----> web is up (2 job(s)): http://shop.example:8080/"]
+
+
+async def test_the_wait_reads_the_deployment_again_as_soon_as_an_event_says_it_changed(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    """The watcher finishes the deploy at 0.7 s: the event stream wakes the wait then
+    (polls alone would see it at 1.0 s)."""
+    done = trio.Event()
+    asked_at: list[float] = []
+    t0 = trio.current_time()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        await trio.sleep(0.7)
+        done.set()
+        yield b'event: deployment\ndata: {"kind":"deployment","key":"d2"}\n\n'
+        await trio.sleep_forever()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/events":
+            assert request.url.params["kinds"] == "deployment"
+            return httpx.Response(200, content=events())
+        if path.endswith("/deployments"):
+            asked_at.append(trio.current_time() - t0)
+            status = {"status": "complete", "finished_at": 2_000} if done.is_set() else {}
+            return httpx.Response(200, json={"deployments": [{**RUNNING, **status}]})
+        if path.endswith("/formation"):
+            return httpx.Response(200, json={"formation": {"processes": {"web": 1}}})
+        if path.endswith("/routes"):
+            return httpx.Response(200, json={"routes": []})
+        return httpx.Response(404, json={"error": {"message": "no"}})
+
+    said: list[str] = []
+
+    async def say(line: str) -> None:
+        said.append(line)
+
+    api = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    step = BuildStep(api=api, api_url="http://node:7100", slugs=None,  # type: ignore[arg-type]
+                     work_root=tmp_path, wait_s=5)  # fmt: skip
+    await step._wait_web(APP, "r2", say)
+    assert said == ["-----> web is up (1 job(s)): http://shop:8080/"]
+    assert asked_at == pytest.approx([0, 0.5, 0.7])

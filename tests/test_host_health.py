@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from flynnp2p.host.health import (
+    FAST_FOR_S,
     HealthTimeout,
     Prober,
     describe_os_error,
@@ -375,3 +376,28 @@ async def test_wait_healthy_over_http_needs_a_good_status() -> None:
         async with serving(http_server(200, requests)) as port:
             await wait_healthy(http(), LOCAL, port, boot_timeout_s=GUARD_S)
     assert len(requests) >= 2
+
+
+async def test_a_job_just_started_is_probed_every_50ms_then_backs_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    prober = FakeProber(*["connection refused"] * 11, None)
+    await wait_healthy(slow(1_000), LOCAL, 1, prober=prober, fast_for_s=0.32)
+    # Every 50 ms while the fast start lasts (to 0.32 s), then 0.1, 0.2, 0.4, 0.8, 1 s.
+    fast = [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert prober.times == pytest.approx([*fast, 0.35, 0.45, 0.65, 1.05, 1.85])
+
+
+async def test_the_fast_start_sees_a_late_binder_within_50ms(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A port that starts listening at 1.6 s is seen at the next 50 ms probe, not at
+    3.15 s as the back-off alone would see it."""
+    t0 = trio.current_time()
+
+    async def listens_at_1600ms(check: HealthCheck, host: str, port: int) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None if trio.current_time() - t0 >= 1.6 else "connection refused"
+
+    await wait_healthy(slow(5_000), LOCAL, 1, prober=listens_at_1600ms, fast_for_s=FAST_FOR_S)
+    assert 1.6 <= trio.current_time() - t0 <= 1.65 + 1e-9

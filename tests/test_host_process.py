@@ -271,6 +271,37 @@ async def test_unsafe_slugs_are_rejected(
     assert not (tmp_path / "evil").exists()
 
 
+async def test_links_that_pass_the_check_one_by_one_but_escape_together_are_stopped(
+    tmp_path: Path,
+) -> None:
+    """Checked a member at a time, each link stays inside the slug on paper; the data
+    filter, extracting in the same pass, sees the chain leave it: nothing installed."""
+
+    def chain(tar: tarfile.TarFile) -> None:
+        for name, target in (("./app/up", ".."), ("./app/out", "up/..")):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+        add_file(tar, "./app/out/escaped", b"outside\n")
+
+    root = tmp_path / "root"
+    with pytest.raises(SlugError):
+        await unpack_slug(build_slug(tmp_path / "chain.tgz", chain), root, "chain")
+    assert os.listdir(root / "slugs") == []
+    assert not (root / "escaped").exists() and not (tmp_path / "escaped").exists()
+
+
+async def test_a_truncated_slug_installs_nothing(tmp_path: Path) -> None:
+    whole = build_slug(tmp_path / "s.tgz").read_bytes()
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    root = tmp_path / "root"
+    with pytest.raises(SlugError, match="not a readable"):
+        await unpack_slug(cut, root, "cut")
+    assert os.listdir(root / "slugs") == []
+
+
 async def test_safe_relative_symlink_is_allowed(tmp_path: Path) -> None:
     def link(tar: tarfile.TarFile) -> None:
         info = tarfile.TarInfo("./app/alias.html")

@@ -26,7 +26,8 @@ isolation, the layout and what the programs see):
    (`release_yaml`);
 7. the slug: ``tar`` of ``./app`` run in the sandbox as the build's uid (so it can
    read nothing the build could not), owners set to 0, gzipped into the build's
-   /tmp; then every member is checked as a job host will check it
+   /tmp; then, in one pass over the file (decompressed once, hashed as it is
+   read), every member is checked as a job host will check it
    (``host.slug.check_members``: no absolute or escaping links, no devices), its
    ``Procfile`` parsed and its digest computed;
 8. process types: the buildpacks' defaults, the app's ``Procfile`` over them,
@@ -57,11 +58,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import trio
 
 from flynnp2p import vocab
-from flynnp2p.build.procfile import parse_procfile, read_slug_procfile
+from flynnp2p.build.procfile import MAX_PROCFILE, PROCFILE_MEMBERS, parse_procfile
 from flynnp2p.build.release_yaml import parse_default_process_types
 from flynnp2p.build.sandbox import BuildLimits, LineCallback, Sandbox, open_sandbox
 from flynnp2p.build.selection import (
@@ -73,7 +75,7 @@ from flynnp2p.build.selection import (
 from flynnp2p.build.slugignore import SlugIgnore, parse_slugignore
 from flynnp2p.errors import UserError
 from flynnp2p.host.process import app_uid, detect_isolation
-from flynnp2p.host.slug import SlugError, check_members
+from flynnp2p.host.slug import READ_ERRORS, SlugError, check_members, open_tar_stream
 
 __all__ = ["BuildError", "BuildLimits", "BuildResult", "build", "memory_message", "out_of_memory"]
 
@@ -497,17 +499,54 @@ async def _pack(box: Sandbox, on_line: LineCallback) -> _Slug:
         raise BuildError(f"the built app's {exc.message}") from None
 
 
+class _HashingReader:
+    """A binary file read through sha256: every byte the tar reader takes is hashed."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        return data
+
+
 def _check_slug(tmp_slug: Path) -> _Slug:
-    """Check the members as a job host will, read the Procfile, hash the file."""
-    try:
-        with tarfile.open(tmp_slug, "r:gz") as tar:
-            check_members(tar.getmembers())
-    except (tarfile.TarError, EOFError) as exc:
-        raise SlugError(f"the packed slug is not readable: {exc}") from None
-    procfile = read_slug_procfile(tmp_slug)
-    h = hashlib.sha256()
-    with tmp_slug.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    """Check the members as a job host will, read the Procfile, hash the file: in one
+    pass over the file (decompressed once, each byte hashed as it is read)."""
+    procfiles: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}  # the last of each name
+    with tmp_slug.open("rb") as raw:
+        reader = _HashingReader(raw)
+        try:
+            with open_tar_stream(cast(BinaryIO, reader)) as tar:
+                for member in tar:
+                    check_members([member])
+                    if member.name in PROCFILE_MEMBERS:
+                        f = tar.extractfile(member) if _procfile_ok(member) else None
+                        procfiles[member.name] = (member, f.read() if f is not None else None)
+        except READ_ERRORS as exc:
+            raise SlugError(f"the packed slug is not readable: {exc}") from None
+        while reader.read(1 << 20):  # anything after the gzip stream: the digest is the file's
+            pass
+    procfile = _slug_procfile(procfiles)
     os.chown(tmp_slug, os.geteuid(), os.getegid())  # it was the build's; now the caller's
-    return _Slug(tmp_slug, f"sha256:{h.hexdigest()}", tmp_slug.stat().st_size, procfile)
+    return _Slug(tmp_slug, f"sha256:{reader.h.hexdigest()}", tmp_slug.stat().st_size, procfile)
+
+
+def _procfile_ok(member: tarfile.TarInfo) -> bool:
+    return member.isfile() and member.size <= MAX_PROCFILE
+
+
+def _slug_procfile(found: Mapping[str, tuple[tarfile.TarInfo, bytes | None]]) -> dict[str, str]:
+    """The Procfile a host reads from the slug (`procfile.read_slug_procfile`'s choice:
+    the last member of the first name in ``PROCFILE_MEMBERS``), from the members the
+    pass kept; {} when it has none."""
+    for name in PROCFILE_MEMBERS:
+        if name not in found:
+            continue
+        member, data = found[name]
+        if data is None or not _procfile_ok(member):
+            raise UserError(f"slug: {name} must be a regular file of at most 64 KiB")
+        return parse_procfile(data.decode("utf-8", "replace"))
+    return {}

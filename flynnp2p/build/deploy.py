@@ -21,7 +21,12 @@ It runs before any ref moves, so a failed build rejects the push (git prints
    to it: the first release with a ``web`` type runs ``web=1``), with the commit
    in its meta;
 6. the push waits (``wait_s``) until the new release's web jobs are up and says
-   where the app answers, or says why not.
+   where the app answers, or says why not. It reads the deployment again as soon
+   as this node's event stream (``GET /v1/events?kinds=deployment``) says a
+   deployment changed, and every ``deployments.POLL_S`` besides (a stream that
+   cannot be opened, or a change it missed, costs that long at most), so the push
+   learns that the deploy finished within a few milliseconds of the watcher's write
+   reaching this node, not half a poll later.
 
 Everything the step says to the pusher is also kept in the app's log with
 source ``build`` (`flynnp2p.build.buildlog`). Pushes of other refs are stored only. A step error that is not the build's
@@ -57,6 +62,22 @@ WAIT_S = 60.0
 
 class Slugs(Protocol):
     async def put(self, digest: str, chunks: AsyncIterator[bytes]) -> tuple[int, int]: ...
+
+
+class _Wakeups:
+    """Level-triggered: `sleep` returns at once when a change came since it last
+    returned, else at the next change or after `seconds`."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def set(self) -> None:
+        self._changed.set()
+
+    async def sleep(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._changed.wait()
+        self._changed = trio.Event()
 
 
 async def _chunks(path: Path) -> AsyncIterator[bytes]:
@@ -191,10 +212,13 @@ class BuildStep:
         log lines, and that the previous release still serves."""
         base = f"/v1/apps/{quote(app.id)}"
         timeout = max(self.wait_s, app.deploy_timeout_s + 10.0)  # the watcher ends it by then
-        dep = await deployments.wait_for(
-            self._get, app.id, release_id, timeout_s=timeout, sleep=trio.sleep,
-            monotonic=time.monotonic,
-        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            wakeups = await nursery.start(self._deployment_changes)
+            dep = await deployments.wait_for(
+                self._get, app.id, release_id, timeout_s=timeout, sleep=wakeups.sleep,
+                monotonic=time.monotonic,
+            )  # fmt: skip
+            nursery.cancel_scope.cancel()
         if not deployments.finished(dep) or dep is None:
             await say(f" !     the deploy is not finished after {timeout:.0f} s: see 'flynnp2p "
                       "deployment' and 'flynnp2p ps' (the release is made; it keeps deploying)")  # fmt: skip
@@ -221,6 +245,32 @@ class BuildStep:
                 tail = []  # best effort: the reason is said anyway
         for line in deployments.report(dep, versions, tail):
             await say(f" !     {line}")
+
+    async def _deployment_changes(
+        self, *, task_status: trio.TaskStatus[_Wakeups] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Wake the wait on every deployment change this node's event stream reports;
+        started once the stream answered (subscribed before the wait's first read),
+        or at once when it cannot be opened (the wait then only polls)."""
+        wakeups = _Wakeups()
+        url = self.api_url + "/v1/events"
+        started = False
+        try:
+            async with self.api.stream(
+                "GET", url, params={"kinds": "deployment"}, timeout=httpx.Timeout(10, read=None)
+            ) as resp:
+                if resp.status_code == 200:
+                    async for line in resp.aiter_lines():
+                        if not started:  # the stream's first line: it is subscribed
+                            started = True
+                            task_status.started(wakeups)
+                        if line.startswith("data:"):
+                            wakeups.set()
+        except httpx.HTTPError:
+            pass  # the wait polls
+        if not started:
+            task_status.started(wakeups)
+        await trio.sleep_forever()
 
     async def _get(self, path: str) -> Any:
         return await self._call("GET", path, None)

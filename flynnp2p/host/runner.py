@@ -18,7 +18,8 @@ left.
 
 One task per run (`_run_job`) owns it from start to its last report: prepare it
 (`flynnp2p.host.prepare`: wait for its release and artifact to reach this
-replica, fetch and unpack the slug; `pending`), start it (`starting`), wait for
+replica, fetch and unpack the slug; `pending`, reported meanwhile), start it
+(`starting`, once the `pending` write is done, so reports keep their order), wait for
 the health check to pass (`up`), then wait for the exit (`crashed` or, when
 stopped or a one-off that exited 0, `down`), with the exit status and a reason.
 A run that fails its health check within ``boot_timeout_s`` is stopped and
@@ -64,7 +65,7 @@ from flynnp2p.host.converge import (
     job_report,
     view_of,
 )
-from flynnp2p.host.health import HealthTimeout, wait_healthy
+from flynnp2p.host.health import FAST_FOR_S, HealthTimeout, wait_healthy
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.prepare import Blobs, Preparer, StartFailed
 from flynnp2p.netaddr import url_host
@@ -294,13 +295,20 @@ class HostRunner:
                 spec = None
         with run.cancel:
             if spec is None:
-                await self._report(p, PENDING)
-                try:
-                    spec = await self.prepare.spec(p)
-                except StartFailed as exc:
+                prepared: JobSpec | StartFailed | None = None
+                async with trio.open_nursery() as reporting:
+                    # The pending report (a write a peer acknowledges) while the run is
+                    # prepared, not before: the next report waits for it (nursery).
+                    reporting.start_soon(self._report, p, PENDING)
+                    try:
+                        prepared = await self.prepare.spec(p)
+                    except StartFailed as exc:
+                        prepared = exc
+                if not isinstance(prepared, JobSpec):
                     self.stats["crashed"] += 1
-                    await self._report(p, CRASHED, reason=str(exc))
+                    await self._report(p, CRASHED, reason=str(prepared))
                     return
+                spec = prepared
                 with trio.CancelScope(shield=True):
                     await self.backend.start(spec)
                 self.stats["started"] += 1
@@ -364,7 +372,7 @@ class HostRunner:
         try:
             await wait_healthy(
                 check, self.addr, spec.port, boot_timeout_s=self.boot_timeout_s,
-                is_alive=lambda: not exited.is_set(),
+                is_alive=lambda: not exited.is_set(), fast_for_s=FAST_FOR_S,
             )  # fmt: skip
         except HealthTimeout as exc:
             return f"health check failed: {exc}"

@@ -6,10 +6,14 @@ exactly once: extraction goes to a temporary sibling directory that is renamed i
 place, so a reader never sees a half-unpacked slug and two concurrent unpacks of one
 digest leave one copy.
 
-Every member is checked before anything is written: no absolute paths, no ``..``
+Every member is checked before it is written: no absolute paths, no ``..``
 components, nothing outside ``app/``, no device files or FIFOs, and no symlink or
 hardlink whose target leaves the slug. Extraction then also runs with tarfile's
-``data`` filter as a second line of defence.
+``data`` filter as a second line of defence. Checking and extracting are one pass
+over the tarball (it is decompressed once: a gzip stream cannot seek back without
+decompressing again); a member that fails the check stops the pass, and the
+temporary directory, with whatever of the slug it holds, is removed: nothing of an
+unsafe slug is installed.
 
 Each job gets a plain copy of the app under ``<root>/jobs/<job_id>/app``. Not
 hardlinks: a job writing a file in place would otherwise change the shared slug
@@ -18,12 +22,17 @@ under every other job of the release.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import posixpath
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -68,6 +77,30 @@ def check_members(members: list[tarfile.TarInfo]) -> None:
             _member_path(m.linkname)
 
 
+READ_ERRORS = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error)
+"""What reading a gzipped tar that is not whole or not a gzipped tar raises."""
+
+
+@contextlib.contextmanager
+def open_tar_stream(f: BinaryIO) -> Iterator[tarfile.TarFile]:
+    """The gzipped tar in `f`, read in one pass (members in archive order, each member's
+    data only while it is the current one). On a clean exit the rest of the gzip
+    stream is read too, so a tarball cut short or with a bad checksum raises one of
+    `READ_ERRORS` (tarfile's own ``"r|gz"`` takes a cut for the archive's end)."""
+    with gzip.GzipFile(fileobj=f, mode="rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+        yield tar
+        while gz.read(1 << 20):
+            pass
+
+
+def _checked(members: Iterable[tarfile.TarInfo]) -> Iterator[tarfile.TarInfo]:
+    """The members in archive order, each checked (``check_members``) before it is
+    handed on to be extracted."""
+    for m in members:
+        check_members([m])
+        yield m
+
+
 def _unpack_sync(tarball: Path, dest: Path) -> None:
     if dest.is_dir():
         return
@@ -75,13 +108,11 @@ def _unpack_sync(tarball: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         try:
-            with tarfile.open(tarball, "r:gz") as tar:
-                members = tar.getmembers()
-                check_members(members)
-                tar.extractall(tmp, members=members, filter="data")
+            with tarball.open("rb") as f, open_tar_stream(f) as tar:
+                tar.extractall(tmp, members=_checked(tar), filter="data")
         except tarfile.FilterError as e:
             raise SlugError(f"unsafe slug: {e}") from e
-        except (tarfile.TarError, EOFError) as e:
+        except READ_ERRORS as e:
             raise SlugError(f"slug is not a readable gzipped tar: {e}") from e
         if not (tmp / "app").is_dir():
             raise SlugError("slug has no ./app directory")
