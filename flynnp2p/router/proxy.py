@@ -274,7 +274,8 @@ class ClientConnection:
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        head = RequestHead.build(p.get_method().decode("ascii"), self._url,
+        method = p.get_method()
+        head = RequestHead.build(http1.METHODS.get(method) or method.decode("ascii"), self._url,
                                  p.get_http_version(), p.should_keep_alive(), self._head)  # fmt: skip
         self.begun = False
         self.begun_at = None
