@@ -5,6 +5,8 @@ slow client, a pooled connection the backend dropped, and a response-head timeou
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import h11
 import trio
@@ -171,3 +173,62 @@ async def test_a_response_head_timeout_in_the_lane_is_a_504() -> None:
         assert router.status()["balancer"]["in_flight"] == {}  # type: ignore[index]
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_lane_gives_other_tasks_their_turn_under_steady_traffic() -> None:
+    """The lane waits on its own epoll for a burst after each trio wakeup (lane.py); the
+    burst is bounded, so with a client and a backend outside trio (threads) keeping
+    it busy without a pause, another task's sleep still ends about on time."""
+    listener = socket.create_server((LOCAL, 0))
+    address = f"{LOCAL}:{listener.getsockname()[1]}"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def backend() -> None:  # the one upstream connection (pooled), answered in a loop
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            buf = b""
+            while data := conn.recv(65536):
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _, _, buf = buf.partition(b"\r\n\r\n")
+                    conn.sendall(answer)
+
+    def client(port: int) -> int:  # back-to-back keep-alive requests for a while
+        done = 0
+        with socket.create_connection((LOCAL, port), timeout=10) as s:
+            until = time.monotonic() + 1.5
+            while time.monotonic() < until:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                got = b""
+                while not got.endswith(b"ok"):
+                    data = s.recv(65536)
+                    assert data, "the router closed the connection"
+                    got += data
+                done += 1
+        return done
+
+    late = 0.0
+    served = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, backend)
+            router, _, port = await start_router(nursery, table(address))
+
+            async def load() -> None:
+                nonlocal served
+                served = await trio.to_thread.run_sync(client, port)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(load)
+                while served == 0:  # every wait is measured, from the first request on
+                    t0 = trio.current_time()
+                    await trio.sleep(0.005)
+                    late = max(late, trio.current_time() - t0 - 0.005)
+            kept = lane(router)["kept"]
+            nursery.cancel_scope.cancel()  # the router closes its pooled connection: backend ends
+    finally:
+        listener.close()
+    assert served > 10 and kept >= served - 1  # the lane served them (the first one connects)
+    assert late < 0.25, f"a task waited {late:.3f}s for its turn"

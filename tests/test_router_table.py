@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flynnp2p.router.build import table_from_state
-from flynnp2p.router.table import Backend, RouteSpec, RouteTable, normalize_host
+from flynnp2p.router.table import (
+    BY_PATH,
+    HOST_CACHE,
+    Backend,
+    RouteSpec,
+    RouteTable,
+    Target,
+    normalize_host,
+)
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Job, Placement, Route
 from tests.states import state_of
@@ -33,9 +41,7 @@ TABLE = RouteTable.build(
 )
 
 
-@pytest.mark.parametrize(
-    ("host", "path", "want"),
-    [
+LOOKUPS = [
         ("api.example.com", "/", "exact"),
         ("API.Example.COM", "/", "exact"),
         ("api.example.com.", "/", "exact"),
@@ -57,11 +63,41 @@ TABLE = RouteTable.build(
         ("nothing.test", "/", None),
         ("", "/", None),
         ("com", "/", None),
-    ],
-)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("host", "path", "want"), LOOKUPS)
 def test_http_lookup(host: str, path: str, want: str | None) -> None:
     route = TABLE.route_http(host, path)
     assert (route.id if route else None) == want
+
+
+@pytest.mark.parametrize(("host", "path", "want"), LOOKUPS)
+def test_http_lookup_by_host_agrees_with_the_full_lookup(host: str, path: str, want: str | None) -> None:
+    """The fast lane's cached lookup by Host alone: the same answer, or BY_PATH where
+    the host's routes depend on the path (and then only there)."""
+    table = RouteTable.build(TABLE.routes, TABLE.backends)
+    for _ in range(2):  # the first answer is computed, the second cached
+        found = table.by_host(host.encode("latin-1"))
+        if found is BY_PATH:
+            assert host.split(":")[0].rstrip(".").lower() in ("api.example.com", "www.example.com",
+                                                              "x.y.example.com", "paths.test")  # fmt: skip
+        else:
+            assert found is None or isinstance(found, Target)
+            assert (found.route.id if found else None) == want
+            assert found is None or found.backends == table.lookup_http(host, path).backends  # type: ignore[union-attr]
+
+
+def test_the_host_cache_is_per_table_and_bounded() -> None:
+    old = RouteTable.build([http("r", "a.test")], {("a", "web"): [Backend("j1", "127.0.0.1:1")]})
+    found = old.by_host(b"a.test")
+    assert isinstance(found, Target) and found.route.id == "r"
+    new = RouteTable.build([http("r", "a.test", app="b")], {})  # a swap: the new table answers anew
+    found = new.by_host(b"a.test")
+    assert isinstance(found, Target) and found.route.app_id == "b" and found.backends == ()
+    for i in range(HOST_CACHE + 10):
+        assert new.by_host(b"h%d.test" % i) is None
+    assert len(new._by_host) <= HOST_CACHE
 
 
 def test_lookup_carries_the_backends_sorted() -> None:

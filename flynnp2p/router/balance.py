@@ -27,6 +27,7 @@ class Balancer:
     def choose(
         self, backends: Sequence[Backend], now: float, exclude: Collection[str] = ()
     ) -> Backend | None:
+        live: Sequence[Backend] = backends  # (read only: no copy without marks or exclusions)
         if self.down_until or exclude:
             live = [
                 b for b in backends
@@ -34,8 +35,6 @@ class Balancer:
             ]  # fmt: skip
             if not live:
                 live = [b for b in backends if b.address not in exclude]
-        else:
-            live = list(backends)
         if len(live) <= 1:
             return live[0] if live else None
         a, b = self.rng.sample(live, 2)

@@ -32,6 +32,8 @@ REQUEST_SPECIAL = HOP_BY_HOP | ROUTER_SET | {b"host"}
 RESPONSE_SPECIAL = HOP_BY_HOP | {b"x-request-id"}
 PLAIN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# the parser's method bytes -> str, without a decode per request for the common ones
+METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9+/=_.:-]{20,200}")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -78,7 +80,7 @@ class HeadBuilder:
             old = self.special.get(n)
             self.special[n] = value if old is None else old + b", " + value
         else:
-            self.lines.append(b"%s: %s\r\n" % (name, value))
+            self.lines.append(name + b": " + value + b"\r\n")  # (faster than a format)
 
     def end_to_end(self) -> list[bytes]:
         """The rendered lines, without any the Connection header names (rare)."""

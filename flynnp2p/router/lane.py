@@ -29,6 +29,16 @@ balancer and the pool, `Stats`. A response the client cannot take at once is
 held (one pending buffer) and the upstream is not read until the client has
 taken it: flow control as on the task path.
 
+A wakeup through trio costs more Python than a small request (its run loop,
+the coroutine chain, an ``epoll_ctl`` to re-arm): at one request at a time
+each request would pay two (the request, then the response). So after a batch
+the lane waits on its own epoll (``poll`` with a timeout: the kernel sleeps,
+no CPU is spent) for up to `BURST_SECONDS` from the trio wakeup and runs what
+comes, and only then gives trio its turn back: the ping-pong of a keep-alive
+client and its backend is served by one trio wakeup per burst. The price is
+bounded: other tasks of the router wait at most `BURST_SECONDS` (plus one
+batch) longer for their turn.
+
 Timeouts stay with the router's sweeper: a lane connection's ``timer`` is a
 `_Timer` whose ``cancel`` (what the sweeper calls at ``expires_at``) answers
 like the task path (408 in a head, 504 with a router log line while waiting
@@ -40,11 +50,13 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import time
 from collections.abc import Callable
 
 import trio
 
 from flynnp2p.router import http1
+from flynnp2p.router.http1 import IDEMPOTENT, REQUEST_ID_RE
 from flynnp2p.router.proxy import (
     BODY,
     END,
@@ -54,9 +66,11 @@ from flynnp2p.router.proxy import (
     _ResponseSide,
 )  # fmt: skip
 from flynnp2p.router.sock import RECV_SIZE, Sock
-from flynnp2p.router.table import Backend
+from flynnp2p.router.table import BY_PATH, Backend, RouteSpec, Target
 
 _IN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+BURST_SECONDS = 0.001  # how long one turn of the lane may wait on its own epoll
 _SLOW = object()  # `_start`'s answer for a request the task path must serve
 
 
@@ -76,7 +90,6 @@ class _State:
     """A client connection in the lane, and its request in flight, if any."""
 
     __slots__ = (
-        "app",
         "backend",
         "conn",
         "fd",
@@ -87,7 +100,10 @@ class _State:
         "pending",
         "readable",
         "resp",
+        "rid",
+        "route",
         "side",
+        "start",
         "up",
         "up_fd",
         "up_readable",
@@ -104,7 +120,9 @@ class _State:
         self.head: http1.RequestHead | None = None
         self.resp: http1.ResponseHead | None = None
         self.backend: Backend | None = None
-        self.app = ""
+        self.route: RouteSpec | None = None
+        self.rid = b""  # the request id, and when the request started (monotonic seconds)
+        self.start = 0.0
         self.framing = "none"
         self.keep = False
         self.pending: memoryview | None = None  # response bytes the client has not taken
@@ -137,23 +155,31 @@ class Lane:
     async def run(self) -> None:
         ep = self.ep
         clients, uploads = self.clients, self.uploads
+        clock = time.monotonic
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
-                for fd, ev in ep.poll(0, 256):
-                    st = clients.get(fd)
-                    if st is not None:
-                        if ev & select.EPOLLOUT and st.pending is not None:
-                            self._flush(st)
-                        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                            st.readable = True
-                            self._read_client(st)
-                        continue
-                    st = uploads.get(fd)
-                    if st is not None:
-                        st.up_readable = True
-                        if st.pending is None:
-                            self._read_upstream(st)
+                until = clock() + BURST_SECONDS
+                events = ep.poll(0, 256)
+                while events:
+                    for fd, ev in events:
+                        st = clients.get(fd)
+                        if st is not None:
+                            if ev & select.EPOLLOUT and st.pending is not None:
+                                self._flush(st)
+                            if ev & _READ:
+                                st.readable = True
+                                self._read_client(st)
+                            continue
+                        st = uploads.get(fd)
+                        if st is not None:
+                            st.up_readable = True
+                            if st.pending is None:
+                                self._read_upstream(st)
+                    left = until - clock()
+                    if left <= 0:
+                        break
+                    events = ep.poll(left, 256)  # the burst: see the module's docstring
         finally:
             for st in list(clients.values()):
                 self._close(st)
@@ -246,7 +272,7 @@ class Lane:
     def _close(self, st: _State) -> None:
         conn = st.conn
         if st.up is not None:
-            self._drop_upstream(st, reuse=False)
+            self._drop_upstream(st)
         if st.fd in self.clients:
             self._forget(st)
         self.sh.live.discard(conn)
@@ -255,33 +281,37 @@ class Lane:
     # -- one request -------------------------------------------------------------------
 
     def _start(self, st: _State, head: http1.RequestHead) -> object:
-        sh, conn = self.sh, st.conn
-        host = head.host.decode("latin-1")
-        if not host or head.method not in http1.IDEMPOTENT:
+        sh = self.sh
+        if not head.host or head.method not in IDEMPOTENT:
             return _SLOW  # (a failed attempt is tried again: only requests that allow it)
         table = sh.table.value
-        route = table.route_http(host, head.path)
-        if route is None or route.https_only or route.sticky:
+        target = table.by_host(head.host)
+        if target is BY_PATH:
+            target = table.lookup_http(head.host.decode("latin-1"), head.path)
+        if target is None:
             return _SLOW
-        backends = table.backends.get(route.service, ())
-        if not backends:
+        assert isinstance(target, Target)
+        route, backends = target.route, target.backends
+        if route.https_only or route.sticky or not backends:
             return _SLOW
         now = sh.now()
-        backend = sh.balancer.choose(backends, now, ())
+        backend = sh.balancer.choose(backends, now)
         if backend is None:
             return _SLOW
         up = sh.pool.take_nowait(backend.address, now)
         if up is None:
             return _SLOW  # the task path connects (and pools the connection after)
-        rid = head.request_id if head.request_id and http1.valid_request_id(head.request_id) \
-            else sh.new_request_id()  # fmt: skip
-        app = route.app_name or route.app_id
+        rid = head.request_id
+        if rid is None or REQUEST_ID_RE.fullmatch(rid) is None:
+            rid = sh.new_request_id()
+        conn = st.conn
         up_head = http1.upstream_request(
             head, client_ip=conn.ip, proto_port=conn.proto_port, request_id=rid,
             start_ms=sh.wall_ms(),
         )  # fmt: skip
+        raw = up.sock
         try:
-            sent = up.sock.send(up_head)
+            sent = raw.send(up_head)
         except OSError:
             sent = -1
         if sent != len(up_head):  # a pooled connection the backend closed: the task path retries
@@ -291,15 +321,14 @@ class Lane:
         if not isinstance(side, _ResponseSide):
             side = up.parser = _ResponseSide()
         side.messages = 0
-        st.up, st.up_fd, st.side, st.head, st.backend, st.app = up, up.sock.fileno(), side, head, backend, app
-        st.resp, st.up_readable, st.interim = None, False, 0
-        if not side.in_lane:  # registered once for the connection's life
-            self.ep.register(st.up_fd, select.EPOLLIN | select.EPOLLET)
-            side.in_lane = True
-        self.uploads[st.up_fd] = st
+        fd = side.lane_fd
+        if fd < 0:  # registered once for the connection's life
+            fd = side.lane_fd = raw.fileno()
+            self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        st.up, st.up_fd, st.side, st.head, st.backend, st.route = up, fd, side, head, backend, route
+        st.resp, st.up_readable, st.interim, st.rid, st.start = None, False, 0, rid, now
+        self.uploads[fd] = st
         sh.balancer.acquire(backend.address)
-        conn.current = (app, now, rid)
-        conn.attempt = (head, route.app_name, backend, 0.0, now)
         conn.phase = "response-head"
         conn.expires_at = now + conn.cfg.response_header_timeout
         self.kept += 1
@@ -353,7 +382,7 @@ class Lane:
                     st.framing, st.keep = st.conn._framing(st.head, value)
                     out += http1.client_response(
                         value, body_framing=st.framing, keep_alive=st.keep,
-                        client_version=st.head.version, request_id=st.conn.current[2],  # type: ignore[index]
+                        client_version=st.head.version, request_id=st.rid,
                     )  # fmt: skip
                     st.conn.phase = "response-body"
                     if st.framing == "none":
@@ -417,33 +446,33 @@ class Lane:
 
     def _finish(self, st: _State) -> None:
         """The response is complete (maybe not all sent yet: `pending`)."""
-        sh, conn, resp, head = self.sh, st.conn, st.resp, st.head
-        assert resp is not None and head is not None and st.side is not None
-        sh.stats.record(st.app, resp.status, sh.now() - conn.current[1])  # type: ignore[index]
+        sh, conn, resp, head, route = self.sh, st.conn, st.resp, st.head, st.route
+        assert resp is not None and head is not None and st.side is not None and route is not None
+        now = sh.now()
+        sh.stats.record(route.app_name or route.app_id, resp.status, now - st.start)
         reusable = (
             resp.keep_alive and head.method != "HEAD" and st.side.messages == 1 + st.interim
             and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
         )  # fmt: skip
-        self._drop_upstream(st, reuse=reusable)
-        conn.current = None
+        self._drop_upstream(st, reusable, now)
         if not st.keep or conn.dead:
             if st.pending is None:
                 self._close(st)
             else:
                 st.keep = False  # closed once the pending bytes are sent
             return
-        conn.phase, conn.expires_at = "idle", sh.now() + conn.cfg.idle_timeout
+        conn.phase, conn.expires_at = "idle", now + conn.cfg.idle_timeout
         if st.pending is None:
             self._dispatch(st)
             self._read_client(st)
 
-    def _drop_upstream(self, st: _State, *, reuse: bool) -> None:
+    def _drop_upstream(self, st: _State, reuse: bool = False, now: float = 0.0) -> None:
         up, backend = st.up, st.backend
         assert up is not None and backend is not None
         self.uploads.pop(st.up_fd, None)
         self.sh.balancer.release(backend.address)
         if reuse:
-            self.sh.pool.put(backend.address, up, self.sh.now())
+            self.sh.pool.put(backend.address, up, now)
         else:
             up.close()
         st.up, st.up_fd, st.side, st.backend = None, -1, None, None
@@ -451,8 +480,7 @@ class Lane:
     def _upstream_failed(self, st: _State) -> None:
         """Before anything reached the client: the task path tries again."""
         conn, head = st.conn, st.head
-        self._drop_upstream(st, reuse=False)
-        conn.current = None
+        self._drop_upstream(st)
         assert head is not None
         conn.events.appendleft((END, None))
         conn.events.appendleft((HEAD, head))
@@ -461,5 +489,11 @@ class Lane:
     def expired(self, st: _State) -> None:
         if st.fd not in self.clients:
             return
-        st.conn._timed_out()  # 408 in a head, 504 (and its log line) awaiting a response
+        conn, route = st.conn, st.route
+        if st.up is not None and st.resp is None and route is not None and st.head is not None:
+            # what the task path keeps for its timeout's answer and log line
+            assert st.backend is not None
+            conn.current = (route.app_name or route.app_id, st.start, st.rid)
+            conn.attempt = (st.head, route.app_name, st.backend, 0.0, st.start)
+        conn._timed_out()  # 408 in a head, 504 (and its log line) awaiting a response
         self._close(st)

@@ -199,11 +199,11 @@ class _ResponseSide:
     the connection (``Sock.parser``, pooled with it): a connection goes back to the
     pool only after a complete response, where the parser is ready for the next."""
 
-    __slots__ = ("_head", "events", "in_lane", "messages", "on_header", "parser")
+    __slots__ = ("_head", "events", "lane_fd", "messages", "on_header", "parser")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
-        self.in_lane = False  # registered with the fast lane's epoll (lane.py)
+        self.lane_fd = -1  # the fd registered with the fast lane's epoll (lane.py), if any
         self.messages = 0
         self._head = http1.HeadBuilder(http1.RESPONSE_SPECIAL)
         self.on_header = self._head.add
@@ -274,7 +274,8 @@ class ClientConnection:
 
     def on_headers_complete(self) -> None:
         p = self.parser
-        head = RequestHead.build(p.get_method().decode("ascii"), self._url,
+        method = p.get_method()
+        head = RequestHead.build(http1.METHODS.get(method) or method.decode("ascii"), self._url,
                                  p.get_http_version(), p.should_keep_alive(), self._head)  # fmt: skip
         self.begun = False
         self.begun_at = None

@@ -39,8 +39,9 @@ class Stats:
         return s
 
     def record(self, app: str, status: int, seconds: float, by_router: bool = False) -> None:
-        s = self.app(app)
-        s.by_class[min(5, max(1, status // 100))] += 1
+        s = self.apps.get(app) or self.app(app)  # (once per request: no call when known)
+        c = status // 100
+        s.by_class[c if 1 <= c <= 5 else (1 if c < 1 else 5)] += 1
         s.latencies.append(seconds)
         if by_router:
             s.router_errors += 1

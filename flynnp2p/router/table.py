@@ -20,7 +20,12 @@ a domain whose routes have no matching path falls through to the next
 wildcard, and only then to no match (a 404).
 
 Lookups are dictionary probes: one per dot in the host, one per path route of
-the chosen domain (few in practice).
+the chosen domain (few in practice). The fast lane asks `by_host` first: for a
+host whose answer cannot depend on the path (its most specific domain has only
+a ``/`` route, or nothing matches) the `Target` is cached by the raw ``Host``
+bytes in the table itself, so a swapped-in table starts with an empty cache
+and no change can be missed. The cache is bounded (`HOST_CACHE` entries, then
+emptied), so hostile Host headers cost a re-lookup, not memory.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ class Target:
     backends: tuple[Backend, ...]
 
 
+HOST_CACHE = 4096
+BY_PATH = object()  # `by_host`'s answer for a host whose route depends on the path
+
+
 def normalize_host(host: str) -> str:
     """``Host`` header → the name routes are keyed by: no port, lowercase, no trailing dot."""
     if host.startswith("["):  # an IPv6 literal, maybe with a port
@@ -110,6 +119,7 @@ class RouteTable:
     _exact: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _wild: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _tcp: Mapping[int, RouteSpec] = field(init=False, repr=False, compare=False)
+    _by_host: dict[bytes, object] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         exact: dict[str, list[RouteSpec]] = {}
@@ -131,6 +141,7 @@ class RouteTable:
         object.__setattr__(self, "_exact", {d: by_path(rs) for d, rs in exact.items()})
         object.__setattr__(self, "_wild", {d: by_path(rs) for d, rs in wild.items()})
         object.__setattr__(self, "_tcp", tcp)
+        object.__setattr__(self, "_by_host", {})
         object.__setattr__(
             self, "backends", MappingProxyType({k: tuple(v) for k, v in self.backends.items()})
         )
@@ -163,6 +174,28 @@ class RouteTable:
                         return r
             dot = name.find(".", dot + 1)
         return None
+
+    def by_host(self, host: bytes) -> Target | object | None:
+        """`lookup_http` for a raw ``Host`` header when the answer does not depend on
+        the path, else `BY_PATH` (then ask `lookup_http`). Cached (see the module)."""
+        cache = self._by_host
+        found = cache.get(host, cache)
+        if found is not cache:
+            return found
+        name = normalize_host(host.decode("latin-1"))
+        candidates = self._exact.get(name)
+        dot = name.find(".")
+        while candidates is None and dot >= 0:
+            candidates = self._wild.get(name[dot + 1 :])
+            dot = name.find(".", dot + 1)
+        answer: Target | object | None = None
+        if candidates is not None:  # the most specific domain decides (its "/" always matches)
+            route = candidates[0]  # (longest path first)
+            answer = Target(route, self.backends.get(route.service, ())) if route.path == "/" else BY_PATH
+        if len(cache) >= HOST_CACHE:
+            cache.clear()
+        cache[host] = answer
+        return answer
 
     def lookup_http(self, host: str, path: str) -> Target | None:
         route = self.route_http(host, path)
