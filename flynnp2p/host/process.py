@@ -205,8 +205,9 @@ def _write_pidfile(path: Path, pid: int) -> None:
     path.write_text(f"{pid} {_start_time(pid) or 0}\n")
 
 
-def _image_job_env(spec: JobSpec) -> dict[str, str]:
-    """An image job's env over the image's: the release's, then what flynnp2p sets."""
+def _job_env(spec: JobSpec) -> dict[str, str]:
+    """A job's env: the release's, then what flynnp2p sets (an image job's goes over
+    the image's own; a slug job's gets HOME and PATH too)."""
     env = dict(spec.env)
     env.update(
         APP_NAME=spec.app_name,
@@ -217,7 +218,7 @@ def _image_job_env(spec: JobSpec) -> dict[str, str]:
     )
     env.setdefault("HOST", spec.host_addr)
     if spec.port is not None:
-        env["PORT"] = str(spec.port)  # no network namespace: the host's port, not the image's
+        env["PORT"] = str(spec.port)  # the host's (no network namespace: images too)
     return env
 
 
@@ -344,21 +345,13 @@ class ProcessBackend:
             if self.isolation == "namespaces":
                 prefix = [*_UNSHARE, "sh", "-c", _BIND_APP, "flynnp2p-mount", str(app_dir), *prefix]
                 home = APP_MOUNT
-        env = dict(spec.env)
-        env.update(
-            APP_NAME=spec.app_name,
-            APP_ID=spec.app_id,
-            RELEASE_ID=spec.release_id,
-            JOB_ID=spec.job_id,
-            PROCESS_TYPE=spec.process_type,
-            HOME=str(home),
+        env = {
+            **_job_env(spec),
+            "HOME": str(home),
             # An isolated job cannot use the agent's private directories (a
             # pyenv under /root, say): it gets the system's PATH.
-            PATH=_DEFAULT_PATH if self.isolation != "none" else os.environ.get("PATH", _DEFAULT_PATH),
-        )
-        env.setdefault("HOST", spec.host_addr)
-        if spec.port is not None:
-            env["PORT"] = str(spec.port)
+            "PATH": _DEFAULT_PATH if self.isolation != "none" else os.environ.get("PATH", _DEFAULT_PATH),
+        }
         limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
         argv = [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command]
         env_fd = None
@@ -393,7 +386,7 @@ class ProcessBackend:
         if not _JOB_ID.match(spec.job_id):
             raise UserError(f"job id {spec.job_id!r} is not valid; expected [A-Za-z0-9][A-Za-z0-9_.-]*")
         job_dir = self.root_dir / "jobs" / spec.job_id
-        env = {"PATH": _IMAGE_PATH, "HOME": "/", **root.config.env_map(), **_image_job_env(spec)}
+        env = {"PATH": _IMAGE_PATH, "HOME": "/", **root.config.env_map(), **_job_env(spec)}
         env_file = job_dir / "env.json"
         await trio.to_thread.run_sync(write_env_file, env_file, env)
         argv = list(root.config.argv) if not spec.command else ["/bin/sh", "-c", spec.command]

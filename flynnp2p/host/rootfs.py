@@ -61,6 +61,7 @@ from flynnp2p.host.imagearchive import (
     parse_manifest,
     plan_layer,
 )
+from flynnp2p.host.slug import move_into_place
 
 MAX_ROOTFS_BYTES = 16 << 30  # what one image may unpack to
 MAX_ENTRIES = 1_000_000
@@ -306,11 +307,7 @@ def _unpack_sync(archive: Path, dest: Path) -> ImageConfig:
             (tmp / "rootfs").mkdir()
             config = apply_layers(archive, tmp / "rootfs")
             _config_file(tmp).write_text(json.dumps(asdict(config)))
-            try:
-                tmp.rename(dest)
-            except OSError:
-                if not dest.is_dir():  # lost a race to a concurrent unpack: theirs is as good
-                    raise
+            move_into_place(tmp, dest)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

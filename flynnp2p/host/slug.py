@@ -116,11 +116,7 @@ def _unpack_sync(tarball: Path, dest: Path) -> None:
             raise SlugError(f"slug is not a readable gzipped tar: {e}") from e
         if not (tmp / "app").is_dir():
             raise SlugError("slug has no ./app directory")
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not dest.is_dir():  # lost a race to a concurrent unpack: theirs is as good
-                raise
+        move_into_place(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,3 +145,13 @@ async def prepare_job_dir(slug_app: Path, root: Path, job_id: str) -> Path:
     if not _JOB_ID.match(job_id):
         raise UserError(f"job id {job_id!r} is not valid; expected [A-Za-z0-9][A-Za-z0-9_.-]*")
     return await trio.to_thread.run_sync(_copy_sync, slug_app, root / "jobs" / job_id)
+
+
+def move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished directory `tmp` to `dest` (blocking). Losing the race to a
+    concurrent unpack of the same content is fine: theirs is as good."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
