@@ -20,6 +20,7 @@ V2 = Release(
     id="r2", app_id="a1", created_at=20, env={"A": "1"},
     processes={"web": WEB, "worker": ProcessSpec(command="w")}, version=2,
 )  # fmt: skip
+ENV_ONLY = Release(id="r0", app_id="a1", created_at=5, env={"A": "1"}, version=1)  # env set, no push
 FORMATION = Formation(
     app_id="a1", release_id="r1", updated_at=10, processes={"web": 2}, constraints={"web": {"disk": "ssd"}}
 )
@@ -103,11 +104,14 @@ def test_app_deletion_takes_routes_and_formation() -> None:
     [(None, {"web": "gunicorn"}, {"web": 1}),  # the first release of a web app runs one
      (None, {"worker": "w"}, {}),
      (FORMATION, {"web": "gunicorn"}, {"web": 2}),  # a deploy keeps the scale
-     (FORMATION, {"worker": "w"}, {})],  # a type the Procfile dropped goes
+     (FORMATION, {"worker": "w"}, {}),  # a type the Procfile dropped goes
+     # env set before the first push: the formation runs nothing yet, web=1 still
+     (Formation(app_id="a1", release_id="r0", updated_at=5), {"web": "gunicorn"}, {"web": 1})],
 )  # fmt: skip
 def test_slug_release(formation: Formation | None, types: dict[str, str], counts: dict[str, int]) -> None:
+    base = V1 if formation is None or formation.processes else ENV_ONLY
     release, moved = ops.slug_release(
-        APP, V1, formation, 3, artifact=SLUG, types=types, env={"B": "9", "C": "3"}, meta={}, now=40
+        APP, base, formation, 3, artifact=SLUG, types=types, env={"B": "9", "C": "3"}, meta={}, now=40
     )
     assert release.env == {"A": "1", "B": "9", "C": "3"}  # the app's env carries over
     assert (release.version, release.artifacts, set(release.processes)) == (3, ("s1",), set(types))

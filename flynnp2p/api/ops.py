@@ -235,10 +235,14 @@ def slug_release(
         env={**(base.env if base is not None else {}), **env}, processes=process_specs(dict(types)),
         meta=meta, version=number,
     )  # fmt: skip
+    # The first release that runs anything (no formation yet, or only env releases
+    # before it) with a web type runs web=1.
+    if formation is not None and (formation.processes or (base is not None and base.processes)):
+        return release, formation_on(formation, release, now)
+    counts = {"web": 1} if "web" in types else {}
     if formation is None:
-        counts = {"web": 1} if "web" in types else {}
-        return release, Formation(app_id=app.id, release_id=release.id, updated_at=now, processes=counts)
-    return release, formation_on(formation, release, now)
+        formation = Formation(app_id=app.id, release_id=release.id, updated_at=now)
+    return release, dataclasses.replace(formation, release_id=release.id, updated_at=now, processes=counts)
 
 
 def env_release(
