@@ -282,7 +282,9 @@ async def merged_log(
     ptype: str | None,
     until_exit: bool,
 ) -> AsyncIterator[bytes]:
-    session = await fanout.open(app, n, follow, job)
+    # Filtering by type happens here, so each node is asked for all it keeps, and the
+    # newest n of the type are kept (else a busy other type crowds them out).
+    session = await fanout.open(app, MAX_LINES if ptype is not None and n else n, follow, job)
     feed = session.feed
     try:
         history: list[dict[str, object]] = []
