@@ -5,6 +5,8 @@ goes away mid-follow leaves no session and no task behind."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -36,23 +38,30 @@ def fanout_tasks() -> list[str]:
     return names
 
 
+@asynccontextmanager
+async def log_api(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[LogHub, LogFanout, int]]:
+    """The app "shop", its log hub, and the log API on 127.0.0.1 (this node only)."""
+    service = await start_service(nursery)
+    await service.write([App(id="a1", name="shop", created_at=1)])
+    ctx = Ctx(service, Clock())
+    hub = LogHub(tmp_path / "logs")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"}) as peers_http:
+        fanout = LogFanout(peers_http, lambda: [], Peer("n1", "unbound"))
+        app = create_app(Node())
+        app.register_blueprint(internal_log_blueprint(hub))
+        app.register_blueprint(logs_blueprint(ctx, fanout))
+        server = ApiServer(app, "127.0.0.1", 0)
+        sockets = server.bind()
+        port = sockets.insecure_sockets[0].getsockname()[1]
+        fanout.self_peer = Peer("n1", f"127.0.0.1:{port}")
+        await nursery.start(fanout.run)
+        await nursery.start(server.run, sockets)
+        yield hub, fanout, port
+
+
 async def test_a_client_that_leaves_mid_follow_leaves_no_session_or_task(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        service = await start_service(nursery)
-        await service.write([App(id="a1", name="shop", created_at=1)])
-        ctx = Ctx(service, Clock())
-        hub = LogHub(tmp_path / "logs")
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"}) as peers_http:
-            fanout = LogFanout(peers_http, lambda: [], Peer("n1", "unbound"))
-            app = create_app(Node())
-            app.register_blueprint(internal_log_blueprint(hub))
-            app.register_blueprint(logs_blueprint(ctx, fanout))
-            server = ApiServer(app, "127.0.0.1", 0)
-            sockets = server.bind()
-            port = sockets.insecure_sockets[0].getsockname()[1]
-            fanout.self_peer = Peer("n1", f"127.0.0.1:{port}")
-            await nursery.start(fanout.run)
-            await nursery.start(server.run, sockets)
+        async with log_api(nursery, tmp_path) as (hub, fanout, port):
 
             async def keep_writing() -> None:  # until the follower has a line
                 i = 0
@@ -86,21 +95,7 @@ async def test_a_client_that_leaves_mid_follow_leaves_no_session_or_task(tmp_pat
 
 async def test_n_lines_of_a_type_are_the_newest_of_that_type(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        service = await start_service(nursery)
-        await service.write([App(id="a1", name="shop", created_at=1)])
-        ctx = Ctx(service, Clock())
-        hub = LogHub(tmp_path / "logs")
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"}) as peers_http:
-            fanout = LogFanout(peers_http, lambda: [], Peer("n1", "unbound"))
-            app = create_app(Node())
-            app.register_blueprint(internal_log_blueprint(hub))
-            app.register_blueprint(logs_blueprint(ctx, fanout))
-            server = ApiServer(app, "127.0.0.1", 0)
-            sockets = server.bind()
-            port = sockets.insecure_sockets[0].getsockname()[1]
-            fanout.self_peer = Peer("n1", f"127.0.0.1:{port}")
-            await nursery.start(fanout.run)
-            await nursery.start(server.run, sockets)
+        async with log_api(nursery, tmp_path) as (hub, _fanout, port):
             await hub.write("shop", "build", [LogLine(1000 + i, "stdout", f"build {i}") for i in range(3)])
             await hub.write("shop", "web-1", [LogLine(2000 + i, "stdout", f"web {i}") for i in range(50)])
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as client:
