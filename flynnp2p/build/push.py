@@ -89,6 +89,17 @@ def repo_key(app_id: str) -> str:
     return f"{REPO_PREFIX}{app_id}"
 
 
+class KeyDeleter(Protocol):
+    async def delete(self, key: str) -> int: ...
+
+
+async def forget_repo(etcd: KeyDeleter, app_id: str) -> None:
+    """Drop a deleted app's saved-repository counter and push lease from etcd (a
+    push still running for it then fails its commit: its lease is gone)."""
+    for key in (repo_key(app_id), push_key(app_id)):
+        await etcd.delete(key)
+
+
 def in_progress(app_name: str, node: str) -> str:
     return (
         f"another push to {app_name} is in progress (on node {node}); retry when it finishes"
