@@ -52,6 +52,7 @@ from flynnp2p.config import (
     job_stop_grace_s,
     save_node,
     serf_binary,
+    slug_max_mb,
     state_gc_interval_s,
 )
 from flynnp2p.coord.ca import ClusterCA
@@ -271,7 +272,7 @@ class Agent:
         # A push to main or master is built, released and deployed before it is accepted.
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
-            wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms,
+            wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms, slug_max_bytes=slug_max_mb() << 20,
             caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
                                node=cfg.name, now_ms=now_ms),
         )  # fmt: skip
