@@ -7,7 +7,7 @@ A blobstore that cannot keep the save (an alive peer that refuses every
 connection: a blob held by one node only is not acknowledged) and a push lease
 lost before the save is recorded both refuse the push, before any ref moves;
 a forced push is accepted and saved as the forced history, so a node that
-restores the repository agrees with the one that took the push.
+restores the repository agrees with the one that took the push, HEAD included.
 """
 
 from __future__ import annotations
@@ -21,11 +21,28 @@ from pathlib import Path
 import trio
 
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
-from flynnp2p.build.push import push_key
+from flynnp2p.build.push import push_key, refs_after
+from flynnp2p.build.repo import head_branch
 from flynnp2p.peering import Peer
 from flynnp2p.state.records import App, Repo
 from tests.test_api_apps import Peers
 from tests.test_git_http import Git, GitNode, create, start_node, text, with_token
+
+
+def test_refs_after_applies_updates_and_deletions() -> None:
+    a, b, c, zero = "a" * 40, "b" * 40, "c" * 40, "0" * 40
+    before = {"refs/heads/main": a, "refs/heads/old": b}
+    updates = [RefUpdate(a, c, "refs/heads/main"), RefUpdate(b, zero, "refs/heads/old"),
+               RefUpdate(zero, a, "refs/tags/v1")]  # fmt: skip
+    assert refs_after(before, updates) == {"refs/heads/main": c, "refs/tags/v1": a}
+    assert before == {"refs/heads/main": a, "refs/heads/old": b}  # not changed in place
+
+
+def test_head_is_main_else_master_else_the_first_branch() -> None:
+    assert head_branch(["refs/heads/x", "refs/heads/master", "refs/heads/main"]) == "refs/heads/main"
+    assert head_branch(["refs/heads/x", "refs/heads/master"]) == "refs/heads/master"
+    assert head_branch(["refs/tags/v1", "refs/heads/z", "refs/heads/b"]) == "refs/heads/b"
+    assert head_branch(["refs/tags/v1"]) is None
 
 
 @contextmanager
@@ -169,3 +186,20 @@ async def test_a_forced_push_is_accepted_and_saved_as_the_forced_history(
     await forget_local_copy(node, app)
     first = (await git.run("rev-parse", "HEAD~1", cwd=b)).stdout.decode().strip()
     assert await main_of(git, url) == first
+
+
+async def test_a_clone_checks_out_the_pushed_branch_on_the_node_that_took_the_push(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    node = await start_node(nursery, tmp_path / "node")
+    await create(node, "onmaster")
+    git = Git(tmp_path / "client")
+    url = with_token(node.url, "onmaster")
+    tree = await git.work_tree("a", url)
+    await git.commit(tree, "f", "on master")
+    await git.run("push", "origin", "HEAD:master", cwd=tree)  # no main: HEAD names master
+    clone = await git.work_tree("here", url)  # this node's own repo, not restored
+    assert (clone / "f").read_text() == "on master"
+    await forget_local_copy(node, node.app("onmaster"))
+    restored = await git.work_tree("restored", url)
+    assert (restored / "f").read_text() == "on master"

@@ -384,6 +384,8 @@ class PushSession:
             return
         try:
             moved = await self.repos.refs(self.app.id) == wanted
+            if moved:
+                await self.repos.point_head(self.app.id, wanted)
         except FlynnError:
             moved = False
         if not moved:

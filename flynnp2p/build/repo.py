@@ -67,6 +67,15 @@ def git_env(home: Path) -> dict[str, str]:
     }
 
 
+def head_branch(names: Collection[str]) -> str | None:
+    """The branch HEAD names among the refs `names`: main, else master, else the first."""
+    heads = sorted(n for n in names if n.startswith("refs/heads/"))
+    for branch in ("refs/heads/main", "refs/heads/master", *heads):
+        if branch in heads:
+            return branch
+    return None
+
+
 class RepoStore:
     def __init__(self, root: Path, hooks_dir: Path) -> None:
         # Absolute: git resolves a relative core.hooksPath against each repo.
@@ -164,8 +173,11 @@ class RepoStore:
                 if leftover.exists():
                     await trio.to_thread.run_sync(shutil.rmtree, leftover, True)
 
-    async def _set_refs(self, path: Path, refs: Mapping[str, str]) -> None:
-        have = await self._refs(path)
+    async def _set_refs(
+        self, path: Path, refs: Mapping[str, str], have: Mapping[str, str] | None = None
+    ) -> None:
+        """Make the refs of `path` exactly `refs` (`have`: what it holds, if known)."""
+        have = await self._refs(path) if have is None else have
         lines = [f"update {name} {oid}" for name, oid in sorted(refs.items()) if have.get(name) != oid]
         lines += [f"delete {name}" for name in sorted(have) if name not in refs]
         if lines:
@@ -177,13 +189,18 @@ class RepoStore:
             if done.returncode != 0:
                 raise ClusterError(f"git update-ref failed: {done.stderr.decode(errors='replace')[-300:]}")
 
-    async def _point_head(self, path: Path) -> None:
-        heads = await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)
-        names = heads.split()
-        for branch in ("refs/heads/main", "refs/heads/master", *names):
-            if branch in names:
-                await self.git("symbolic-ref", "HEAD", branch, cwd=path)
-                return
+    async def point_head(self, app_id: str, names: Collection[str]) -> None:
+        """Point the app's HEAD as a restore would (`names`: its refs now), so a clone
+        from this node checks out what a clone from any other does."""
+        await self._point_head(self.path(app_id), names)
+
+    async def _point_head(self, path: Path, names: Collection[str] | None = None) -> None:
+        """HEAD to main, else master, else the first branch (`names`: the repo's refs, if known)."""
+        if names is None:
+            names = (await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)).split()
+        branch = head_branch(names)
+        if branch is not None:
+            await self.git("symbolic-ref", "HEAD", branch, cwd=path)
 
     @asynccontextmanager
     async def staged(
@@ -203,22 +220,16 @@ class RepoStore:
         try:
             await self.git("init", "--quiet", "--bare", str(path))
             (path / "objects" / "info" / "alternates").write_text("".join(f"{d}\n" for d in absolute))
-            await self._set_refs(path, refs)
-            if refs:
-                await self._point_head(path)
+            await self._set_refs(path, refs, have={})
+            await self._point_head(path, refs)
             yield path
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, path, True)
 
-    async def bundle(self, repo: Path, dest: Path) -> bool:
-        """Write a bundle of all the refs of `repo` to `dest`; False if it has none."""
-        refs = await self.git("for-each-ref", "--format=%(refname)", cwd=repo)
-        if not refs.strip():
-            return False
-        await self._point_head(repo)
+    async def bundle(self, repo: Path, dest: Path) -> None:
+        """Write a bundle of all the refs of `repo` (it has some) to `dest`."""
         await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=repo)
-        return True
 
     async def bundle_since(self, repo: Path, dest: Path, old: Collection[str]) -> bool:
         """Write a bundle of what the refs of `repo` reach that the commits `old`
