@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from flynnp2p.build.reposweep import RepoSweeper, stale_repos
-from flynnp2p.state.records import Repo
+from flynnp2p.state.records import BuildCache, Repo
 from tests.harness import wait_for
 from tests.test_api_apps import TOKEN
 from tests.test_git_http import Git, create, start_node, text, with_token
@@ -47,6 +47,8 @@ async def test_delete_then_create_again_starts_a_fresh_repository(
         assert node.git.repos.path(old.id).exists()
         assert any(old.id in key for key in node.etcd.kvs), sorted(node.etcd.kvs)
 
+        cache = BuildCache(app_id=old.id, digest="sha256:" + "c" * 64, size=1, node="n1", updated_at=1)
+        await node.ctx.state.write([cache])  # as a build that succeeded leaves it
         r = await api.delete("/v1/apps/again")
         assert r.status_code == 200, r.text
 
@@ -55,6 +57,7 @@ async def test_delete_then_create_again_starts_a_fresh_repository(
 
     assert leftovers() == []  # the repo counter, the push lease, the release counter, the claims
     assert node.ctx.state.state.record(Repo, old.id) is None
+    assert node.ctx.state.state.record(BuildCache, old.id) is None  # its blob is then collected
 
     async def repo_gone() -> bool:
         return not node.git.repos.path(old.id).exists()

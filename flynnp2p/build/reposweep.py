@@ -13,10 +13,11 @@ subscribed before it reads the snapshot, so no deletion slips between. A
 request that restores a repo for an app deleted a moment later leaves it until
 the next change or restart: the sweep is the only place that decides.
 
-The app's saved copy in the cluster goes with it: its `Repo` record is in the
-app's deletion batch (`flynnp2p.api.ops.app_deletion`; the bundles are then
-collected by the blobstore's gc) and its etcd keys are dropped with the app's
-claims (`flynnp2p.build.push.forget_repo`).
+The app's saved copy in the cluster goes with it: its `Repo` record (and its
+`BuildCache` record) are in the app's deletion batch
+(`flynnp2p.api.ops.app_deletion`; their blobs are then collected by the
+blobstore's gc) and its etcd keys are dropped with the app's claims
+(`flynnp2p.build.push.forget_repo`).
 """
 
 from __future__ import annotations
