@@ -78,14 +78,17 @@ class GitNode:
         return next(a for a in self.ctx.state.state.records(App) if a.name == name)
 
 
-async def start_node(nursery: trio.Nursery, root: Path, step: PreReceive = accept_push) -> GitNode:
+async def start_node(
+    nursery: trio.Nursery, root: Path, step: PreReceive = accept_push, blob_peers: Peers | None = None
+) -> GitNode:
+    """`blob_peers`: the peers the blobstore replicates to (none: a put is held by this node alone)."""
     service = await start_service(nursery, Peers())
     etcd = LeasedEtcd()
     ctx = Ctx(service, Clock(), etcd=etcd)
     hooks = HookServer(root / "git" / "hooks")
     await nursery.start(hooks.run)
     peer_http = httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"})
-    blobs = BlobService(BlobStore(root / "blobs"), service, Peers(), peer_http, "n1", ctx.now_ms)
+    blobs = BlobService(BlobStore(root / "blobs"), service, blob_peers or Peers(), peer_http, "n1", ctx.now_ms)
     locks = PushLocks(lambda: etcd, ctx.now_ms)
     app = create_app(Node())
     app.register_blueprint(apps_blueprint(ctx, rng=random.Random(3)))

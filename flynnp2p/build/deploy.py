@@ -12,7 +12,8 @@ It runs before any ref moves, so a failed build rejects the push (git prints
 3. the builder (`flynnp2p.build.builder.build`) compiles it with the app's
    current env, in its sandbox, under the app's limits (``build_memory_mb``,
    ``build_timeout_s`` of its `App` record), every line of output sent to the
-   pusher as ``remote:       …``;
+   pusher as ``remote:       …``; a slug over the cluster's size limit
+   (`flynnp2p.build.slugsize`) fails the build;
 4. the slug is stored in the blobstore (replicated to a second node before it is
    acknowledged), and the build cache is saved there meanwhile (a cache not
    saved never fails the push);
@@ -53,6 +54,7 @@ from flynnp2p.build.buildlog import BuildLog, LogSink
 from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
+from flynnp2p.build.slugsize import DEFAULT_SLUG_MAX_MB, MIB, slug_too_big
 from flynnp2p.errors import FlynnError
 from flynnp2p.state.records import App
 
@@ -101,6 +103,7 @@ class BuildStep:
         self, *, api: httpx.AsyncClient, api_url: str, slugs: Slugs, work_root: Path,
         wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        slug_max_bytes: int = DEFAULT_SLUG_MAX_MB * MIB,
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
@@ -110,6 +113,7 @@ class BuildStep:
         self.caches = caches
         self.logs = logs
         self.now_ms = now_ms
+        self.slug_max_bytes = slug_max_bytes
         self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
 
     async def __call__(
@@ -179,6 +183,9 @@ class BuildStep:
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
             limits=limits_of(app),
         )  # fmt: skip
+        too_big = slug_too_big(result.size, self.slug_max_bytes)  # before anything is stored
+        if too_big is not None:
+            raise BuildError(too_big)
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
