@@ -177,7 +177,7 @@ class BuildStep:
         started = time.monotonic()
         result = await build(
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
-            limits=limits_of(app),
+            limits=limits_of(app), node=self.caches.node if self.caches is not None else "this node",
         )  # fmt: skip
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
