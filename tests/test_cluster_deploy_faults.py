@@ -234,8 +234,8 @@ async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
             j["id"] for j in before if j["host"] == leader.name and j["state"] != "down"
         ]
         seen["release"] = release
-        seen["killed_at"] = trio.current_time()
-        leader.kill()  # the agent, its serf and etcd, and the jobs it hosts
+        leader.kill()  # the agent, its serf and etcd, then the jobs it hosts
+        seen["killed_at"] = trio.current_time()  # every job of the leader is dead by now
         dep = await finished(front, release)
         seen["dep"] = dep
         seen["took"] = trio.current_time() - seen["killed_at"]
@@ -267,7 +267,7 @@ async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
     for r in load.failures:
         assert r.kind == "POST" and r.failure is not None, load.summary()
         assert r.failure.startswith("502") and f"{leader.addr}:" in r.failure, load.summary()
-        assert r.start <= killed_at + 0.05 and r.end <= killed_at + LOST_S, load.summary()
+        assert r.start <= killed_at and r.end <= killed_at + LOST_S, load.summary()
     assert len(load.failures) <= CLIENTS, load.summary()
     # One final status, the same everywhere, and the jobs it left.
     assert dep["status"] in ("complete", "rolled-back"), dep
