@@ -9,7 +9,11 @@ that is not the leader; then, while the deployment runs:
    leader must pick the deployment up and finish it; requests through a
    surviving node's router keep succeeding;
 2. the leader is cut off from the two others (iptables, `tests.partition`), then
-   healed: one outcome, on every node the same.
+   healed: one outcome, on every node the same. Requests through a majority
+   node's router that were in flight to the cut-off node's job hang until the
+   client gives up (the router's ``response_header_timeout`` is 60 s, and it
+   does not abort what is in flight to a job that turns `lost`): counted and
+   printed; none that began once its jobs were `lost` fails.
 
 The checker counts what was asked and what came of it: every request sent
 through the router (its start, end and result); the deployment's status as
@@ -64,11 +68,14 @@ class Load:
     def failures(self) -> list[Request]:
         return [r for r in self.requests if r.failure is not None]
 
-    def summary(self) -> str:
+    def summary(self, t0: float = 0.0) -> str:
+        """Counts, and the first failures with their times relative to `t0` (the fault)."""
         failed = self.failures
         lines = [f"sent {len(self.requests)}, answered {len(self.requests) - len(failed)}, "
                  f"failed {len(failed)}"]  # fmt: skip
-        lines += [f"  {r.kind} {r.start:.2f}-{r.end:.2f}: {r.failure}" for r in failed[:10]]
+        lines += [
+            f"  {r.kind} {r.start - t0:+.2f}s..{r.end - t0:+.2f}s: {r.failure}" for r in failed[:10]
+        ]
         return "\n".join(lines)
 
 
@@ -252,9 +259,10 @@ async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
 
     load = await under_load(url, kill_mid_deploy)
     killed_at, dep = seen["killed_at"], seen["dep"]
+    t0 = killed_at
     print(f"\nleader {leader.name} SIGKILLed mid-deploy (its jobs then: {seen['on_leader']}); "
           f"deployment {dep['status']} {seen['took']:.1f}s later ({dep.get('reason')}); "
-          f"through {front.name}'s router: {load.summary()}")  # fmt: skip
+          f"through {front.name}'s router: {load.summary(t0)}")  # fmt: skip
     # Requests through a surviving router: the only failures are POSTs that were
     # in flight at a job on the killed node when it died (the router answers 502
     # naming that backend; it cannot retry a request it already sent, while a GET
@@ -263,12 +271,12 @@ async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
     # later than LOST_S after it, and each client had at most one in flight.
     assert len(load.requests) > 200
     if not seen["on_leader"]:
-        assert not load.failures, load.summary()
+        assert not load.failures, load.summary(t0)
     for r in load.failures:
-        assert r.kind == "POST" and r.failure is not None, load.summary()
-        assert r.failure.startswith("502") and f"{leader.addr}:" in r.failure, load.summary()
-        assert r.start <= killed_at and r.end <= killed_at + LOST_S, load.summary()
-    assert len(load.failures) <= CLIENTS, load.summary()
+        assert r.kind == "POST" and r.failure is not None, load.summary(t0)
+        assert r.failure.startswith("502") and f"{leader.addr}:" in r.failure, load.summary(t0)
+        assert r.start <= killed_at and r.end <= killed_at + LOST_S, load.summary(t0)
+    assert len(load.failures) <= CLIENTS, load.summary(t0)
     # One final status, the same everywhere, and the jobs it left.
     assert dep["status"] in ("complete", "rolled-back"), dep
     outcome = await converged_outcome(survivors, seen["release"])
@@ -288,25 +296,48 @@ async def test_leader_cut_off_mid_deploy_then_healed_has_one_outcome(
     agents, leader = await setup(cluster, tmp_path, own_gids=True)
     others = [a for a in agents if a is not leader]
     front = others[0]
-    release = await start_redeploy(front)
-    with Partition([leader], others):
-        # The majority elects a new leader, which picks the deployment up; the old
-        # one stops acting once it cannot renew its lease.
-        new = await wait_for(
-            lambda: _leader_among(others, leader.name), 30, "a new leader on the majority side"
-        )
-        during = await finished(front, release)
-        print(
-            f"\npartitioned: new leader {new}; the majority finished the deploy: {during['status']}"
-        )
-        await trio.sleep(2.0)  # the old leader, alone, has had time to do whatever it would
+    seen: dict[str, Any] = {}
+
+    async def cut_off_mid_deploy(load: Load) -> None:
+        await trio.sleep(0.5)
+        release = await start_redeploy(front)
+        async with front.client() as c:
+            before = (await jobs(c, "shop"))["jobs"]
+        seen["on_leader"] = [
+            j["id"] for j in before if j["host"] == leader.name and j["state"] != "down"
+        ]
+        seen["release"] = release
+        with Partition([leader], others):
+            seen["cut_at"] = trio.current_time()
+            # The majority elects a new leader, which picks the deployment up; the
+            # old one stops acting once it cannot renew its lease.
+            seen["new"] = await wait_for(
+                lambda: _leader_among(others, leader.name), 30, "a new leader on the majority side"
+            )
+            seen["during"] = await finished(front, release)
+            await trio.sleep(2.0)  # the old leader, alone, has had time to do whatever it would
+        seen["healed_at"] = trio.current_time()
+        await trio.sleep(1.0)
+
+    load = await under_load(f"http://{front.addr}:8080/", cut_off_mid_deploy)
+    release, during = seen["release"], seen["during"]
+    cut_at = t0 = seen["cut_at"]
+    late = [r for r in load.failures if r.start > cut_at + LOST_S]
+    print(f"\nleader {leader.name} cut off mid-deploy (its jobs then: {seen['on_leader']}); new "
+          f"leader {seen['new']}; the majority finished the deploy: {during['status']} "
+          f"{seen['healed_at'] - cut_at - 2:.1f}s after the cut; through {front.name}'s router: "
+          f"{load.summary(t0)}; failures that began more than {LOST_S}s after the cut: {len(late)}")  # fmt: skip
+    # Requests through a majority router: those that failed were in flight at (or
+    # sent to) the cut-off node's jobs before its heartbeats were missed.
+    assert len(load.requests) > 200
+    if not seen["on_leader"]:
+        assert not load.failures, load.summary(t0)
+    assert not late, load.summary(t0)
     await cluster.wait_converged(agents, alive=3, timeout=60)
     outcome = await converged_outcome(agents, release)
     print(f"healed: {outcome}")
-    assert outcome["status"] == during["status"] and outcome["status"] in (
-        "complete",
-        "rolled-back",
-    )
+    assert outcome["status"] == during["status"], (outcome, during)
+    assert outcome["status"] in ("complete", "rolled-back"), outcome
     if outcome["status"] == "complete":
         assert outcome["release_id"] == release, outcome
 
