@@ -5,11 +5,13 @@ leaves nothing half-written behind.
 The full disk is real: a tmpfs of a few MiB (root only: mounting needs it).
 Where a test is about what happens when the disk fills *during* a write, the
 up-front room check (`room_for`) is turned off for it, since the check alone
-would refuse first.
+would refuse first. Last, the deploy watcher's verdict on a job that could not
+start for such a reason carries it (it said "exited by itself").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -25,10 +27,13 @@ from flynnp2p.errors import InsufficientStorage
 from flynnp2p.host import rootfs, space
 from flynnp2p.host.rootfs import unpack_image
 from flynnp2p.host.space import no_space, room_for
-from flynnp2p.state.records import BuildCache
+from flynnp2p.scheduler.rollout import Verdict, judge
+from flynnp2p.state.records import BuildCache, Formation
+from tests import test_deploy_watcher as watched
 from tests.image_archives import config_doc, save_archive
 from tests.test_blobstore import service
 from tests.test_build_cache import Said, caches, fill
+from tests.test_scheduler_model import state_of
 
 MIB = 1 << 20
 
@@ -164,3 +169,20 @@ async def test_an_image_unpack_that_fills_the_disk_removes_its_partial_root(
     small = busybox_image(tmp_path / "small.tar", 1000)
     unpacked = await unpack_image(small, tiny, "sha256:abc", node="n7")  # the digest is free
     assert (unpacked.rootfs / "bin" / "data").stat().st_size == 1000
+
+
+def test_a_deploy_whose_job_could_not_start_says_its_hosts_reason() -> None:
+    why = "cannot get image archive sha256:x: no space left on h1: image sha256:x was not unpacked"
+    crashed = dataclasses.replace(watched.job("new1", "r2", "crashed"), reason=why)
+    state = state_of(watched.APP, watched.R1, watched.R2, watched.DEP,
+                     Formation(app_id="a1", release_id="r2", updated_at=watched.T0_MS, processes={"web": 2}),
+                     watched.placed("new1", "r2"), crashed)  # fmt: skip
+    verdict = judge(state, watched.DEP, watched.T0_MS + 1000)
+    assert verdict == Verdict("failed", f"job new1 (web) could not start: {why}", "new1")
+    # One that ran and exited says how, whatever its host said.
+    exited = dataclasses.replace(crashed, exit_code=3, reason="exited with code 3")
+    state = state_of(watched.APP, watched.R2, watched.DEP, watched.placed("new1", "r2"), exited,
+                     Formation(app_id="a1", release_id="r2", updated_at=watched.T0_MS, processes={"web": 2}))  # fmt: skip
+    assert judge(state, watched.DEP, watched.T0_MS + 1000) == Verdict(
+        "failed", "job new1 (web) exited with code 3", "new1"
+    )
