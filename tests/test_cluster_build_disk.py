@@ -204,6 +204,21 @@ async def test_builds_and_unpacks_on_a_full_disk(
     assert f"no space left on {b.name}" in out and "Push rejected" in out, out
     assert await served(a) == (200, "v1")
     assert leftovers(b) == []
+    # A push whose pack fits, and the tar of its tree too, but not that tree
+    # unpacked beside it (3 MiB of zeros, 5 MiB free): the source's export fails
+    # before the build starts; refused the same way (it ended the agent).
+    filler.unlink()
+    filler = fill(small_disk, leave=5 << 20)
+    (tree / "zeros.bin").write_bytes(bytes(3 << 20))
+    await git.run("add", "zeros.bin", cwd=tree)
+    await git.run("commit", "--quiet", "-m", "zeros", cwd=tree)
+    refused = await push()
+    out = text(refused)
+    print(f"(a) a push of a tree bigger than what is free:\n{out}")
+    assert refused.returncode != 0 and b.running, out
+    assert f"no space left on {b.name}: the push could not be built" in out, out
+    assert await served(a) == (200, "v1")
+    assert leftovers(b) == []
 
     # (b) room for the build (and the tools it copies into its sandbox), not for
     # the cache's copy: not saved, the push goes on.

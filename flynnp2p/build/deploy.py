@@ -54,6 +54,7 @@ from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
 from flynnp2p.errors import FlynnError
+from flynnp2p.host.space import is_full, no_space
 from flynnp2p.state.records import App
 
 INDENT = "       "  # Heroku's: buildpack output under the "-----> " headings
@@ -155,6 +156,15 @@ class BuildStep:
             self.stats["builds_failed"] += 1
             await say(f" !     {exc.message}")
             await say(" !     Push rejected; the running release keeps serving. Push again.")
+            return False
+        except OSError as exc:  # the disk filled outside the builder (the source's export):
+            if not is_full(exc):  # refused, as the builder's own (it would end the agent)
+                raise
+            self.stats["builds_failed"] += 1
+            node = self.caches.node if self.caches is not None else "this node"
+            await say(f" !     {no_space(node, 'the push could not be built', exc.strerror or str(exc))}")
+            await say(" !     Push rejected; the running release keeps serving. Push again once "
+                      "space is freed.")  # fmt: skip
             return False
         finally:
             with trio.CancelScope(shield=True):  # a push cut off mid-build leaves nothing
