@@ -10,7 +10,8 @@ In turn:
 (a) a push with 1 MiB free: rejected, saying the disk of n2 is full (before the
     fix the build's ENOSPC escaped the push's hook and took the agent down); the
     running release keeps serving; nothing half-written is left (no build
-    directory, no blob being written);
+    directory, no blob being written); so is one whose tree, exported before
+    the build, does not fit (it too ended the agent);
 (b) once space is freed, but not enough for the cache's copy with the space a
     node keeps free: the same push works, the cache not saved (the push says
     why);
