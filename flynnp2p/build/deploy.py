@@ -56,6 +56,7 @@ from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
 from flynnp2p.build.slugsize import DEFAULT_SLUG_MAX_MB, MIB, slug_too_big
 from flynnp2p.errors import FlynnError
+from flynnp2p.host.space import is_full, no_space
 from flynnp2p.state.records import App
 
 INDENT = "       "  # Heroku's: buildpack output under the "-----> " headings
@@ -160,6 +161,15 @@ class BuildStep:
             await say(f" !     {exc.message}")
             await say(" !     Push rejected; the running release keeps serving. Push again.")
             return False
+        except OSError as exc:  # the disk filled outside the builder (the source's export):
+            if not is_full(exc):  # refused, as the builder's own (it would end the agent)
+                raise
+            self.stats["builds_failed"] += 1
+            node = self.caches.node if self.caches is not None else "this node"
+            await say(f" !     {no_space(node, 'the push could not be built', exc.strerror or str(exc))}")
+            await say(" !     Push rejected; the running release keeps serving. Push again once "
+                      "space is freed.")  # fmt: skip
+            return False
         finally:
             with trio.CancelScope(shield=True):  # a push cut off mid-build leaves nothing
                 await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
@@ -181,7 +191,7 @@ class BuildStep:
         started = time.monotonic()
         result = await build(
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
-            limits=limits_of(app),
+            limits=limits_of(app), node=self.caches.node if self.caches is not None else "this node",
         )  # fmt: skip
         too_big = slug_too_big(result.size, self.slug_max_bytes)  # before anything is stored
         if too_big is not None:
