@@ -55,7 +55,7 @@ from collections.abc import Callable
 
 import trio
 
-from flynnp2p.router import http1
+from flynnp2p.router import http1, plainhead
 from flynnp2p.router.http1 import IDEMPOTENT, REQUEST_ID_RE
 from flynnp2p.router.proxy import (
     BODY,
@@ -94,6 +94,7 @@ class _State:
         "conn",
         "fd",
         "framing",
+        "fresh",
         "head",
         "interim",
         "keep",
@@ -125,6 +126,7 @@ class _State:
         self.start = 0.0
         self.framing = "none"
         self.keep = False
+        self.fresh = False  # nothing of the response read yet (see `plainhead`)
         self.pending: memoryview | None = None  # response bytes the client has not taken
         self.interim = 0  # 1xx responses before this one
 
@@ -229,9 +231,23 @@ class Lane:
                 else:
                     self._close(st)
                 return
-            now = self.sh.now()
-            if not conn.begun and not conn.events:
-                conn.begun_at = now
+            if not conn.begun and not conn.events and not conn.dead:
+                # A plain head, all there, is read without parser callbacks
+                # (`plainhead`); the parser has seen none of it, as if it had.
+                cfg = conn.cfg
+                head = plainhead.request(
+                    data, cfg.max_request_line, cfg.max_header_bytes, cfg.max_headers
+                )
+                if head is not None:
+                    if self._start(st, head) is _SLOW:
+                        conn.events.append((HEAD, head))
+                        conn.events.append((END, None))
+                        self._handoff(st)
+                        return
+                    continue
+                now = conn.begun_at = self.sh.now()
+            else:
+                now = self.sh.now()
             conn._feed(data)
             if conn.begun:  # a head under way: the header timeout runs
                 conn.phase = "head"
@@ -327,6 +343,7 @@ class Lane:
             self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
         st.up, st.up_fd, st.side, st.head, st.backend, st.route = up, fd, side, head, backend, route
         st.resp, st.up_readable, st.interim, st.rid, st.start = None, False, 0, rid, now
+        st.fresh = head.method != "HEAD"  # (a response to HEAD has no body: the parser's)
         self.uploads[fd] = st
         sh.balancer.acquire(backend.address)
         conn.phase = "response-head"
@@ -350,6 +367,12 @@ class Lane:
                 return
             if len(data) < RECV_SIZE:
                 st.up_readable = False
+            if st.fresh:
+                st.fresh = False
+                got = plainhead.response(data)
+                if got is not None:
+                    self._relay_plain(st, got[0], data, got[1])
+                    return
             if not data:
                 resp = st.resp
                 if resp is None:
@@ -401,11 +424,28 @@ class Lane:
             if out and not self._send_client(st, out):
                 return
             if done:
-                self._finish(st)
+                resp, head = st.resp, st.head
+                assert resp is not None and head is not None
+                self._finish(st, (
+                    resp.keep_alive and head.method != "HEAD" and side.messages == 1 + st.interim
+                    and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
+                ))  # fmt: skip
                 return
             st.conn.expires_at = self.sh.now() + st.conn.cfg.idle_timeout
 
-    def _send_client(self, st: _State, out: bytearray) -> bool:
+    def _relay_plain(self, st: _State, resp: http1.ResponseHead, data: bytes, body: int) -> None:
+        """A whole response read in one, its head plain (`plainhead`): out at once."""
+        head = st.head
+        assert head is not None
+        st.resp, st.framing, st.keep = resp, "length", head.keep_alive
+        out = http1.client_response(
+            resp, body_framing="length", keep_alive=head.keep_alive, client_version=head.version,
+            request_id=st.rid,
+        ) + data[body:]  # fmt: skip
+        if self._send_client(st, out):
+            self._finish(st, resp.keep_alive)
+
+    def _send_client(self, st: _State, out: bytes | bytearray) -> bool:
         """Send what can go now; hold the rest (the upstream is then not read).
         False if the client is gone (closed)."""
         raw = st.conn.sock.sock  # type: ignore[attr-defined]
@@ -444,16 +484,13 @@ class Lane:
             self._dispatch(st)
             self._read_client(st)
 
-    def _finish(self, st: _State) -> None:
-        """The response is complete (maybe not all sent yet: `pending`)."""
-        sh, conn, resp, head, route = self.sh, st.conn, st.resp, st.head, st.route
-        assert resp is not None and head is not None and st.side is not None and route is not None
+    def _finish(self, st: _State, reusable: bool) -> None:
+        """The response is complete (maybe not all sent yet: `pending`); `reusable`:
+        the upstream connection may go back to the pool."""
+        sh, conn, resp, route = self.sh, st.conn, st.resp, st.route
+        assert resp is not None and route is not None
         now = sh.now()
         sh.stats.record(route.app_name or route.app_id, resp.status, now - st.start)
-        reusable = (
-            resp.keep_alive and head.method != "HEAD" and st.side.messages == 1 + st.interim
-            and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
-        )  # fmt: skip
         self._drop_upstream(st, reusable, now)
         if not st.keep or conn.dead:
             if st.pending is None:
