@@ -37,7 +37,10 @@ no CPU is spent) for up to `BURST_SECONDS` from the trio wakeup and runs what
 comes, and only then gives trio its turn back: the ping-pong of a keep-alive
 client and its backend is served by one trio wakeup per burst. The price is
 bounded: other tasks of the router wait at most `BURST_SECONDS` (plus one
-batch) longer for their turn.
+batch) longer for their turn. That is only for a router that has its process
+to itself (a router worker sets `Shared.lane_burst`): in the agent's process
+(``--router-workers 0``) the lane never blocks the loop the API, the state
+service and serf share, and gives trio its turn back after every batch.
 
 Timeouts stay with the router's sweeper: a lane connection's ``timer`` is a
 `_Timer` whose ``cancel`` (what the sweeper calls at ``expires_at``) answers
@@ -143,6 +146,7 @@ class Lane:
         self.uploads: dict[int, _State] = {}  # upstream fd -> the state waiting on it
         self.kept = 0  # requests the lane proxied itself
         self.handed = 0  # requests handed to the task path
+        self.bursts = 0  # waits on the lane's own epoll (`Shared.lane_burst`)
 
     @property
     def count(self) -> int:
@@ -150,7 +154,8 @@ class Lane:
         return len(self.clients)
 
     def status(self) -> dict[str, int]:
-        return {"connections": self.count, "kept": self.kept, "handed": self.handed}
+        return {"connections": self.count, "kept": self.kept, "handed": self.handed,
+                "bursts": self.bursts}  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -161,7 +166,8 @@ class Lane:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
-                until = clock() + BURST_SECONDS
+                burst = self.sh.lane_burst
+                until = clock() + burst
                 events = ep.poll(0, 256)
                 while events:
                     for fd, ev in events:
@@ -178,9 +184,12 @@ class Lane:
                             st.up_readable = True
                             if st.pending is None:
                                 self._read_upstream(st)
+                    if burst <= 0:
+                        break  # (trio wakes the lane again while its epoll has events)
                     left = until - clock()
                     if left <= 0:
                         break
+                    self.bursts += 1
                     events = ep.poll(left, 256)  # the burst: see the module's docstring
         finally:
             for st in list(clients.values()):
@@ -332,6 +341,7 @@ class Lane:
             sent = -1
         if sent != len(up_head):  # a pooled connection the backend closed: the task path retries
             up.close()
+            conn.failed_attempt = ("H13", backend, 0.0, 0.0)
             return _SLOW
         side = up.parser
         if not isinstance(side, _ResponseSide):
@@ -387,7 +397,7 @@ class Lane:
                     side.parser.feed_data(data)
                 except Exception:  # httptools.HttpParserError, an upgrade nobody asked for
                     side.events.clear()
-                    self._upstream_failed(st) if st.resp is None else self._close(st)
+                    self._upstream_failed(st, "H17") if st.resp is None else self._close(st)
                     return
             out = bytearray()
             done = False
@@ -396,7 +406,7 @@ class Lane:
                     if 100 <= value.status < 200:
                         if value.status == 101:  # no upgrade was asked for (see _dispatch)
                             side.events.clear()
-                            self._upstream_failed(st)
+                            self._upstream_failed(st, "H17")
                             return
                         st.interim += 1
                         continue  # interim responses stop here
@@ -514,9 +524,12 @@ class Lane:
             up.close()
         st.up, st.up_fd, st.side, st.backend = None, -1, None, None
 
-    def _upstream_failed(self, st: _State) -> None:
-        """Before anything reached the client: the task path tries again."""
-        conn, head = st.conn, st.head
+    def _upstream_failed(self, st: _State, code: str = "H13") -> None:
+        """Before anything reached the client: the task path tries again, this as its
+        first attempt (`code` as `logline` names it: its retry line says so)."""
+        conn, head, backend = st.conn, st.head, st.backend
+        assert backend is not None
+        conn.failed_attempt = (code, backend, 0.0, self.sh.now() - st.start)
         self._drop_upstream(st)
         assert head is not None
         conn.events.appendleft((END, None))

@@ -37,6 +37,7 @@ from flynnp2p.router.handover import (
     raw_stats,
     update_handed,
 )
+from flynnp2p.router.lane import BURST_SECONDS
 from flynnp2p.router.service import Router
 from flynnp2p.router.workers import Channel
 from flynnp2p.watch import Watched
@@ -73,6 +74,7 @@ async def serve(channel: Channel) -> None:
         log=RouterLog(_ToAgent(channel)), https_port=init["https_port"], certs=certs,
         sticky_key=init["sticky_key"], reuse_port=True,
     )  # fmt: skip
+    router.shared.lane_burst = BURST_SECONDS  # a process of its own: the lane may wait (lane.py)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(router.run)
