@@ -146,7 +146,8 @@ class Lane:
         self.uploads: dict[int, _State] = {}  # upstream fd -> the state waiting on it
         self.kept = 0  # requests the lane proxied itself
         self.handed = 0  # requests handed to the task path
-        self.bursts = 0  # waits on the lane's own epoll (`Shared.lane_burst`)
+        self.turns = 0  # trio wakeups of the lane
+        self.bursts = 0  # waits on the lane's own epoll within them (`Shared.lane_burst`)
 
     @property
     def count(self) -> int:
@@ -155,7 +156,7 @@ class Lane:
 
     def status(self) -> dict[str, int]:
         return {"connections": self.count, "kept": self.kept, "handed": self.handed,
-                "bursts": self.bursts}  # fmt: skip
+                "turns": self.turns, "bursts": self.bursts}  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Lane:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
+                self.turns += 1
                 burst = self.sh.lane_burst
                 until = clock() + burst
                 events = ep.poll(0, 256)
@@ -509,9 +511,11 @@ class Lane:
                 st.keep = False  # closed once the pending bytes are sent
             return
         conn.phase, conn.expires_at = "idle", now + conn.cfg.idle_timeout
-        if st.pending is None:
-            self._dispatch(st)
-            self._read_client(st)
+        if st.pending is None:  # (each call only when it has something to do)
+            if conn.events:
+                self._dispatch(st)
+            if st.readable:
+                self._read_client(st)
 
     def _drop_upstream(self, st: _State, reuse: bool = False, now: float = 0.0) -> None:
         up, backend = st.up, st.backend
