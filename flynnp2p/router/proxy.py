@@ -446,6 +446,7 @@ class ClientConnection:
 
     async def _handle(self, head: RequestHead) -> bool:
         sh, cfg = self.sh, self.cfg
+        failed, self.failed_attempt = self.failed_attempt, None  # (this request's only)
         start = self.sh.now()
         rid = head.request_id if head.request_id and http1.valid_request_id(head.request_id) \
             else sh.new_request_id()  # fmt: skip
@@ -475,22 +476,22 @@ class ClientConnection:
             head, client_ip=self.ip, proto_port=self.proto_port, request_id=rid,
             start_ms=sh.wall_ms(),
         )  # fmt: skip
-        return await self._proxy(head, route, backends, up_head, app, start, rid)
+        return await self._proxy(head, route, backends, up_head, app, start, rid, failed)
 
     async def _proxy(
         self, head: RequestHead, route: RouteSpec, backends: tuple[Backend, ...], up_head: bytes,
-        app: str, start: float, rid: bytes,
+        app: str, start: float, rid: bytes, failed: tuple[str, Backend, float, float] | None = None,
     ) -> bool:  # fmt: skip
+        """`failed`: the fast lane's attempt, on a pooled connection, if it made one
+        (see the module's docstring); it counts as the first of the tries."""
         sh, cfg = self.sh, self.cfg
         tried: list[str] = []
         renew: set[str] = set()  # backends whose pooled connection just failed: connect anew
         why = "no backend could be reached"
         timed_out = False
         # the attempt that failed last: code, backend, connect seconds, failed after (seconds)
-        failed = self.failed_attempt
         tries = cfg.max_tries
-        if failed is not None:  # the lane's, on a pooled connection (see the module's docstring)
-            self.failed_attempt = None
+        if failed is not None:
             tries -= 1
             (renew.add if failed[0] == "H13" else tried.append)(failed[1].address)
         pinned = sticky.job_of(head.lines, sh.sticky_key, route.id) if route.sticky else None
