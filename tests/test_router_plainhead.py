@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flynnp2p.router import plainhead
@@ -218,7 +218,7 @@ def requests(draw: st.DrawFn) -> bytes:
     return method + b" " + target + b" " + version + b"\r\n" + before + host + after + end
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(responses())
 @example(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
 @example(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok")
@@ -226,14 +226,14 @@ def test_a_generated_response_is_declined_or_read_as_the_parser_reads_it(data: b
     check_response(data)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=80))
 def test_any_bytes_as_a_response_are_declined_or_read_as_the_parser_reads_them(data: bytes) -> None:
     check_response(b"HTTP/1.1 200 OK\r\n" + data)
     check_response(data)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 @example(b"GET / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
 def test_a_generated_request_is_declined_or_read_as_the_parser_reads_it(
@@ -242,7 +242,7 @@ def test_a_generated_request_is_declined_or_read_as_the_parser_reads_it(
     check_request(shared, data)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=80))
 def test_any_bytes_as_a_request_are_declined_or_read_as_the_parser_reads_them(
     shared: Shared, data: bytes

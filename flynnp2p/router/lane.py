@@ -29,6 +29,12 @@ balancer and the pool, `Stats`. A response the client cannot take at once is
 held (one pending buffer) and the upstream is not read until the client has
 taken it: flow control as on the task path.
 
+A head that is plain and all there in one read (a request the lane can serve,
+a response with its whole ``Content-Length`` body) is read by `plainhead` in
+one pass, without a parser callback per header; the parser has then seen none
+of that message, as if it had read it. Anything else is fed to the parser as
+it always was, which accepts or refuses it.
+
 A wakeup through trio costs more Python than a small request (its run loop,
 the coroutine chain, an ``epoll_ctl`` to re-arm): at one request at a time
 each request would pay two (the request, then the response). So after a batch
