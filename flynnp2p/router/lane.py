@@ -29,6 +29,12 @@ balancer and the pool, `Stats`. A response the client cannot take at once is
 held (one pending buffer) and the upstream is not read until the client has
 taken it: flow control as on the task path.
 
+A head that is plain and all there in one read (a request the lane can serve,
+a response with its whole ``Content-Length`` body) is read by `plainhead` in
+one pass, without a parser callback per header; the parser has then seen none
+of that message, as if it had read it. Anything else is fed to the parser as
+it always was, which accepts or refuses it.
+
 A wakeup through trio costs more Python than a small request (its run loop,
 the coroutine chain, an ``epoll_ctl`` to re-arm): at one request at a time
 each request would pay two (the request, then the response). So after a batch
@@ -37,7 +43,10 @@ no CPU is spent) for up to `BURST_SECONDS` from the trio wakeup and runs what
 comes, and only then gives trio its turn back: the ping-pong of a keep-alive
 client and its backend is served by one trio wakeup per burst. The price is
 bounded: other tasks of the router wait at most `BURST_SECONDS` (plus one
-batch) longer for their turn.
+batch) longer for their turn. That is only for a router that has its process
+to itself (a router worker sets `Shared.lane_burst`): in the agent's process
+(``--router-workers 0``) the lane never blocks the loop the API, the state
+service and serf share, and gives trio its turn back after every batch.
 
 Timeouts stay with the router's sweeper: a lane connection's ``timer`` is a
 `_Timer` whose ``cancel`` (what the sweeper calls at ``expires_at``) answers
@@ -55,7 +64,7 @@ from collections.abc import Callable
 
 import trio
 
-from flynnp2p.router import http1
+from flynnp2p.router import http1, plainhead
 from flynnp2p.router.http1 import IDEMPOTENT, REQUEST_ID_RE
 from flynnp2p.router.proxy import (
     BODY,
@@ -94,6 +103,7 @@ class _State:
         "conn",
         "fd",
         "framing",
+        "fresh",
         "head",
         "interim",
         "keep",
@@ -125,6 +135,7 @@ class _State:
         self.start = 0.0
         self.framing = "none"
         self.keep = False
+        self.fresh = False  # nothing of the response read yet (see `plainhead`)
         self.pending: memoryview | None = None  # response bytes the client has not taken
         self.interim = 0  # 1xx responses before this one
 
@@ -141,6 +152,8 @@ class Lane:
         self.uploads: dict[int, _State] = {}  # upstream fd -> the state waiting on it
         self.kept = 0  # requests the lane proxied itself
         self.handed = 0  # requests handed to the task path
+        self.turns = 0  # trio wakeups of the lane
+        self.bursts = 0  # waits on the lane's own epoll within them (`Shared.lane_burst`)
 
     @property
     def count(self) -> int:
@@ -148,7 +161,8 @@ class Lane:
         return len(self.clients)
 
     def status(self) -> dict[str, int]:
-        return {"connections": self.count, "kept": self.kept, "handed": self.handed}
+        return {"connections": self.count, "kept": self.kept, "handed": self.handed,
+                "turns": self.turns, "bursts": self.bursts}  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -159,7 +173,9 @@ class Lane:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
-                until = clock() + BURST_SECONDS
+                self.turns += 1
+                burst = self.sh.lane_burst
+                until = clock() + burst
                 events = ep.poll(0, 256)
                 while events:
                     for fd, ev in events:
@@ -176,9 +192,12 @@ class Lane:
                             st.up_readable = True
                             if st.pending is None:
                                 self._read_upstream(st)
+                    if burst <= 0:
+                        break  # (trio wakes the lane again while its epoll has events)
                     left = until - clock()
                     if left <= 0:
                         break
+                    self.bursts += 1
                     events = ep.poll(left, 256)  # the burst: see the module's docstring
         finally:
             for st in list(clients.values()):
@@ -229,9 +248,23 @@ class Lane:
                 else:
                     self._close(st)
                 return
-            now = self.sh.now()
-            if not conn.begun and not conn.events:
-                conn.begun_at = now
+            if not conn.begun and not conn.events and not conn.dead:
+                # A plain head, all there, is read without parser callbacks
+                # (`plainhead`); the parser has seen none of it, as if it had.
+                cfg = conn.cfg
+                head = plainhead.request(
+                    data, cfg.max_request_line, cfg.max_header_bytes, cfg.max_headers
+                )
+                if head is not None:
+                    if self._start(st, head) is _SLOW:
+                        conn.events.append((HEAD, head))
+                        conn.events.append((END, None))
+                        self._handoff(st)
+                        return
+                    continue
+                now = conn.begun_at = self.sh.now()
+            else:
+                now = self.sh.now()
             conn._feed(data)
             if conn.begun:  # a head under way: the header timeout runs
                 conn.phase = "head"
@@ -316,6 +349,7 @@ class Lane:
             sent = -1
         if sent != len(up_head):  # a pooled connection the backend closed: the task path retries
             up.close()
+            conn.failed_attempt = ("H13", backend, 0.0, 0.0)
             return _SLOW
         side = up.parser
         if not isinstance(side, _ResponseSide):
@@ -327,6 +361,7 @@ class Lane:
             self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
         st.up, st.up_fd, st.side, st.head, st.backend, st.route = up, fd, side, head, backend, route
         st.resp, st.up_readable, st.interim, st.rid, st.start = None, False, 0, rid, now
+        st.fresh = head.method != "HEAD"  # (a response to HEAD has no body: the parser's)
         self.uploads[fd] = st
         sh.balancer.acquire(backend.address)
         conn.phase = "response-head"
@@ -350,6 +385,12 @@ class Lane:
                 return
             if len(data) < RECV_SIZE:
                 st.up_readable = False
+            if st.fresh:
+                st.fresh = False
+                got = plainhead.response(data)
+                if got is not None:
+                    self._relay_plain(st, got[0], data, got[1])
+                    return
             if not data:
                 resp = st.resp
                 if resp is None:
@@ -364,7 +405,7 @@ class Lane:
                     side.parser.feed_data(data)
                 except Exception:  # httptools.HttpParserError, an upgrade nobody asked for
                     side.events.clear()
-                    self._upstream_failed(st) if st.resp is None else self._close(st)
+                    self._upstream_failed(st, "H17") if st.resp is None else self._close(st)
                     return
             out = bytearray()
             done = False
@@ -373,7 +414,7 @@ class Lane:
                     if 100 <= value.status < 200:
                         if value.status == 101:  # no upgrade was asked for (see _dispatch)
                             side.events.clear()
-                            self._upstream_failed(st)
+                            self._upstream_failed(st, "H17")
                             return
                         st.interim += 1
                         continue  # interim responses stop here
@@ -401,11 +442,28 @@ class Lane:
             if out and not self._send_client(st, out):
                 return
             if done:
-                self._finish(st)
+                resp, head = st.resp, st.head
+                assert resp is not None and head is not None
+                self._finish(st, (
+                    resp.keep_alive and head.method != "HEAD" and side.messages == 1 + st.interim
+                    and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
+                ))  # fmt: skip
                 return
             st.conn.expires_at = self.sh.now() + st.conn.cfg.idle_timeout
 
-    def _send_client(self, st: _State, out: bytearray) -> bool:
+    def _relay_plain(self, st: _State, resp: http1.ResponseHead, data: bytes, body: int) -> None:
+        """A whole response read in one, its head plain (`plainhead`): out at once."""
+        head = st.head
+        assert head is not None
+        st.resp, st.framing, st.keep = resp, "length", head.keep_alive
+        out = http1.client_response(
+            resp, body_framing="length", keep_alive=head.keep_alive, client_version=head.version,
+            request_id=st.rid,
+        ) + data[body:]  # fmt: skip
+        if self._send_client(st, out):
+            self._finish(st, resp.keep_alive)
+
+    def _send_client(self, st: _State, out: bytes | bytearray) -> bool:
         """Send what can go now; hold the rest (the upstream is then not read).
         False if the client is gone (closed)."""
         raw = st.conn.sock.sock  # type: ignore[attr-defined]
@@ -444,16 +502,13 @@ class Lane:
             self._dispatch(st)
             self._read_client(st)
 
-    def _finish(self, st: _State) -> None:
-        """The response is complete (maybe not all sent yet: `pending`)."""
-        sh, conn, resp, head, route = self.sh, st.conn, st.resp, st.head, st.route
-        assert resp is not None and head is not None and st.side is not None and route is not None
+    def _finish(self, st: _State, reusable: bool) -> None:
+        """The response is complete (maybe not all sent yet: `pending`); `reusable`:
+        the upstream connection may go back to the pool."""
+        sh, conn, resp, route = self.sh, st.conn, st.resp, st.route
+        assert resp is not None and route is not None
         now = sh.now()
         sh.stats.record(route.app_name or route.app_id, resp.status, now - st.start)
-        reusable = (
-            resp.keep_alive and head.method != "HEAD" and st.side.messages == 1 + st.interim
-            and (resp.chunked or resp.content_length is not None or resp.status in (204, 304))
-        )  # fmt: skip
         self._drop_upstream(st, reusable, now)
         if not st.keep or conn.dead:
             if st.pending is None:
@@ -462,9 +517,11 @@ class Lane:
                 st.keep = False  # closed once the pending bytes are sent
             return
         conn.phase, conn.expires_at = "idle", now + conn.cfg.idle_timeout
-        if st.pending is None:
-            self._dispatch(st)
-            self._read_client(st)
+        if st.pending is None:  # (each call only when it has something to do)
+            if conn.events:
+                self._dispatch(st)
+            if st.readable:
+                self._read_client(st)
 
     def _drop_upstream(self, st: _State, reuse: bool = False, now: float = 0.0) -> None:
         up, backend = st.up, st.backend
@@ -477,9 +534,12 @@ class Lane:
             up.close()
         st.up, st.up_fd, st.side, st.backend = None, -1, None, None
 
-    def _upstream_failed(self, st: _State) -> None:
-        """Before anything reached the client: the task path tries again."""
-        conn, head = st.conn, st.head
+    def _upstream_failed(self, st: _State, code: str = "H13") -> None:
+        """Before anything reached the client: the task path tries again, this as its
+        first attempt (`code` as `logline` names it: its retry line says so)."""
+        conn, head, backend = st.conn, st.head, st.backend
+        assert backend is not None
+        conn.failed_attempt = (code, backend, 0.0, self.sh.now() - st.start)
         self._drop_upstream(st)
         assert head is not None
         conn.events.appendleft((END, None))

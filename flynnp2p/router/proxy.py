@@ -25,7 +25,12 @@ Failure rules:
 * connect refused/timed out: the backend is skipped on this node for
   ``skip_seconds`` and the request goes to another (``max_tries`` in all);
 * the backend closed or reset before answering: retried on another only if the
-  request is idempotent and bodiless, else 502;
+  request is idempotent and bodiless, else 502. When that connection came from
+  the pool, the connection failed, not the backend (it closed an idle connection
+  as the request went out): the retry may go to the same backend, on a new
+  connection. The fast lane hands such a failure of its own to the task path as
+  the first attempt (`ClientConnection.failed_attempt`), so both write the same
+  retry line;
 * no response head in ``response_header_timeout``: 504 and close;
 * anything the parser refuses (ambiguous framing, bad chunk sizes, bare LF,
   obs-fold, oversize): 400/413/414/431 and close, upstream connection dropped
@@ -141,6 +146,9 @@ class Shared:
     log: RouterLog = field(default_factory=RouterLog)  # router lines in apps' logs
     https_port: int | None = None  # where https_only routes redirect plain HTTP
     sticky_key: bytes = field(default_factory=lambda: os.urandom(32))  # one per cluster: see sticky
+    # How long the fast lane may wait on its own epoll per turn (lane.py): 0 unless the
+    # router has its process to itself (a router worker), never in the agent's loop.
+    lane_burst: float = 0.0
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
 
     def new_request_id(self) -> bytes:
@@ -250,6 +258,9 @@ class ClientConnection:
         # head, app name, backend, connect seconds, when the request was sent
         self.attempt: tuple[RequestHead, str, Backend, float, float] | None = None
         self.upstream: Sock | None = None
+        # an attempt of the fast lane's that failed before anything reached the client:
+        # code, backend, connect seconds, failed after (seconds); the task path retries it
+        self.failed_attempt: tuple[str, Backend, float, float] | None = None
         self.set_cookie = b""  # a sticky route's Set-Cookie line for this response
         self.proto_port = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (proto.encode(), port)
         self.ip = client_ip.encode()
@@ -435,6 +446,7 @@ class ClientConnection:
 
     async def _handle(self, head: RequestHead) -> bool:
         sh, cfg = self.sh, self.cfg
+        failed, self.failed_attempt = self.failed_attempt, None  # (this request's only)
         start = self.sh.now()
         rid = head.request_id if head.request_id and http1.valid_request_id(head.request_id) \
             else sh.new_request_id()  # fmt: skip
@@ -464,20 +476,26 @@ class ClientConnection:
             head, client_ip=self.ip, proto_port=self.proto_port, request_id=rid,
             start_ms=sh.wall_ms(),
         )  # fmt: skip
-        return await self._proxy(head, route, backends, up_head, app, start, rid)
+        return await self._proxy(head, route, backends, up_head, app, start, rid, failed)
 
     async def _proxy(
         self, head: RequestHead, route: RouteSpec, backends: tuple[Backend, ...], up_head: bytes,
-        app: str, start: float, rid: bytes,
+        app: str, start: float, rid: bytes, failed: tuple[str, Backend, float, float] | None = None,
     ) -> bool:  # fmt: skip
+        """`failed`: the fast lane's attempt, on a pooled connection, if it made one
+        (see the module's docstring); it counts as the first of the tries."""
         sh, cfg = self.sh, self.cfg
         tried: list[str] = []
+        renew: set[str] = set()  # backends whose pooled connection just failed: connect anew
         why = "no backend could be reached"
         timed_out = False
         # the attempt that failed last: code, backend, connect seconds, failed after (seconds)
-        failed: tuple[str, Backend, float, float] | None = None
+        tries = cfg.max_tries
+        if failed is not None:
+            tries -= 1
+            (renew.add if failed[0] == "H13" else tried.append)(failed[1].address)
         pinned = sticky.job_of(head.lines, sh.sticky_key, route.id) if route.sticky else None
-        for _ in range(cfg.max_tries):
+        for _ in range(tries):
             now = self.sh.now()
             backend = None
             if pinned is not None and not tried:  # the cookie's job, while it takes traffic
@@ -499,7 +517,8 @@ class ClientConnection:
                           retry=backend)  # fmt: skip
             address = backend.address
             tried.append(address)
-            up = sh.pool.take_nowait(address, now)
+            up = sh.pool.take_nowait(address, now) if address not in renew else None
+            pooled = up is not None
             connect_s, sent_at = 0.0, now  # (a pooled connection: no second clock read)
             if up is None:
                 self.phase = "connect"
@@ -528,6 +547,9 @@ class ClientConnection:
                 failed = (e.code, backend, connect_s, self.sh.now() - sent_at)
                 if head.method not in http1.IDEMPOTENT or head.has_body:
                     break
+                if pooled and e.code == "H13":  # the connection failed, not the backend
+                    tried.remove(address)
+                    renew.add(address)
             finally:
                 sh.balancer.release(address)
         status = 504 if timed_out else 502

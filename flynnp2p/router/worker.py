@@ -40,6 +40,7 @@ from flynnp2p.router.handover import (
     latencies,
     update_handed,
 )
+from flynnp2p.router.lane import BURST_SECONDS
 from flynnp2p.router.service import HandedListeners, Router, TcpChange
 from flynnp2p.router.workers import Channel
 from flynnp2p.watch import Watched
@@ -104,6 +105,7 @@ async def serve(channel: Channel) -> None:
         log=RouterLog(_ToAgent(channel)), https_port=init["https_port"], certs=certs,
         sticky_key=init["sticky_key"], handed=handed,
     )  # fmt: skip
+    router.shared.lane_burst = BURST_SECONDS  # a process of its own: the lane may wait (lane.py)
     async with trio.open_nursery() as nursery:
         await nursery.start(router.run)
         await channel.send({"t": "ready"})

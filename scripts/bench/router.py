@@ -180,7 +180,9 @@ table = RouteTable.build(
     [RouteSpec(id="r", app_id="bench", type="http", domain="bench.test"),
      RouteSpec(id="t", app_id="bench", type="tcp", port=tcp_port, process_type="tcp")],
     {("bench", "web"): [Backend("j1", backend)], ("bench", "tcp"): [Backend("j2", tcp_backend)]})
-trio.run(Router(Watched(table), address="127.0.0.1", http_port=port).run)
+router = Router(Watched(table), address="127.0.0.1", http_port=port)
+router.shared.lane_burst = 0.001  # a process of its own, as a router worker (lane.BURST_SECONDS)
+trio.run(router.run)
 """
 
 
