@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from flynnp2p.build.sandbox import open_sandbox
 from flynnp2p.host.cgroup import (
     Controller,
     MemoryGroups,
@@ -24,7 +25,7 @@ from flynnp2p.host.cgroup import (
     parse_proc_cgroup,
     sweep_builds_sync,
 )
-from flynnp2p.host.process import ProcessBackend
+from flynnp2p.host.process import ProcessBackend, detect_isolation
 from flynnp2p.host.slug import unpack_slug
 from tests.harness import gone_or_zombie
 from tests.test_host_process import PY, build_slug, spec, texts
@@ -249,3 +250,53 @@ def test_build_groups_of_live_agents_are_kept() -> None:
         assert mine.path.is_dir()
     finally:
         assert mine.remove_sync()
+
+
+# -- the build sandbox ----------------------------------------------------------------------
+
+
+@needs_cgroup
+async def test_a_build_program_over_the_limit_is_oom_killed_and_the_group_goes(
+    tmp_path: Path,
+) -> None:
+    isolation = await trio.to_thread.run_sync(detect_isolation)
+    lines: list[str] = []
+
+    async def on_line(line: str) -> None:
+        lines.append(line)
+
+    async with open_sandbox(
+        tmp_path / "work", isolation=isolation, uid=250_001, cache_dir=tmp_path / "cache",
+        memory_mb=64,
+    ) as box:  # fmt: skip
+        assert box.group is not None
+        group = box.group.path
+        small = await box.run(
+            ["python3", "-c", "print(len(b'x' * (20 << 20)))"], env={}, on_line=on_line
+        )
+        assert (small.status, small.oom_killed) == (0, False)
+        big = await box.run(["python3", "-c", "b = b'x' * (200 << 20)"], env={}, on_line=on_line)
+        # (unshare, whose child was killed, exits 1 with namespaces; -9 without)
+        assert big.status != 0 and big.oom_killed
+        assert big.tail[-1].startswith("flynnp2p: out of memory") and "64 MiB" in big.tail[-1]
+        # the next program of the build is not blamed for the earlier kill
+        after = await box.run(["true"], env={}, on_line=on_line)
+        assert (after.status, after.oom_killed) == (0, False)
+    assert str(20 << 20) in lines
+    assert not group.exists()
+
+
+async def test_a_build_without_cgroups_keeps_rlimit_as(tmp_path: Path) -> None:
+    isolation = await trio.to_thread.run_sync(detect_isolation)
+    lines: list[str] = []
+
+    async def on_line(line: str) -> None:
+        lines.append(line)
+
+    async with open_sandbox(
+        tmp_path / "work", isolation=isolation, uid=250_001, cache_dir=tmp_path / "cache",
+        memory_mb=256, cgroups=False,
+    ) as box:  # fmt: skip
+        assert box.group is None
+        result = await box.run(["sh", "-c", "ulimit -v"], env={}, on_line=on_line)
+    assert result.status == 0 and lines == [str(256 * 1024)]
