@@ -5,10 +5,13 @@ this host has a usable memory controller)."""
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ from flynnp2p.host.cgroup import (
 from flynnp2p.host.process import ProcessBackend, detect_isolation
 from flynnp2p.host.slug import unpack_slug
 from tests.harness import gone_or_zombie
-from tests.test_host_process import PY, build_slug, spec, texts
+from tests.test_host_process import PY, add_file, build_slug, spec, texts
 
 MiB = 1024 * 1024
 
@@ -250,6 +253,45 @@ def test_build_groups_of_live_agents_are_kept() -> None:
         assert mine.path.is_dir()
     finally:
         assert mine.remove_sync()
+
+
+# -- Node.js under the default limit -----------------------------------------------------
+
+NODE = shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
+NODE_PROFILE = (resources.files("flynnp2p.build") / "buildpacks/nodejs/lib/nodejs.sh").read_bytes()
+# What node runs with, and that it runs JIT-compiled code at all.
+NODE_CMD = "node -e " + shlex.quote(
+    'console.log("options=" + (process.env.NODE_OPTIONS || "") + " sum=" +'
+    " [1, 2, 3].reduce((a, b) => a + b))"
+)
+
+
+async def node_job_lines(backend: ProcessBackend, tmp_path: Path) -> list[tuple[str, str]]:
+    slug = build_slug(
+        tmp_path / "node.tgz", lambda tar: add_file(tar, "./app/.profile.d/nodejs.sh", NODE_PROFILE)
+    )
+    app = await unpack_slug(slug, tmp_path / "root", "sha256-node")
+    await backend.start(spec(app, "job-node", NODE_CMD, memory_mb=512))
+    status = await backend.wait("job-node")
+    assert status == 0, texts(backend, "job-node")
+    return texts(backend, "job-node")
+
+
+@needs_cgroup
+@pytest.mark.skipif(NODE is None, reason="the stack has no node")
+async def test_node_starts_under_512_mb_with_its_jit_under_a_cgroup(
+    cg_backend: ProcessBackend, tmp_path: Path
+) -> None:
+    assert ("stdout", "options= sum=6") in await node_job_lines(cg_backend, tmp_path)
+
+
+@pytest.mark.skipif(NODE is None, reason="the stack has no node")
+async def test_node_gets_jitless_only_on_the_rlimit_fallback(tmp_path: Path) -> None:
+    backend = ProcessBackend(tmp_path / "root", shutdown_grace_s=1.0, cgroups=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        assert ("stdout", "options=--jitless sum=6") in await node_job_lines(backend, tmp_path)
+        nursery.cancel_scope.cancel()
 
 
 # -- the build sandbox ----------------------------------------------------------------------
