@@ -21,12 +21,13 @@ from flynnp2p.build.sandbox import open_sandbox
 from flynnp2p.host.cgroup import (
     Controller,
     MemoryGroups,
+    agent_parent_name,
     build_group_sync,
     find_controller,
     group_name,
     parse_mountinfo,
     parse_proc_cgroup,
-    sweep_builds_sync,
+    sweep_sync,
 )
 from flynnp2p.host.process import ProcessBackend, detect_isolation
 from flynnp2p.host.slug import unpack_slug
@@ -221,35 +222,62 @@ async def test_a_job_whose_child_is_oom_killed_says_so_and_leftovers_are_killed(
 @needs_cgroup
 async def test_the_next_run_removes_what_a_killed_agent_left(tmp_path: Path) -> None:
     name = f"test-{uuid.uuid4().hex[:8]}"
-    groups = MemoryGroups(controller(), f"flynnp2p-{name}")
+    groups = MemoryGroups(controller(), agent_parent_name(name, tmp_path / "root"))
     groups.open_sync()
     left = groups.create_sync("job-left", 64 * MiB)
     sleeper = subprocess.Popen(["sleep", "300"], preexec_fn=left.join)
+    # Of agents that are gone: a build group (pid 2**22 + 1 is never a pid) and an
+    # empty parent; a parent with a group in it is someone's, and stays.
+    base = controller().group
+    gone_build = base / f"flynnp2p-build-{2**22 + 1}-build-x"
+    gone_parent = base / agent_parent_name(f"gone-{name}", tmp_path / "gone")
+    busy_parent = base / agent_parent_name(f"busy-{name}", tmp_path / "busy")
+    made = [gone_build, gone_parent, busy_parent, busy_parent / "job-1"]
     try:
-        # and a build group of an agent that is gone (pid 2**22 + 1 is never a pid)
-        gone = controller().group / f"flynnp2p-build-{2**22 + 1}-build-x"
-        gone.mkdir()
+        for path in made:
+            path.mkdir()
         backend = ProcessBackend(tmp_path / "root", shutdown_grace_s=1.0, node_name=name)
         async with trio.open_nursery() as nursery:
             await nursery.start(backend.run)
-            assert not left.path.exists() and not gone.exists()
+            assert backend.memory_groups is not None
+            assert backend.memory_groups.parent == groups.parent
+            assert not left.path.exists()
             assert sleeper.wait(timeout=5) == -signal.SIGKILL
+            assert not gone_build.exists() and not gone_parent.exists()
+            assert (busy_parent / "job-1").is_dir()
             nursery.cancel_scope.cancel()
         assert not groups.parent.exists()  # the parent goes with the backend
     finally:
         sleeper.kill()
         sleeper.wait()
-        for path in (left.path, gone, groups.parent):
+        for path in [left.path, *reversed(made), groups.parent]:
             if path.exists():
                 path.rmdir()
 
 
 @needs_cgroup
-def test_build_groups_of_live_agents_are_kept() -> None:
+async def test_a_job_starts_even_if_its_empty_parent_was_swept(
+    cg_backend: ProcessBackend, slug_app: Path
+) -> None:
+    parent_of(cg_backend).rmdir()  # as another agent's sweep may, while no job runs
+    await cg_backend.start(spec(slug_app, "job-after", "echo ok", memory_mb=64))
+    assert await cg_backend.wait("job-after") == 0
+    assert texts(cg_backend, "job-after") == [("stdout", "ok")]
+
+
+def test_parent_names_are_per_node_and_data_dir(tmp_path: Path) -> None:
+    a = agent_parent_name("n1", tmp_path / "a")
+    assert a.startswith("flynnp2p-jobs-n1-") and a == agent_parent_name("n1", tmp_path / "a")
+    assert a != agent_parent_name("n1", tmp_path / "b")  # same node name, other cluster
+    assert agent_parent_name(None, tmp_path / "a").startswith("flynnp2p-jobs-")
+
+
+@needs_cgroup
+def test_build_groups_of_live_agents_are_kept(tmp_path: Path) -> None:
     mine = build_group_sync(controller(), "build-live", 64 * MiB)
     try:
         assert mine.path.name == f"flynnp2p-build-{os.getpid()}-build-live"
-        assert mine.path.name not in sweep_builds_sync(controller())
+        assert mine.path.name not in sweep_sync(controller(), keep=tmp_path)
         assert mine.path.is_dir()
     finally:
         assert mine.remove_sync()

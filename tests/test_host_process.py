@@ -163,7 +163,9 @@ async def test_stop_terminates_the_whole_process_group(
         spec(
             slug_app,
             "job-tree",
-            "(trap 'touch child-got-term; exit 0' TERM; sleep 1000 & wait) & echo child=$!; wait",
+            # The child says its pid once its trap is set (the parent's $! could be
+            # read before it is, and a SIGTERM then would find no trap).
+            "(trap 'touch child-got-term; exit 0' TERM; echo child=$BASHPID; sleep 1000 & wait) & wait",
         )
     )
     child = await wait_for(lambda: child_pid(backend, "job-tree"), 5, "the child's pid", 0.02)

@@ -26,12 +26,21 @@ anyone else's groups.
 3. else none, and the caller falls back to ``RLIMIT_AS`` (the reason is returned
    so that it can say so).
 
-Layout: ``<agent's group>/flynnp2p-<node>/<job id>`` for jobs (`MemoryGroups`,
-one parent per agent, named by its node so that several agents on one machine
-never collide; opening it removes what an earlier run of this agent left), and
-``<agent's group>/flynnp2p-build-<pid>-<name>`` for a build sandbox (it does not
-know the node; the pid names the agent that made it, so that the next agent run
-on the machine can remove the groups of agents that are gone, `sweep_builds`).
+Layout, under the agent's group:
+
+* ``flynnp2p-jobs-<node>-<key>/<job id>`` for jobs (`MemoryGroups`): one parent
+  per agent, named by its node and keyed by its data dir (`agent_parent_name`), so
+  that several agents on one machine never collide, not even same-named nodes of
+  two clusters, and a restarted agent finds its own: opening it removes what an
+  earlier run left (killing what is still in them).
+* ``flynnp2p-build-<pid>-<name>`` for a build sandbox (the builder does not know
+  the node): the pid names the agent that made it.
+
+`sweep_sync`, when an agent opens its parent, tidies up after agents that are
+gone: it removes the build groups whose pid is dead and every other agent's
+parent that is empty (an ``rmdir`` succeeds only on a group with no processes
+and no children, so a busy one is never touched; an agent whose empty parent was
+removed makes it again when it next starts a job).
 
 A group (`JobGroup`) gets its limit before anything runs in it (v1:
 ``memory.limit_in_bytes`` then ``memory.memsw.limit_in_bytes`` to the same
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import signal
@@ -60,6 +70,8 @@ V1_LIMIT = "memory.limit_in_bytes"
 _V1_SWAP_LIMIT = "memory.memsw.limit_in_bytes"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _BUILD_PREFIX = "flynnp2p-build-"
+_JOBS_PREFIX = "flynnp2p-jobs-"
+_CREATE_TRIES = 3  # an empty parent may be removed by another agent's sweep meanwhile
 _REMOVE_S = 5.0  # bound on waiting for a killed group's processes to leave it
 _POLL_S = 0.02
 
@@ -269,6 +281,12 @@ class JobGroup:
         return _remove_dir(self.path)
 
 
+def agent_parent_name(node: str | None, data_dir: Path) -> str:
+    """The name of an agent's parent group (see the module docstring)."""
+    key = hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:8]
+    return f"{_JOBS_PREFIX}{group_name(node)}-{key}" if node else f"{_JOBS_PREFIX}{key}"
+
+
 class MemoryGroups:
     """One agent's parent group and the job groups in it (blocking calls: use a thread)."""
 
@@ -279,22 +297,32 @@ class MemoryGroups:
     def open_sync(self) -> list[str]:
         """Make the parent (enabling memory for it on v2) and remove the groups an
         earlier run of this agent left (killing what is still in them): their names."""
-        if self.controller.version == 2:
-            _enable_memory(self.controller.group)
-        self.parent.mkdir(exist_ok=True)
-        if self.controller.version == 2:
-            _enable_memory(self.parent)
+        self._make_parent()
         stale = sorted(p.name for p in self.parent.iterdir() if p.is_dir())
         for name in stale:
             _remove_dir(self.parent / name)
         return stale
 
+    def _make_parent(self) -> None:
+        if self.controller.version == 2:
+            _enable_memory(self.controller.group)
+        self.parent.mkdir(exist_ok=True)
+        if self.controller.version == 2:
+            _enable_memory(self.parent)
+
     def create_sync(self, name: str, limit_bytes: int) -> JobGroup:
         """A fresh group for `name` with its limit set (one left by a crash is replaced)."""
         path = self.parent / group_name(name)
-        if path.exists():
-            _remove_dir(path)
-        return make_group(path, self.controller.version, limit_bytes)
+        for attempt in range(_CREATE_TRIES):
+            self._make_parent()
+            if path.exists():
+                _remove_dir(path)
+            try:
+                return make_group(path, self.controller.version, limit_bytes)
+            except FileNotFoundError:  # the (empty) parent was swept just now: again
+                if attempt == _CREATE_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def close_sync(self) -> None:
         with contextlib.suppress(OSError):  # busy: a group is left; the next run removes it
@@ -327,14 +355,22 @@ def build_group_sync(controller: Controller, name: str, limit_bytes: int) -> Job
     return make_group(path, controller.version, limit_bytes)
 
 
-def sweep_builds_sync(controller: Controller) -> list[str]:
-    """Remove the build groups of agents that are gone (by the pid in their name)."""
+def sweep_sync(controller: Controller, keep: Path) -> list[str]:
+    """Tidy up after agents that are gone (see the module docstring): the names of
+    the groups removed. ``keep`` is the caller's own parent."""
     removed = []
-    for path in sorted(controller.group.glob(_BUILD_PREFIX + "*")):
-        pid_text = path.name.removeprefix(_BUILD_PREFIX).split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+    for path in sorted(controller.group.glob("flynnp2p-*")):
+        if path == keep or not path.is_dir():
             continue
-        if _remove_dir(path):
+        if path.name.startswith(_BUILD_PREFIX):
+            pid_text = path.name.removeprefix(_BUILD_PREFIX).split("-", 1)[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)) and _remove_dir(path):
+                removed.append(path.name)
+        elif path.name.startswith(_JOBS_PREFIX):
+            try:
+                path.rmdir()  # only an empty group goes
+            except OSError:
+                continue
             removed.append(path.name)
     return removed
 

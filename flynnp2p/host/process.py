@@ -23,7 +23,7 @@ shielded, bounded cleanup (``shutdown_grace_s`` then SIGKILL, then at most
 ``_REAP_S`` to reap).
 
 Memory limits are a memory cgroup per job where the host has a usable controller
-(``host.cgroup``: ``<agent's group>/flynnp2p-<node>/<job id>``, made with its limit
+(``host.cgroup``: ``<agent's group>/flynnp2p-jobs-<node>-<key>/<job id>``, made with its limit
 before the spawn, joined by the child between fork and exec, removed once the job
 is reaped, with whatever is still in it; ``run`` removes the groups an earlier
 run left). A job the kernel's OOM killer hit says so: its exit reason
@@ -94,9 +94,10 @@ from flynnp2p.host.backend import ImageRoot, JobSpec, LineSink, RunningJob, stop
 from flynnp2p.host.cgroup import (
     JobGroup,
     MemoryGroups,
+    agent_parent_name,
     find_controller,
     oom_message,
-    sweep_builds_sync,
+    sweep_sync,
 )
 from flynnp2p.host.chroot import HOST_PATH, enter_argv, write_env_file
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
@@ -275,9 +276,7 @@ class ProcessBackend:
         self.root_dir = root_dir
         self._on_lines = on_lines
         self.isolation = detect_isolation() if isolate else "none"
-        # The parent memory group is named by the node (several agents on one
-        # machine); without one, by the data dir, which is as much this agent's own.
-        self._group_name = node_name or hashlib.sha256(str(root_dir.absolute()).encode()).hexdigest()[:16]
+        self._group_name = agent_parent_name(node_name, root_dir)
         self._cgroups = cgroups
         self.memory_groups: MemoryGroups | None = None  # once run() has found a controller
         self.memory_limits = "rlimit"  # or "cgroup v1" / "cgroup v2", once run() has looked
@@ -310,10 +309,10 @@ class ProcessBackend:
         """Find the memory controller and make this agent's parent group (blocking)."""
         found = find_controller() if self._cgroups else "cgroups are turned off"
         if not isinstance(found, str):
-            groups = MemoryGroups(found, f"flynnp2p-{self._group_name}")
+            groups = MemoryGroups(found, self._group_name)
             try:
                 stale = groups.open_sync()
-                sweep_builds_sync(found)
+                sweep_sync(found, groups.parent)
             except OSError as exc:
                 found = f"cannot set up {groups.parent}: {exc}"
             else:
