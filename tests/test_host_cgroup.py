@@ -219,20 +219,25 @@ async def test_a_job_whose_child_is_oom_killed_says_so_and_leftovers_are_killed(
     assert gone_or_zombie(daemon)
 
 
+DEAD = 2**22 + 1  # above the kernel's pid_max: never a live pid
+
+
 @needs_cgroup
 async def test_the_next_run_removes_what_a_killed_agent_left(tmp_path: Path) -> None:
     name = f"test-{uuid.uuid4().hex[:8]}"
-    groups = MemoryGroups(controller(), agent_parent_name(name, tmp_path / "root"))
-    groups.open_sync()
-    left = groups.create_sync("job-left", 64 * MiB)
-    sleeper = subprocess.Popen(["sleep", "300"], preexec_fn=left.join)
-    # Of agents that are gone: a build group (pid 2**22 + 1 is never a pid) and an
-    # empty parent; a parent with a group in it is someone's, and stays.
     base = controller().group
-    gone_build = base / f"flynnp2p-build-{2**22 + 1}-build-x"
-    gone_parent = base / agent_parent_name(f"gone-{name}", tmp_path / "gone")
-    busy_parent = base / agent_parent_name(f"busy-{name}", tmp_path / "busy")
-    made = [gone_build, gone_parent, busy_parent, busy_parent / "job-1"]
+    # An earlier run of this agent (same node and data dir, another pid), with a
+    # process still in its job's group...
+    earlier = MemoryGroups(controller(), agent_parent_name(name, tmp_path / "root"), pid=DEAD)
+    earlier.open_sync()
+    left = earlier.create_sync("job-left", 64 * MiB)
+    sleeper = subprocess.Popen(["sleep", "300"], preexec_fn=left.join)
+    # ...a build and an agent's jobs of agent processes that are gone, and the
+    # groups of a live one (this process), which stay.
+    gone_build = base / f"flynnp2p-build-{DEAD}-build-x"
+    gone_jobs = base / f"{agent_parent_name(f'gone-{name}', tmp_path / 'gone')}-{DEAD}"
+    live_jobs = base / f"{agent_parent_name(f'live-{name}', tmp_path / 'live')}-{os.getpid()}"
+    made = [gone_build, gone_jobs, gone_jobs / "job-1", live_jobs, live_jobs / "job-1"]
     try:
         for path in made:
             path.mkdir()
@@ -240,26 +245,27 @@ async def test_the_next_run_removes_what_a_killed_agent_left(tmp_path: Path) -> 
         async with trio.open_nursery() as nursery:
             await nursery.start(backend.run)
             assert backend.memory_groups is not None
-            assert backend.memory_groups.parent == groups.parent
-            assert not left.path.exists()
+            assert backend.memory_groups.parent.name.endswith(f"-{os.getpid()}")
+            assert not left.path.exists() and not earlier.parent.exists()
             assert sleeper.wait(timeout=5) == -signal.SIGKILL
-            assert not gone_build.exists() and not gone_parent.exists()
-            assert (busy_parent / "job-1").is_dir()
+            assert not gone_build.exists() and not gone_jobs.exists()
+            assert (live_jobs / "job-1").is_dir()
+            parent = backend.memory_groups.parent
             nursery.cancel_scope.cancel()
-        assert not groups.parent.exists()  # the parent goes with the backend
+        assert not parent.exists()  # the parent goes with the backend
     finally:
         sleeper.kill()
         sleeper.wait()
-        for path in [left.path, *reversed(made), groups.parent]:
+        for path in [left.path, earlier.parent, *reversed(made)]:
             if path.exists():
                 path.rmdir()
 
 
 @needs_cgroup
-async def test_a_job_starts_even_if_its_empty_parent_was_swept(
+async def test_a_job_starts_even_if_its_empty_parent_was_removed(
     cg_backend: ProcessBackend, slug_app: Path
 ) -> None:
-    parent_of(cg_backend).rmdir()  # as another agent's sweep may, while no job runs
+    parent_of(cg_backend).rmdir()  # by someone else, while no job runs: it comes back
     await cg_backend.start(spec(slug_app, "job-after", "echo ok", memory_mb=64))
     assert await cg_backend.wait("job-after") == 0
     assert texts(cg_backend, "job-after") == [("stdout", "ok")]

@@ -28,19 +28,20 @@ anyone else's groups.
 
 Layout, under the agent's group:
 
-* ``flynnp2p-jobs-<node>-<key>/<job id>`` for jobs (`MemoryGroups`): one parent
-  per agent, named by its node and keyed by its data dir (`agent_parent_name`), so
-  that several agents on one machine never collide, not even same-named nodes of
-  two clusters, and a restarted agent finds its own: opening it removes what an
-  earlier run left (killing what is still in them).
+* ``flynnp2p-jobs-<node>-<key>-<pid>/<job id>`` for jobs (`MemoryGroups`): one
+  parent per agent run, named by its node and keyed by its data dir
+  (`agent_parent_name`), so that several agents on one machine never collide, not
+  even same-named nodes of two clusters; opening it removes the parents of this
+  agent's earlier runs (same node and key, any pid), killing what is still in them.
 * ``flynnp2p-build-<pid>-<name>`` for a build sandbox (the builder does not know
-  the node): the pid names the agent that made it.
+  the node).
 
-`sweep_sync`, when an agent opens its parent, tidies up after agents that are
-gone: it removes the build groups whose pid is dead and every other agent's
-parent that is empty (an ``rmdir`` succeeds only on a group with no processes
-and no children, so a busy one is never touched; an agent whose empty parent was
-removed makes it again when it next starts a job).
+The pid names the agent process that made a group: `sweep_sync`, when an agent
+opens its parent, removes the groups of agent processes that are gone (killing
+what is left in them), so that agents which never run again (a test cluster's)
+leave nothing behind for long. A live agent's groups are never touched. (This
+assumes the agents that share a cgroup share a pid namespace, as they do when
+they share a machine's or a container's.)
 
 A group (`JobGroup`) gets its limit before anything runs in it (v1:
 ``memory.limit_in_bytes`` then ``memory.memsw.limit_in_bytes`` to the same
@@ -71,7 +72,6 @@ _V1_SWAP_LIMIT = "memory.memsw.limit_in_bytes"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _BUILD_PREFIX = "flynnp2p-build-"
 _JOBS_PREFIX = "flynnp2p-jobs-"
-_CREATE_TRIES = 3  # an empty parent may be removed by another agent's sweep meanwhile
 _REMOVE_S = 5.0  # bound on waiting for a killed group's processes to leave it
 _POLL_S = 0.02
 
@@ -282,7 +282,7 @@ class JobGroup:
 
 
 def agent_parent_name(node: str | None, data_dir: Path) -> str:
-    """The name of an agent's parent group (see the module docstring)."""
+    """An agent's parent group without the pid of its run (see the module docstring)."""
     key = hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:8]
     return f"{_JOBS_PREFIX}{group_name(node)}-{key}" if node else f"{_JOBS_PREFIX}{key}"
 
@@ -290,17 +290,23 @@ def agent_parent_name(node: str | None, data_dir: Path) -> str:
 class MemoryGroups:
     """One agent's parent group and the job groups in it (blocking calls: use a thread)."""
 
-    def __init__(self, controller: Controller, name: str) -> None:
+    def __init__(self, controller: Controller, name: str, pid: int | None = None) -> None:
         self.controller = controller
-        self.parent = controller.group / group_name(name)
+        self.name = group_name(name)  # from `agent_parent_name`
+        self.parent = controller.group / f"{self.name}-{os.getpid() if pid is None else pid}"
 
     def open_sync(self) -> list[str]:
-        """Make the parent (enabling memory for it on v2) and remove the groups an
-        earlier run of this agent left (killing what is still in them): their names."""
+        """Remove the parents of this agent's earlier runs (killing what is still in
+        them), then make its own (enabling memory for it on v2): the groups removed."""
+        stale = []
+        for path in sorted(self.controller.group.glob(f"{self.name}-*")):
+            if path != self.parent and path.name.rsplit("-", 1)[1].isdigit():
+                stale += [p.name for p in path.iterdir() if p.is_dir()]
+                _remove_tree(path)
         self._make_parent()
-        stale = sorted(p.name for p in self.parent.iterdir() if p.is_dir())
-        for name in stale:
-            _remove_dir(self.parent / name)
+        for path in sorted(p for p in self.parent.iterdir() if p.is_dir()):
+            stale.append(path.name)  # an earlier run with the same pid
+            _remove_dir(path)
         return stale
 
     def _make_parent(self) -> None:
@@ -313,16 +319,10 @@ class MemoryGroups:
     def create_sync(self, name: str, limit_bytes: int) -> JobGroup:
         """A fresh group for `name` with its limit set (one left by a crash is replaced)."""
         path = self.parent / group_name(name)
-        for attempt in range(_CREATE_TRIES):
-            self._make_parent()
-            if path.exists():
-                _remove_dir(path)
-            try:
-                return make_group(path, self.controller.version, limit_bytes)
-            except FileNotFoundError:  # the (empty) parent was swept just now: again
-                if attempt == _CREATE_TRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        self._make_parent()  # again: cheap, and a parent someone removed comes back
+        if path.exists():
+            _remove_dir(path)
+        return make_group(path, self.controller.version, limit_bytes)
 
     def close_sync(self) -> None:
         with contextlib.suppress(OSError):  # busy: a group is left; the next run removes it
@@ -364,15 +364,24 @@ def sweep_sync(controller: Controller, keep: Path) -> list[str]:
             continue
         if path.name.startswith(_BUILD_PREFIX):
             pid_text = path.name.removeprefix(_BUILD_PREFIX).split("-", 1)[0]
-            if pid_text.isdigit() and not _alive(int(pid_text)) and _remove_dir(path):
-                removed.append(path.name)
         elif path.name.startswith(_JOBS_PREFIX):
-            try:
-                path.rmdir()  # only an empty group goes
-            except OSError:
-                continue
+            pid_text = path.name.rsplit("-", 1)[1]
+        else:
+            continue
+        if pid_text.isdigit() and not _alive(int(pid_text)) and _remove_tree(path):
             removed.append(path.name)
     return removed
+
+
+def _remove_tree(group: Path) -> bool:
+    """`group` and the groups in it (one level: ours have no deeper ones)."""
+    try:
+        children = sorted(p for p in group.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return True
+    for child in children:
+        _remove_dir(child)
+    return _remove_dir(group)
 
 
 def _alive(pid: int) -> bool:
