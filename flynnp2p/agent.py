@@ -298,7 +298,8 @@ class Agent:
                 shutdown_grace_s=job_stop_grace_s(),
             )  # fmt: skip
         return ProcessBackend(
-            jobs_dir, on_lines=self.loghub.publish, shutdown_grace_s=job_stop_grace_s()
+            jobs_dir, on_lines=self.loghub.publish, shutdown_grace_s=job_stop_grace_s(),
+            node_name=self.cfg.name,
         )
 
     def _tags(self) -> dict[str, str]:

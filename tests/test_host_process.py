@@ -163,7 +163,9 @@ async def test_stop_terminates_the_whole_process_group(
         spec(
             slug_app,
             "job-tree",
-            "(trap 'touch child-got-term; exit 0' TERM; sleep 1000 & wait) & echo child=$!; wait",
+            # The child says its pid once its trap is set (the parent's $! could be
+            # read before it is, and a SIGTERM then would find no trap).
+            "(trap 'touch child-got-term; exit 0' TERM; echo child=$BASHPID; sleep 1000 & wait) & wait",
         )
     )
     child = await wait_for(lambda: child_pid(backend, "job-tree"), 5, "the child's pid", 0.02)
@@ -197,12 +199,20 @@ async def test_sigterm_ignoring_job_is_killed_after_grace(
     assert await backend.wait("job-stubborn") == -9
 
 
-async def test_memory_limit_is_enforced(backend: ProcessBackend, slug_app: Path) -> None:
-    await backend.start(
-        spec(slug_app, "job-mem", f"{PY} -c 'x = bytearray(400 * 1024 * 1024)'", memory_mb=200)
-    )
-    assert await backend.wait("job-mem") != 0
-    assert any("MemoryError" in t for s, t in texts(backend, "job-mem") if s == "stderr")
+async def test_memory_limit_is_enforced(tmp_path: Path, slug_app: Path) -> None:
+    # RLIMIT_AS, the fallback without a usable memory cgroup (tests/test_host_cgroup.py
+    # has the cgroup limit): the allocation fails in the program.
+    backend = ProcessBackend(tmp_path / "root", shutdown_grace_s=1.0, cgroups=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        assert backend.memory_limits == "rlimit"
+        await backend.start(
+            spec(slug_app, "job-mem", f"{PY} -c 'x = bytearray(400 * 1024 * 1024)'", memory_mb=200)
+        )
+        assert await backend.wait("job-mem") != 0
+        assert any("MemoryError" in t for s, t in texts(backend, "job-mem") if s == "stderr")
+        assert backend.exit_reason("job-mem") is None
+        nursery.cancel_scope.cancel()
 
 
 async def test_duplicate_and_unknown_job_ids(backend: ProcessBackend, slug_app: Path) -> None:
@@ -418,4 +428,7 @@ trio.run(main)
     assert agent.returncode == -signal.SIGKILL, agent.stderr.decode()
     pid = int(agent.stdout.split()[0])
     await wait_for(lambda: gone_or_zombie(pid), 5, "the job to die with its agent", interval=0.05)
+    # The next run on that data dir removes what the killed one left (its memory cgroups).
+    async with open_process_backend(tmp_path / "root"):
+        pass
 

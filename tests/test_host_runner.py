@@ -86,6 +86,9 @@ class FakeBackend:
     def forget(self, job_id: str) -> None:
         pass
 
+    def exit_reason(self, job_id: str) -> str | None:
+        return None
+
 
 class NoBlobs:
     async def local_path(self, digest: str) -> Path:

@@ -35,7 +35,14 @@ uses):
   slug will not be ``/app``.
 * "none" (not root): the programs run as the agent's user at the host paths.
 
-Every program gets ``RLIMIT_AS`` (the build's memory limit), dies with the agent
+The build's memory limit is a memory cgroup where the host has a usable
+controller (``host.cgroup``; one group for the sandbox, made when it opens and
+removed with it, joined by every program between fork and exec, so a program and
+everything it starts count together). A program the kernel's OOM killer hit
+gets a last line saying so (``host.cgroup.oom_message``: "out of memory", which
+the builder's `out_of_memory` recognises) and ``RunResult.oom_killed``. Without a
+controller, every program gets ``RLIMIT_AS`` (address space: a Node.js build
+needs a larger limit then). Every program dies with the agent
 (parent-death signal: it is forked by a ``host.spawn.Spawner`` that lives as long
 as the sandbox), runs in its own session and is SIGKILLed, with its whole group,
 when the caller is cancelled (the build's wall-clock limit is a cancel scope
@@ -63,6 +70,7 @@ from pathlib import Path
 import trio
 
 from flynnp2p.errors import FlynnError
+from flynnp2p.host.cgroup import JobGroup, build_group_sync, find_controller, oom_message
 from flynnp2p.host.process import APP_MOUNT
 from flynnp2p.host.spawn import Spawner, child_preexec, chown_tree, line_batches
 
@@ -100,7 +108,7 @@ class SandboxError(FlynnError):
 class BuildLimits:
     """Per-app build limits (defaults as on the issue: 1 GiB, 15 minutes)."""
 
-    memory_mb: int = 1024  # RLIMIT_AS of every buildpack program; 0: none
+    memory_mb: int = 1024  # the build's memory cgroup, else RLIMIT_AS per program; 0: none
     timeout_s: float = 900.0  # wall clock for the whole build
 
 
@@ -109,6 +117,7 @@ class RunResult:
     status: int  # exit code, or -signal
     stdout: str  # captured stdout (``capture_stdout=True``), else ""
     tail: tuple[str, ...]  # the last lines of streamed output
+    oom_killed: bool = False  # the kernel's OOM killer hit it (or what it started)
 
 
 def _killpg(pgid: int) -> None:
@@ -133,6 +142,15 @@ class Sandbox:
         self.buildpacks_dir = self.tmp / "buildpacks"
         self.tools_dir = self.tmp / "tools"
         self._spawner = Spawner()
+        self.group: JobGroup | None = None  # the memory cgroup, when the host has one
+
+    def _open_group_sync(self, cgroups: bool) -> None:
+        if not cgroups or self.memory_mb <= 0:
+            return
+        found = find_controller()
+        if isinstance(found, str):
+            return  # RLIMIT_AS; the process backend's log has said why, once
+        self.group = build_group_sync(found, self.root.name, self.memory_mb * 1024 * 1024)
 
     # -- paths as the programs see them ----------------------------------------------
 
@@ -218,7 +236,9 @@ class Sandbox:
             "HOME": self.inside(self.app),
             "TMPDIR": self.inside(self.tmp),
         }
-        limit = self.memory_mb * 1024 * 1024 if self.memory_mb > 0 else None
+        oom_before = 0
+        if self.group is not None:
+            oom_before = await trio.to_thread.run_sync(self.group.oom_kills_sync)
         child = await self._spawner.spawn(
             self._argv(argv, merge_stderr),
             cwd=self.app,
@@ -227,7 +247,7 @@ class Sandbox:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=child_preexec(limit),
+            preexec_fn=self._preexec(),
         )
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         captured: list[str] = []
@@ -258,12 +278,29 @@ class Sandbox:
                         await child.wait()
                 for s in (child.stdout, child.stderr):
                     await s.aclose()
+        oom_killed = False
+        if self.group is not None:
+            oom_killed = await trio.to_thread.run_sync(self.group.oom_kills_sync) > oom_before
+        if oom_killed:
+            await stream(f"flynnp2p: {oom_message(self.memory_mb * 1024 * 1024)}")
         if child.returncode == _SETUP_FAILED and tail and tail[-1].endswith("could not be set up"):
             raise SandboxError("the build sandbox could not be set up: " + " / ".join(tail))
         if size > _MAX_CAPTURE:
             captured.append("[output truncated]")
         assert child.returncode is not None
-        return RunResult(child.returncode, "\n".join(captured), tuple(tail))
+        return RunResult(child.returncode, "\n".join(captured), tuple(tail), oom_killed)
+
+    def _preexec(self) -> Callable[[], None]:
+        group = self.group
+        if group is None:
+            return child_preexec(self.memory_mb * 1024 * 1024 if self.memory_mb > 0 else None)
+        base = child_preexec(None)
+
+        def preexec() -> None:
+            group.join()  # as root still: setpriv comes later, in the exec chain
+            base()
+
+        return preexec
 
 
 async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
@@ -274,9 +311,12 @@ async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
 
 @contextlib.asynccontextmanager
 async def open_sandbox(
-    work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int
+    work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int,
+    cgroups: bool = True,
 ) -> AsyncIterator[Sandbox]:
-    """A fresh sandbox under ``work_dir`` for the block; leaving removes it."""
+    """A fresh sandbox under ``work_dir`` for the block; leaving removes it.
+
+    ``cgroups=False`` keeps to ``RLIMIT_AS`` even where a memory cgroup is usable."""
     await trio.to_thread.run_sync(lambda: work_dir.mkdir(parents=True, exist_ok=True))
     root = Path(
         await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="build-", dir=work_dir))
@@ -284,9 +324,12 @@ async def open_sandbox(
     box = Sandbox(root, isolation=isolation, uid=uid, cache_dir=cache_dir, memory_mb=memory_mb)
     try:
         await trio.to_thread.run_sync(box._create_sync)
+        await trio.to_thread.run_sync(box._open_group_sync, cgroups)
         box._spawner.start()
         yield box
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(box._spawner.close)
+            if box.group is not None:
+                await trio.to_thread.run_sync(box.group.remove_sync)
             await trio.to_thread.run_sync(shutil.rmtree, root, True)

@@ -98,6 +98,11 @@ class JobBackend(Protocol):
 
     def logs(self, job_id: str) -> list[LogLine]: ...
 
+    def exit_reason(self, job_id: str) -> str | None:
+        """Why the job's last run ended when its status does not say (it ran out of
+        memory), else None."""
+        ...
+
     def forget(self, job_id: str) -> None:
         """Drop an exited job's bookkeeping (its ring) and working copy; no-op otherwise."""
         ...

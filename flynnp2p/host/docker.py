@@ -353,6 +353,9 @@ class DockerBackend:
     def logs(self, job_id: str) -> list[LogLine]:
         return self._job(job_id).ring.lines()
 
+    def exit_reason(self, job_id: str) -> str | None:
+        return None  # the status is all this backend tells
+
     async def recover(self) -> list[JobSpec]:
         """Re-adopt this node's running containers, remove its other ones."""
         nursery, client = self._running()

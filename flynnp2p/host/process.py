@@ -22,8 +22,15 @@ anything left in its group is SIGKILLed at once: the main process owns its child
 shielded, bounded cleanup (``shutdown_grace_s`` then SIGKILL, then at most
 ``_REAP_S`` to reap).
 
-Memory limits are ``RLIMIT_AS`` set in the child before exec (address space, not
-resident memory; cgroups come later).
+Memory limits are a memory cgroup per job where the host has a usable controller
+(``host.cgroup``: ``<agent's group>/flynnp2p-jobs-<node>-<key>/<job id>``, made with its limit
+before the spawn, joined by the child between fork and exec, removed once the job
+is reaped, with whatever is still in it; ``run`` removes the groups an earlier
+run left). A job the kernel's OOM killer hit says so: its exit reason
+(`exit_reason`) and a last ``stderr`` line in its log. Where no controller is
+usable the limit is ``RLIMIT_AS`` set in the child before exec (address space, not
+resident memory: runtimes that reserve much, such as V8, need a larger limit),
+and the agent's log says so once.
 
 A job dies with a SIGKILLed agent through the parent-death signal (see
 ``host.spawn``; its own children survive that), and each running job has a
@@ -69,6 +76,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -83,6 +91,14 @@ import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import ImageRoot, JobSpec, LineSink, RunningJob, stop_within
+from flynnp2p.host.cgroup import (
+    JobGroup,
+    MemoryGroups,
+    agent_parent_name,
+    find_controller,
+    oom_message,
+    sweep_sync,
+)
 from flynnp2p.host.chroot import HOST_PATH, enter_argv, write_env_file
 from flynnp2p.host.logs import AppLogs, LogLine, LogRing, Stream
 from flynnp2p.host.slug import prepare_job_dir
@@ -112,6 +128,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as host.slug chec
 _DRAIN_S = 2.0  # after the group is gone, how long readers may finish the pipes
 _REAP_S = 5.0
 _GROUP_POLL_S = 0.05  # bound on waiting for a SIGKILLed process to be reaped
+
+log = logging.getLogger(__name__)
 
 
 def wall_clock_ms() -> int:
@@ -232,13 +250,15 @@ class _Job:
     stop_deadline: float | None = None  # trio time at which a stop turns into SIGKILL
     status: int | None = None
     log_write_errors: int = 0
+    group: JobGroup | None = None  # its memory cgroup, when the host has one
+    exit_reason: str | None = None  # what the status alone does not say (out of memory)
 
 
 class ProcessBackend:
     """Runs jobs as local process groups; see the module docstring."""
 
     name = "process"
-    memory_enforced = True  # RLIMIT_AS: address space, see the module docstring
+    memory_enforced = True  # a memory cgroup, else RLIMIT_AS: see the module docstring
 
     def __init__(
         self,
@@ -250,10 +270,16 @@ class ProcessBackend:
         clock_ms: Callable[[], int] = wall_clock_ms,
         on_lines: LineSink | None = None,
         isolate: bool = True,
+        node_name: str | None = None,
+        cgroups: bool = True,
     ) -> None:
         self.root_dir = root_dir
         self._on_lines = on_lines
         self.isolation = detect_isolation() if isolate else "none"
+        self._group_name = agent_parent_name(node_name, root_dir)
+        self._cgroups = cgroups
+        self.memory_groups: MemoryGroups | None = None  # once run() has found a controller
+        self.memory_limits = "rlimit"  # or "cgroup v1" / "cgroup v2", once run() has looked
         self._ring_lines = ring_lines
         self._shutdown_grace_s = shutdown_grace_s
         self._clock_ms = clock_ms
@@ -265,6 +291,7 @@ class ProcessBackend:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the job supervisors until cancelled; cancelling stops every job."""
+        await trio.to_thread.run_sync(self._open_groups)
         self._spawner.start()
         try:
             async with trio.open_nursery() as nursery:
@@ -275,6 +302,30 @@ class ProcessBackend:
             self._nursery = None
             with trio.CancelScope(shield=True):  # every job is reaped by now
                 await trio.to_thread.run_sync(self._spawner.close)
+                if self.memory_groups is not None:
+                    await trio.to_thread.run_sync(self.memory_groups.close_sync)
+
+    def _open_groups(self) -> None:
+        """Find the memory controller and make this agent's parent group (blocking)."""
+        if not self._cgroups:
+            return  # RLIMIT_AS by the caller's choice (tests of the fallback)
+        found = find_controller()
+        if not isinstance(found, str):
+            groups = MemoryGroups(found, self._group_name)
+            try:
+                stale = groups.open_sync()
+                sweep_sync(found, groups.parent)
+            except OSError as exc:
+                found = f"cannot set up {groups.parent}: {exc}"
+            else:
+                self.memory_groups = groups
+                self.memory_limits = f"cgroup v{found.version}"
+                if stale:
+                    log.info("removed %d memory cgroups an earlier run left", len(stale))
+                return
+        log.warning(
+            "job and build memory limits are RLIMIT_AS (address space), not cgroups: %s", found
+        )
 
     # -- the JobBackend protocol --------------------------------------------------
 
@@ -286,8 +337,18 @@ class ProcessBackend:
         if (old is not None and not old.exited.is_set()) or spec.job_id in self._starting:
             raise Conflict(f"job {spec.job_id!r} is already running on this host")
         self._starting.add(spec.job_id)
+        group = None
         try:
-            app_dir, process = await self._spawn(spec)
+            if self.memory_groups is not None:
+                group = await trio.to_thread.run_sync(
+                    self.memory_groups.create_sync, spec.job_id, max(spec.memory_mb, 0) * 1024 * 1024
+                )
+            app_dir, process = await self._spawn(spec, group)
+        except BaseException:
+            if group is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(group.remove_sync)
+            raise
         finally:
             self._starting.discard(spec.job_id)
         job = _Job(
@@ -295,6 +356,7 @@ class ProcessBackend:
             process=process,
             running=RunningJob(spec.job_id, process.pid, app_dir, self._clock_ms()),
             ring=LogRing(self._ring_lines),
+            group=group,
         )
         self._jobs[spec.job_id] = job
         await trio.to_thread.run_sync(_write_pidfile, self._pidfile(spec.job_id), process.pid)
@@ -304,8 +366,11 @@ class ProcessBackend:
             # The nursery closed while we spawned (backend shutting down); the
             # supervisor never ran, so nobody else will kill or reap this process.
             _killpg(process.pid, _signal.SIGKILL)
-            with trio.CancelScope(shield=True), trio.move_on_after(_REAP_S):
-                await process.wait()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(_REAP_S):
+                    await process.wait()
+                if group is not None:
+                    await trio.to_thread.run_sync(group.remove_sync)
             raise
         return job.running
 
@@ -330,9 +395,9 @@ class ProcessBackend:
     def _pidfile(self, job_id: str) -> Path:
         return self.root_dir / "pids" / job_id
 
-    async def _spawn(self, spec: JobSpec) -> tuple[Path, Child]:
+    async def _spawn(self, spec: JobSpec, group: JobGroup | None) -> tuple[Path, Child]:
         if spec.root is not None:
-            return await self._spawn_in_image(spec, spec.root)
+            return await self._spawn_in_image(spec, spec.root, group)
         if spec.slug_dir is None:
             raise UserError(f"job {spec.job_id}: the process backend runs slugs, and it has none")
         app_dir = await prepare_job_dir(spec.slug_dir, self.root_dir, spec.job_id)
@@ -352,7 +417,6 @@ class ProcessBackend:
             # pyenv under /root, say): it gets the system's PATH.
             "PATH": _DEFAULT_PATH if self.isolation != "none" else os.environ.get("PATH", _DEFAULT_PATH),
         }
-        limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
         argv = [*prefix, "bash", "-c", _LAUNCHER, "flynnp2p-job", spec.command]
         env_fd = None
         if self.isolation != "none":
@@ -368,7 +432,7 @@ class ProcessBackend:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=child_preexec(limit),
+                preexec_fn=_preexec(spec, group),
                 pass_fds=() if env_fd is None else (env_fd,),
             )
         finally:
@@ -376,7 +440,9 @@ class ProcessBackend:
                 os.close(env_fd)
         return app_dir, process
 
-    async def _spawn_in_image(self, spec: JobSpec, root: ImageRoot) -> tuple[Path, Child]:
+    async def _spawn_in_image(
+        self, spec: JobSpec, root: ImageRoot, group: JobGroup | None
+    ) -> tuple[Path, Child]:
         """A job of an image archive: its argv chrooted into the image (``host.chroot``)."""
         if self.isolation != "namespaces":
             raise UserError(
@@ -390,7 +456,6 @@ class ProcessBackend:
         env_file = job_dir / "env.json"
         await trio.to_thread.run_sync(write_env_file, env_file, env)
         argv = list(root.config.argv) if not spec.command else ["/bin/sh", "-c", spec.command]
-        limit = spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None
         process = await self._spawner.spawn(
             enter_argv(
                 _UNSHARE, root.path, app_uid(spec.app_id), env_file, root.config.workdir, argv
@@ -401,7 +466,7 @@ class ProcessBackend:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=child_preexec(limit),
+            preexec_fn=_preexec(spec, group),
         )
         return job_dir / "app", process
 
@@ -440,6 +505,10 @@ class ProcessBackend:
     def logs(self, job_id: str) -> list[LogLine]:
         return self._job(job_id).ring.lines()
 
+    def exit_reason(self, job_id: str) -> str | None:
+        """Why the job's last run ended when its status does not say (out of memory)."""
+        return self._job(job_id).exit_reason
+
     # -- internals ----------------------------------------------------------------
 
     def _job(self, job_id: str) -> _Job:
@@ -475,9 +544,27 @@ class ProcessBackend:
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
+                if job.group is not None:
+                    await self._end_group(job, job.group)
             job.status = proc.returncode
             self._pidfile(job.spec.job_id).unlink(missing_ok=True)
             job.exited.set()
+
+    async def _end_group(self, job: _Job, group: JobGroup) -> None:
+        """After the job is reaped: tell an OOM kill, then remove its memory group."""
+        if await trio.to_thread.run_sync(group.oom_kills_sync):
+            job.exit_reason = oom_message(group.limit_bytes)
+            line = LogLine(self._clock_ms(), "stderr", f"flynnp2p: {job.exit_reason}")
+            job.ring.append(line)
+            if self._on_lines is not None:
+                self._on_lines(job.spec, [line])
+            app_log = self._app_logs.of(job.spec.app_name)
+            try:
+                await trio.to_thread.run_sync(app_log.append_lines, job.spec.job_id, [line])
+            except OSError:
+                job.log_write_errors += 1
+        if not await trio.to_thread.run_sync(group.remove_sync):
+            log.warning("job %s: its memory cgroup %s could not be removed", job.spec.job_id, group.path)
 
     async def _pump(self, job: _Job, stream: trio.abc.ReceiveStream, name: Stream) -> None:
         app_log = self._app_logs.of(job.spec.app_name)
@@ -493,6 +580,20 @@ class ProcessBackend:
             except OSError:
                 # A full or broken disk must not kill the job; the ring still has them.
                 job.log_write_errors += 1
+
+
+def _preexec(spec: JobSpec, group: JobGroup | None) -> Callable[[], None]:
+    """The child's set-up before exec: into its memory group when it has one, else
+    the address-space limit (see the module docstring)."""
+    if group is None:
+        return child_preexec(spec.memory_mb * 1024 * 1024 if spec.memory_mb > 0 else None)
+    base = child_preexec(None)
+
+    def preexec() -> None:
+        group.join()  # as root still: the uid switch comes later, in the exec chain
+        base()
+
+    return preexec
 
 
 @contextlib.asynccontextmanager

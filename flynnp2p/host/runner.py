@@ -345,10 +345,13 @@ class HostRunner:
         elif run.stop_reason is not None:
             await self._report(p, DOWN, address, code, reason=run.stop_reason)
         elif p.one_off:
-            await self._report(p, DOWN if code == 0 else CRASHED, address, code, reason=_exit_reason(code))
+            await self._report(p, DOWN if code == 0 else CRASHED, address, code, reason=self._exit_reason(p.id, code))
         else:
             self.stats["crashed"] += 1
-            await self._report(p, CRASHED, address, code, reason=_exit_reason(code))
+            await self._report(p, CRASHED, address, code, reason=self._exit_reason(p.id, code))
+
+    def _exit_reason(self, job_id: str, code: int) -> str:
+        return self.backend.exit_reason(job_id) or _exit_reason(code)
 
     async def _stop_when_asked(self, run: _Run, address: str | None) -> None:
         await run.stopping.wait()
