@@ -56,6 +56,7 @@ from flynnp2p.config import (
     state_gc_interval_s,
 )
 from flynnp2p.coord.ca import ClusterCA
+from flynnp2p.coord.claims import Claims
 from flynnp2p.coord.election import LeaderElection
 from flynnp2p.coord.member import EtcdSettings
 from flynnp2p.coord.service import Coord
@@ -213,6 +214,7 @@ class Agent:
             self.gossip.view,
             now_ms,
             lambda epoch: self.ctx.caught_up.value == epoch,
+            fence=self._leads,
         )
         self.duties.add(self.scheduler.duty)
         # Jobs: what the leader placed here runs on this node's backend.
@@ -254,7 +256,7 @@ class Agent:
         apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
         # Deploys: finish each deployment, or restore the previous release (under the API's app lock).
         self.deploys = DeployWatcher(self.state, now_ms, lambda e: self.ctx.caught_up.value == e,
-                                     app_lock=apps_api.alloc.app_lock)  # fmt: skip
+                                     formations=apps_api.alloc, fence=self._leads)  # fmt: skip
         self.duties.add(self.deploys.duty)
         app.register_blueprint(internal_blueprint(self.state.replication))
         app.register_blueprint(internal_log_blueprint(self.loghub))
@@ -381,6 +383,10 @@ class Agent:
         while True:
             await self.gossip.announce(lead.epoch if lead.is_leader else None)
             version, lead = await self.election.leadership.wait_change(version)
+
+    async def _leads(self, epoch: int) -> bool:
+        """The leader duties' fence: etcd still has this node's leader key of `epoch`."""
+        return await Claims(self.coord.client).leads(epoch)
 
     def _serf_statuses(self) -> dict[str, str]:
         return {m.name: m.status for m in self.gossip.view.value.members}

@@ -47,8 +47,9 @@ reason), ``router.proxy``'s ``_Refused``, ``_ClientGone`` and ``_UpstreamFailed`
 ``router.http1.HeadersTooLarge`` (stops the header parser; the router answers 431)
 and ``router.sock.ConnectError`` (an ``OSError``, as socket errors are),
 ``build.githttp.CgiError`` (git http-backend's answer was not CGI: the git API
-answers 502) and ``state.transport.PeerRefused`` (a peer said no to a push or
-sync: the replicator counts it and tries another peer or round).  In the
+answers 502), ``state.transport.PeerRefused`` (a peer said no to a push or
+sync: the replicator counts it and tries another peer or round) and
+``leader.Deposed`` (a leader duty's term is over: the duty stops).  In the
 tree but private: ``gossip.rpc._NotSentError``, a ``SerfConnectionError`` that the
 client retries on the next connection and never raises to its caller.
 

@@ -3,6 +3,16 @@
 A duty is ``async def duty(epoch: int) -> None``; it runs until cancelled and
 carries ``epoch`` (the fencing token) on every write it makes.  Duties of one
 term share one cancel scope: demotion (or a quorum loss) cancels them all.
+
+Demotion is this node's own conclusion (`flynnp2p.coord.election`: its lease
+renewal failed or ran out of time), and a duty may be in the middle of a write
+when the term really ended.  So a duty's writes are also **fenced**: before it
+writes, a duty asks etcd (`Fence`, a linearizable read of the leader key) whether
+the key still has its term's create revision, and a formation write puts that
+compare in the same transaction as its generation swap.  A duty told that its
+term is over raises `Deposed` and stops at once (`flynnp2p.scheduler.duty`),
+before the election notices.  `Deposed` is control flow inside the leader's
+duties, outside the error tree on purpose: no API caller ever sees it.
 """
 
 from __future__ import annotations
@@ -18,6 +28,23 @@ from flynnp2p.watch import Watched
 log = logging.getLogger(__name__)
 
 Duty = Callable[[int], Awaitable[None]]
+
+# Whether this node still holds the leader key of term ``epoch`` (a `CoordError`
+# when etcd cannot say: no write then either).
+Fence = Callable[[int], Awaitable[bool]]
+
+
+async def unfenced(_epoch: int) -> bool:
+    """The fence of a node without etcd (component tests): always leading."""
+    return True
+
+
+class Deposed(Exception):
+    """The leader key is no longer this duty's term's: the duty's write was not made."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"leader term {epoch} is over: this node no longer holds the leader key")
+        self.epoch = epoch
 
 
 class LeaderDuties:

@@ -1,8 +1,11 @@
 """An in-memory stand-in for the part of etcd the claims use (one revision
-counter, compare-and-create, compare-and-swap, compare-value-delete), for API
+counter, compare-and-create, compare-and-swap of several keys with create-revision
+fences, compare-value-delete), for API
 tests that run without an etcd process; the cluster tests use real etcd."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from flynnp2p.coord.client import KV
 
@@ -37,6 +40,21 @@ class MemoryEtcd:
         if (old.mod_revision if old is not None else 0) != mod_revision:
             return False
         self._put(key, value)
+        return True
+
+    async def swap_many(
+        self, swaps: Mapping[str, tuple[bytes | str, int]], created: Mapping[str, int] | None = None
+    ) -> bool:
+        for key, (_, mod_revision) in swaps.items():
+            old = self.kvs.get(key)
+            if (old.mod_revision if old is not None else 0) != mod_revision:
+                return False
+        for key, revision in (created or {}).items():
+            old = self.kvs.get(key)
+            if (old.create_revision if old is not None else 0) != revision:
+                return False
+        for key, (value, _) in swaps.items():
+            self._put(key, value)
         return True
 
     async def delete_if(self, key: str, value: bytes) -> bool:

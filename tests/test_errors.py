@@ -48,6 +48,7 @@ OUTSIDE_THE_TREE = {
     "flynnp2p.router.sock.ConnectError",
     "flynnp2p.build.githttp.CgiError",
     "flynnp2p.state.transport.PeerRefused",
+    "flynnp2p.leader.Deposed",
 }
 
 

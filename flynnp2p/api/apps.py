@@ -33,9 +33,10 @@ The handlers are thin; each rule has one home:
 * a change is sent to the leader (`flynnp2p.api.forward`): the replicated map
   resolves concurrent writes last-writer-wins, which cannot keep app names, TCP
   ports or HTTP domain+path unique, nor serialise an app's releases;
-* on the leader, names and routes are claimed in etcd and releases numbered by an
-  etcd compare-and-swap (`flynnp2p.api.allocate`), under the app's lock, so even
-  two nodes that both believe they lead cannot both win;
+* on the leader, names and routes are claimed in etcd, and releases and
+  formation writes numbered by an etcd compare-and-swap (`flynnp2p.api.allocate`),
+  under the app's lock, so even two nodes that both believe they lead cannot both
+  win, and no formation write is built on counts older than the last acknowledged;
 * what the change is, is a plain function (`flynnp2p.api.ops`), and its records
   are written as one atomic batch (`ReplicatedState.write`), so a reader never
   sees an app without its default route, or a new env release that the formation
@@ -309,12 +310,15 @@ class AppsApi:
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        async with self.alloc.app_lock(found.id):
+
+        def build(state: State) -> list[Change]:
             now = self.ctx.now_ms()
-            formation = ops.new_formation(self.state, found, counts, given, release_id, now)
-            deploy = ops.deployment_changes(self.state, found, formation, now)
-            result = await self.ctx.state.write([formation, *deploy])
-        return edge.answer({"formation": wire(formation), "replicas": result.replicas})
+            formation = ops.new_formation(state, found, counts, given, release_id, now)
+            return [formation, *ops.deployment_changes(state, found, formation, now)]
+
+        changes, result = await self.alloc.write_formation(found, build)
+        assert result is not None  # (build always has the formation)
+        return edge.answer({"formation": wire(_formation_in(changes)), "replicas": result.replicas})
 
     # env
 

@@ -11,7 +11,7 @@ A `Deployment` is written with every formation write that names a new release
 (`flynnp2p.scheduler.watcher`) finishes it. A rollback is such a write, so it is a
 deployment too, with the same health gate: when the release rolled back to fails,
 the formation returns to the release it left. The handlers share the app API's
-allocator (the app's lock) and forwarder.
+allocator (the app's lock and formation generation) and forwarder.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from flynnp2p.api import ops
 from flynnp2p.api.edge import answer, json_body, ref
 from flynnp2p.api.render import wire
 from flynnp2p.errors import NotFound, UserError
-from flynnp2p.state.records import Deployment, Release
+from flynnp2p.state.merge import Change, State
+from flynnp2p.state.records import Deployment, Formation, Release
 from flynnp2p.vocab import show
 
 if TYPE_CHECKING:
@@ -65,15 +66,18 @@ class DeploysApi:
         relayed = await self.apps.forwarder.via_leader()
         if relayed is not None:
             return relayed
-        async with self.apps.alloc.app_lock(found.id):
-            state = self.apps.state
-            found = ops.find_app(state, found.id)
+
+        def build(state: State) -> list[Change]:
             now = self.apps.ctx.now_ms()
-            formation = ops.rollback_formation(state, found, target, now)
-            deploy = ops.deployment_changes(state, found, formation, now)
-            result = await self.apps.ctx.state.write([formation, *deploy])
-        dep = next(c for c in deploy if isinstance(c, Deployment) and c.status == "running")
-        release = state.record(Release, formation.release_id)
+            current = ops.find_app(state, found.id)
+            formation = ops.rollback_formation(state, current, target, now)
+            return [formation, *ops.deployment_changes(state, current, formation, now)]
+
+        changes, result = await self.apps.alloc.write_formation(found, build)
+        assert result is not None  # (build always has the formation)
+        formation = next(c for c in changes if isinstance(c, Formation))
+        dep = next(c for c in changes if isinstance(c, Deployment) and c.status == "running")
+        release = self.apps.state.record(Release, formation.release_id)
         return answer(
             {
                 "deployment": wire(dep),

@@ -14,6 +14,10 @@ modification revision: concurrent changes serialise, each one built on the
 release the counter names.  A leader that died between advancing the counter
 and committing the release leaves a number no node holds: after
 ``ORPHAN_RELEASE_MS`` the next change builds on the newest release there is.
+Formation writes are numbered the same way (`flynnp2p.coord.generation`); a
+change that makes a release and moves the formation to it advances both in one
+transaction.  A leader duty's swap can also be fenced: it commits only while
+the leader key still has the create revision of the duty's term (`leads`).
 
 Everything here can be derived again from the replicated state (`expected`):
 after ``cluster recover`` the leader re-creates the claims of every app and
@@ -28,8 +32,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flynnp2p.coord.client import KV, CoordError
+from flynnp2p.coord.election import LEADER_KEY
+from flynnp2p.coord.generation import (
+    NO_GENERATION,
+    FormationGeneration,
+    decode_generation,
+    formation_key,
+    next_generation,
+)
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import App, Route
+from flynnp2p.state.records import App, Formation, Route
 
 CLAIM_PREFIX = "f2p/claim/"
 RELEASE_PREFIX = "f2p/release/"
@@ -132,6 +144,10 @@ class KeyStore(Protocol):
 
     async def swap(self, key: str, value: bytes | str, mod_revision: int) -> bool: ...
 
+    async def swap_many(
+        self, swaps: Mapping[str, tuple[bytes | str, int]], created: Mapping[str, int] | None = None
+    ) -> bool: ...
+
     async def delete_if(self, key: str, value: bytes) -> bool: ...
 
     async def delete(self, key: str) -> int: ...
@@ -180,11 +196,47 @@ class Claims:
     async def advance_release(
         self, app_id: str, seen: ReleaseCounter, release_id: str, now_ms: int = 0
     ) -> bool:
-        value = json.dumps({"n": seen.number + 1, "id": release_id, "at": now_ms})
-        return await self.client.swap(release_key(app_id), value, seen.mod_revision)
+        return await self.advance(app_id, release=(seen, release_id), now_ms=now_ms)
+
+    async def formation_generation(self, app_id: str) -> FormationGeneration:
+        kv = await self.client.get(formation_key(app_id))
+        if kv is None:
+            return NO_GENERATION
+        found = decode_generation(kv.value, kv.mod_revision)
+        if found is None:
+            raise CoordError(f"the formation generation of app {app_id} is not readable")
+        return found
+
+    async def advance(
+        self,
+        app_id: str,
+        *,
+        release: tuple[ReleaseCounter, str] | None = None,
+        formation: tuple[FormationGeneration, Formation] | None = None,
+        epoch: int | None = None,
+        now_ms: int = 0,
+    ) -> bool:
+        """Advance the release counter past ``release[0]`` to name ``release[1]``,
+        and the formation generation past ``formation[0]`` to name ``formation[1]``,
+        all or nothing; with ``epoch``, only while this node leads that term."""
+        swaps: dict[str, tuple[bytes | str, int]] = {}
+        if release is not None:
+            seen, release_id = release
+            value = json.dumps({"n": seen.number + 1, "id": release_id, "at": now_ms})
+            swaps[release_key(app_id)] = (value, seen.mod_revision)
+        if formation is not None:
+            gen, record = formation
+            swaps[formation_key(app_id)] = (next_generation(gen, record, now_ms), gen.mod_revision)
+        return await self.client.swap_many(swaps, None if epoch is None else {LEADER_KEY: epoch})
+
+    async def leads(self, epoch: int) -> bool:
+        """Whether the leader key is still the one of term ``epoch`` (a linearizable
+        read: a member cut off from its quorum cannot answer, a `CoordError`)."""
+        return await self.client.swap_many({}, {LEADER_KEY: epoch})
 
     async def forget_app(self, app_id: str) -> None:
         await self.client.delete(release_key(app_id))
+        await self.client.delete(formation_key(app_id))
 
     async def reconcile(self, state: State, now_ms: int) -> None:
         """Claims for what the state holds; claims nothing holds any more dropped."""

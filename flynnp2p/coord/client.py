@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,13 +163,32 @@ class EtcdClient:
 
     async def swap(self, key: str, value: bytes | str, mod_revision: int) -> bool:
         """Put ``key`` only if it was last changed at ``mod_revision`` (0: absent)."""
-        if mod_revision == 0:
-            compare = {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "createRevision": "0"}
-        else:
-            compare = {
-                "key": _b64(key), "target": "MOD", "result": "EQUAL", "modRevision": str(mod_revision)
-            }
-        ok, _, _ = await self.txn([compare], [_put(key, value)])
+        return await self.swap_many({key: (value, mod_revision)})
+
+    async def swap_many(
+        self, swaps: Mapping[str, tuple[bytes | str, int]], created: Mapping[str, int] | None = None
+    ) -> bool:
+        """Put every key of ``swaps`` only if each was last changed at its revision
+        (0: absent), and every key of ``created`` still has that create revision
+        (a fence: the leader key of one term); all or nothing.  With no ``swaps``,
+        a linearizable check of ``created`` alone."""
+        compare = []
+        for key, (_, mod_revision) in swaps.items():
+            if mod_revision == 0:
+                compare.append({"key": _b64(key), "target": "CREATE", "result": "EQUAL", "createRevision": "0"})
+            else:
+                compare.append(
+                    {"key": _b64(key), "target": "MOD", "result": "EQUAL", "modRevision": str(mod_revision)}
+                )
+        for key, revision in (created or {}).items():
+            compare.append(
+                {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "createRevision": str(revision)}
+            )
+        success = [_put(k, v) for k, (v, _) in swaps.items()]
+        if not success:  # etcd serves a txn without ops (or only serializable ranges)
+            # from the member's own copy; a plain range makes it a linearizable read
+            success = [{"requestRange": {"key": _b64(k)}} for k in created or {}]
+        ok, _, _ = await self.txn(compare, success)
         return ok
 
     async def delete_if(self, key: str, value: bytes) -> bool:

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 `Scheduler.duty(epoch)` is a leader duty (see `flynnp2p.leader`): it runs for one
-term and is cancelled on demotion. It first waits until the new leader has caught
-up with its peers (a leader planning from a stale replica would stop jobs of apps
+term and is cancelled on demotion, in the loop every state-driven duty shares
+(`flynnp2p.scheduler.duty`). It first waits until the new leader has caught up
+with its peers (a leader planning from a stale replica would stop jobs of apps
 it has not heard of yet), then loops:
 
 1. **Evaluate**: build `Inputs` from this replica and the membership
@@ -14,6 +15,8 @@ it has not heard of yet), then loops:
    restart that is due, and the `Blocked` records (written only when they change,
    deleted once the jobs are placed). Finished records are collected here too:
    stop placements whose job is down, and finished one-offs, after ``retain_ms``.
+   The writes are fenced: made only while this node still holds the leader key
+   of the term; a scheduler told its term is over stops.
 2. **Sleep** until the state changes (formations, releases, jobs, placements,
    run requests), the membership changes, the next restart falls due, or
    ``period_s`` passes; then wait ``debounce_s`` so a burst of changes (a scale
@@ -30,13 +33,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
-
-import trio
 
 from flynnp2p.errors import FlynnError
 from flynnp2p.gossip.tags import roles, user_tags
+from flynnp2p.leader import Fence, unfenced
+from flynnp2p.scheduler.duty import Term, duty_loop
 from flynnp2p.scheduler.model import Host, inputs_from_state
 from flynnp2p.scheduler.plan import Blocked as PlanBlocked
 from flynnp2p.scheduler.plan import Plan, Start, plan
@@ -45,6 +48,7 @@ from flynnp2p.state.errors import RecordError
 from flynnp2p.state.jobs import DOWN, STOP, effective_state, is_finished
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
+from flynnp2p.state.replica import WriteOutcome
 from flynnp2p.state.service import StateService
 from flynnp2p.watch import Watched
 
@@ -52,6 +56,8 @@ log = logging.getLogger(__name__)
 
 WATCHED_KINDS = (Formation.KIND, Release.KIND, Job.KIND, Placement.KIND, RunRequest.KIND)
 RETAIN_MS = 10 * 60_000  # how long stopped jobs and finished one-offs stay listed
+
+Write = Callable[[Sequence[Change]], Awaitable[WriteOutcome]]
 
 
 class Scheduler:
@@ -67,6 +73,7 @@ class Scheduler:
         debounce_s: float = 0.02,
         retain_ms: int = RETAIN_MS,
         rng: random.Random | None = None,
+        fence: Fence = unfenced,
     ) -> None:
         self.state = state
         self.hosts = hosts
@@ -77,43 +84,21 @@ class Scheduler:
         self.debounce_s = debounce_s
         self.retain_ms = retain_ms
         self.rng = rng or random.Random()
+        self.fence = fence
         self.stats = {"evaluations": 0, "placed": 0, "stopped": 0, "restarted": 0, "errors": 0}
         self.last_seed: int | None = None
-        self._wake = trio.Event()
 
     async def duty(self, epoch: int) -> None:
-        while not self.ready(epoch):  # noqa: ASYNC110 - the catch-up duty sets it
-            await trio.sleep(0.05)
-        log.info("scheduler: leading with epoch %d", epoch)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_state)
-            nursery.start_soon(self._watch_membership)
-            while True:
-                self._wake = trio.Event()
-                next_at = await self._evaluate_safely(epoch)
-                timeout = self.period_s
-                if next_at is not None:
-                    timeout = min(timeout, max(0.0, (next_at - self.now_ms()) / 1000))
-                with trio.move_on_after(timeout):
-                    await self._wake.wait()
-                await trio.sleep(self.debounce_s)
+        await duty_loop(
+            self._evaluate_safely, WATCHED_KINDS, name="scheduler", epoch=epoch, state=self.state,
+            fence=self.fence, now_ms=self.now_ms, ready=self.ready, period_s=self.period_s,
+            debounce_s=self.debounce_s, watched=(self.membership,),
+        )  # fmt: skip
 
-    async def _watch_state(self) -> None:
-        while True:  # a subscriber that falls behind is dropped: subscribe again
-            async with self.state.subscribe(WATCHED_KINDS) as (_, changes):
-                async for _batch in changes:
-                    self._wake.set()
-            self._wake.set()
-
-    async def _watch_membership(self) -> None:
-        version = self.membership.version
-        while True:
-            version, _ = await self.membership.wait_change(version)
-            self._wake.set()
-
-    async def _evaluate_safely(self, epoch: int) -> int | None:
+    async def _evaluate_safely(self, term: Term) -> int | None:
+        epoch = term.epoch
         try:
-            return await self.evaluate(epoch)
+            return await self.evaluate(epoch, term.write)
         except RecordError as exc:  # before FlynnError: a RecordError is one too
             # A record the planner built is invalid: a bug, but one that must not
             # take this node (and every next leader, on the same state) down.
@@ -125,8 +110,9 @@ class Scheduler:
             log.warning("scheduler: evaluation at epoch %d not acknowledged: %s", epoch, exc)
             return self.now_ms() + 1000
 
-    async def evaluate(self, epoch: int) -> int | None:
-        """One evaluation; returns when the next restart falls due (or None)."""
+    async def evaluate(self, epoch: int, write: Write | None = None) -> int | None:
+        """One evaluation, written with ``write`` (the term's fenced write; the
+        state's own by default); returns when the next restart falls due (or None)."""
         state = self.state.state
         now = self.now_ms()
         seed = self.rng.getrandbits(63)
@@ -146,7 +132,7 @@ class Scheduler:
                 log.info("place %s/%s %s on %s", start.app, start.type, start.job_id, start.host)
             for stop in result.stops:
                 log.info("stop %s on %s: %s", stop.job_id, stop.host, stop.reason)
-            await self.state.write(changes)
+            await (write or self.state.write)(changes)
         return result.next_restart_ms(now)
 
 
