@@ -249,7 +249,9 @@ class Agent:
                 sticky_key=derive_key(token.admin_secret),
             )  # fmt: skip
         app = create_app(self)
-        apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
+        apps_api = AppsApi(
+            self.ctx, slug_path=self.blobs.local_path, slug_size=self.blobs.size, http=self.http
+        )
         # Deploys: finish each deployment, or restore the previous release (under the API's app lock).
         self.deploys = DeployWatcher(self.state, now_ms, lambda e: self.ctx.caught_up.value == e,
                                      app_lock=apps_api.alloc.app_lock)  # fmt: skip

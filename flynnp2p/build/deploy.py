@@ -48,7 +48,7 @@ import httpx
 import trio
 
 from flynnp2p import deployments
-from flynnp2p.build.builder import BuildError, BuildLimits, build
+from flynnp2p.build.builder import BuildError, BuildLimits, BuildResult, build
 from flynnp2p.build.buildlog import BuildLog, LogSink
 from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
@@ -187,7 +187,7 @@ class BuildStep:
             if self.caches is not None:  # meanwhile; it never fails the push
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
-                release_id = await self._release(app, update, result.digest, result.slug_path, say)
+                release_id = await self._release(app, update, result, say)
                 if "web" in result.process_types:
                     await self._wait_web(app, release_id, say)
             except FlynnError as exc:
@@ -196,11 +196,14 @@ class BuildStep:
             raise failed
         return True
 
-    async def _release(self, app: App, update: RefUpdate, digest: str, slug: Path, say: Say) -> str:
-        """Store the slug, make the release; its id."""
-        _, holders = await self.slugs.put(digest, _chunks(slug))
+    async def _release(self, app: App, update: RefUpdate, result: BuildResult, say: Say) -> str:
+        """Store the slug, make the release; its id. The release is given the slug's
+        process types as the build read them (they are its Procfile), so the API
+        need not decompress the slug again, here and on the leader, to read them."""
+        _, holders = await self.slugs.put(result.digest, _chunks(result.slug_path))
         meta = {"git.commit": update.new, "git.ref": update.ref}
-        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", {"slug": digest, "meta": meta})
+        body = {"slug": result.digest, "meta": meta, "process_types": result.process_types}
+        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", body)
         release = made["release"]
         self.stats["releases"] += 1
         await say(f"-----> Released v{release.get('version', '?')} (slug on {holders} node(s))")
