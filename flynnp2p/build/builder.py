@@ -43,7 +43,7 @@ the build fails saying so. Memory is ``RLIMIT_AS`` per program
 (``BuildLimits.memory_mb``); a compile that fails for want of it (`out_of_memory`:
 what the program printed last, or the signal it died of) fails saying so. Both
 messages name the limit and the ``flynnp2p app set`` that raises it. Either way
-the sandbox is removed.
+the sandbox is removed (or, with ``remove_sandbox=False``, left to the caller).
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class BuildResult:
     size: int
     process_types: dict[str, str] = field(default_factory=dict)
     buildpacks: tuple[str, ...] = ()  # what each buildpack's bin/detect called the app
+    sandbox: Path | None = None  # left for the caller to remove (``remove_sandbox=False``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +141,14 @@ async def build(
     limits: BuildLimits | None = None,
     isolation: str | None = None,
     tools: Sequence[Path] | None = None,
+    remove_sandbox: bool = True,
 ) -> BuildResult:
     """Build ``source`` into a slug (see the module docstring); BuildError if it fails.
+
+    ``remove_sandbox=False``: the sandbox's directory (under ``work_dir``) is left,
+    whether the build succeeds or not, for the caller to remove when it suits it
+    (``BuildResult.sandbox``): removing a virtualenv's thousand files need not hold
+    up the release.
 
     ``isolation`` is what ``host.process.detect_isolation`` says unless given;
     ``tools`` are the programs lent to buildpacks (default: ``uv`` when installed);
@@ -168,6 +175,7 @@ async def build(
             limits=limits,
             isolation=isolation,
             tools=_default_tools() if tools is None else list(tools),
+            remove_sandbox=remove_sandbox,
         )
     await on_line(f" !     Build stopped: it took longer than {limits.timeout_s:g} s")
     raise BuildError(
@@ -213,10 +221,11 @@ async def _build(
     limits: BuildLimits,
     isolation: str,
     tools: list[Path],
+    remove_sandbox: bool,
 ) -> BuildResult:
     async with open_sandbox(
         work_dir, isolation=isolation, uid=build_uid(app_id), cache_dir=cache_dir,
-        memory_mb=limits.memory_mb,
+        memory_mb=limits.memory_mb, remove=remove_sandbox,
     ) as box:  # fmt: skip
         if isolation != "namespaces":
             await on_line(f"-----> Warning: this host builds without namespaces ({isolation})")
@@ -254,7 +263,8 @@ async def _build(
         # that succeeded.
         final = work_dir / f"{box.root.name}.tgz"
         await trio.to_thread.run_sync(os.replace, slug.path, final)
-        return BuildResult(final, slug.digest, slug.size, types, tuple(n for _, n in chosen))
+        left = None if remove_sandbox else box.root
+        return BuildResult(final, slug.digest, slug.size, types, tuple(n for _, n in chosen), left)
 
 
 # -- 1. the source -----------------------------------------------------------------------

@@ -14,12 +14,14 @@ It runs before any ref moves, so a failed build rejects the push (git prints
    ``build_timeout_s`` of its `App` record), every line of output sent to the
    pusher as ``remote:       …``;
 4. the slug is stored in the blobstore (replicated to a second node before it is
-   acknowledged), and the build cache is saved there meanwhile (a cache not
-   saved never fails the push);
+   acknowledged), and meanwhile the build cache is saved there and the build's
+   sandbox is removed (neither ever fails the push: the sandbox's tree, a
+   virtualenv's thousand files, took 0.05-0.8 s to remove on the push's path);
 5. the release is made through this node's own API (``POST /v1/apps/<app>/releases
-   {"slug"}``, forwarded to the leader, which numbers it and moves the formation
-   to it: the first release with a ``web`` type runs ``web=1``), with the commit
-   in its meta;
+   {"slug", "process_types"}``, forwarded to the leader, which numbers it and moves
+   the formation to it: the first release with a ``web`` type runs ``web=1``), with
+   the commit in its meta and the process types the build wrote into the slug's
+   Procfile (so the API need not read them out of the slug again);
 6. the push waits (``wait_s``) until the new release's web jobs are up and says
    where the app answers, or says why not. It reads the deployment again as soon
    as this node's event stream (``GET /v1/events?kinds=deployment``) says a
@@ -36,6 +38,7 @@ with the reason: nothing is half-made, since a slug no release names is collecte
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -56,8 +59,21 @@ from flynnp2p.build.push import BUILD_BRANCHES
 from flynnp2p.errors import FlynnError
 from flynnp2p.state.records import App
 
+log = logging.getLogger(__name__)
+
 INDENT = "       "  # Heroku's: buildpack output under the "-----> " headings
 WAIT_S = 60.0
+
+
+def remove_tree(path: Path) -> str | None:
+    """Remove `path` and everything under it (blocking); None, or why it could not."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 class Slugs(Protocol):
@@ -101,6 +117,7 @@ class BuildStep:
         self, *, api: httpx.AsyncClient, api_url: str, slugs: Slugs, work_root: Path,
         wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        remove: Callable[[Path], str | None] = remove_tree,
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
@@ -110,7 +127,8 @@ class BuildStep:
         self.caches = caches
         self.logs = logs
         self.now_ms = now_ms
-        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
+        self.remove = remove
+        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0, "teardowns_failed": 0}
 
     async def __call__(
         self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
@@ -177,14 +195,17 @@ class BuildStep:
         started = time.monotonic()
         result = await build(
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
-            limits=limits_of(app),
+            limits=limits_of(app), remove_sandbox=False,
         )  # fmt: skip
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
         failed: FlynnError | None = None
         async with trio.open_nursery() as nursery:
-            if self.caches is not None:  # meanwhile; it never fails the push
+            # Meanwhile, and neither ever fails the push: the build's tree and source go
+            # (a virtualenv's thousand files), the cache is saved.
+            nursery.start_soon(self._tear_down, [p for p in (result.sandbox, src) if p is not None])
+            if self.caches is not None:
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
                 release_id = await self._release(app, update, result, say)
@@ -195,6 +216,17 @@ class BuildStep:
         if failed is not None:
             raise failed
         return True
+
+    async def _tear_down(self, paths: Sequence[Path]) -> None:
+        """Remove what the build left but the release does not need, while the release
+        is made and deployed. What cannot be removed is logged and counted; the step's
+        scratch, removed as the step ends, takes whatever is left. Each build has its
+        own scratch (``mkdtemp``), so the next build on this node cannot meet it."""
+        for path in paths:
+            why = await trio.to_thread.run_sync(self.remove, path)
+            if why is not None:
+                self.stats["teardowns_failed"] += 1
+                log.warning("build scratch %s not removed (the step's end tries again): %s", path, why)
 
     async def _release(self, app: App, update: RefUpdate, result: BuildResult, say: Say) -> str:
         """Store the slug, make the release; its id. The release is given the slug's

@@ -274,9 +274,13 @@ async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
 
 @contextlib.asynccontextmanager
 async def open_sandbox(
-    work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int
-) -> AsyncIterator[Sandbox]:
-    """A fresh sandbox under ``work_dir`` for the block; leaving removes it."""
+    work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int,
+    remove: bool = True,
+) -> AsyncIterator[Sandbox]:  # fmt: skip
+    """A fresh sandbox under ``work_dir`` for the block; leaving stops what runs in it
+    and removes it, or with ``remove=False`` leaves its directory (``box.root``, under
+    ``work_dir``) for the caller to remove, e.g. while it waits on something else:
+    nothing runs in it any more, and the next sandbox is another directory."""
     await trio.to_thread.run_sync(lambda: work_dir.mkdir(parents=True, exist_ok=True))
     root = Path(
         await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="build-", dir=work_dir))
@@ -289,4 +293,5 @@ async def open_sandbox(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(box._spawner.close)
-            await trio.to_thread.run_sync(shutil.rmtree, root, True)
+            if remove:
+                await trio.to_thread.run_sync(shutil.rmtree, root, True)
