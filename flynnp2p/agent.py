@@ -273,6 +273,7 @@ class Agent:
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
             wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms,
+            unpack=self.runner.prepare.unpacked_slug if self.runner is not None else None,
             caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
                                node=cfg.name, now_ms=now_ms),
         )  # fmt: skip

@@ -21,6 +21,7 @@ import httpx
 
 from flynnp2p.build.deploy import BuildStep, remove_tree
 from flynnp2p.build.hooks import GitSource, RefUpdate
+from flynnp2p.host.slug import SlugError, unpack_slug
 from flynnp2p.state.records import App
 
 APP = App(id="a1", name="shop", created_at=0, deploy_timeout_s=5)
@@ -118,6 +119,31 @@ async def test_the_release_carries_the_builds_process_types_and_the_sandbox_goes
     assert [seen for _, seen in removed] == [True, True]
     assert removed[0][0].startswith("build-") and removed[1][0] == "src"
     assert sorted(p.name for p in work.iterdir()) == ["cache"]  # nothing of the build is left
+
+
+async def test_the_slug_is_unpacked_for_this_nodes_jobs_and_a_failed_unpack_is_only_counted(
+    tmp_path: Path,
+) -> None:
+    repo, head = repo_with_procfile(tmp_path)
+    api, slugs = FakeApi(), Slugs()
+    jobs = tmp_path / "jobs"
+
+    async def unpack(path: Path, digest: str) -> Path:
+        return await unpack_slug(path, jobs, digest.replace(":", "-"))
+
+    ok, said = await push(make_step(api, slugs, tmp_path / "w1", unpack=unpack), repo, head)
+    assert ok, said
+    [digest] = slugs.stored
+    app = jobs / "slugs" / digest.replace(":", "-") / "app"
+    assert (app / "Procfile").read_text() == PROCFILE
+
+    async def broken(path: Path, digest: str) -> Path:
+        raise SlugError("slug is not a readable gzipped tar")
+
+    step = make_step(FakeApi(), Slugs(), tmp_path / "w2", unpack=broken)
+    ok, said = await push(step, repo, head)
+    assert ok, said
+    assert step.stats["unpacks_failed"] == 1 and step.stats["releases"] == 1
 
 
 async def test_a_teardown_that_fails_is_counted_and_never_fails_the_push(tmp_path: Path) -> None:

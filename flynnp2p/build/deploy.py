@@ -15,8 +15,11 @@ It runs before any ref moves, so a failed build rejects the push (git prints
    pusher as ``remote:       …``;
 4. the slug is stored in the blobstore (replicated to a second node before it is
    acknowledged), and meanwhile the build cache is saved there and the build's
-   sandbox is removed (neither ever fails the push: the sandbox's tree, a
-   virtualenv's thousand files, took 0.05-0.8 s to remove on the push's path);
+   sandbox is removed (the sandbox's tree, a virtualenv's thousand files, took
+   0.05-0.8 s to remove on the push's path), and the slug is unpacked for this
+   node's jobs (``unpack``: the scheduler prefers the slug's holders for the
+   release's first job, so it often starts here, without unpacking it first);
+   none of these ever fails the push;
 5. the release is made through this node's own API (``POST /v1/apps/<app>/releases
    {"slug", "process_types"}``, forwarded to the leader, which numbers it and moves
    the formation to it: the first release with a ``web`` type runs ``web=1``), with
@@ -42,7 +45,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -118,6 +121,7 @@ class BuildStep:
         wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         remove: Callable[[Path], str | None] = remove_tree,
+        unpack: Callable[[Path, str], Awaitable[object]] | None = None,
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
@@ -128,7 +132,9 @@ class BuildStep:
         self.logs = logs
         self.now_ms = now_ms
         self.remove = remove
-        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0, "teardowns_failed": 0}
+        self.unpack = unpack
+        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0, "teardowns_failed": 0,
+                      "unpacks_failed": 0}
 
     async def __call__(
         self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
@@ -205,6 +211,8 @@ class BuildStep:
             # Meanwhile, and neither ever fails the push: the build's tree and source go
             # (a virtualenv's thousand files), the cache is saved.
             nursery.start_soon(self._tear_down, [p for p in (result.sandbox, src) if p is not None])
+            if self.unpack is not None:
+                nursery.start_soon(self._unpack_here, self.unpack, result)
             if self.caches is not None:
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
@@ -227,6 +235,18 @@ class BuildStep:
             if why is not None:
                 self.stats["teardowns_failed"] += 1
                 log.warning("build scratch %s not removed (the step's end tries again): %s", path, why)
+
+    async def _unpack_here(
+        self, unpack: Callable[[Path, str], Awaitable[object]], result: BuildResult
+    ) -> None:
+        """Unpack the slug for this node's jobs while the release is made: the
+        scheduler places the first job where the slug is, often here, and that job
+        then starts without unpacking it first. Never fails the push."""
+        try:
+            await unpack(result.slug_path, result.digest)
+        except (FlynnError, OSError) as exc:
+            self.stats["unpacks_failed"] += 1
+            log.warning("slug %s not unpacked ahead (a job here unpacks it): %s", result.digest, exc)
 
     async def _release(self, app: App, update: RefUpdate, result: BuildResult, say: Say) -> str:
         """Store the slug, make the release; its id. The release is given the slug's
