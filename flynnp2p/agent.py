@@ -42,6 +42,7 @@ from flynnp2p.build.deploy import BuildStep
 from flynnp2p.build.hooks import HookServer
 from flynnp2p.build.push import LeaderLink, PushLocks
 from flynnp2p.build.repo import RepoStore
+from flynnp2p.build.reposweep import RepoSweeper
 from flynnp2p.config import (
     NodeConfig,
     build_wait_s,
@@ -51,6 +52,7 @@ from flynnp2p.config import (
     job_stop_grace_s,
     save_node,
     serf_binary,
+    slug_max_mb,
     state_gc_interval_s,
 )
 from flynnp2p.coord.ca import ClusterCA
@@ -272,13 +274,15 @@ class Agent:
         # A push to main or master is built, released and deployed before it is accepted.
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
-            wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms,
+            wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms, slug_max_bytes=slug_max_mb() << 20,
             unpack=self.runner.prepare.unpacked_slug if self.runner is not None else None,
             caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
                                node=cfg.name, now_ms=now_ms),
         )  # fmt: skip
+        repos = RepoStore(git_dir, git_dir / "hooks")
+        self.repo_sweeper = RepoSweeper(self.state, repos)  # deleted apps' repos off this disk
         self.git_api = git_api = GitApi(
-            self.ctx, repos=RepoStore(git_dir, git_dir / "hooks"), hooks=self.git_hooks,
+            self.ctx, repos=repos, hooks=self.git_hooks,
             blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,
             node_name=cfg.name, scratch=git_scratch(cfg.data_dir), step=self.builds,
         )  # fmt: skip
@@ -334,6 +338,7 @@ class Agent:
                 await nursery.start(self.state.run)
                 await nursery.start(self.blobs.run)
                 await nursery.start(self.git_hooks.run)
+                await nursery.start(self.repo_sweeper.run)
                 await nursery.start(
                     partial(
                         feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],

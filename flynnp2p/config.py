@@ -111,6 +111,14 @@ def build_wait_s() -> float:
         return 60.0
 
 
+def slug_max_mb() -> int:
+    """The biggest slug a push may make, MiB compressed (`flynnp2p.build.slugsize`)."""
+    try:
+        return max(1, int(os.environ.get("FLYNNP2P_SLUG_MAX_MB", "512")))
+    except ValueError:
+        return 512
+
+
 def job_stop_grace_s() -> float:
     """Grace between SIGTERM and SIGKILL when a job is stopped (tests shorten it)."""
     try:

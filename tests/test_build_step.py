@@ -143,7 +143,7 @@ async def test_the_slug_is_unpacked_for_this_nodes_jobs_and_a_failed_unpack_is_o
     step = make_step(FakeApi(), Slugs(), tmp_path / "w2", unpack=broken)
     ok, said = await push(step, repo, head)
     assert ok, said
-    assert step.stats["unpacks_failed"] == 1 and step.stats["releases"] == 1
+    assert step.meanwhile_failed["unpack"] == 1 and step.stats["releases"] == 1
 
 
 async def test_a_teardown_that_fails_is_counted_and_never_fails_the_push(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ async def test_a_teardown_that_fails_is_counted_and_never_fails_the_push(tmp_pat
     step = make_step(api, slugs, work, remove=lambda path: "device or resource busy")
     ok, said = await push(step, repo, head)
     assert ok, said
-    assert step.stats["teardowns_failed"] == 2 and step.stats["releases"] == 1
+    assert step.meanwhile_failed["teardown"] == 2 and step.stats["releases"] == 1
     # The step's own scratch, removed as it ends, took what the teardown left.
     assert sorted(p.name for p in work.iterdir()) == ["cache"]
 

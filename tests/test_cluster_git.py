@@ -6,10 +6,17 @@ the bundle node 1 saved), a non-fast-forward to node 3 refused as git refuses
 it, then two pushes to one app at once on two nodes: one is accepted, the other
 refused with a clear message, and every node serves the accepted commit, built
 and deployed; last, a push whose build fails is refused and the app keeps serving.
+
+Then, on a cluster whose slug limit is 1 MiB: a forced push to another node is
+accepted, deployed, and what every node restores; a plain non-fast-forward is
+still refused; a push whose slug is over the limit is refused with the size and
+the limit; and a deleted app leaves no repository on any node, so a new app of
+the same name takes an unrelated history as its first push.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -29,12 +36,12 @@ BUSY = (
 )
 
 
-def url_of(agent: AgentProc) -> str:
-    return agent.url.replace("http://", f"http://x:{agent.token.api_key}@") + "/git/hello.git"
+def url_of(agent: AgentProc, app: str = "hello") -> str:
+    return agent.url.replace("http://", f"http://x:{agent.token.api_key}@") + f"/git/{app}.git"
 
 
-async def main_on(git: Git, agent: AgentProc) -> str:
-    done = await git.run("ls-remote", url_of(agent), "refs/heads/main")
+async def main_on(git: Git, agent: AgentProc, app: str = "hello") -> str:
+    done = await git.run("ls-remote", url_of(agent, app), "refs/heads/main")
     return done.stdout.decode().split("\t")[0].strip()
 
 
@@ -110,7 +117,72 @@ async def test_push_to_any_node(cluster: Cluster, tmp_path: Path) -> None:
     assert await served(n1, "/app.py") == (200, f"from {accepted[0]}")
 
 
-async def served(agent: AgentProc, path: str) -> tuple[int, str]:
+async def test_forced_push_slug_limit_and_a_deleted_app(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.env = {"FLYNNP2P_SLUG_MAX_MB": "1"}
+    agents = await cluster.start(3)
+    await cluster.wait_converged(agents, alive=3)
+    n1, n2, n3 = agents
+    async with n1.client() as c:
+        c.timeout = 15.0
+        r = await c.post("/v1/apps", json={"name": "redo"})
+        assert r.status_code == 201, r.text
+        first_id = r.json()["app"]["id"]
+    git = Git(tmp_path / "client")
+    a = await git.work_tree("a", url_of(n1, "redo"))
+    await git.commit(a, "Procfile", "web: exec python3 -m http.server $PORT\n")
+    await git.commit(a, "app.py", "v1")
+    await git.run("push", "origin", "HEAD:main", cwd=a)
+    await git.commit(a, "app.py", "v2")
+    await git.run("push", "origin", "HEAD:main", cwd=a)
+
+    # A forced push to node 2 replaces v2 with a rewritten commit, and deploys it.
+    await git.run("remote", "add", "n2", url_of(n2, "redo"), cwd=a)
+    await git.run("reset", "--quiet", "--hard", "HEAD~1", cwd=a)
+    rewritten = await git.commit(a, "app.py", "rewritten")
+    refused = await git.run("push", "n2", "HEAD:main", cwd=a, ok=False)
+    assert refused.returncode != 0 and "[rejected]" in text(refused)  # not without --force
+    forced = await git.run("push", "--force", "n2", "HEAD:main", cwd=a)
+    assert "(forced update)" in text(forced) and "remote: -----> Released v3" in text(forced), text(forced)
+    assert await main_on(git, n3, "redo") == rewritten  # node 3 restores the forced history
+    assert await served(n3, "/app.py", "redo") == (200, "rewritten")
+
+    # A slug over the cluster's 1 MiB limit is refused; the app keeps serving.
+    (a / "big.bin").write_bytes(os.urandom(3 << 20))
+    await git.run("add", "big.bin", cwd=a)
+    await git.commit(a, "app.py", "big")
+    refused = await git.run("push", "n2", "HEAD:main", cwd=a, ok=False)
+    out = text(refused)
+    assert refused.returncode != 0 and "pre-receive hook declined" in out, out
+    assert "MiB compressed, over this cluster's limit of 1 MiB" in out and ".slugignore" in out, out
+    assert await main_on(git, n1, "redo") == rewritten
+    assert await served(n1, "/app.py", "redo") == (200, "rewritten")
+
+    # Deleted: no node keeps its repository; a new "redo" takes an unrelated history.
+    async with n2.client() as c:
+        c.timeout = 15.0
+        r = await c.delete("/v1/apps/redo")
+        assert r.status_code == 200, r.text
+
+    async def no_repo_left() -> bool:
+        return not any((x.data_dir / "git" / f"{first_id}.git").exists() for x in agents)
+
+    await wait_for(no_repo_left, 15, "every node to remove the deleted app's repository")
+    async with n3.client() as c:
+        c.timeout = 15.0
+        r = await c.post("/v1/apps", json={"name": "redo"})
+        assert r.status_code == 201, r.text
+    fresh = Git(tmp_path / "fresh")
+    b = await fresh.work_tree("b", url_of(n3, "redo"))
+    await fresh.commit(b, "Procfile", "web: exec python3 -m http.server $PORT\n")
+    sha = await fresh.commit(b, "app.py", "unrelated")
+    pushed = await fresh.run("push", "origin", "HEAD:main", cwd=b)
+    assert "remote: -----> repository saved (generation 1 on 2 nodes, full bundle)" in text(pushed)
+    assert "remote: -----> Released v1" in text(pushed), text(pushed)
+    assert await main_on(fresh, n1, "redo") == sha
+    assert await served(n1, "/app.py", "redo") == (200, "unrelated")
+
+
+async def served(agent: AgentProc, path: str, app: str = "hello") -> tuple[int, str]:
     async with httpx.AsyncClient(timeout=10) as c:
-        r = await c.get(f"http://{agent.addr}:8080{path}", headers={"Host": "hello.flynnp2p.localhost"})
+        r = await c.get(f"http://{agent.addr}:8080{path}", headers={"Host": f"{app}.flynnp2p.localhost"})
         return r.status_code, r.text

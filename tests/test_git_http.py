@@ -78,14 +78,17 @@ class GitNode:
         return next(a for a in self.ctx.state.state.records(App) if a.name == name)
 
 
-async def start_node(nursery: trio.Nursery, root: Path, step: PreReceive = accept_push) -> GitNode:
+async def start_node(
+    nursery: trio.Nursery, root: Path, step: PreReceive = accept_push, blob_peers: Peers | None = None
+) -> GitNode:
+    """`blob_peers`: the peers the blobstore replicates to (none: a put is held by this node alone)."""
     service = await start_service(nursery, Peers())
     etcd = LeasedEtcd()
     ctx = Ctx(service, Clock(), etcd=etcd)
     hooks = HookServer(root / "git" / "hooks")
     await nursery.start(hooks.run)
     peer_http = httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN.peer_key}"})
-    blobs = BlobService(BlobStore(root / "blobs"), service, Peers(), peer_http, "n1", ctx.now_ms)
+    blobs = BlobService(BlobStore(root / "blobs"), service, blob_peers or Peers(), peer_http, "n1", ctx.now_ms)
     locks = PushLocks(lambda: etcd, ctx.now_ms)
     app = create_app(Node())
     app.register_blueprint(apps_blueprint(ctx, rng=random.Random(3)))
@@ -287,6 +290,38 @@ async def test_a_refusing_step_rejects_the_push_with_its_message(nursery: trio.N
     assert await node.git.repos.refs(app.id) == {}
     assert node.ctx.state.state.record(Repo, app.id) is None
     assert node.etcd.leases == set()  # the push lease was released
+
+
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (OSError(28, "No space left on device"), "the push failed on this node: No space left on device"),
+        (RuntimeError("a bug"), "the push failed on this node (an internal error; see the agent's log)"),
+    ],
+)
+async def test_a_step_that_raises_refuses_the_push_and_the_node_takes_the_next(
+    nursery: trio.Nursery, tmp_path: Path, error: Exception, said: str
+) -> None:
+    """A step's unexpected error refuses that push; it never ends the hook server."""
+    calls: list[int] = []
+
+    async def step(app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return True
+
+    node = await start_node(nursery, tmp_path / "node", step=step)
+    await create(node, "raising")
+    git = Git(tmp_path / "client")
+    tree = await git.work_tree("a", with_token(node.url, "raising"))
+    await git.commit(tree, "Procfile", "web: true\n")
+    refused = await git.run("push", "origin", "HEAD:main", cwd=tree, ok=False)
+    assert refused.returncode != 0
+    assert f"remote: flynnp2p: {said}" in text(refused)
+    assert await node.git.repos.refs(node.app("raising").id) == {}
+    await git.run("push", "origin", "HEAD:main", cwd=tree)
+    assert len(calls) == 2
 
 
 async def test_a_second_push_while_one_runs_is_refused_clearly(nursery: trio.Nursery, tmp_path: Path) -> None:

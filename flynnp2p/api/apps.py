@@ -70,6 +70,7 @@ from flynnp2p.api.forward import Forwarder
 from flynnp2p.api.render import wire
 from flynnp2p.api.routes import RoutesApi
 from flynnp2p.build.procfile import parse_procfile, read_slug_procfile
+from flynnp2p.build.push import forget_repo
 from flynnp2p.coord.claims import app_key, route_keys
 from flynnp2p.coord.client import CoordError
 from flynnp2p.errors import ClusterError, Conflict, NotFound, UserError
@@ -376,6 +377,7 @@ class AppsApi:
                 await claims.drop_owned_by(keys, app_id)
                 if forget:
                     await claims.forget_app(app_id)
+                    await forget_repo(claims.client, app_id)  # its saved git repository
         except (CoordError, ClusterError) as exc:
             log.warning("could not drop the claims of app %s (the sweep will): %s", app_id, exc)
 

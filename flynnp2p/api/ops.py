@@ -44,6 +44,7 @@ from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import (
     App,
     Artifact,
+    BuildCache,
     Certificate,
     ClusterConfig,
     Deployment,
@@ -213,7 +214,7 @@ def app_deletion(state: State, app: App) -> list[Change]:
             if change not in seen:
                 seen.add(change)
                 changes.append(change)
-    for kind in (Formation, Repo):  # keyed by the app's id; a repo's bundles are then collected
+    for kind in (Formation, Repo, BuildCache):  # keyed by the app's id; blobs then collected
         if state.record(kind, app.id) is not None:
             changes.append(Delete(kind.KIND, app.id))
     changes.extend(Delete(Deployment.KIND, d.id) for d in deployments_of(state, app))

@@ -99,7 +99,7 @@ class BlobService:
         self, digest: str, chunks: AsyncIterable[bytes], *, replicate: bool = True
     ) -> tuple[int, int]:
         """Store, record, replicate; (size, alive nodes holding it, this one included)."""
-        size = await self.store.write(digest, chunks)
+        size = await self.store.write(digest, chunks, node=self.node)
         self.stats["stored"] += 1
         await self._record(digest, size)
         if not replicate:
@@ -197,7 +197,7 @@ class BlobService:
                     if resp.status_code != 200:
                         await resp.aread()
                         raise ClusterError(f"answered {resp.status_code}: {resp.text[:200]}")
-                    size = await self.store.write(digest, resp.aiter_bytes())
+                    size = await self.store.write(digest, resp.aiter_bytes(), node=self.node)
             except (httpx.HTTPError, ClusterError, UserError) as exc:
                 # UserError: the peer's bytes did not match (a corrupt copy there).
                 failures.append(f"{peer.name}: {str(exc) or type(exc).__name__}")

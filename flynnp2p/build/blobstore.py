@@ -14,7 +14,7 @@ so a reader sees the whole blob or none of it; a digest mismatch, an error or a
 cancellation mid-stream deletes the temp file and leaves nothing behind.  Two
 concurrent writes of one digest write identical bytes: the later rename wins
 harmlessly.  A full disk (ENOSPC, EDQUOT) is `InsufficientStorage` (507), the
-temp file removed.  All blocking file I/O runs in worker threads, a chunk at a time, so
+temp file removed, its message "no space left on <node>" (`flynnp2p.host.space`).  All blocking file I/O runs in worker threads, a chunk at a time, so
 a multi-gigabyte blob never sits in memory.
 """
 
@@ -31,7 +31,8 @@ from typing import BinaryIO
 
 import trio
 
-from flynnp2p.errors import FULL_ERRNOS, InsufficientStorage, NotFound, UserError
+from flynnp2p.errors import InsufficientStorage, NotFound, UserError
+from flynnp2p.host.space import is_full, no_space
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 DIGEST_ACCEPTED = "'sha256:' followed by 64 lowercase hex digits"
@@ -79,18 +80,19 @@ class BlobStore:
 
     # -- writes --------------------------------------------------------------
 
-    async def write(self, digest: str, chunks: AsyncIterable[bytes]) -> int:
-        """Store the bytes of `chunks` as `digest`; its size.  UserError on a mismatch."""
+    async def write(
+        self, digest: str, chunks: AsyncIterable[bytes], *, node: str = "this node"
+    ) -> int:
+        """Store the bytes of `chunks` as `digest`; its size.  UserError on a mismatch;
+        `InsufficientStorage` naming `node` on a full disk."""
         final = self.path(digest)
         try:
             return await self._write(digest, final, chunks)
         except OSError as exc:
-            if exc.errno not in FULL_ERRNOS:
+            if not is_full(exc):
                 raise
-            raise InsufficientStorage(
-                f"this node's disk is full: blob {digest} was not stored ({exc.strerror}); "
-                "retry once space is freed"
-            ) from None
+            why = no_space(node, f"blob {digest} was not stored", exc.strerror or str(exc))
+            raise InsufficientStorage(f"{why}; retry once space is freed") from None
 
     async def _write(self, digest: str, final: Path, chunks: AsyncIterable[bytes]) -> int:
         fd, tmp_name = await trio.to_thread.run_sync(self._open_temp)

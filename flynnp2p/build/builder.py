@@ -43,12 +43,16 @@ the build fails saying so. Memory is ``RLIMIT_AS`` per program
 (``BuildLimits.memory_mb``); a compile that fails for want of it (`out_of_memory`:
 what the program printed last, or the signal it died of) fails saying so. Both
 messages name the limit and the ``flynnp2p app set`` that raises it. Either way
-the sandbox is removed (or, with ``remove_sandbox=False``, left to the caller).
+the sandbox is removed (or, with ``remove_sandbox=False``, left to the caller). A
+disk that fills up under the build (a write that fails with ENOSPC, or ``tar``
+saying so while it packs the slug) fails it saying "no space left on <node>"
+(`flynnp2p.host.space`), the sandbox removed too (or left to the caller).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -73,9 +77,10 @@ from flynnp2p.build.selection import (
     process_types,
 )
 from flynnp2p.build.slugignore import SlugIgnore, parse_slugignore
-from flynnp2p.errors import UserError
+from flynnp2p.errors import UserError, first_in
 from flynnp2p.host.process import app_uid, detect_isolation
 from flynnp2p.host.slug import READ_ERRORS, SlugError, check_members, open_tar_stream
+from flynnp2p.host.space import is_full, no_space
 
 __all__ = ["BuildError", "BuildLimits", "BuildResult", "build", "memory_message", "out_of_memory"]
 
@@ -142,6 +147,7 @@ async def build(
     isolation: str | None = None,
     tools: Sequence[Path] | None = None,
     remove_sandbox: bool = True,
+    node: str = "this node",
 ) -> BuildResult:
     """Build ``source`` into a slug (see the module docstring); BuildError if it fails.
 
@@ -154,7 +160,7 @@ async def build(
     ``tools`` are the programs lent to buildpacks (default: ``uv`` when installed);
     ``cache_dir`` is the app's build cache (kept between builds); ``buildpacks``
     are references as in ``selection.parse_ref`` (an app setting); ``limits``
-    default to ``BuildLimits()``."""
+    default to ``BuildLimits()``; ``node`` names this node in a full disk's message."""
     for key in env:
         if not vocab.ENV_NAME.ok(key):
             raise UserError(f"env key {key!r} is not valid; expected [A-Za-z_][A-Za-z0-9_]*")
@@ -164,19 +170,30 @@ async def build(
     if isolation is None:
         isolation = await trio.to_thread.run_sync(detect_isolation)
     with trio.move_on_after(limits.timeout_s):
-        return await _build(
-            source,
-            app_id=app_id,
-            work_dir=work_dir,
-            cache_dir=cache_dir,
-            env=env,
-            on_line=on_line,
-            buildpacks=buildpacks,
-            limits=limits,
-            isolation=isolation,
-            tools=_default_tools() if tools is None else list(tools),
-            remove_sandbox=remove_sandbox,
-        )
+        try:
+            return await _build(
+                source,
+                app_id=app_id,
+                work_dir=work_dir,
+                cache_dir=cache_dir,
+                env=env,
+                on_line=on_line,
+                buildpacks=buildpacks,
+                limits=limits,
+                isolation=isolation,
+                tools=_default_tools() if tools is None else list(tools),
+                remove_sandbox=remove_sandbox,
+            )
+        except (OSError, ExceptionGroup) as exc:
+            full = first_in(exc, OSError, is_full)
+            if full is None:
+                raise
+            why = full.strerror or str(full)
+            await on_line(f" !     Build stopped: {why}")
+            raise BuildError(
+                no_space(node, "the build could not write its files", why)
+                + "; free space there and push again"
+            ) from None
     await on_line(f" !     Build stopped: it took longer than {limits.timeout_s:g} s")
     raise BuildError(
         f"the build took longer than its time limit of {limits.timeout_s:g} s and was "
@@ -501,6 +518,8 @@ async def _pack(box: Sandbox, on_line: LineCallback) -> _Slug:
         "--numeric-owner", "--directory", parent, "./app",
     ]  # fmt: skip
     result = await box.run(argv, env={}, on_line=on_line, merge_stderr=True)
+    if result.status != 0 and any("No space left on device" in line for line in result.tail):
+        raise OSError(errno.ENOSPC, "No space left on device (packing the slug)")
     if result.status != 0:
         raise BuildError(f"packing the slug failed (tar exited with {result.status})", result.tail)
     try:

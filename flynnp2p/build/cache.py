@@ -28,8 +28,13 @@ the tree holds at most ``MAX_CACHE_BYTES`` (512 MiB of files), it is packed
 owners 0; regular files, directories, symlinks and hard links only) and stored in the
 blobstore (on at least two nodes before ``put`` returns), then the record and
 the marker are written. A bigger cache is not stored (the push says so: the
-next build on another node is cold) and the previous record stays. A save that
-fails says why and never fails the push: the release is already made.
+next build on another node is cold) and the previous record stays. Nor is one
+whose packed file and its copy in the blobstore (twice the tree's size, at most)
+would leave less than `flynnp2p.host.space.RESERVE_BYTES` free: the save is
+skipped before it writes anything, saying "no space left on <node>", so that it
+never takes the space the push's own slug, release and job need. A save that
+fails all the same (the disk filled meanwhile) removes what it wrote, says why
+and never fails the push: the release is already made.
 
 Pushes to one app are serialised by the push lease (`flynnp2p.build.push`), so
 one node's cache directory of an app is only ever used by one build at a time,
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -54,8 +60,11 @@ from typing import Protocol
 import trio
 
 from flynnp2p.errors import FlynnError
+from flynnp2p.host.space import is_full, no_space, room_for
 from flynnp2p.state.records import BuildCache
 from flynnp2p.state.replica import Writable
+
+log = logging.getLogger(__name__)
 
 MAX_CACHE_BYTES = 512 * 1024 * 1024  # of files in the tree; a bigger cache is not stored
 
@@ -142,7 +151,10 @@ class BuildCaches:
         self.node = node
         self.now_ms = now_ms
         self.max_bytes = max_bytes
-        self.stats = {"restored": 0, "restore_failed": 0, "saved": 0, "unchanged": 0, "too_big": 0}
+        self.stats = {
+            "restored": 0, "restore_failed": 0, "saved": 0, "unchanged": 0, "too_big": 0,
+            "no_room": 0,
+        }  # fmt: skip
 
     def dir(self, app_id: str) -> Path:
         return self.root / app_id
@@ -230,6 +242,18 @@ class BuildCaches:
             await say(f"-----> Build cache not saved: {tree.size / 1e6:.0f} MB of files is over its "
                       f"bound of {self.max_bytes / 1e6:.0f} MB (a build on another node starts cold)")  # fmt: skip
             return
+        # The packed file and its copy in the blobstore, both in the data dir; a
+        # tar's headers are 512 bytes an entry, and gzip can grow what it cannot shrink.
+        needed = 2 * (tree.size + tree.size // 100 + 1024 * (tree.files + 1))
+        short = await trio.to_thread.run_sync(room_for, scratch, needed)
+        if short is not None:
+            self.stats["no_room"] += 1
+            why = no_space(
+                self.node, f"the build cache holds {tree.size / 1e6:.1f} MB of files", short
+            )
+            log.warning("app %s: %s", app_id, why)
+            await say(f"-----> Build cache not saved: {why}; a later build may start cold")
+            return
         dest = scratch / f"cache-{uuid.uuid4().hex[:8]}.tgz"
         try:
             digest, size = await trio.to_thread.run_sync(pack, target, dest)
@@ -242,6 +266,9 @@ class BuildCaches:
             await trio.to_thread.run_sync(self._write_marker, app_id, digest, tree.fingerprint)
         except (FlynnError, OSError, tarfile.TarError) as exc:
             why = exc.message if isinstance(exc, FlynnError) else str(exc) or type(exc).__name__
+            if is_full(exc):
+                why = no_space(self.node, "the build cache was not packed", why)
+            log.warning("app %s: the build cache is not saved: %s", app_id, why)
             await say(f"-----> Build cache not saved ({why}): a later build may start cold")
             return
         finally:

@@ -12,7 +12,8 @@ It runs before any ref moves, so a failed build rejects the push (git prints
 3. the builder (`flynnp2p.build.builder.build`) compiles it with the app's
    current env, in its sandbox, under the app's limits (``build_memory_mb``,
    ``build_timeout_s`` of its `App` record), every line of output sent to the
-   pusher as ``remote:       …``;
+   pusher as ``remote:       …``; a slug over the cluster's size limit
+   (`flynnp2p.build.slugsize`) fails the build;
 4. the slug is stored in the blobstore (replicated to a second node before it is
    acknowledged), and meanwhile the build cache is saved there and the build's
    sandbox is removed (the sandbox's tree, a virtualenv's thousand files, took
@@ -59,7 +60,9 @@ from flynnp2p.build.buildlog import BuildLog, LogSink
 from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
 from flynnp2p.build.push import BUILD_BRANCHES
+from flynnp2p.build.slugsize import DEFAULT_SLUG_MAX_MB, MIB, slug_too_big
 from flynnp2p.errors import FlynnError
+from flynnp2p.host.space import is_full, no_space
 from flynnp2p.state.records import App
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,7 @@ class BuildStep:
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         remove: Callable[[Path], str | None] = remove_tree,
         unpack: Callable[[Path, str], Awaitable[object]] | None = None,
+        slug_max_bytes: int = DEFAULT_SLUG_MAX_MB * MIB,
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
@@ -133,8 +137,10 @@ class BuildStep:
         self.now_ms = now_ms
         self.remove = remove
         self.unpack = unpack
-        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0, "teardowns_failed": 0,
-                      "unpacks_failed": 0}
+        self.slug_max_bytes = slug_max_bytes
+        self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
+        # What failed of the work done while the release deploys (it never fails the push).
+        self.meanwhile_failed = {"teardown": 0, "unpack": 0}
 
     async def __call__(
         self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
@@ -180,6 +186,15 @@ class BuildStep:
             await say(f" !     {exc.message}")
             await say(" !     Push rejected; the running release keeps serving. Push again.")
             return False
+        except OSError as exc:  # the disk filled outside the builder (the source's export):
+            if not is_full(exc):  # refused, as the builder's own (it would end the agent)
+                raise
+            self.stats["builds_failed"] += 1
+            node = self.caches.node if self.caches is not None else "this node"
+            await say(f" !     {no_space(node, 'the push could not be built', exc.strerror or str(exc))}")
+            await say(" !     Push rejected; the running release keeps serving. Push again once "
+                      "space is freed.")  # fmt: skip
+            return False
         finally:
             with trio.CancelScope(shield=True):  # a push cut off mid-build leaves nothing
                 await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
@@ -202,14 +217,19 @@ class BuildStep:
         result = await build(
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
             limits=limits_of(app), remove_sandbox=False,
+            node=self.caches.node if self.caches is not None else "this node",
         )  # fmt: skip
+        too_big = slug_too_big(result.size, self.slug_max_bytes)  # before anything is stored
+        if too_big is not None:
+            raise BuildError(too_big)
         kinds = ", ".join(sorted(result.process_types)) or "none"
         await say(f"-----> Built in {time.monotonic() - started:.1f} s with "
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
         failed: FlynnError | None = None
         async with trio.open_nursery() as nursery:
-            # Meanwhile, and neither ever fails the push: the build's tree and source go
-            # (a virtualenv's thousand files), the cache is saved.
+            # Meanwhile, and none of these ever fails the push: the build's tree and source
+            # go (a virtualenv's thousand files), the slug is unpacked for this node's
+            # jobs, the cache is saved.
             nursery.start_soon(self._tear_down, [p for p in (result.sandbox, src) if p is not None])
             if self.unpack is not None:
                 nursery.start_soon(self._unpack_here, self.unpack, result)
@@ -233,7 +253,7 @@ class BuildStep:
         for path in paths:
             why = await trio.to_thread.run_sync(self.remove, path)
             if why is not None:
-                self.stats["teardowns_failed"] += 1
+                self.meanwhile_failed["teardown"] += 1
                 log.warning("build scratch %s not removed (the step's end tries again): %s", path, why)
 
     async def _unpack_here(
@@ -245,7 +265,7 @@ class BuildStep:
         try:
             await unpack(result.slug_path, result.digest)
         except (FlynnError, OSError) as exc:
-            self.stats["unpacks_failed"] += 1
+            self.meanwhile_failed["unpack"] += 1
             log.warning("slug %s not unpacked ahead (a job here unpacks it): %s", result.digest, exc)
 
     async def _release(self, app: App, update: RefUpdate, result: BuildResult, say: Say) -> str:

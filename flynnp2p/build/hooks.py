@@ -210,6 +210,16 @@ class HookServer:
                         log.warning("a push could not renew its lease: %s", exc.message)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        """One hook's call. Whatever goes wrong in it refuses that push (a full
+        disk says so); nothing a push does can end the agent's hook server."""
+        try:
+            await self._answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("a push hook went away before its answer")
+        except Exception:
+            log.exception("a push hook failed; the push is refused")
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
             data = bytearray()
             with trio.move_on_after(30):
@@ -242,6 +252,14 @@ class HookServer:
                 return
             except FlynnError as exc:
                 await say(f"flynnp2p: {exc.message}")
+                ok = False
+            except OSError as exc:  # e.g. a full disk where no step said so itself
+                log.warning("a %s hook failed: %s", hook, exc)
+                await say(f"flynnp2p: the push failed on this node: {exc.strerror or exc}")
+                ok = False
+            except Exception:
+                log.exception("a %s hook failed", hook)
+                await say("flynnp2p: the push failed on this node (an internal error; see the agent's log)")
                 ok = False
             await stream.send_all(b"\0ok\n" if ok else b"\0no\n")
 

@@ -20,15 +20,32 @@ A push (`PushSession`, one per ``git-receive-pack`` POST) goes:
     pre-receive  lease taken (refused: the push is refused, with the reason)
                  → the local repo must be the generation etcd holds (else another
                    node's push landed since this one began: refused, "retry")
-                 → the pre-receive step (`PreReceive`: today it accepts; the
-                   builder plugs in here and its lines reach ``git push``)
+                 → the save: the repository as the push will leave it (a scratch
+                   repo on the quarantined objects, `RepoStore.staged`) stored in
+                   the blobstore (≥2 nodes): where it pays, an increment (a bundle
+                   of only what the push added, its prerequisites the refs the push
+                   began from) on the saved chain, with the exact refs; else a full
+                   bundle (`_save`). Refused if it cannot be stored: nothing is built.
+                 → the pre-receive step (`PreReceive`: the build, release and
+                   deploy; its lines reach ``git push``)
+                 → the generation advanced by the leader (refused if the lease was
+                   lost or etcd cannot be reached), the local repo marked with it
     refs move    (git receive-pack)
-    post-receive the repo saved in the blobstore (≥2 nodes): where it pays, an
-                 increment (a bundle of only what the push added, its
-                 prerequisites the refs the push began from) on the saved chain,
-                 with the exact refs; else a full bundle (`_save`); then the
-                 generation advanced by the leader, the local repo marked with it
+    post-receive the refs checked against the save (a ref that did not move as saved:
+                 the local repo is marked stale, so the next request restores the
+                 cluster's copy, which is the saved one)
     end          the lease released (the response's end, shielded and bounded)
+
+So a push git reports as accepted is built, released and saved in the cluster,
+and a push whose save or record fails is refused before any ref moves: the next
+node never restores a repository older than what a pusher was told was kept. A
+bundle stored for a push then refused is referenced by nothing and collected.
+
+A forced push (``git push --force``: a non-fast-forward the client asked for) is
+accepted as git itself accepts it, built and deployed like any other; its save
+is the forced history (an increment names the old tip as its prerequisite, which
+the chain holds, and the refs are exact), so every node restores the forced
+refs. A non-fast-forward without ``--force`` is refused by the git client.
 
 Nodes reach the leader through `LeaderLink` (peer-credentialed HTTP to
 ``/v1/internal/git/…``, served by `flynnp2p.api.git`).
@@ -70,6 +87,17 @@ def push_key(app_id: str) -> str:
 
 def repo_key(app_id: str) -> str:
     return f"{REPO_PREFIX}{app_id}"
+
+
+class KeyDeleter(Protocol):
+    async def delete(self, key: str) -> int: ...
+
+
+async def forget_repo(etcd: KeyDeleter, app_id: str) -> None:
+    """Drop a deleted app's saved-repository counter and push lease from etcd (a
+    push still running for it then fails its commit: its lease is gone)."""
+    for key in (repo_key(app_id), push_key(app_id)):
+        await etcd.delete(key)
 
 
 def in_progress(app_name: str, node: str) -> str:
@@ -271,6 +299,17 @@ def _full(path: Path) -> Path:
     return path.with_name(path.name + ".full")
 
 
+def refs_after(refs: Mapping[str, str], updates: Sequence[RefUpdate]) -> dict[str, str]:
+    """The refs a repo holding `refs` holds once `updates` are applied."""
+    out = dict(refs)
+    for update in updates:
+        if update.deleted:
+            out.pop(update.ref, None)
+        else:
+            out[update.ref] = update.new
+    return out
+
+
 class PushSession:
     """One ``git-receive-pack`` POST (see the module's theory of operation)."""
 
@@ -288,6 +327,7 @@ class PushSession:
         self.lease: int | None = None
         self.base = Saved()
         self.old_refs: dict[str, str] = {}
+        self.saved_refs: dict[str, str] | None = None  # recorded by the leader, not yet seen moved
 
     async def pre_receive(
         self, updates: Sequence[RefUpdate], say: Say, objects: Mapping[str, str]
@@ -309,42 +349,70 @@ class PushSession:
             )
             return False
         self.old_refs = await self.repos.refs(self.app.id)  # the refs have not moved yet
-        return await self.step(self.app, updates, say, GitSource(self.repos.path(self.app.id), objects))
-
-    async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None:
-        if self.lease is None:
-            return
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        path = self.scratch / f"{self.app.id}-{uuid.uuid4().hex}.bundle"
+        refs = refs_after(self.old_refs, updates)
         try:
-            saved, holders, how = await self._save(path)
+            saved, holders, how = await self._save(refs, objects)
+        except FlynnError as exc:
+            await say(f"flynnp2p: error: the push could not be saved ({exc.message}); nothing "
+                      "was built or changed: push again")  # fmt: skip
+            return False
+        source = GitSource(self.repos.path(self.app.id), objects)
+        if not await self.step(self.app, updates, say, source):
+            return False
+        try:
             body = {"lease": self.lease, "seen": self.base.generation, "saved": saved.wire()}
             done = await self.leader.call("POST", f"{self.app.id}/commit", body)
             generation = int(done["generation"])
-            self.repos.set_generation(self.app.id, generation)
         except FlynnError as exc:
-            self.repos.set_generation(self.app.id, -1)  # the next request restores the cluster's copy
-            await say(f"flynnp2p: error: the push could not be saved ({exc.message}); "
-                      "it is not kept: push again")  # fmt: skip
+            await say(f"flynnp2p: error: the push could not be recorded ({exc.message}); it is "
+                      "refused and no ref moved: push again (a release it made stays deployed "
+                      "until the next push or a rollback)")  # fmt: skip
+            return False
+        self.saved_refs = refs
+        self.repos.set_generation(self.app.id, generation)  # its refs move next
+        where = f" on {holders} nodes" if holders else ""
+        await say(f"-----> repository saved (generation {generation}{where}, {how})")
+        return True
+
+    async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None:
+        await self._check_moved()
+
+    async def _check_moved(self) -> None:
+        """The local repo holds the saved refs, or is marked stale (restored next)."""
+        wanted, self.saved_refs = self.saved_refs, None
+        if wanted is None:
             return
+        try:
+            moved = await self.repos.refs(self.app.id) == wanted
+            if moved:
+                await self.repos.point_head(self.app.id, wanted)
+        except FlynnError:
+            moved = False
+        if not moved:
+            log.warning("the refs of %s did not move as saved; its repo is restored next", self.app.name)
+            self.repos.set_generation(self.app.id, -1)
+
+    async def _save(self, refs: Mapping[str, str], objects: Mapping[str, str]) -> tuple[Saved, int, str]:
+        """The repository with `refs` in the blobstore: an increment on the saved
+        chain where that pays, else a full bundle; (what to record, holders, how)."""
+        if not refs:
+            return Saved(), 0, "no refs"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        path = self.scratch / f"{self.app.id}-{uuid.uuid4().hex}.bundle"
+        try:
+            async with self.repos.staged(self.app.id, objects, refs) as staged:
+                return await self._store(staged, path, dict(refs))
         finally:
             for leftover in (path, _full(path)):
                 leftover.unlink(missing_ok=True)
-        where = f" on {holders} nodes" if holders else ""
-        await say(f"-----> repository saved (generation {generation}{where}, {how})")
 
-    async def _save(self, path: Path) -> tuple[Saved, int, str]:
-        """The push's repository in the blobstore: an increment on the saved
-        chain where that pays, else a full bundle; (what to record, holders, how)."""
-        app_id, base = self.app.id, self.base
-        refs = await self.repos.refs(app_id)
-        if not refs:
-            return Saved(), 0, "no refs"
+    async def _store(self, staged: Path, path: Path, refs: dict[str, str]) -> tuple[Saved, int, str]:
+        base = self.base
         chain_ok = (
             base.digest is not None and self.old_refs and len(base.increments) < MAX_INCREMENTS
             and len(refs) <= MAX_MANIFEST_REFS
         )  # fmt: skip
-        if chain_ok and not await self.repos.bundle_since(app_id, path, set(self.old_refs.values())):
+        if chain_ok and not await self.repos.bundle_since(staged, path, set(self.old_refs.values())):
             return dataclasses.replace(base, refs=refs), 0, "refs only"  # moved back or deleted
         if chain_ok:
             digest, size = await trio.to_thread.run_sync(_file_digest, path)
@@ -354,7 +422,7 @@ class PushSession:
                 saved = dataclasses.replace(base, increments=increments, refs=refs)
                 return saved, holders, f"increment {len(increments)}"
         full = _full(path)
-        await self.repos.bundle(app_id, full)
+        await self.repos.bundle(staged, full)
         digest, size = await trio.to_thread.run_sync(_file_digest, full)
         _, holders = await self.blobs.put(digest, _file_chunks(full))
         return Saved(digest=digest, size=size), holders, "full bundle"
@@ -364,7 +432,12 @@ class PushSession:
             await self.leader.call("POST", f"{self.app.id}/lease/{self.lease}/keepalive")
 
     async def close(self) -> None:
-        """Release the lease (bounded; if this fails, it expires by itself)."""
+        """Release the lease (bounded; if this fails, it expires by itself). A push
+        recorded whose post-receive never came (receive-pack stopped before its refs
+        moved) leaves the local repo stale, restored on the next request."""
+        if self.saved_refs is not None:
+            self.saved_refs = None
+            self.repos.set_generation(self.app.id, -1)
         lease, self.lease = self.lease, None
         if lease is None:
             return

@@ -19,10 +19,18 @@ the base, or the chain is long, or the repo has many refs) a push saves a full
 bundle again (see `flynnp2p.build.push`).
 
 A restore builds a fresh repo beside the old one and swaps the two by rename, so
-a fetch already running on the old one finishes on it. After an accepted push
-the repo is bundled (`bundle`) and, once the leader has recorded the new
-generation, marked with it (`set_generation`); a push whose save failed marks it
--1, so the next request restores the cluster's copy (the push is not kept).
+a fetch already running on the old one finishes on it.
+
+A push is saved before any of its refs moves (`flynnp2p.build.push`): from the
+pre-receive hook, `staged` makes a scratch repo that reads the app's objects
+and the push's quarantined ones (as alternates) and holds the refs the push
+will leave, and the bundles are made from it (`bundle`, `bundle_since`). Once
+the leader has recorded the new generation the app's repo is marked with it
+(`set_generation`); a push whose refs then did not all move as saved marks it
+-1, so the next request restores the cluster's copy.
+
+Each node removes the repos of apps its state no longer holds (`app_ids`,
+`remove`; see `flynnp2p.build.reposweep`).
 
 Every git command runs with an environment of our own (no user config: global
 and system config are ignored), bounded by ``GIT_TIMEOUT_S``.
@@ -33,7 +41,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -41,6 +50,7 @@ import trio
 from flynnp2p.errors import ClusterError
 
 GENERATION_FILE = "flynnp2p-generation"
+REPO_SUFFIX = ".git"
 GIT_TIMEOUT_S = 600.0
 DEFAULT_BRANCH = "main"
 
@@ -57,6 +67,15 @@ def git_env(home: Path) -> dict[str, str]:
     }
 
 
+def head_branch(names: Collection[str]) -> str | None:
+    """The branch HEAD names among the refs `names`: main, else master, else the first."""
+    heads = sorted(n for n in names if n.startswith("refs/heads/"))
+    for branch in ("refs/heads/main", "refs/heads/master", *heads):
+        if branch in heads:
+            return branch
+    return None
+
+
 class RepoStore:
     def __init__(self, root: Path, hooks_dir: Path) -> None:
         # Absolute: git resolves a relative core.hooksPath against each repo.
@@ -66,7 +85,27 @@ class RepoStore:
         self._locks: dict[str, trio.Lock] = {}
 
     def path(self, app_id: str) -> Path:
-        return self.root / f"{app_id}.git"
+        return self.root / f"{app_id}{REPO_SUFFIX}"
+
+    def app_ids(self) -> list[str]:
+        """The apps that have a repo on this node (scratch and half-made repos aside)."""
+        try:
+            names = [p.name for p in self.root.iterdir() if p.is_dir()]
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(REPO_SUFFIX)] for n in names if n.endswith(REPO_SUFFIX) and not n.startswith("."))
+
+    async def remove(self, app_id: str) -> bool:
+        """Delete the app's repo here (under its lock); False if there was none."""
+        async with self.lock(app_id):
+            target = self.path(app_id)
+            if not target.exists():
+                return False
+            gone = self.root / f".gone-{uuid.uuid4().hex}.git"
+            target.rename(gone)  # at once: a request after this one finds no repo
+            await trio.to_thread.run_sync(shutil.rmtree, gone, True)
+        self._locks.pop(app_id, None)
+        return True
 
     def lock(self, app_id: str) -> trio.Lock:
         """Held while the repo is checked and restored (one restore at a time)."""
@@ -134,8 +173,11 @@ class RepoStore:
                 if leftover.exists():
                     await trio.to_thread.run_sync(shutil.rmtree, leftover, True)
 
-    async def _set_refs(self, path: Path, refs: Mapping[str, str]) -> None:
-        have = await self._refs(path)
+    async def _set_refs(
+        self, path: Path, refs: Mapping[str, str], have: Mapping[str, str] | None = None
+    ) -> None:
+        """Make the refs of `path` exactly `refs` (`have`: what it holds, if known)."""
+        have = await self._refs(path) if have is None else have
         lines = [f"update {name} {oid}" for name, oid in sorted(refs.items()) if have.get(name) != oid]
         lines += [f"delete {name}" for name in sorted(have) if name not in refs]
         if lines:
@@ -147,32 +189,55 @@ class RepoStore:
             if done.returncode != 0:
                 raise ClusterError(f"git update-ref failed: {done.stderr.decode(errors='replace')[-300:]}")
 
-    async def _point_head(self, path: Path) -> None:
-        heads = await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)
-        names = heads.split()
-        for branch in ("refs/heads/main", "refs/heads/master", *names):
-            if branch in names:
-                await self.git("symbolic-ref", "HEAD", branch, cwd=path)
-                return
+    async def point_head(self, app_id: str, names: Collection[str]) -> None:
+        """Point the app's HEAD as a restore would (`names`: its refs now), so a clone
+        from this node checks out what a clone from any other does."""
+        await self._point_head(self.path(app_id), names)
 
-    async def bundle(self, app_id: str, dest: Path) -> bool:
-        """Write a bundle of all the repo's refs to `dest`; False if it has none."""
-        path = self.path(app_id)
-        refs = await self.git("for-each-ref", "--format=%(refname)", cwd=path)
-        if not refs.strip():
-            return False
-        await self._point_head(path)
-        await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=path)
-        return True
+    async def _point_head(self, path: Path, names: Collection[str] | None = None) -> None:
+        """HEAD to main, else master, else the first branch (`names`: the repo's refs, if known)."""
+        if names is None:
+            names = (await self.git("for-each-ref", "--format=%(refname)", "refs/heads", cwd=path)).split()
+        branch = head_branch(names)
+        if branch is not None:
+            await self.git("symbolic-ref", "HEAD", branch, cwd=path)
 
-    async def bundle_since(self, app_id: str, dest: Path, old: Collection[str]) -> bool:
-        """Write a bundle of what the refs reach that the commits `old` do not;
-        False when that is nothing (refs deleted, or moved back)."""
-        path = self.path(app_id)
+    @asynccontextmanager
+    async def staged(
+        self, app_id: str, objects: Mapping[str, str], refs: Mapping[str, str]
+    ) -> AsyncIterator[Path]:
+        """A scratch bare repo: the app's objects and a push's quarantined ones
+        (`objects`: the hook's ``GIT_OBJECT_DIRECTORY`` and
+        ``GIT_ALTERNATE_OBJECT_DIRECTORIES``) as alternates, and exactly `refs`,
+        the refs the app's repo will hold once the push's refs move; removed on exit."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        repo = self.path(app_id)
+        path = self.root / f".staged-{uuid.uuid4().hex}.git"
+        dirs = [objects[k] for k in ("GIT_OBJECT_DIRECTORY",) if objects.get(k)]
+        dirs += [d for d in objects.get("GIT_ALTERNATE_OBJECT_DIRECTORIES", "").split(os.pathsep) if d]
+        dirs.append(str(repo / "objects"))
+        absolute = list(dict.fromkeys(str((repo / d).resolve()) for d in dirs))  # relative: to the repo
+        try:
+            await self.git("init", "--quiet", "--bare", str(path))
+            (path / "objects" / "info" / "alternates").write_text("".join(f"{d}\n" for d in absolute))
+            await self._set_refs(path, refs, have={})
+            await self._point_head(path, refs)
+            yield path
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, path, True)
+
+    async def bundle(self, repo: Path, dest: Path) -> None:
+        """Write a bundle of all the refs of `repo` (it has some) to `dest`."""
+        await self.git("bundle", "create", "--quiet", str(dest), "--all", cwd=repo)
+
+    async def bundle_since(self, repo: Path, dest: Path, old: Collection[str]) -> bool:
+        """Write a bundle of what the refs of `repo` reach that the commits `old`
+        do not; False when that is nothing (refs deleted, or moved back)."""
         with trio.fail_after(GIT_TIMEOUT_S):
             done = await trio.run_process(
                 ["git", "bundle", "create", "--quiet", str(dest), "--all", "--not", *sorted(old)],
-                cwd=path, env=self.env, capture_stderr=True, check=False,
+                cwd=repo, env=self.env, capture_stderr=True, check=False,
             )  # fmt: skip
         if done.returncode == 0:
             return True

@@ -151,7 +151,7 @@ class Preparer:
                     if not image_id:
                         raise StartFailed(f"artifact {artifact.id} does not name its image's id")
                     return _ImageJob(image=image_id, archive=archive)
-                unpacked = await unpack_image(archive, self.work_dir, digest)
+                unpacked = await unpack_image(archive, self.work_dir, digest, node=self.node)
             except FlynnError as exc:
                 raise StartFailed(f"cannot get image archive {digest}: {exc}") from None
             return _ImageJob(root=ImageRoot(unpacked.rootfs, unpacked.config))

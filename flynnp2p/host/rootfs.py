@@ -24,6 +24,14 @@ hard links must name a path inside the root that does not pass through a link.
 So no member, whatever the order of the layers, writes outside the root. The
 total written is bounded (`MAX_ROOTFS_BYTES`, `MAX_ENTRIES`).
 
+A full disk: before a layer's files are written, their size must fit with
+`flynnp2p.host.space.RESERVE_BYTES` to spare (else the unpack stops before it
+fills the disk the node's state lives on); a write that fails with ENOSPC all
+the same stops it too. Either way the temporary sibling is removed (nothing
+half-unpacked is left for a later unpack to trip over) and the error is
+`InsufficientStorage`, "no space left on <node>: image … was not unpacked (…)",
+which the job that needed the image reports as its reason.
+
 The job's own mounts go on ``/tmp``, ``/dev`` and ``/proc`` of the root
 (`flynnp2p.host.chroot`), so those three are made plain empty directories here,
 whatever the image had there (a symlink there would point a mount out of the root).
@@ -33,6 +41,7 @@ Blocking (tarfile, the file system): the async entry points run it in a thread.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +56,7 @@ from typing import IO
 
 import trio
 
+from flynnp2p.errors import InsufficientStorage
 from flynnp2p.host.image import ImageConfig, image_config
 from flynnp2p.host.imagearchive import (
     MANIFEST,
@@ -62,6 +72,7 @@ from flynnp2p.host.imagearchive import (
     plan_layer,
 )
 from flynnp2p.host.slug import move_into_place
+from flynnp2p.host.space import is_full, no_space, room_for
 
 MAX_ROOTFS_BYTES = 16 << 30  # what one image may unpack to
 MAX_ENTRIES = 1_000_000
@@ -240,6 +251,10 @@ def _apply_layer(
         parent = _parent(root, rel, create=False)
         if parent is not None:
             _remove(parent / rel.rpartition("/")[2])
+    needed = sum(infos[e.index].size for e in plan.entries if e.kind == "file")
+    short = room_for(root, needed)
+    if short is not None:
+        raise OSError(errno.ENOSPC, f"a layer's files do not fit: {short}")
     for entry in plan.entries:
         if not entry.path:
             os.chmod(root, entry.mode | 0o700)
@@ -299,17 +314,25 @@ def _config_file(dest: Path) -> Path:
     return dest / "config.json"
 
 
-def _unpack_sync(archive: Path, dest: Path) -> ImageConfig:
+def _unpack_sync(archive: Path, dest: Path, node: str) -> ImageConfig:
     if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        tmp: Path | None = None
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
             (tmp / "rootfs").mkdir()
             config = apply_layers(archive, tmp / "rootfs")
             _config_file(tmp).write_text(json.dumps(asdict(config)))
             move_into_place(tmp, dest)
+        except OSError as exc:
+            if not is_full(exc):
+                raise
+            why = exc.strerror or str(exc)
+            raise InsufficientStorage(
+                no_space(node, f"image {dest.name} was not unpacked", why)
+            ) from None
         finally:
-            if tmp.exists():
+            if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return _load_config(_config_file(dest))
 
@@ -325,12 +348,15 @@ def _load_config(path: Path) -> ImageConfig:
     )
 
 
-async def unpack_image(archive: Path, root: Path, digest: str) -> UnpackedImage:
-    """The image of `archive` unpacked once into ``root/images/<digest>``."""
+async def unpack_image(
+    archive: Path, root: Path, digest: str, *, node: str = "this host"
+) -> UnpackedImage:
+    """The image of `archive` unpacked once into ``root/images/<digest>``;
+    `InsufficientStorage` (naming `node`) when it does not fit."""
     if not _DIGEST.match(digest):
         raise ArchiveError(
             f"image digest {digest!r} is not valid; expected [A-Za-z0-9_.:-]{{1,128}}"
         )
     dest = root / "images" / digest
-    config = await trio.to_thread.run_sync(_unpack_sync, archive, dest)
+    config = await trio.to_thread.run_sync(_unpack_sync, archive, dest, node)
     return UnpackedImage(dest / "rootfs", config)

@@ -2,30 +2,50 @@
 
 Theory of operation
 -------------------
-The agent and each worker share one socketpair carrying msgpack maps, each with
-a ``"t"`` (its type). The agent sends ``init`` (the listeners, the proxy
-config, the sticky key, then the table and certificates), and after that a
-``table`` or ``certs`` message on every change, and ``status`` requests; the
-worker answers ``ready`` (the ports it bound) or ``error`` (the listener it
-could not bind, with its errno), sends ``status`` replies and the router's
-``log`` lines for apps' logs. Values cross as plain lists and maps, so a
-message is a snapshot, never a reference to the agent's objects.
+The agent and each worker share one Unix socketpair carrying msgpack maps,
+each with a ``"t"`` (its type). A message may carry file descriptors
+(SCM_RIGHTS, at most `MAX_FDS` in one): its ``"fds"`` is how many, and the
+receiver takes that many from the descriptors received so far, in order.
+
+The agent holds every listening socket (HTTP, HTTPS, one per TCP route) and
+hands each worker its own descriptor of the same socket: a worker that dies
+takes no listener with it, so connections wait in the kernel's listen queue
+until a worker accepts them (the agent's supervisor, `flynnp2p.router.workers`,
+says why one shared socket rather than one per worker).
+
+The agent sends ``init`` (the HTTP and HTTPS listeners' descriptors and ports,
+the proxy config, the sticky key, the table and certificates), then ``tcp``
+messages for the TCP route listeners (``close``: ports to stop accepting on;
+``open``: ports whose descriptors it carries, in order; `tcp_handover` computes
+them from what that worker was last sent), a ``table`` or ``certs`` message on
+every change, and ``status`` requests. The worker answers ``ready``, sends
+``status`` replies, a ``counters`` report every few tenths of a second, and the
+router's ``log`` lines for apps' logs. Values cross as plain lists and maps, so
+a message is a snapshot, never a reference to the agent's objects.
 
 The certificates travel as PEM, the default one included: a worker never holds
 the cluster CA's key (`HandedCertStore` is a `CertStore` whose default
 certificate is the PEM it was handed).
 
-`merge_status` is the one place the workers' `Router.status` answers become
-the node's: counters and in-flight counts summed, passive-health marks and
-latency windows pooled, per-worker liveness listed.
+Counters (requests by status class, router errors, retries, log codes, TLS
+handshake failures, log lines written/dropped/lost) outlive the worker that
+counted them: the supervisor keeps each worker's latest report (a ``counters``
+report or a ``status`` reply), adds a dead worker's to its ``retired`` totals
+(`add_counters`), and `merge_status` shows retired + every worker's latest.
+What a worker counted after its last report when it was killed is lost (a
+fraction of a second); latency windows are not kept: a new worker's start empty.
+
+`merge_status` is the one place the workers' answers become the node's:
+counters summed, in-flight counts summed, passive-health marks and latency
+windows pooled, per-worker liveness listed.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flynnp2p.coord.ca import Pem
 from flynnp2p.router.proxy import ProxyConfig
@@ -107,14 +127,66 @@ def update_handed(store: CertStore, m: Mapping[str, Any]) -> None:
     store.update(stored_certs(m), domain=m["domain"])
 
 
+# -- listeners ------------------------------------------------------------------------
+
+MAX_FDS = 128  # descriptors in one message (the kernel takes at most 253 in one sendmsg)
+
+T = TypeVar("T")
+
+
+def tcp_handover(sent: Mapping[int, T], now: Mapping[int, T]) -> tuple[list[int], list[int]]:
+    """The ``close`` and ``open`` ports that bring a worker from the TCP listeners it
+    was sent to `now`'s. Listeners are compared by identity: a port whose route went
+    and came back has a new socket, which the worker must take instead of the old."""
+    close = sorted(p for p, held in sent.items() if now.get(p) is not held)
+    opened = sorted(p for p, held in now.items() if sent.get(p) is not held)
+    return close, opened
+
+
+def batches(ports: Sequence[int], size: int = MAX_FDS) -> list[list[int]]:
+    return [list(ports[i : i + size]) for i in range(0, len(ports), size)]
+
+
 # -- status ----------------------------------------------------------------------------
 
+LOG_COUNTERS = ("written", "dropped", "write_errors")
 
-def raw_stats(stats: Stats) -> Message:
+
+def counters(stats: Stats, tls_failures: int, log: Mapping[str, int]) -> Message:
+    """What a worker has counted since it started (see the module doc)."""
     return {
-        name: [s.by_class, s.router_errors, s.retries, s.codes, list(s.latencies)]
-        for name, s in stats.apps.items()
+        "apps": {
+            name: [list(s.by_class), s.router_errors, s.retries, dict(s.codes)]
+            for name, s in stats.apps.items()
+        },
+        "tls_failures": tls_failures,
+        "log": {k: log.get(k, 0) for k in LOG_COUNTERS},
     }
+
+
+def no_counters() -> Message:
+    return counters(Stats(), 0, {})
+
+
+def add_counters(a: Mapping[str, Any], b: Mapping[str, Any]) -> Message:
+    """`a` + `b` (a new map: neither is changed)."""
+    apps: dict[str, list[Any]] = {}
+    for side in (a["apps"], b["apps"]):
+        for name, (by_class, errors, retries, codes) in side.items():
+            have = apps.get(name)
+            if have is None:
+                apps[name] = [list(by_class), errors, retries, dict(codes)]
+            else:
+                have[0] = [x + y for x, y in zip(have[0], by_class, strict=True)]
+                have[1] += errors
+                have[2] += retries
+                _add(have[3], codes)
+    log = {k: a["log"].get(k, 0) + b["log"].get(k, 0) for k in LOG_COUNTERS}
+    return {"apps": apps, "tls_failures": a["tls_failures"] + b["tls_failures"], "log": log}
+
+
+def latencies(stats: Stats) -> Message:
+    return {name: list(s.latencies) for name, s in stats.apps.items()}
 
 
 @dataclass
@@ -124,44 +196,50 @@ class WorkerView:
     slot: int
     pid: int | None
     restarts: int
-    status: Mapping[str, Any] | None  # its last answer; None: it did not answer
+    status: Mapping[str, Any] | None  # its answer now; None: it did not answer
+    counters: Mapping[str, Any] | None = None  # its latest report (answer or not)
 
 
 def merge_status(
     views: Sequence[WorkerView],
     table: RouteTable,
     tls: Mapping[str, object],
-    now_listeners: Mapping[str, Any],
+    listeners: Mapping[str, Any],
+    *,
+    tcp_errors: Mapping[int, str] | None = None,
+    retired: Mapping[str, Any] | None = None,
 ) -> dict[str, object]:
-    """The node's router status from its workers' (see the module doc)."""
+    """The node's router status: the agent's own view (`listeners`, `tcp_errors`:
+    the agent binds them), its workers' answers, and the counters of every worker
+    that ever ran (`retired`: those that died; see the module doc)."""
     answers = [v.status for v in views if v.status is not None]
+    total = retired or no_counters()
+    for v in views:
+        if v.counters is not None:
+            total = add_counters(total, v.counters)
     stats = Stats()
+    window = WINDOW * max(1, len(answers))  # every worker's window
+    for name, (by_class, errors, retries, codes) in total["apps"].items():
+        stats.apps[name] = AppStats(by_class=list(by_class), router_errors=errors, retries=retries,
+                                    codes=dict(codes), latencies=deque(maxlen=window))  # fmt: skip
     in_flight: dict[str, int] = {}
     skipped: dict[str, float] = {}
     pool: dict[str, int] = {}
-    log: dict[str, int] = {}
-    tcp: set[int] = set()
-    tcp_errors: dict[str, str] = {}
-    failures = connections = 0
+    queued = connections = 0
     for st in answers:
         connections += st["connections"]
-        failures += st["tls"]["handshake_failures"]
-        tcp.update(st["listeners"]["tcp"])
-        tcp_errors.update({str(k): v for k, v in st["tcp_errors"].items()})
+        queued += st["log"].get("queued", 0)
         _add(in_flight, st["balancer"]["in_flight"])
         for a, left in st["balancer"]["skipped"].items():
             skipped[a] = max(left, skipped.get(a, 0.0))
         _add(pool, st["pool"])
-        _add(log, st["log"])
-        for name, (by_class, errors, retries, codes, latencies) in st["raw_stats"].items():
-            s = stats.apps.get(name) or stats.apps.setdefault(
-                name, AppStats(latencies=deque(maxlen=WINDOW * len(answers)))
-            )  # every worker's window
-            _merge_app(s, by_class, errors, retries, codes, latencies)
+        for name, lat in st["latencies"].items():
+            s = stats.apps.get(name) or stats.apps.setdefault(name, AppStats(latencies=deque(maxlen=window)))
+            s.latencies.extend(lat)
     return {
-        "listeners": {**now_listeners, "tcp": sorted(tcp)},
-        "tls": {**tls, "handshake_failures": failures},
-        "tcp_errors": dict(sorted(tcp_errors.items())),
+        "listeners": dict(listeners),
+        "tls": {**tls, "handshake_failures": total["tls_failures"]},
+        "tcp_errors": {str(p): e for p, e in sorted((tcp_errors or {}).items())},
         "connections": connections,
         "routes": len(table.routes),
         "backends": {
@@ -173,7 +251,7 @@ def merge_status(
         },
         "pool": dict(sorted(pool.items())),
         "apps": stats.as_dict(),
-        "log": log,
+        "log": {**total["log"], "queued": queued},
         "workers": [
             {"slot": v.slot, "pid": v.pid, "restarts": v.restarts, "answered": v.status is not None}
             for v in views
@@ -184,14 +262,3 @@ def merge_status(
 def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
     for k, n in counts.items():
         into[k] = into.get(k, 0) + n
-
-
-def _merge_app(
-    s: AppStats, by_class: Iterable[int], errors: int, retries: int, codes: Mapping[str, int],
-    latencies: Iterable[float],
-) -> None:  # fmt: skip
-    s.by_class = [a + b for a, b in zip(s.by_class, by_class, strict=True)]
-    s.router_errors += errors
-    s.retries += retries
-    _add(s.codes, codes)
-    s.latencies.extend(latencies)

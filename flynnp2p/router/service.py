@@ -13,6 +13,11 @@ connections are left to finish), and drops pooled connections to backends
 that left the table. A TCP port that cannot be bound is reported in `status`
 and tried again on the next table change.
 
+In a router worker (`flynnp2p.router.worker`) the router binds nothing: the
+agent holds the listening sockets and hands them over (`HandedListeners`), so
+they outlive the worker; its TCP route listeners then follow the agent's
+`TcpChange` messages, in order, instead of the table's ports.
+
 The router's lines in apps' logs (`applog.RouterLog`) are written by a task of
 the router's nursery; without a writer (``log=None``) they are not kept.
 """
@@ -24,7 +29,8 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -41,7 +47,8 @@ from flynnp2p.watch import Watched
 ACCEPT_BATCH = 64
 
 
-def _listen(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+def listen_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on `address`:`port` (0: any free port)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -57,6 +64,26 @@ def _listen(address: str, port: int, reuse_port: bool = False) -> socket.socket:
     return s
 
 
+@dataclass(frozen=True)
+class TcpChange:
+    """Stop accepting on the `close` ports, then serve the `open` listeners."""
+
+    close: Sequence[int]
+    open: Mapping[int, socket.socket]
+
+
+@dataclass(frozen=True)
+class HandedListeners:
+    """Listening sockets bound by the agent, for a router in a worker (module doc).
+
+    The router owns these descriptors (it closes them when done with them);
+    every `TcpChange` sent on `tcp` is applied, in order."""
+
+    http: socket.socket
+    https: socket.socket | None
+    tcp: trio.MemoryReceiveChannel[TcpChange]
+
+
 class Router:
     """HTTP and TCP routes of the cluster, served on `address`.
 
@@ -65,7 +92,8 @@ class Router:
     `http_port`: 0 picks a free port (tests); the bound port is what
     ``await nursery.start(router.run)`` returns.
     `reuse_port`: bind every listener with SO_REUSEPORT, so that several router
-    processes (`flynnp2p.router.workers`) share the ports.
+    processes can share the ports.
+    `handed`: serve these listeners instead of binding any (see the module doc).
     `fast_lane`: plain-HTTP connections are served by `lane.Lane` (one reactor
     task) and handed to a task per connection only for what the lane leaves out.
     """
@@ -86,8 +114,10 @@ class Router:
         sticky_key: bytes | None = None,
         reuse_port: bool = False,
         fast_lane: bool = True,
+        handed: HandedListeners | None = None,
     ) -> None:
         self.table = table
+        self.handed = handed
         self.reuse_port = reuse_port
         self.address = address
         self.http_port = http_port
@@ -116,13 +146,15 @@ class Router:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         self.failed = "http"  # which listener a bind error (OSError) is about
-        listener = _listen(self.address, self.http_port, self.reuse_port)
+        handed = self.handed
+        listener = handed.http if handed else listen_socket(self.address, self.http_port, self.reuse_port)
         secure = None
         try:
             self.bound_port = listener.getsockname()[1]
             if self.https_port is not None:
                 self.failed = "https"
-                secure = _listen(self.address, self.https_port, self.reuse_port)
+                secure = handed.https if handed else listen_socket(self.address, self.https_port, self.reuse_port)
+                assert secure is not None, "an HTTPS port without its handed listener"
                 https_port: int = secure.getsockname()[1]
                 self.bound_https_port = self.shared.https_port = https_port
             async with trio.open_nursery() as nursery:
@@ -131,6 +163,8 @@ class Router:
                 if secure is not None:
                     nursery.start_soon(self._serve_http, secure, "https", https_port)
                 nursery.start_soon(self._reconcile_tcp, nursery)
+                if handed is not None:
+                    nursery.start_soon(self._follow_handed_tcp, handed.tcp, nursery)
                 nursery.start_soon(self._sweep_timeouts)
                 task_status.started(self.bound_port)
         finally:
@@ -252,22 +286,42 @@ class Router:
         version = -1
         while True:
             version, table = await self.table.wait_change(version)
-            wanted = table.tcp_ports
-            for port in sorted(set(self.tcp_listeners) - wanted):
-                self.tcp_listeners.pop(port).cancel()
-            self.tcp_errors = {p: e for p, e in self.tcp_errors.items() if p in wanted}
-            for port in sorted(wanted - set(self.tcp_listeners)):
-                try:
-                    listener = _listen(self.address, port, self.reuse_port)
-                except OSError as e:
-                    self.tcp_errors[port] = str(e)
-                    continue
-                self.tcp_errors.pop(port, None)
-                scope = trio.CancelScope()
-                self.tcp_listeners[port] = scope
-                nursery.start_soon(self._serve_tcp, listener, port, scope)
+            if self.handed is None:  # (handed listeners follow the agent's messages)
+                self._bind_tcp(table.tcp_ports, nursery)
             keep = {b.address for bs in table.backends.values() for b in bs}
             self.shared.pool.prune(keep)
+
+    def _bind_tcp(self, wanted: frozenset[int], nursery: trio.Nursery) -> None:
+        for port in sorted(set(self.tcp_listeners) - wanted):
+            self.tcp_listeners.pop(port).cancel()
+        self.tcp_errors = {p: e for p, e in self.tcp_errors.items() if p in wanted}
+        for port in sorted(wanted - set(self.tcp_listeners)):
+            try:
+                listener = listen_socket(self.address, port, self.reuse_port)
+            except OSError as e:
+                self.tcp_errors[port] = str(e)
+                continue
+            self.tcp_errors.pop(port, None)
+            self._start_tcp(listener, port, nursery)
+
+    def _start_tcp(self, listener: socket.socket, port: int, nursery: trio.Nursery) -> None:
+        scope = trio.CancelScope()
+        self.tcp_listeners[port] = scope
+        nursery.start_soon(self._serve_tcp, listener, port, scope)
+
+    async def _follow_handed_tcp(
+        self, changes: trio.MemoryReceiveChannel[TcpChange], nursery: trio.Nursery
+    ) -> None:
+        async for change in changes:
+            for port in change.close:
+                scope = self.tcp_listeners.pop(port, None)
+                if scope is not None:
+                    scope.cancel()
+            for port, listener in change.open.items():
+                if (old := self.tcp_listeners.pop(port, None)) is not None:
+                    old.cancel()  # (the agent closes a port first: this is for safety)
+                listener.setblocking(False)
+                self._start_tcp(listener, port, nursery)
 
     async def _serve_tcp(self, listener: socket.socket, port: int, scope: trio.CancelScope) -> None:
         async def handle(conn: socket.socket, peer_ip: str) -> None:

@@ -3,12 +3,14 @@
     python -m flynnp2p.router.worker FD
 
 FD is the worker's end of a socketpair to the agent (`flynnp2p.router.workers`,
-messages in `flynnp2p.router.handover`). The worker reads ``init``, runs a
-`Router` whose listeners are bound with SO_REUSEPORT (the kernel spreads new
-connections over the workers), answers ``ready`` with the ports it bound (or
-``error``: the agent reports a busy port as it would for its own), then applies
-every ``table`` and ``certs`` message and answers ``status`` requests; the
-router's lines for apps' logs go back to the agent, which owns the logs.
+messages in `flynnp2p.router.handover`). The worker reads ``init``, which
+carries the HTTP (and HTTPS) listening sockets the agent holds, runs a `Router`
+on them (it binds nothing: its listeners are the agent's, shared with every
+other worker), answers ``ready``, then applies every ``tcp`` (TCP route
+listeners to stop or start serving, in order), ``table`` and ``certs`` message
+and answers ``status`` requests. It reports its counters every `COUNTERS_EVERY_S`
+when they changed, so the agent keeps them when the worker dies; the router's
+lines for apps' logs go back to the agent, which owns the logs.
 
 The worker lives as long as its socketpair: when the agent closes it, or dies
 (even by SIGKILL), the worker reads EOF and exits; the agent also had the kernel
@@ -20,7 +22,6 @@ stops its workers in order).
 
 from __future__ import annotations
 
-import errno
 import signal
 import socket
 import sys
@@ -31,15 +32,20 @@ import trio
 from flynnp2p.host.logs import LogLine
 from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.handover import (
+    Message,
+    counters,
     decode_config,
     decode_table,
     handed_cert_store,
-    raw_stats,
+    latencies,
     update_handed,
 )
-from flynnp2p.router.service import Router
+from flynnp2p.router.service import HandedListeners, Router, TcpChange
 from flynnp2p.router.workers import Channel
 from flynnp2p.watch import Watched
+
+COUNTERS_EVERY_S = 0.25
+TCP_CHANGES = 64  # queued for the router before the reader waits
 
 
 class _ToAgent:
@@ -59,34 +65,56 @@ class _ToAgent:
         )
 
 
+def worker_counters(router: Router) -> Message:
+    return counters(router.shared.stats, router.tls_failures, router.shared.log.status())
+
+
 def worker_status(router: Router) -> dict[str, object]:
-    return {**router.status(), "raw_stats": raw_stats(router.shared.stats)}
+    return {**router.status(), "counters": worker_counters(router),
+            "latencies": latencies(router.shared.stats)}  # fmt: skip
+
+
+def _listener(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)  # (the agent's socket is: this is the worker's view of it)
+    return sock
+
+
+async def _report(channel: Channel, router: Router) -> None:
+    last: Message | None = None
+    while True:
+        await trio.sleep(COUNTERS_EVERY_S)
+        now = worker_counters(router)
+        if now != last:
+            await channel.send({"t": "counters", "body": now})
+            last = now
 
 
 async def serve(channel: Channel) -> None:
     init = await channel.receive()
     assert init is not None and init["t"] == "init", init
+    fds = init["fds"]
     table = Watched(decode_table(init["table"]))
-    certs = handed_cert_store(init["certs"]) if init["https_port"] is not None else None
+    https = init["https_port"] is not None
+    certs = handed_cert_store(init["certs"]) if https else None
+    tcp_send, tcp_receive = trio.open_memory_channel[TcpChange](TCP_CHANGES)
+    handed = HandedListeners(_listener(fds[0]), _listener(fds[1]) if https else None, tcp_receive)
     router = Router(
         table, address=init["address"], http_port=init["http_port"], config=decode_config(init["config"]),
         log=RouterLog(_ToAgent(channel)), https_port=init["https_port"], certs=certs,
-        sticky_key=init["sticky_key"], reuse_port=True,
+        sticky_key=init["sticky_key"], handed=handed,
     )  # fmt: skip
     async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(router.run)
-        except OSError as exc:
-            await channel.send({"t": "error", "failed": router.failed, "errno": exc.errno or errno.EIO,
-                                "message": exc.strerror or str(exc)})  # fmt: skip
-            return
-        await channel.send(
-            {"t": "ready", "http": router.bound_port, "https": router.bound_https_port}
-        )
+        await nursery.start(router.run)
+        await channel.send({"t": "ready"})
+        nursery.start_soon(_report, channel, router)
         while (msg := await channel.receive()) is not None:
             kind = msg["t"]
             if kind == "table":
                 table.set(decode_table(msg["table"]))
+            elif kind == "tcp":
+                opened = dict(zip(msg["open"], map(_listener, msg.get("fds", [])), strict=True))
+                await tcp_send.send(TcpChange(msg["close"], opened))
             elif kind == "certs" and certs is not None:
                 update_handed(certs, msg["certs"])
             elif kind == "status":
@@ -99,8 +127,11 @@ def main(argv: Sequence[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
 
     async def run() -> None:
-        async with Channel(trio.SocketStream(trio.socket.from_stdlib_socket(sock))) as channel:
-            await serve(channel)
+        async with Channel(trio.socket.from_stdlib_socket(sock)) as channel:
+            try:
+                await serve(channel)
+            except* trio.BrokenResourceError:  # the agent is gone
+                pass
 
     trio.run(run)
     return 0

@@ -13,7 +13,8 @@ The rules, in the order they are checked:
 2. A job of the new release crashed: its host reports it crashed, or it was
    placed for this deployment and restarted since (the scheduler restarts a
    crashed job at once, so the report alone may be gone before it is seen):
-   failed, naming the job.
+   failed, naming the job (and, for one that could not even start, its host's
+   reason: a full disk, an image that cannot be fetched).
 3. Every process type of the formation has its count of new jobs up (an omni type:
    at least one, and all of its new jobs up) and no job of another release is
    left that has not been told to stop: complete. (A stopped job still draining
@@ -64,6 +65,7 @@ class _Seen:
     crashed: bool
     exit_code: int | None
     restarts: int
+    reason: str | None = None  # its host's, when it crashed before it ran (say, a full disk)
 
 
 def deadline_ms(state: State, dep: Deployment) -> int:
@@ -83,9 +85,14 @@ def judge(state: State, dep: Deployment, now: int) -> Verdict | None:
     jobs = _jobs_of(state, dep)
     for job in jobs:
         if job.new and job.crashed:
-            how = f"with code {job.exit_code}" if job.exit_code is not None else "by itself"
+            if job.exit_code is not None:
+                how = f"exited with code {job.exit_code}"
+            elif job.reason:  # it never ran: its host's reason (a full disk, no image)
+                how = f"could not start: {job.reason}"
+            else:
+                how = "exited by itself"
             again = f" (restarted {job.restarts} time(s))" if job.restarts else ""
-            return Verdict("failed", f"job {job.id} ({job.type}) exited {how}{again}", job.id)
+            return Verdict("failed", f"job {job.id} ({job.type}) {how}{again}", job.id)
     release = state.record(Release, dep.new_release_id)
     missing: list[str] = []
     for ptype, count in sorted(formation.processes.items()):
@@ -182,6 +189,7 @@ def _jobs_of(state: State, dep: Deployment) -> list[_Seen]:
                 crashed=crashed,
                 exit_code=None if j is None else j.exit_code,
                 restarts=restarts,
+                reason=j.reason if j is not None and j.state == CRASHED else None,
             )
         )
     return seen

@@ -11,7 +11,8 @@ ratio to nginx. Then:
 
 - TCP bulk throughput (iperf3, one stream, the server on core 1): direct, nginx
   ``stream`` (1 worker) and the router's TCP route, Gbit/s and the proxy's CPU
-  seconds per GB, as a ratio to nginx stream;
+  seconds per GB, as a ratio to nginx stream (a run iperf3 reports as failed is
+  printed with its error and left out of the medians);
 - RSS with 10,000 idle keep-alive client connections (each has made one
   request) against the router's RSS when idle; the target is at most 60 MB more
   (RLIMIT_NOFILE is raised for the bench and the router);
@@ -188,11 +189,30 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run_iperf(port: int, seconds: int) -> float:
-    """Gbit/s received, one stream, the client on the other core."""
+def run_iperf(port: int, seconds: int) -> float | str:
+    """Gbit/s received, one stream, the client on the other core; or, when the run
+    failed, why (iperf3's own error text when it gave one)."""
     cmd = ["taskset", "-c", OTHER_CORE, "iperf3", "-c", HOST, "-p", str(port), "-t", str(seconds), "-J"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return iperf_result(done.returncode, done.stdout, done.stderr)
+
+
+def iperf_result(returncode: int, stdout: str, stderr: str) -> float | str:
+    """Gbit/s from an ``iperf3 -J`` run, or the reason it has none. A failed run
+    still prints JSON, with an ``error`` and an ``end`` without ``sum_received``
+    (iperf3 3.12: "unable to receive results"), or no JSON at all."""
+    try:
+        report = json.loads(stdout)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        text = (stderr.strip() or stdout.strip() or "no output").splitlines()[-1]
+        return f"iperf3 exited {returncode}: {text}"
+    received = (report.get("end") or {}).get("sum_received", {}).get("bits_per_second")
+    if report.get("error") or received is None:
+        why = report.get("error") or "its report has no end.sum_received"
+        return f"iperf3 exited {returncode}: {why}"
+    return float(received) / 1e9
 
 
 async def hold_idle(port: int, n: int, measure: Callable[[], None]) -> int:
@@ -272,22 +292,33 @@ def http_rounds(args: argparse.Namespace, variants: dict[str, tuple[int, list[in
 
 def tcp_rounds(args: argparse.Namespace, variants: dict[str, tuple[int, list[int]]]) -> None:
     seconds = max(3, args.duration)
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    failed: dict[str, list[str]] = {name: [] for name in variants}
     for rnd in range(args.rounds):
         for name, (port, pids) in variants.items():
             cpu0 = cpu_seconds(pids)
             gbps = run_iperf(port, seconds)
             cpu = cpu_seconds(pids) - cpu0
+            if isinstance(gbps, str):  # a failed run is reported, and the bench goes on
+                failed[name].append(gbps)
+                print(f"round {rnd + 1} tcp {name:18} FAILED: {gbps}", flush=True)
+                continue
             per_gb = cpu / (gbps * seconds / 8) if pids and gbps else float("nan")
-            results.setdefault(name, []).append((gbps, per_gb))
+            results[name].append((gbps, per_gb))
             print(f"round {rnd + 1} tcp {name:18} {gbps:6.2f} Gbit/s  cpu {per_gb:.3f} s/GB", flush=True)
-    print(f"\nTCP bulk, iperf3 one stream {seconds}s, medians over {args.rounds} rounds")
-    print(f"{'variant':20}{'Gbit/s':>8}{'cpu s/GB':>10}{'x nginx Gbit/s':>16}{'x nginx cpu':>13}")
-    ref = statistics.median(g for g, _ in results["nginx stream"])
-    ref_cpu = statistics.median(c for _, c in results["nginx stream"])
+    print(f"\nTCP bulk, iperf3 one stream {seconds}s, medians over the rounds that ran")
+    print(f"{'variant':20}{'Gbit/s':>8}{'cpu s/GB':>10}{'x nginx Gbit/s':>16}{'x nginx cpu':>13}{'failed':>8}")
+    nan = float("nan")
+    ref_runs = results["nginx stream"]
+    ref = statistics.median(g for g, _ in ref_runs) if ref_runs else nan
+    ref_cpu = statistics.median(c for _, c in ref_runs) if ref_runs else nan
     for name, rs in results.items():
-        g, c = statistics.median(g for g, _ in rs), statistics.median(c for _, c in rs)
-        print(f"{name:20}{g:>8.2f}{c:>10.3f}{g / ref:>16.2f}{c / ref_cpu:>13.2f}")
+        g = statistics.median(g for g, _ in rs) if rs else nan
+        c = statistics.median(c for _, c in rs) if rs else nan
+        print(f"{name:20}{g:>8.2f}{c:>10.3f}{g / ref:>16.2f}{c / ref_cpu:>13.2f}{len(failed[name]):>8}")
+    for name, errors in failed.items():
+        for error in errors:
+            print(f"  {name} failed: {error}")
 
 
 def idle_connections(port: int, pid: int, n: int) -> None:
