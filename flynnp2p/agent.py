@@ -253,7 +253,9 @@ class Agent:
                 sticky_key=derive_key(token.admin_secret),
             )  # fmt: skip
         app = create_app(self)
-        apps_api = AppsApi(self.ctx, slug_path=self.blobs.local_path, http=self.http)
+        apps_api = AppsApi(
+            self.ctx, slug_path=self.blobs.local_path, slug_size=self.blobs.size, http=self.http
+        )
         # Deploys: finish each deployment, or restore the previous release (under the API's app lock).
         self.deploys = DeployWatcher(self.state, now_ms, lambda e: self.ctx.caught_up.value == e,
                                      formations=apps_api.alloc, fence=self._leads)  # fmt: skip
@@ -275,6 +277,7 @@ class Agent:
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
             wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms, slug_max_bytes=slug_max_mb() << 20,
+            unpack=self.runner.prepare.unpacked_slug if self.runner is not None else None,
             caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
                                node=cfg.name, now_ms=now_ms),
         )  # fmt: skip

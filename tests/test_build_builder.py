@@ -552,3 +552,25 @@ async def test_python_slug_serves_from_its_venv(tmp_path: Path) -> None:
     assert any("Skipping collectstatic" in line for line in lines.lines)
     body = await serve_slug(tmp_path, result, lambda b: "greet" in b)
     assert body == "hello from greet on /app/.venv"
+
+
+async def test_a_sandbox_left_to_the_caller_is_there_after_the_build_whether_it_failed_or_not(
+    tmp_path: Path,
+) -> None:
+    src = write(tmp_path / "src", {"Procfile": "web: ./run\n", "run": "#!/bin/sh\n"})
+    result, _ = await run_build(tmp_path, src, remove_sandbox=False)
+    assert result.sandbox is not None and result.sandbox.parent == tmp_path / "work"
+    assert (result.sandbox / "app" / "Procfile").is_file()  # nothing removed it
+    left = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert left == sorted([result.slug_path.name, result.sandbox.name])
+    shutil.rmtree(tmp_path / "work")
+
+    empty = write(tmp_path / "empty", {"README": "nothing to build\n"})
+    with pytest.raises(BuildError):
+        await run_build(tmp_path, empty, remove_sandbox=False)
+    [sandbox] = (tmp_path / "work").iterdir()
+    assert sandbox.name.startswith("build-") and (sandbox / "app" / "README").is_file()
+
+    # By default the builder removes it itself.
+    result, _ = await run_build(tmp_path / "again", src)
+    assert result.sandbox is None

@@ -5,7 +5,16 @@ from __future__ import annotations
 from flynnp2p.scheduler import Desired, JobInfo, inputs_from_state, plan
 from flynnp2p.state.hlc import HlcClock
 from flynnp2p.state.merge import State, apply_entries, local_entries
-from flynnp2p.state.records import Formation, Job, Placement, ProcessSpec, Record, Release
+from flynnp2p.state.records import (
+    Artifact,
+    BlobLocation,
+    Formation,
+    Job,
+    Placement,
+    ProcessSpec,
+    Record,
+    Release,
+)
 from tests.test_scheduler_helpers import host
 
 NOW = 1_000_000
@@ -113,3 +122,18 @@ def test_effective_state_merges_the_placement_and_the_report() -> None:
     assert effective_state(p(generation=1), j("crashed")) == "pending"  # restart ordered
     assert effective_state(p(generation=1), j("crashed", 1)) == "crashed"
     assert effective_state(None, j("up")) == "up"
+
+
+def test_the_hosts_holding_a_releases_slug_are_in_its_groups() -> None:
+    digest = "sha256:" + "ab" * 32
+    artifact = Artifact("art1", "slug", f"blob:{digest}", 0, digest=digest, size=10)
+    slugged = Release("r3", "app1", 0, artifacts=("art1",), processes={"web": ProcessSpec("web")})
+    f = Formation("app1", "r3", 0, processes={"web": 1})
+    where = [BlobLocation(digest, n, 10, 0) for n in ("n1", "n3", "gone")]
+    other = BlobLocation("sha256:" + "cd" * 32, "n2", 10, 0)
+    state = state_of(artifact, slugged, f, *where, other)
+    [d] = inputs_from_state(state, [host("n1"), host("n2"), host("n3")], NOW).desired
+    assert d.slug_hosts == {"n1", "n3"}  # members only: "gone" is not a host
+    [d] = inputs_from_state(state_of(RELEASE, Formation("app1", "r1", 0, processes={"web": 1})),
+                            [host("n1")], NOW).desired  # fmt: skip
+    assert d.slug_hosts == frozenset()  # a release without a slug

@@ -199,3 +199,18 @@ def test_plan_never_overcommits_a_busy_host() -> None:
     p = plan(inputs, 0, 1)
     assert len(p.starts) == 2
     assert used_mb(apply_plan(inputs, p))["n1"] <= 1000
+
+
+def test_the_first_job_of_a_release_goes_where_its_slug_is_and_web_still_spreads() -> None:
+    hosts = [host("n1"), host("n2"), host("n3")]
+    others = [job("o1", host="n2", app="b"), job("o2", host="n2", app="b")]
+    for seed in range(20):  # whatever the tie-break draws
+        slugged = dataclasses.replace(want(count=1), slug_hosts=frozenset({"n2"}))
+        assert [s.host for s in run(hosts, [slugged], others, seed=seed).starts] == ["n2"]
+        # web=3: one per host, the slug's host among them (spreading wins over the slug).
+        three = dataclasses.replace(want(count=3), slug_hosts=frozenset({"n2"}))
+        assert sorted(s.host for s in run(hosts, [three], others, seed=seed).starts) == [
+            "n1", "n2", "n3",
+        ]  # fmt: skip
+    # Without a slug anywhere, the least loaded hosts first, as before.
+    assert [s.host for s in run(hosts, [want(count=1)], others, seed=3).starts] != ["n2"]

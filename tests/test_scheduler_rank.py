@@ -45,3 +45,13 @@ def test_spread_pops_best_and_takes_updates() -> None:
     spread.push(score("a", 1, 1, 50, 0.0))  # a now holds one of the group
     assert [spread.pop_best() for _ in range(3)] == ["b", "c", "a"]
     assert spread.pop_best() is None and len(spread) == 0
+
+
+def test_a_host_holding_the_slug_comes_first_once_the_group_is_spread() -> None:
+    free = dict.fromkeys(HOSTS, 9)
+    # Before load: c runs more jobs, but it has the slug.
+    assert rank_hosts(HOSTS, {}, {"c": 4}, free, EVEN, has_slug={"c"}) == ["c", "a", "b"]
+    # Never before spreading: c runs one of the group already, a and b none.
+    assert rank_hosts(HOSTS, {"c": 1}, {}, free, EVEN, has_slug={"c"}) == ["a", "b", "c"]
+    # Between holders, load and memory decide as before.
+    assert rank_hosts(HOSTS, {}, {"b": 1}, free, EVEN, has_slug={"b", "c"}) == ["c", "b", "a"]

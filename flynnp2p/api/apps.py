@@ -70,7 +70,7 @@ from flynnp2p.api.events import events
 from flynnp2p.api.forward import Forwarder
 from flynnp2p.api.render import wire
 from flynnp2p.api.routes import RoutesApi
-from flynnp2p.build.procfile import read_slug_procfile
+from flynnp2p.build.procfile import parse_procfile, read_slug_procfile
 from flynnp2p.build.push import forget_repo
 from flynnp2p.coord.claims import app_key, route_keys
 from flynnp2p.coord.client import CoordError
@@ -93,9 +93,11 @@ class AppsApi:
         rng: random.Random | None = None,
         slug_path: Callable[[str], Awaitable[Path]] | None = None,
         http: httpx.AsyncClient | None = None,
+        slug_size: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         self.ctx = ctx
         self.slug_path = slug_path
+        self.slug_size = slug_size
         self.forwarder = Forwarder(ctx, http, transport)
         self.rng = rng or secrets.SystemRandom()
         self.alloc = Allocator(ctx.state, ctx.claims, ctx.now_ms)
@@ -217,7 +219,7 @@ class AppsApi:
     # releases
 
     async def create_release(self, app: str) -> Response:
-        body = await edge.json_body({"artifacts", "env", "processes", "meta", "slug"})
+        body = await edge.json_body({"artifacts", "env", "processes", "meta", "slug", "process_types"})
         state = self.state
         found = self.app(app)
         if "slug" in body:
@@ -245,24 +247,29 @@ class AppsApi:
 
     async def _release_from_slug(self, app: App, body: dict[str, Any]) -> Response:
         """A release of an uploaded slug: its Procfile gives the process types; the
-        app's env carries over, and the formation moves to it (a deploy)."""
+        app's env carries over, and the formation moves to it (a deploy).
+
+        ``process_types`` (optional) are the slug's Procfile as its builder read it
+        (`flynnp2p.build.deploy.BuildStep`, which wrote them into the slug): given,
+        the slug is not decompressed again here, nor fetched to the leader to be
+        read there; it only has to be held by some node."""
         if "artifacts" in body or "processes" in body:
             raise UserError("body: 'slug' comes with neither 'artifacts' nor 'processes' (the Procfile gives them)")
         digest = edge.DIGEST.decode("release.slug", body["slug"])
         env_given = edge.ENV_SET.decode("release.env", body.get("env", {}))
         meta = META.decode("release.meta", body.get("meta", {}))
-        if self.slug_path is None:
-            raise ClusterError("this node cannot read slugs")
-        try:
-            path = await self.slug_path(digest)
-        except NotFound:
-            raise UserError(
-                f"release.slug: no node holds blob {digest}; upload it first (PUT /v1/blobs/{digest})"
-            ) from None
-        types = await trio.to_thread.run_sync(read_slug_procfile, path)
+        given = None if "process_types" not in body else _process_types(body["process_types"])
+        if given is not None and self.slug_size is not None:
+            types = given
+            try:
+                size = await self.slug_size(digest)
+            except NotFound:
+                raise _no_slug(digest) from None
+        else:
+            types, size = await self._read_slug(digest)
+            types = types if given is None else given
         if not types:
             raise UserError("release.slug: the slug has no ./app/Procfile (need lines 'TYPE: COMMAND')")
-        size = (await trio.to_thread.run_sync(path.stat)).st_size
         relayed = await self.forwarder.via_leader()
         if relayed is not None:
             return relayed
@@ -285,6 +292,17 @@ class AppsApi:
         return edge.answer(
             {"release": wire(release), "formation": wire(formation), "replicas": result.replicas}, 201
         )
+
+    async def _read_slug(self, digest: str) -> tuple[dict[str, str], int]:
+        """(the Procfile's types, the size) of slug `digest`, read on this node."""
+        if self.slug_path is None:
+            raise ClusterError("this node cannot read slugs")
+        try:
+            path = await self.slug_path(digest)
+        except NotFound:
+            raise _no_slug(digest) from None
+        types = await trio.to_thread.run_sync(read_slug_procfile, path)
+        return types, (await trio.to_thread.run_sync(path.stat)).st_size
 
     async def list_releases(self, app: str) -> Response:
         return edge.answer({"releases": [wire(r) for r in ops.releases_of(self.state, self.app(app))]})
@@ -410,3 +428,24 @@ def apps_blueprint(
     bp.add_url_rule("/v1/events", "events", partial(events, ctx.state), methods=["GET"])
 
     return bp
+
+
+def _no_slug(digest: str) -> UserError:
+    return UserError(f"release.slug: no node holds blob {digest}; upload it first (PUT /v1/blobs/{digest})")
+
+
+def _process_types(value: object) -> dict[str, str]:
+    """``release.process_types``: ``{TYPE: COMMAND}``, checked by the Procfile's own
+    rules (`parse_procfile` of the lines they make, which must give them back)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "\n" not in k + v and "\r" not in k + v
+        for k, v in value.items()
+    ):
+        raise UserError("release.process_types: expected an object of TYPE: COMMAND strings")
+    try:
+        types = parse_procfile("".join(f"{k}: {v}\n" for k, v in value.items()))
+    except UserError as exc:
+        raise UserError(f"release.process_types: {exc.message}") from None
+    if types != value:
+        raise UserError("release.process_types: commands must not start or end with spaces")
+    return types

@@ -15,12 +15,17 @@ It runs before any ref moves, so a failed build rejects the push (git prints
    pusher as ``remote:       …``; a slug over the cluster's size limit
    (`flynnp2p.build.slugsize`) fails the build;
 4. the slug is stored in the blobstore (replicated to a second node before it is
-   acknowledged), and the build cache is saved there meanwhile (a cache not
-   saved never fails the push);
+   acknowledged), and meanwhile the build cache is saved there and the build's
+   sandbox is removed (the sandbox's tree, a virtualenv's thousand files, took
+   0.05-0.8 s to remove on the push's path), and the slug is unpacked for this
+   node's jobs (``unpack``: the scheduler prefers the slug's holders for the
+   release's first job, so it often starts here, without unpacking it first);
+   none of these ever fails the push;
 5. the release is made through this node's own API (``POST /v1/apps/<app>/releases
-   {"slug"}``, forwarded to the leader, which numbers it and moves the formation
-   to it: the first release with a ``web`` type runs ``web=1``), with the commit
-   in its meta;
+   {"slug", "process_types"}``, forwarded to the leader, which numbers it and moves
+   the formation to it: the first release with a ``web`` type runs ``web=1``), with
+   the commit in its meta and the process types the build wrote into the slug's
+   Procfile (so the API need not read them out of the slug again);
 6. the push waits (``wait_s``) until the new release's web jobs are up and says
    where the app answers, or says why not. It reads the deployment again as soon
    as this node's event stream (``GET /v1/events?kinds=deployment``) says a
@@ -37,10 +42,11 @@ with the reason: nothing is half-made, since a slug no release names is collecte
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -49,7 +55,7 @@ import httpx
 import trio
 
 from flynnp2p import deployments
-from flynnp2p.build.builder import BuildError, BuildLimits, build
+from flynnp2p.build.builder import BuildError, BuildLimits, BuildResult, build
 from flynnp2p.build.buildlog import BuildLog, LogSink
 from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.hooks import GitSource, RefUpdate, Say
@@ -59,8 +65,21 @@ from flynnp2p.errors import FlynnError
 from flynnp2p.host.space import is_full, no_space
 from flynnp2p.state.records import App
 
+log = logging.getLogger(__name__)
+
 INDENT = "       "  # Heroku's: buildpack output under the "-----> " headings
 WAIT_S = 60.0
+
+
+def remove_tree(path: Path) -> str | None:
+    """Remove `path` and everything under it (blocking); None, or why it could not."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 class Slugs(Protocol):
@@ -104,6 +123,8 @@ class BuildStep:
         self, *, api: httpx.AsyncClient, api_url: str, slugs: Slugs, work_root: Path,
         wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        remove: Callable[[Path], str | None] = remove_tree,
+        unpack: Callable[[Path, str], Awaitable[object]] | None = None,
         slug_max_bytes: int = DEFAULT_SLUG_MAX_MB * MIB,
     ) -> None:  # fmt: skip
         self.api = api
@@ -114,8 +135,12 @@ class BuildStep:
         self.caches = caches
         self.logs = logs
         self.now_ms = now_ms
+        self.remove = remove
+        self.unpack = unpack
         self.slug_max_bytes = slug_max_bytes
         self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
+        # What failed of the work done while the release deploys (it never fails the push).
+        self.meanwhile_failed = {"teardown": 0, "unpack": 0}
 
     async def __call__(
         self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource
@@ -191,7 +216,8 @@ class BuildStep:
         started = time.monotonic()
         result = await build(
             src, app_id=app.id, work_dir=tmp / "out", cache_dir=cache_dir, env=env, on_line=line,
-            limits=limits_of(app), node=self.caches.node if self.caches is not None else "this node",
+            limits=limits_of(app), remove_sandbox=False,
+            node=self.caches.node if self.caches is not None else "this node",
         )  # fmt: skip
         too_big = slug_too_big(result.size, self.slug_max_bytes)  # before anything is stored
         if too_big is not None:
@@ -201,10 +227,16 @@ class BuildStep:
                   f"{', '.join(result.buildpacks) or 'a buildpack'}; process types: {kinds}")  # fmt: skip
         failed: FlynnError | None = None
         async with trio.open_nursery() as nursery:
-            if self.caches is not None:  # meanwhile; it never fails the push
+            # Meanwhile, and none of these ever fails the push: the build's tree and source
+            # go (a virtualenv's thousand files), the slug is unpacked for this node's
+            # jobs, the cache is saved.
+            nursery.start_soon(self._tear_down, [p for p in (result.sandbox, src) if p is not None])
+            if self.unpack is not None:
+                nursery.start_soon(self._unpack_here, self.unpack, result)
+            if self.caches is not None:
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
-                release_id = await self._release(app, update, result.digest, result.slug_path, say)
+                release_id = await self._release(app, update, result, say)
                 if "web" in result.process_types:
                     await self._wait_web(app, release_id, say)
             except FlynnError as exc:
@@ -213,11 +245,37 @@ class BuildStep:
             raise failed
         return True
 
-    async def _release(self, app: App, update: RefUpdate, digest: str, slug: Path, say: Say) -> str:
-        """Store the slug, make the release; its id."""
-        _, holders = await self.slugs.put(digest, _chunks(slug))
+    async def _tear_down(self, paths: Sequence[Path]) -> None:
+        """Remove what the build left but the release does not need, while the release
+        is made and deployed. What cannot be removed is logged and counted; the step's
+        scratch, removed as the step ends, takes whatever is left. Each build has its
+        own scratch (``mkdtemp``), so the next build on this node cannot meet it."""
+        for path in paths:
+            why = await trio.to_thread.run_sync(self.remove, path)
+            if why is not None:
+                self.meanwhile_failed["teardown"] += 1
+                log.warning("build scratch %s not removed (the step's end tries again): %s", path, why)
+
+    async def _unpack_here(
+        self, unpack: Callable[[Path, str], Awaitable[object]], result: BuildResult
+    ) -> None:
+        """Unpack the slug for this node's jobs while the release is made: the
+        scheduler places the first job where the slug is, often here, and that job
+        then starts without unpacking it first. Never fails the push."""
+        try:
+            await unpack(result.slug_path, result.digest)
+        except (FlynnError, OSError) as exc:
+            self.meanwhile_failed["unpack"] += 1
+            log.warning("slug %s not unpacked ahead (a job here unpacks it): %s", result.digest, exc)
+
+    async def _release(self, app: App, update: RefUpdate, result: BuildResult, say: Say) -> str:
+        """Store the slug, make the release; its id. The release is given the slug's
+        process types as the build read them (they are its Procfile), so the API
+        need not decompress the slug again, here and on the leader, to read them."""
+        _, holders = await self.slugs.put(result.digest, _chunks(result.slug_path))
         meta = {"git.commit": update.new, "git.ref": update.ref}
-        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", {"slug": digest, "meta": meta})
+        body = {"slug": result.digest, "meta": meta, "process_types": result.process_types}
+        made = await self._post(f"/v1/apps/{quote(app.id)}/releases", body)
         release = made["release"]
         self.stats["releases"] += 1
         await say(f"-----> Released v{release.get('version', '?')} (slug on {holders} node(s))")

@@ -312,9 +312,12 @@ async def _pump(stream: trio.lowlevel.FdStream, sink: LineCallback) -> None:
 @contextlib.asynccontextmanager
 async def open_sandbox(
     work_dir: Path, *, isolation: str, uid: int, cache_dir: Path, memory_mb: int,
-    cgroups: bool = True,
-) -> AsyncIterator[Sandbox]:
-    """A fresh sandbox under ``work_dir`` for the block; leaving removes it.
+    cgroups: bool = True, remove: bool = True,
+) -> AsyncIterator[Sandbox]:  # fmt: skip
+    """A fresh sandbox under ``work_dir`` for the block; leaving stops what runs in it
+    and removes it, or with ``remove=False`` leaves its directory (``box.root``, under
+    ``work_dir``) for the caller to remove, e.g. while it waits on something else:
+    nothing runs in it any more, and the next sandbox is another directory.
 
     ``cgroups=False`` keeps to ``RLIMIT_AS`` even where a memory cgroup is usable."""
     await trio.to_thread.run_sync(lambda: work_dir.mkdir(parents=True, exist_ok=True))
@@ -332,4 +335,5 @@ async def open_sandbox(
             await trio.to_thread.run_sync(box._spawner.close)
             if box.group is not None:
                 await trio.to_thread.run_sync(box.group.remove_sync)
-            await trio.to_thread.run_sync(shutil.rmtree, root, True)
+            if remove:
+                await trio.to_thread.run_sync(shutil.rmtree, root, True)

@@ -22,7 +22,7 @@ its container.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -69,6 +69,23 @@ class Preparer:
     blobs: Blobs
     ports: PortAllocator
     work_dir: Path
+    _unpacking: dict[str, trio.Event] = field(default_factory=dict, compare=False, repr=False)
+
+    async def unpacked_slug(self, tarball: Path, digest: str) -> Path:
+        """Slug `digest` (the file `tarball`) unpacked on this node (`unpack_slug`): its
+        ``app`` directory. One unpack of a digest at a time: a caller that comes while
+        one runs waits for it and then finds the slug there. The git push's build
+        calls this on the node that built the slug while the release is made, so a
+        job placed here (`flynnp2p.scheduler.rank` prefers the slug's holders) finds
+        the slug unpacked already."""
+        while (busy := self._unpacking.get(digest)) is not None:
+            await busy.wait()
+        done = self._unpacking[digest] = trio.Event()
+        try:
+            return await unpack_slug(tarball, self.work_dir, digest)
+        finally:
+            del self._unpacking[digest]
+            done.set()
 
     async def spec(self, p: Placement) -> JobSpec:
         """Everything the backend needs to run `p`; StartFailed with the reason if it cannot."""
@@ -92,7 +109,7 @@ class Preparer:
                 assert artifact.digest is not None
                 try:
                     tarball = await self.blobs.local_path(artifact.digest)
-                    slug_dir = await unpack_slug(tarball, self.work_dir, artifact.digest)
+                    slug_dir = await self.unpacked_slug(tarball, artifact.digest)
                 except FlynnError as exc:
                     raise StartFailed(f"cannot get slug {artifact.digest}: {exc}") from None
         if slug_dir is None and image.image is None and image.root is None:

@@ -12,7 +12,9 @@ replayed from a logged input.
   should run, how many jobs, how much memory each takes, whether it is omni (one
   per eligible host), the tags a host needs, and how a new release replaces the
   jobs of an old one (``strategy``, see `flynnp2p.scheduler.surge`: the app's
-  effective strategy for service types, `REPLACE` for omni ones). A group with
+  effective strategy for service types, `REPLACE` for omni ones), and the hosts
+  that already hold its release's slug (``slug_hosts``, from the `BlobLocation`
+  records: `rank` prefers them once the group is spread). A group with
   ``hold`` set is left alone (its release has not reached this replica yet) and
   reported as blocked.
 * `JobInfo`: a job as the scheduler understands it, merged from the host-written
@@ -34,7 +36,17 @@ from dataclasses import dataclass
 from flynnp2p.scheduler.surge import REPLACE, STRATEGIES, effective_strategy
 from flynnp2p.state.jobs import effective_state, is_fenced, is_finished
 from flynnp2p.state.merge import State
-from flynnp2p.state.records import App, Formation, Job, Placement, ProcessSpec, Release, RunRequest
+from flynnp2p.state.records import (
+    App,
+    Artifact,
+    BlobLocation,
+    Formation,
+    Job,
+    Placement,
+    ProcessSpec,
+    Release,
+    RunRequest,
+)
 from flynnp2p.state.schema import EMPTY, FrozenMap
 
 DEFAULT_MEMORY_MB = 512  # ProcessSpec's default; used when a job's release is unknown
@@ -64,6 +76,7 @@ class Desired:
     constraints: Mapping[str, str] = EMPTY
     hold: str | None = None  # why the group must be left alone for now
     strategy: str = REPLACE  # how jobs of another release give way (`surge`)
+    slug_hosts: frozenset[str] = frozenset()  # hosts that hold the release's slug (`rank`)
 
     def __post_init__(self) -> None:
         if self.count < 0 or self.memory_mb < 0:
@@ -150,12 +163,16 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         s = spec(release_id, ptype)
         return DEFAULT_MEMORY_MB if s is None else s.memory_mb
 
+    hosts = tuple(hosts)
     apps = {a.id: a for a in state.records(App)}
     desired = [
-        _desired(f, ptype, release(f.release_id), spec(f.release_id, ptype), apps.get(f.app_id))
+        _desired(
+            f, ptype, release(f.release_id), spec(f.release_id, ptype), apps.get(f.app_id),
+            slug_hosts(state, release(f.release_id), hosts),
+        )
         for f in state.records(Formation)
         for ptype in sorted(f.processes)
-    ]
+    ]  # fmt: skip
     placements = {p.id: p for p in state.records(Placement)}
     records = {j.id: j for j in state.records(Job)}
     # A one-off its host refused (placed by a deposed leader) was never run: it is
@@ -196,12 +213,22 @@ def inputs_from_state(state: State, hosts: Iterable[Host], now_ms: int) -> Input
         for r in state.records(RunRequest)
         if r.id not in placements or r.id in fenced  # placed once, never again (unless refused)
     )
-    return Inputs(hosts=tuple(hosts), desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
+    return Inputs(hosts=hosts, desired=tuple(desired), jobs=tuple(jobs), one_offs=one_offs)
+
+
+def slug_hosts(state: State, release: Release | None, hosts: Iterable[Host]) -> frozenset[str]:
+    """The hosts that hold `release`'s slug (their `BlobLocation` of its digest)."""
+    artifact = state.record(Artifact, release.artifacts[0]) if release and release.artifacts else None
+    if artifact is None or artifact.type != "slug" or artifact.digest is None:
+        return frozenset()
+    digest = artifact.digest
+    return frozenset(h.name for h in hosts if state.record(BlobLocation, f"{digest}@{h.name}"))
 
 
 def _desired(
-    f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None, app: App | None
-) -> Desired:
+    f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None, app: App | None,
+    slug_on: frozenset[str] = frozenset(),
+) -> Desired:  # fmt: skip
     count = f.processes[ptype]
     omni = False if spec is None else spec.omni
     strategy = REPLACE if omni or app is None else effective_strategy(app.strategy, f.processes)
@@ -220,6 +247,7 @@ def _desired(
         constraints=f.constraints_of(ptype),
         hold=hold,
         strategy=strategy,
+        slug_hosts=slug_on,
     )
 
 

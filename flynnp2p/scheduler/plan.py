@@ -140,8 +140,9 @@ class _Placer:
         d, mem = need.desired, need.desired.memory_mb
         free, load, tb = self.free, self.load, self.tiebreak
         group = dict(need.kept)
+        warm = d.slug_hosts
         spread = Spread(
-            score(h, group.get(h, 0), load[h], free[h], tb[h])
+            score(h, group.get(h, 0), load[h], free[h], tb[h], has_slug=h in warm)
             for h in need.eligible.hosts
             if free[h] >= mem
         )
@@ -154,7 +155,9 @@ class _Placer:
             placed += 1
             group[host] = group.get(host, 0) + 1
             if free[host] >= mem:
-                spread.push(score(host, group[host], load[host], free[host], tb[host]))
+                spread.push(
+                    score(host, group[host], load[host], free[host], tb[host], has_slug=host in warm)
+                )
         if placed < need.count:  # the heap ran dry: every eligible host is short of memory
             self._block(d, need.count - placed, need.eligible, need.eligible.hosts)
 

@@ -4,10 +4,15 @@ Theory of operation
 -------------------
 A host's score for a group is the tuple, smaller first:
 
-    (jobs of this app/type on it, jobs on it overall, -free memory, tie-break)
+    (jobs of this app/type on it, 0 if it holds the release's slug else 1,
+     jobs on it overall, -free memory, tie-break)
 
-so a group spreads across hosts before doubling up, then fills the least loaded
-hosts, then the roomiest. The tie-break is one number per host drawn from
+so a group spreads across hosts before doubling up, then goes where its slug is
+already (the node that built it keeps a copy, and one more node holds it: a job
+placed there starts without fetching it first, which is on the path of every
+``git push``), then fills the least loaded hosts, then the roomiest. The slug
+comes after the spread: it never puts two jobs of a group on one host while
+another feasible host has none. The tie-break is one number per host drawn from
 ``random.Random(seed)`` in host-name order: equal hosts are taken in an order that
 differs between evaluations but is the same when an evaluation is replayed.
 
@@ -22,9 +27,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
-Score = tuple[int, int, int, float, str]
+Score = tuple[int, int, int, int, float, str]
 
 
 def tiebreaks(hosts: Iterable[str], seed: int) -> dict[str, float]:
@@ -33,9 +38,11 @@ def tiebreaks(hosts: Iterable[str], seed: int) -> dict[str, float]:
     return {name: rng.random() for name in sorted(hosts)}
 
 
-def score(host: str, group_jobs: int, jobs: int, free_mb: int, tiebreak: float) -> Score:
+def score(
+    host: str, group_jobs: int, jobs: int, free_mb: int, tiebreak: float, *, has_slug: bool = False
+) -> Score:
     """Smaller is better; the name makes every score distinct, so order is total."""
-    return (group_jobs, jobs, -free_mb, tiebreak, host)
+    return (group_jobs, 0 if has_slug else 1, jobs, -free_mb, tiebreak, host)
 
 
 class Spread:
@@ -65,9 +72,12 @@ def rank_hosts(
     jobs: Mapping[str, int],
     free_mb: Mapping[str, int],
     tiebreak: Mapping[str, float],
+    has_slug: Collection[str] = (),
 ) -> list[str]:
     """All of `hosts`, best first (for explaining a choice; the planner uses `Spread`)."""
     return sorted(
         hosts,
-        key=lambda h: score(h, group_jobs.get(h, 0), jobs.get(h, 0), free_mb[h], tiebreak[h]),
+        key=lambda h: score(
+            h, group_jobs.get(h, 0), jobs.get(h, 0), free_mb[h], tiebreak[h], has_slug=h in has_slug
+        ),
     )
