@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -63,6 +64,7 @@ class Releases:
         self.commits: list[str] = []
 
     async def __call__(self, app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
+        await source.wait_saved()  # as the build step does before it releases
         for update in updates:
             if update.ref == "refs/heads/main" and not update.deleted:
                 self.commits.append(update.new)
@@ -203,3 +205,39 @@ async def test_a_clone_checks_out_the_pushed_branch_on_the_node_that_took_the_pu
     await forget_local_copy(node, node.app("onmaster"))
     restored = await git.work_tree("restored", url)
     assert (restored / "f").read_text() == "on master"
+
+
+async def test_the_save_runs_while_the_step_builds_and_gates_its_release(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The save waits here until the step has begun: a session that saved before
+    building would never finish. The step's release still comes after the save."""
+    building = trio.Event()
+    order: list[str] = []
+
+    async def step(app: App, updates: Sequence[RefUpdate], say: Say, source: GitSource) -> bool:
+        building.set()  # the "build" has begun while the save is held
+        await source.wait_saved()
+        order.append("released")
+        return True
+
+    node = await start_node(nursery, tmp_path / "node", step=step)
+    blobs = node.git.blobs
+    real_put = blobs.put
+
+    async def held_put(digest: str, chunks: Any) -> tuple[int, int]:
+        with trio.fail_after(20):
+            await building.wait()
+        done = await real_put(digest, chunks)
+        order.append("saved")
+        return done
+
+    blobs.put = held_put  # type: ignore[method-assign]
+    await create(node, "overlap")
+    git = Git(tmp_path / "client")
+    tree = await git.work_tree("a", with_token(node.url, "overlap"))
+    sha = await git.commit(tree, "f", "1")
+    pushed = await git.run("push", "origin", "HEAD:main", cwd=tree)
+    assert "repository saved (generation 1" in text(pushed)
+    assert order == ["saved", "released"]
+    assert await node.git.repos.refs(node.app("overlap").id) == {"refs/heads/main": sha}

@@ -21,7 +21,10 @@ It runs before any ref moves, so a failed build rejects the push (git prints
    node's jobs (``unpack``: the scheduler prefers the slug's holders for the
    release's first job, so it often starts here, without unpacking it first);
    none of these ever fails the push;
-5. the release is made through this node's own API (``POST /v1/apps/<app>/releases
+5. once the push's repository is saved in the cluster (`GitSource.wait_saved`:
+   the save runs beside steps 1-4, `flynnp2p.build.push`; a save that fails
+   refuses the push before anything is released), the release is made through
+   this node's own API (``POST /v1/apps/<app>/releases
    {"slug", "process_types"}``, forwarded to the leader, which numbers it and moves
    the formation to it: the first release with a ``web`` type runs ``web=1``), with
    the commit in its meta and the process types the build wrote into the slug's
@@ -236,6 +239,7 @@ class BuildStep:
             if self.caches is not None:
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
+                await source.wait_saved()  # the push's save ran beside the build
                 release_id = await self._release(app, update, result, say)
                 if "web" in result.process_types:
                     await self._wait_web(app, release_id, say)

@@ -121,6 +121,15 @@ class GitSource:
 
     repo: Path
     objects: Mapping[str, str] = field(default_factory=dict)
+    # Awaited by a step before it releases anything: returns once the push's
+    # repository is saved in the cluster, raises FlynnError if it cannot be. The
+    # save runs while the step builds (`flynnp2p.build.push`); None: nothing to wait.
+    saved: Callable[[], Awaitable[None]] | None = None
+
+    async def wait_saved(self) -> None:
+        """Return once the push is saved (a step calls it before it releases)."""
+        if self.saved is not None:
+            await self.saved()
 
     async def export(self, commit: str, dest: Path) -> None:
         """The tree of `commit`, written under `dest` (``git archive``, extracted with
