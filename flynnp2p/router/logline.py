@@ -75,6 +75,7 @@ class RouterEvent:
     status: int = 0  # 0: a retry (nothing answered yet)
     bytes: int = 0
     retry: str = ""  # "job@address" tried next
+    desc: str = ""  # the description, when not the code's own (`DESCRIPTIONS`)
 
 
 def quote(value: str) -> str:
@@ -104,7 +105,8 @@ def format_line(e: RouterEvent) -> str:
     fields: list[tuple[str, str]] = [
         ("at", "warning" if e.retry else "error"),
         ("code", e.code),
-        ("desc", always_quoted(DESCRIPTIONS.get(e.code, "Router error") + (", retrying" if e.retry else ""))),
+        ("desc", always_quoted((e.desc or DESCRIPTIONS.get(e.code, "Router error"))
+                               + (", retrying" if e.retry else ""))),
         ("method", quote(e.method)),
         ("path", always_quoted(e.path)),
         ("host", quote(e.host)),
