@@ -10,6 +10,7 @@ host is not alive).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,34 @@ def test_a_router_worker_gets_the_lost_addresses_with_the_table() -> None:
     sent = table([Backend("jg", "127.0.0.2:5000")], lost=("127.0.0.3:5000",))
     assert decode_table(encode_table(sent)) == sent
     assert decode_table(encode_table(sent)).lost == frozenset({"127.0.0.3:5000"})
+
+
+async def test_a_connect_under_way_to_a_lost_backend_is_given_up(tmp_path: Path) -> None:
+    """A backend whose accept queue is full (a listener with backlog 0, taken by one
+    connection nobody accepts) leaves the router's connect unanswered, as a host that
+    is gone does; the lost table ends it and the GET goes to the other backend."""
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind((LOCAL, 0))
+        full.listen(0)
+        filler.connect(full.getsockname())
+        gone = Backend("jq", f"{LOCAL}:{full.getsockname()[1]}")
+        async with trio.open_nursery() as nursery:
+            good = Backend("jg", await HttpBackend("good").start(nursery))
+            watched = Watched(table([gone]))
+            router = Router(watched, address=LOCAL, http_port=0, seed=1)
+            port = await nursery.start(router.run)
+            stream = await trio.open_tcp_stream(LOCAL, port)
+            with trio.fail_after(10):
+                await stream.send_all(GET)
+                await wait_for(lambda: gone.address in router.shared.inflight.by_address)
+                await trio.sleep(0.1)  # the SYN is out, unanswered
+                swapped = trio.current_time()
+                watched.set(table([good], lost=(gone.address,)))
+                out = await response(stream)
+                took = trio.current_time() - swapped
+            print(f"\nthe GET answered {took * 1000:.1f} ms after the swap (connect_timeout: 5 s)")
+            assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"hello from good"), out
+            assert took < SWAP_S + SLACK_S
+            assert router.status()["apps"]["app1"]["retries"] == 1  # type: ignore[index]
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
