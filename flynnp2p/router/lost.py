@@ -10,7 +10,8 @@ lost job; without this module it would wait ``response_header_timeout`` (60 s).
 
 Every request in flight to a backend is registered under the backend's address
 (`InFlight.add` where the balancer counts it, `InFlight.discard` where it stops
-counting), as an object with a ``backend_lost(address)`` method: the task path's
+counting; a backend's set stays while the table lists it, so the hot path does
+not allocate one per request), as an object with a ``backend_lost(address)`` method: the task path's
 `ClientConnection`, or the fast lane's per-connection handle. When a new table
 is swapped in, `InFlight.abort_lost` looks up only the addresses the table names
 lost (a handful, not every connection) that it no longer lists, and calls each
@@ -47,9 +48,17 @@ class InFlight:
     def discard(self, address: str, request: Abortable) -> None:
         waiting = self.by_address.get(address)
         if waiting is not None:
-            waiting.discard(request)
-            if not waiting:
-                del self.by_address[address]
+            waiting.discard(request)  # (an empty set stays for the next request: see `prune`)
+
+    def prune(self, keep: set[str]) -> None:
+        """Forget the empty sets of addresses not in `keep` (those of a new table)."""
+        for address in [a for a, w in self.by_address.items() if not w and a not in keep]:
+            del self.by_address[address]
+
+    @property
+    def count(self) -> int:
+        """Requests in flight now."""
+        return sum(map(len, self.by_address.values()))
 
     def abort_lost(self, table: RouteTable) -> int:
         """Tell what is in flight to the addresses `table` names lost, and does not
