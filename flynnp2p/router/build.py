@@ -4,7 +4,9 @@ A job takes traffic when the job lifecycle says so (`flynnp2p.state.jobs.takes_t
 the host reports it up and its placement is not a stop): a job whose placement says "stop" is
 ``stopping`` and leaves the table at once, before its host acts (that is the
 routers' half of draining). One-off jobs and jobs without an address never take
-traffic.
+traffic. A job the leader stopped because its host is not alive is named in the
+table's `lost` (`flynnp2p.state.jobs.stopped_for_lost_host`): what is in flight
+to it is given up at once (`flynnp2p.router.lost`).
 
 The cluster's API is routed too, as Flynn routed its controller: with
 ``api_address`` (this node's API), ``api.<cluster domain>`` goes to it, so
@@ -18,14 +20,9 @@ from __future__ import annotations
 
 from flynnp2p.netaddr import ip_port, url_host
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
-from flynnp2p.state.jobs import takes_traffic
+from flynnp2p.state.jobs import stopped_for_lost_host, takes_traffic
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, ClusterConfig, Job, Placement, Route
-
-
-def _backend(job: Job, placement: Placement | None) -> bool:
-    return not job.one_off and job.address is not None and takes_traffic(placement, job)
-
 
 API_ROUTE_ID = "!api"  # sorts before every record id: it wins a (forbidden) tie
 API_APP = "flynnp2p-api"
@@ -74,11 +71,16 @@ def table_from_state(
         )
     wanted = {r.service for r in routes}
     placements = {p.id: p for p in state.records(Placement)}
+    lost: list[str] = []
     for j in state.records(Job):
         service = (j.app_id, j.process_type)
-        if service in wanted and _backend(j, placements.get(j.id)):
-            assert j.address is not None
+        if service not in wanted or j.one_off or j.address is None:
+            continue
+        placement = placements.get(j.id)
+        if takes_traffic(placement, j):
             backend = Backend(j.id, j.address)
             if backend.valid:  # the record schema admits hostnames; the data path does not
                 backends.setdefault(service, []).append(backend)
-    return RouteTable.build(routes, backends)
+        elif stopped_for_lost_host(placement, j):
+            lost.append(j.address)
+    return RouteTable.build(routes, backends, lost)

@@ -65,6 +65,7 @@ def encode_table(table: RouteTable) -> Message:
         "backends": [
             [a, t, [[b.job_id, b.address] for b in bs]] for (a, t), bs in table.backends.items()
         ],
+        "lost": sorted(table.lost),
     }
 
 
@@ -72,6 +73,7 @@ def decode_table(m: Mapping[str, Any]) -> RouteTable:
     return RouteTable.build(
         [RouteSpec(**r) for r in m["routes"]],
         {(a, t): [Backend(j, addr) for j, addr in bs] for a, t, bs in m["backends"]},
+        m.get("lost", ()),
     )
 
 

@@ -48,6 +48,10 @@ to itself (a router worker sets `Shared.lane_burst`): in the agent's process
 (``--router-workers 0``) the lane never blocks the loop the API, the state
 service and serf share, and gives trio its turn back after every batch.
 
+A backend that turns lost (`lost`) has the lane's request to it, if none of
+its response came back yet, handed to the task path as a failed attempt, as
+when the backend closes the connection: the task path retries it elsewhere.
+
 Timeouts stay with the router's sweeper: a lane connection's ``timer`` is a
 `_Timer` whose ``cancel`` (what the sweeper calls at ``expires_at``) answers
 like the task path (408 in a head, 504 with a router log line while waiting
@@ -70,6 +74,7 @@ from flynnp2p.router.proxy import (
     BODY,
     END,
     HEAD,
+    LOST,
     ClientConnection,
     Shared,
     _ResponseSide,
@@ -84,7 +89,8 @@ _SLOW = object()  # `_start`'s answer for a request the task path must serve
 
 
 class _Timer:
-    """What the sweeper cancels for a connection in the lane."""
+    """What the sweeper cancels for a connection in the lane, and what its request
+    in flight is registered as (`lost.InFlight`) while it waits on a backend."""
 
     __slots__ = ("lane", "st")
 
@@ -93,6 +99,9 @@ class _Timer:
 
     def cancel(self) -> None:
         self.lane.expired(self.st)
+
+    def backend_lost(self, address: str) -> None:
+        self.lane.backend_lost(self.st)
 
 
 class _State:
@@ -114,6 +123,7 @@ class _State:
         "route",
         "side",
         "start",
+        "timer",
         "up",
         "up_fd",
         "up_readable",
@@ -138,6 +148,7 @@ class _State:
         self.fresh = False  # nothing of the response read yet (see `plainhead`)
         self.pending: memoryview | None = None  # response bytes the client has not taken
         self.interim = 0  # 1xx responses before this one
+        self.timer: _Timer | None = None
 
 
 class Lane:
@@ -219,7 +230,7 @@ class Lane:
         assert isinstance(sock, Sock)
         fd = sock.sock.fileno()
         st = _State(conn, fd)
-        conn.timer = _Timer(self, st)  # type: ignore[assignment]
+        conn.timer = st.timer = _Timer(self, st)  # type: ignore[assignment]
         conn.phase, conn.expires_at = "idle", self.sh.now() + conn.cfg.idle_timeout
         self.clients[fd] = st
         self.ep.register(fd, _IN)
@@ -364,6 +375,8 @@ class Lane:
         st.fresh = head.method != "HEAD"  # (a response to HEAD has no body: the parser's)
         self.uploads[fd] = st
         sh.balancer.acquire(backend.address)
+        assert st.timer is not None
+        sh.inflight.add(backend.address, st.timer)
         conn.phase = "response-head"
         conn.expires_at = now + conn.cfg.response_header_timeout
         self.kept += 1
@@ -528,6 +541,8 @@ class Lane:
         assert up is not None and backend is not None
         self.uploads.pop(st.up_fd, None)
         self.sh.balancer.release(backend.address)
+        assert st.timer is not None
+        self.sh.inflight.discard(backend.address, st.timer)
         if reuse:
             self.sh.pool.put(backend.address, up, now)
         else:
@@ -536,7 +551,8 @@ class Lane:
 
     def _upstream_failed(self, st: _State, code: str = "H13") -> None:
         """Before anything reached the client: the task path tries again, this as its
-        first attempt (`code` as `logline` names it: its retry line says so)."""
+        first attempt (`code` as `logline` names it, or `proxy.LOST`: its retry line
+        says so)."""
         conn, head, backend = st.conn, st.head, st.backend
         assert backend is not None
         conn.failed_attempt = (code, backend, 0.0, self.sh.now() - st.start)
@@ -545,6 +561,13 @@ class Lane:
         conn.events.appendleft((END, None))
         conn.events.appendleft((HEAD, head))
         self._handoff(st)
+
+    def backend_lost(self, st: _State) -> None:
+        """The backend of the request in flight is lost (`lost`): before any of its
+        response came back, the task path tries it again (the lane's requests are all
+        idempotent and bodiless), this as its first attempt; after, it goes on."""
+        if st.fd in self.clients and st.up is not None and st.resp is None:
+            self._upstream_failed(st, LOST)
 
     def expired(self, st: _State) -> None:
         if st.fd not in self.clients:

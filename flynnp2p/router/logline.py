@@ -18,6 +18,7 @@ code status when
 ==== ====== =======================================================================
 H10  503    the route's process type has no backend that takes traffic
 H12  504    the backend sent no response head within ``response_header_timeout``
+            or turned lost first (its host gone: desc "Backend lost", `lost`)
 H13  502    the backend closed or reset the connection without a response
 H17  502    the backend's response was not valid HTTP (or an unasked 101)
 H18  502    the backend stopped reading the request before it was sent
@@ -25,9 +26,10 @@ H19  504    no backend could be connected to within ``connect_timeout``
 H21  502    every backend tried refused the connection
 ==== ====== =======================================================================
 
-A retry is an ``at=warning`` line with the code of the attempt that failed, the
-backend it failed on (``backend=``) and the one tried next (``retry=``), and no
-status or bytes (nothing was answered yet).
+A retry is an ``at=warning`` line with the code of the attempt that failed (H13
+for one given up because its backend turned lost), the backend it failed on
+(``backend=``) and the one tried next (``retry=``), and no status or bytes
+(nothing was answered yet).
 
 Values come from the request (method, path, host): a value that is not a plain
 token is quoted, with ``"`` and ``\\`` escaped and every character outside printable
@@ -75,6 +77,7 @@ class RouterEvent:
     status: int = 0  # 0: a retry (nothing answered yet)
     bytes: int = 0
     retry: str = ""  # "job@address" tried next
+    desc: str = ""  # the description, when not the code's own (`DESCRIPTIONS`)
 
 
 def quote(value: str) -> str:
@@ -104,7 +107,8 @@ def format_line(e: RouterEvent) -> str:
     fields: list[tuple[str, str]] = [
         ("at", "warning" if e.retry else "error"),
         ("code", e.code),
-        ("desc", always_quoted(DESCRIPTIONS.get(e.code, "Router error") + (", retrying" if e.retry else ""))),
+        ("desc", always_quoted((e.desc or DESCRIPTIONS.get(e.code, "Router error"))
+                               + (", retrying" if e.retry else ""))),
         ("method", quote(e.method)),
         ("path", always_quoted(e.path)),
         ("host", quote(e.host)),

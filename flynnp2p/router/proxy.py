@@ -32,6 +32,11 @@ Failure rules:
   the first attempt (`ClientConnection.failed_attempt`), so both write the same
   retry line;
 * no response head in ``response_header_timeout``: 504 and close;
+* the backend turned lost (a new table names it in `RouteTable.lost`: its host is
+  gone) before any of its response came back: given up at once (`lost`); retried
+  on another backend of the current table only if idempotent and bodiless
+  (an H13 retry line), else 504 with an H12 line "Backend lost". A draining
+  (``stopping``) backend only leaves the table: what it was sent, it answers;
 * anything the parser refuses (ambiguous framing, bad chunk sizes, bare LF,
   obs-fold, oversize): 400/413/414/431 and close, upstream connection dropped
   if a head was already sent, so nothing smuggled reaches a backend.
@@ -63,6 +68,7 @@ from flynnp2p.router.applog import RouterLog
 from flynnp2p.router.balance import Balancer
 from flynnp2p.router.http1 import RequestHead, ResponseHead, https_location
 from flynnp2p.router.logline import RouterEvent
+from flynnp2p.router.lost import InFlight
 from flynnp2p.router.sock import ConnectError, Sock, Stream, connect, tunnel
 from flynnp2p.router.stats import Stats
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
@@ -150,6 +156,7 @@ class Shared:
     # router has its process to itself (a router worker), never in the agent's loop.
     lane_burst: float = 0.0
     live: set[ClientConnection] = field(default_factory=set)  # for the timeout sweeper
+    inflight: InFlight = field(default_factory=InFlight)  # by backend: given up if it is lost
 
     def new_request_id(self) -> bytes:
         return b"%032x" % self.rng.getrandbits(128)
@@ -192,6 +199,11 @@ class _UpstreamFailed(Exception):
         super().__init__(why)
         self.why = why
         self.code = code
+
+
+# An attempt given up because its backend is lost (`lost`): its retry line is an H13's,
+# its error line (504) an H12 with this description.
+LOST, LOST_DESC = "lost", "Backend lost"
 
 
 def _label(backend: Backend) -> str:
@@ -258,6 +270,7 @@ class ClientConnection:
         # head, app name, backend, connect seconds, when the request was sent
         self.attempt: tuple[RequestHead, str, Backend, float, float] | None = None
         self.upstream: Sock | None = None
+        self.attempt_scope: trio.CancelScope | None = None  # an attempt `backend_lost` may give up
         # an attempt of the fast lane's that failed before anything reached the client:
         # code, backend, connect seconds, failed after (seconds); the task path retries it
         self.failed_attempt: tuple[str, Backend, float, float] | None = None
@@ -404,6 +417,17 @@ class ClientConnection:
             if self.lane is not None and not self.events and not self.begun and self.upstream is None:
                 return True
 
+    def backend_lost(self, address: str) -> None:
+        """The backend of the attempt in flight is lost (`lost`): give the attempt up
+        unless a response has begun to come back (its head relayed: "response-body"),
+        or the attempt has already failed (its upstream dropped)."""
+        scope = self.attempt_scope
+        if scope is not None and (
+            self.phase == "connect"
+            or (self.upstream is not None and self.phase in ("request-body", "response-head"))
+        ):
+            scope.cancel()
+
     def _timed_out(self) -> None:
         if self.phase == "head":
             self.sock.send_nowait(http1.simple_response(408, "408: the request head took too long\n", close=True))  # fmt: skip
@@ -420,7 +444,7 @@ class ClientConnection:
     def _log(
         self, head: RequestHead, app_name: str, rid: bytes, code: str, backend: Backend | None,
         connect_s: float = 0.0, service_s: float = 0.0, status: int = 0, nbytes: int = 0,
-        retry: Backend | None = None,
+        retry: Backend | None = None, desc: str = "",
     ) -> None:  # fmt: skip
         """A router line for the app's log (queued: never blocks)."""
         if app_name:
@@ -429,7 +453,7 @@ class ClientConnection:
             code, head.method, head.target.decode("latin-1"), head.host.decode("latin-1"),
             rid.decode("latin-1"), self.client_ip, self.proto,
             _label(backend) if backend is not None else "", _ms(connect_s), _ms(service_s),
-            status, nbytes, _label(retry) if retry is not None else "",
+            status, nbytes, _label(retry) if retry is not None else "", desc,
         ))  # fmt: skip
 
     async def _reply(
@@ -467,7 +491,7 @@ class ClientConnection:
         if head.content_length is not None and head.content_length > cfg.max_body:
             return await self._reply(head, app, start, rid, 413, f"413: the body exceeds {cfg.max_body} bytes\n", close=True)  # fmt: skip
         backends = table.backends.get(route.service, ())
-        if not backends:
+        if not backends and (failed is None or failed[0] != LOST):  # (lost: _proxy answers it)
             page = http1.unavailable_page(app, route.process_type)
             self._log(head, route.app_name, rid, "H10", None, status=503, nbytes=len(page.encode()))
             return await self._reply(head, app, start, rid, 503, page)
@@ -494,6 +518,8 @@ class ClientConnection:
         if failed is not None:
             tries -= 1
             (renew.add if failed[0] == "H13" else tried.append)(failed[1].address)
+            if failed[0] == LOST:
+                why = f"{failed[1].address}: the backend is lost"
         pinned = sticky.job_of(head.lines, sh.sticky_key, route.id) if route.sticky else None
         for _ in range(tries):
             now = self.sh.now()
@@ -513,51 +539,73 @@ class ClientConnection:
             )  # fmt: skip
             if failed is not None:
                 sh.stats.retried(app)
-                self._log(head, route.app_name, rid, failed[0], failed[1], failed[2], failed[3],
-                          retry=backend)  # fmt: skip
+                self._log(head, route.app_name, rid, "H13" if failed[0] == LOST else failed[0],
+                          failed[1], failed[2], failed[3], retry=backend)  # fmt: skip
             address = backend.address
             tried.append(address)
             up = sh.pool.take_nowait(address, now) if address not in renew else None
             pooled = up is not None
             connect_s, sent_at = 0.0, now  # (a pooled connection: no second clock read)
-            if up is None:
-                self.phase = "connect"
-                self.expires_at = float("inf")
-                try:
-                    up = await connect_backend(sh, backend)
-                except ConnectError as e:
-                    why, timed_out = str(e), e.timed_out
-                    failed = ("H19" if e.timed_out else "H21", backend, self.sh.now() - now, 0.0)
-                    continue
-                sent_at = self.sh.now()
-                connect_s = sent_at - now
-            assert up is not None
-            self.upstream = up
-            self.attempt = (head, route.app_name, backend, connect_s, sent_at)
-            sh.balancer.acquire(address)
+            # What follows may be given up at once if the backend turns lost (`lost`):
+            # `backend_lost` cancels this scope while nothing of a response came back.
+            scope = self.attempt_scope = trio.CancelScope()
+            sh.inflight.add(address, self)
             try:
-                return await self._exchange(head, up_head, up, address, start, rid, app)
-            except _UpstreamFailed as e:
-                self.upstream = None
-                up.close()
-                why, timed_out = f"{address}: {e.why}", False
-                if self.dead and self.events and self.events[-1][0] == ERROR:
-                    status, reason = self.events[-1][1]
-                    return await self._reply(head, app, start, rid, status, f"{status}: {reason}\n", close=True)  # fmt: skip
-                failed = (e.code, backend, connect_s, self.sh.now() - sent_at)
-                if head.method not in http1.IDEMPOTENT or head.has_body:
-                    break
-                if pooled and e.code == "H13":  # the connection failed, not the backend
-                    tried.remove(address)
-                    renew.add(address)
+                with scope:
+                    if up is None:
+                        self.phase = "connect"
+                        self.expires_at = float("inf")
+                        try:
+                            up = await connect_backend(sh, backend)
+                        except ConnectError as e:
+                            why, timed_out = str(e), e.timed_out
+                            failed = ("H19" if e.timed_out else "H21", backend, self.sh.now() - now, 0.0)
+                            continue
+                        sent_at = self.sh.now()
+                        connect_s = sent_at - now
+                    self.upstream = up
+                    self.attempt = (head, route.app_name, backend, connect_s, sent_at)
+                    sh.balancer.acquire(address)
+                    try:
+                        return await self._exchange(head, up_head, up, address, start, rid, app)
+                    except _UpstreamFailed as e:
+                        self.upstream = None
+                        up.close()
+                        why, timed_out = f"{address}: {e.why}", False
+                        if self.dead and self.events and self.events[-1][0] == ERROR:
+                            status, reason = self.events[-1][1]
+                            return await self._reply(head, app, start, rid, status, f"{status}: {reason}\n", close=True)  # fmt: skip
+                        failed = (e.code, backend, connect_s, self.sh.now() - sent_at)
+                        if head.method not in http1.IDEMPOTENT or head.has_body:
+                            break
+                        if pooled and e.code == "H13":  # the connection failed, not the backend
+                            tried.remove(address)
+                            renew.add(address)
+                        continue
+                    finally:
+                        sh.balancer.release(address)
             finally:
-                sh.balancer.release(address)
-        status = 504 if timed_out else 502
+                sh.inflight.discard(address, self)
+                self.attempt_scope = None
+            # the scope was cancelled: the backend is lost (nothing of a response came back)
+            assert scope.cancelled_caught
+            self.upstream = None
+            if up is not None:
+                up.close()
+            if self.phase == "response-body":  # (a head relayed as the cancel came): only closing is left
+                raise _ClientGone
+            why, timed_out = f"{address}: the backend is lost", False
+            failed = (LOST, backend, connect_s, self.sh.now() - sent_at)
+            if head.method not in http1.IDEMPOTENT or head.has_body:
+                break
+            backends = sh.table.value.backends.get(route.service, ())  # (the lost one has left)
+        lost = failed is not None and failed[0] == LOST
+        status = 504 if timed_out or lost else 502
         text = f"{status}: {why}\n"
         if failed is not None:
             code, backend, connect_s, service_s = failed
-            self._log(head, route.app_name, rid, code, backend, connect_s, service_s, status,
-                      len(text.encode()))  # fmt: skip
+            self._log(head, route.app_name, rid, "H12" if lost else code, backend, connect_s,
+                      service_s, status, len(text.encode()), desc=LOST_DESC if lost else "")  # fmt: skip
         return await self._reply(head, app, start, rid, status, text, close=head.has_body)
 
     async def _send_request(self, head: RequestHead, up_head: bytes, up: Sock) -> None:

@@ -290,6 +290,8 @@ class Router:
                 self._bind_tcp(table.tcp_ports, nursery)
             keep = {b.address for bs in table.backends.values() for b in bs}
             self.shared.pool.prune(keep)
+            self.shared.inflight.prune(keep)
+            self.shared.inflight.abort_lost(table)  # what waits on a lost job: given up (lost.py)
 
     def _bind_tcp(self, wanted: frozenset[int], nursery: trio.Nursery) -> None:
         for port in sorted(set(self.tcp_listeners) - wanted):

@@ -26,6 +26,11 @@ a ``/`` route, or nothing matches) the `Target` is cached by the raw ``Host``
 bytes in the table itself, so a swapped-in table starts with an empty cache
 and no change can be missed. The cache is bounded (`HOST_CACHE` entries, then
 emptied), so hostile Host headers cost a re-lookup, not memory.
+
+A table also names the addresses of jobs that left it because they are *lost*
+(`lost`: their host is gone, see `flynnp2p.state.jobs.stopped_for_lost_host`), as
+opposed to draining (``stopping``): the router gives up at once on what it has in
+flight to those (`flynnp2p.router.lost`), where a draining job finishes its own.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class RouteTable:
     backends: Mapping[tuple[str, str], tuple[Backend, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    lost: frozenset[str] = frozenset()  # addresses of jobs whose host is gone (see the module)
     _exact: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _wild: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _tcp: Mapping[int, RouteSpec] = field(init=False, repr=False, compare=False)
@@ -151,10 +157,12 @@ class RouteTable:
         cls,
         routes: Iterable[RouteSpec],
         backends: Mapping[tuple[str, str], Iterable[Backend]],
+        lost: Iterable[str] = (),
     ) -> RouteTable:
         return cls(
             routes=tuple(sorted(routes, key=lambda r: r.id)),
             backends={k: tuple(sorted(v, key=lambda b: b.job_id)) for k, v in sorted(backends.items())},
+            lost=frozenset(lost),
         )
 
     def route_http(self, host: str, path: str) -> RouteSpec | None:
@@ -216,7 +224,10 @@ class RouteTable:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RouteTable):
             return NotImplemented
-        return self.routes == other.routes and dict(self.backends) == dict(other.backends)
+        return (
+            self.routes == other.routes and dict(self.backends) == dict(other.backends)
+            and self.lost == other.lost
+        )  # fmt: skip
 
     def __hash__(self) -> int:
         return hash(self.routes)

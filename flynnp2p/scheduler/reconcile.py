@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from flynnp2p.scheduler.feasible import Eligible, check_host, eligible
 from flynnp2p.scheduler.model import Desired, Host, Inputs, JobInfo, OneOff
 from flynnp2p.scheduler.surge import REPLACE, keep_first, surge
-from flynnp2p.state.jobs import LIVE
+from flynnp2p.state.jobs import LIVE, host_gone_reason
 
 BACKOFF_MS = (0, 10_000, 30_000)  # by restarts so far; the last value repeats
 RESET_AFTER_UP_MS = 5 * 60_000
@@ -116,7 +116,7 @@ def reconcile(inputs: Inputs, now_ms: int) -> Reconciled:
             continue
         if job.one_off:
             if job.state != "crashed" and not _alive(hosts, job.host):
-                stops.append(_stop(job, f"host {job.host} is not alive"))
+                stops.append(_stop(job, host_gone_reason(job.host)))
             continue
         counted.setdefault(job.group, []).append(job)
 
@@ -188,7 +188,7 @@ def _drop_misplaced(
         host = hosts.get(job.host)
         why = None if host is None else check_host(host, d.constraints)
         if host is None or not host.alive:
-            stops.append(_stop(job, f"host {job.host} is not alive"))
+            stops.append(_stop(job, host_gone_reason(job.host)))
         elif job.release != d.release and why is None:
             old.append(job)
         elif job.release != d.release:

@@ -30,6 +30,8 @@ The rules every component asks of a state, in one place:
 * `ACTIVE`: placed and not stopping: its host is bringing it up or runs it.
 * `IN_FLIGHT`: on its way somewhere: the picture may still change.
 * `takes_traffic`: up, and its placement is not a stop (the router's test).
+* `stopped_for_lost_host`: stopped because its host is not alive (routers give up
+  what is in flight to it; a drained job finishes it).
 * `drains`: routers may be sending it requests, so its host drains it before a stop.
 * fencing (`FENCED`, `fenced_reason`, `is_fenced`): a host refused the placement.
 
@@ -117,6 +119,23 @@ def takes_traffic(p: Placement | None, j: Job | None) -> bool:
     counts: its host says it is up. Whether it has an address to send them to is
     the router's to check (a worker is up without one)."""
     return effective_state(p, j) == UP
+
+
+HOST_GONE = " is not alive"  # how the leader's reason for stopping a dead host's job ends
+
+
+def host_gone_reason(host: str) -> str:
+    """The leader's reason for stopping a job because its host is not alive."""
+    return f"host {host}{HOST_GONE}"
+
+
+def stopped_for_lost_host(p: Placement | None, j: Job | None) -> bool:
+    """The leader stopped it because its host is not alive: nothing will answer what a
+    router has in flight to it (unlike a drain), so routers give that up at once."""
+    return (
+        p is not None and p.action == STOP and p.reason is not None and p.reason.endswith(HOST_GONE)
+        and (j is None or j.state != DOWN)
+    )  # fmt: skip
 
 
 def drains(job: Job | None) -> bool:
