@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,10 +164,16 @@ class AgentProc:
                 out[path.name] = pgid
         return out
 
-    def kill_jobs(self) -> None:
-        for pgid in self.job_groups().values():
+    def kill_jobs(self, timeout: float = 10.0) -> None:
+        """SIGKILL the jobs' process groups and return once none of their processes
+        lives (a dead process has closed its sockets: the kill is over, not sent)."""
+        groups = set(self.job_groups().values())
+        for pgid in groups:
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while groups and live_in_groups(groups) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def stop(self, timeout: float = 20) -> int:
         """Graceful stop: SIGTERM to the agent alone, which leaves and stops serf."""
@@ -253,6 +260,16 @@ class Cluster:
     def kill_all(self) -> None:
         for agent in self.agents:
             agent.kill()
+
+
+def live_in_groups(groups: set[int]) -> bool:
+    """Whether a process that has not exited (a zombie has) is in one of `groups`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) in groups:
+                return True
+    return False
 
 
 def gone_or_zombie(pid: int) -> bool:

@@ -16,6 +16,7 @@ import trio.testing
 
 from flynnp2p.scheduler.rollout import Verdict, expired, judge, outcome
 from flynnp2p.scheduler.watcher import DeployWatcher
+from flynnp2p.state.jobs import restart_reason
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App, Deployment, Formation, Job, Placement, ProcessSpec, Release
 from flynnp2p.state.service import StateService
@@ -169,6 +170,25 @@ def test_judge_cases() -> None:
     ]
     # web=0: nothing to wait for
     assert judge(world(web=0), DEP, now) == Verdict("complete")
+
+
+def test_a_restarted_job_is_judged_by_how_its_run_before_ended() -> None:
+    """The scheduler restarts a crashed job at once: its host may report the next
+    run before the watcher sees the crash. The restart placement keeps how it ended."""
+    now = T0_MS + 1000
+    for crashed, how in [
+        (job("n", "r2", "crashed", exit_code=3), "exited with code 3"),
+        (dataclasses.replace(job("n", "r2", "crashed"), reason="no space left on h1"),
+         "could not start: no space left on h1"),
+        (job("n", "r2", "crashed"), "exited by itself"),
+    ]:  # fmt: skip
+        restart = dataclasses.replace(
+            placed("n", "r2", restarts=1), generation=1, reason=restart_reason(crashed)
+        )
+        pending = dataclasses.replace(job("n", "r2", "pending", restarts=1), generation=1)
+        for report in (crashed, pending):  # before and after its host acted on the restart
+            verdict = judge(world(restart, report), DEP, now)
+            assert verdict == Verdict("failed", f"job n (web) {how} (restarted 1 time(s))", "n")
 
 
 def test_only_the_newest_finished_deployments_are_kept() -> None:

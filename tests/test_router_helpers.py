@@ -26,9 +26,27 @@ from flynnp2p.watch import Watched
 LOCAL = "127.0.0.1"
 
 
-async def serve(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]) -> int:
+async def serve(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> int:
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=LOCAL))
     return int(listeners[0].socket.getsockname()[1])
+
+
+async def answer_one_then_drop(stream: trio.SocketStream) -> None:
+    """A backend connection handler: answers one request as if keep-alive, then drops
+    the connection unanswered when the next request arrives on it (a backend dying
+    with that request on the wire: the router sees a closed idle connection in its
+    pool and never sends on it)."""
+    for answer in (True, False):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if not (got := await stream.receive_some(65536)):
+                return
+            data += got
+        if answer:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await stream.aclose()
 
 
 @dataclass
@@ -65,7 +83,9 @@ class HttpBackend:
         finally:
             await stream.aclose()
 
-    async def respond(self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request) -> bool:
+    async def respond(
+        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+    ) -> bool:
         path = req.target.decode()
         parts = path.split("?")[0].strip("/").split("/")
         headers = [(n.decode(), v.decode()) for n, v in req.headers]

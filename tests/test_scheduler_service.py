@@ -103,6 +103,8 @@ async def test_crash_restarts_back_off_0_10_30_30(clock: trio.testing.MockClock)
         gaps = [round(b - a, 1) for (a, _), (b, _) in itertools.pairwise(starts)]
         assert gaps[:4] == [0.0, 10.0, 30.0, 30.0]
         assert [p.restarts for _, p in starts[:5]] == [0, 1, 2, 3, 4]
+        # each restart keeps how the run before it ended, for the deploy watcher
+        assert {p.reason for _, p in starts[1:5]} == {"restarted; it exited with code 3"}
         nursery.cancel_scope.cancel()
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from flynnp2p.state.jobs import CRASHED, LIVE, START, UP, effective_state
+from flynnp2p.state.jobs import CRASHED, LIVE, RESTARTED, START, UP, effective_state, how_it_ended
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import App, Deployment, Formation, Job, Placement, Release
 
@@ -63,9 +63,8 @@ class _Seen:
     state: str
     new: bool
     crashed: bool
-    exit_code: int | None
     restarts: int
-    reason: str | None = None  # its host's, when it crashed before it ran (say, a full disk)
+    how: str = "exited by itself"  # a crashed one's end (`how_it_ended`)
 
 
 def deadline_ms(state: State, dep: Deployment) -> int:
@@ -85,12 +84,7 @@ def judge(state: State, dep: Deployment, now: int) -> Verdict | None:
     jobs = _jobs_of(state, dep)
     for job in jobs:
         if job.new and job.crashed:
-            if job.exit_code is not None:
-                how = f"exited with code {job.exit_code}"
-            elif job.reason:  # it never ran: its host's reason (a full disk, no image)
-                how = f"could not start: {job.reason}"
-            else:
-                how = "exited by itself"
+            how = job.how
             again = f" (restarted {job.restarts} time(s))" if job.restarts else ""
             return Verdict("failed", f"job {job.id} ({job.type}) {how}{again}", job.id)
     release = state.record(Release, dep.new_release_id)
@@ -159,6 +153,16 @@ def formation_on(formation: Formation, release: Release, now: int) -> Formation:
     return dataclasses.replace(formation, release_id=release.id, updated_at=now, processes=counts)
 
 
+def _how(p: Placement | None, j: Job | None) -> str:
+    """How a crashed job's run ended: its host's report, or once a restart has
+    replaced that report, what the restart placement kept of it."""
+    if j is not None and j.state == CRASHED:
+        return how_it_ended(j.exit_code, j.reason)
+    if p is not None and p.reason and p.reason.startswith(RESTARTED):
+        return p.reason.removeprefix(RESTARTED)
+    return "exited by itself"
+
+
 def _jobs_of(state: State, dep: Deployment) -> list[_Seen]:
     """The app's service jobs as the leader sees them (the merge of report and
     placement), sorted by id."""
@@ -187,9 +191,8 @@ def _jobs_of(state: State, dep: Deployment) -> list[_Seen]:
                 state=job_state,
                 new=release == dep.new_release_id,
                 crashed=crashed,
-                exit_code=None if j is None else j.exit_code,
                 restarts=restarts,
-                reason=j.reason if j is not None and j.state == CRASHED else None,
+                how=_how(p, j),
             )
         )
     return seen

@@ -45,7 +45,7 @@ from flynnp2p.scheduler.plan import Blocked as PlanBlocked
 from flynnp2p.scheduler.plan import Plan, Start, plan
 from flynnp2p.scheduler.reconcile import Restart, Stop
 from flynnp2p.state.errors import RecordError
-from flynnp2p.state.jobs import DOWN, STOP, effective_state, is_finished
+from flynnp2p.state.jobs import DOWN, STOP, effective_state, is_finished, restart_reason
 from flynnp2p.state.merge import Change, Delete, State
 from flynnp2p.state.records import Blocked, Formation, Job, Placement, Release, RunRequest
 from flynnp2p.state.replica import WriteOutcome
@@ -103,7 +103,9 @@ class Scheduler:
             # A record the planner built is invalid: a bug, but one that must not
             # take this node (and every next leader, on the same state) down.
             self.stats["errors"] += 1
-            log.error("scheduler: evaluation at epoch %d (seed %s) failed: %s", epoch, self.last_seed, exc)
+            log.error(
+                "scheduler: evaluation at epoch %d (seed %s) failed: %s", epoch, self.last_seed, exc
+            )
             return self.now_ms() + 5000
         except FlynnError as exc:
             self.stats["errors"] += 1
@@ -168,7 +170,7 @@ def changes_for(state: State, result: Plan, epoch: int, now: int) -> list[Change
         generation = max(old.generation if old else 0, job.generation if job else 0) + 1
         restart = dataclasses.replace(
             old or placement(r, "start"), epoch=epoch, generation=generation,
-            restarts=r.restarts, reason="restart",
+            restarts=r.restarts, reason=restart_reason(job)[:4096],
         )  # fmt: skip
         changes.append(restart)
     return changes

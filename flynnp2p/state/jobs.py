@@ -80,6 +80,27 @@ EXITED = frozenset({CRASHED, DOWN})  # this run is over (runs nothing)
 FENCED = "fenced:"  # how a host's reason starts when it refuses a stale placement
 
 
+RESTARTED = "restarted; it "  # a restart placement's reason: how the run before it ended
+
+
+def how_it_ended(exit_code: int | None, reason: str | None) -> str:
+    """A crashed run's end in words: its exit code, or its host's reason when it never
+    ran (a full disk, an image that cannot be fetched)."""
+    if exit_code is not None:
+        return f"exited with code {exit_code}"
+    if reason:
+        return f"could not start: {reason}"
+    return "exited by itself"
+
+
+def restart_reason(j: Job | None) -> str:
+    """The reason a restart placement carries: how the run it replaces ended, kept
+    for whoever judges the job after its host has reported the next run."""
+    return RESTARTED + (
+        how_it_ended(j.exit_code, j.reason) if j is not None else "exited by itself"
+    )
+
+
 def may_follow(previous: Job | None, report: Job) -> bool:
     """Whether a host may write `report` over `previous` (the record it replaces)."""
     if previous is None:
