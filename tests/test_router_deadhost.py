@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flynnp2p.gossip.heartbeat import Heartbeats
@@ -86,6 +86,7 @@ def test_backends_on_silent_hosts_are_skipped_while_another_answers() -> None:
     assert all_silent != everyone
 
 
+@settings(deadline=None)  # (a noisy 2-core machine: the state snapshot's cost varies)
 @given(
     hosts=st.lists(st.sampled_from(HOSTS), min_size=1, max_size=8),
     silent=st.frozensets(st.sampled_from(HOSTS)),
