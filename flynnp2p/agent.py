@@ -191,8 +191,9 @@ class Agent:
         # heartbeats cost ~1.5 % of a core per node at three nodes).
         self.pinger = UdpPinger(token.peer_key, cfg.addr, cfg.api_port)
         self.heartbeats = Heartbeats(
-            GossipPeers(self.gossip).alive_peers, self.pinger
-        )
+            GossipPeers(self.gossip).alive_peers, self.pinger,
+            not_alive=lambda: [m.name for m in self.gossip.view.value.members if m.status != "alive"],
+        )  # fmt: skip
         try:
             store = SqliteStore(cfg.data_dir / "state", cfg.name)
         except StoreError as exc:
@@ -345,7 +346,7 @@ class Agent:
                 await nursery.start(
                     partial(
                         feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],
-                        domain=c.domain, certs=self.certs,
+                        domain=c.domain, certs=self.certs, silent=self.heartbeats.silent,
                     )
                 )  # fmt: skip
                 await _start_listening(

@@ -18,7 +18,15 @@ grace as one that just answered.  Members serf no longer calls alive are dropped
 serf's verdict is the stronger one.
 
 This is one node's own view: it is not replicated, and the scheduler never acts
-on it (it waits for serf); only what the API shows uses it.  The core
+on it (it waits for serf).  What the API shows uses it, and so does this node's
+router: after every round the names of the members this node does not hear
+from are published in `Heartbeats.silent` (a `Watched`, changed only when the
+set changes), and the router's table stops listing backends on those hosts
+while others answer (`flynnp2p.router.build`).  They are the unresponsive
+members and those serf no longer calls alive (``not_alive``): when serf calls a
+silent member failed, heartbeats drop it, yet the leader has not stopped its
+jobs yet (that takes another second or two), and its backends must not come
+back into the table meanwhile.  The core
 (`LastHeard`) is pure and takes ``now``; `Heartbeats` is the trio service, with
 the clock and the probe as parameters.
 """
@@ -31,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
+
+from flynnp2p.watch import Watched
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +109,16 @@ class Heartbeats:
         probe: Prober,
         settings: HeartbeatSettings = HeartbeatSettings(),
         clock: Callable[[], float] = trio.current_time,
+        not_alive: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.targets = targets
+        self.not_alive = not_alive
         self.probe = probe
         self.settings = settings
         self.clock = clock
         self.last_heard = LastHeard(settings.unresponsive_after_s)
+        # Unresponsive or not alive, as of the end of the last round (see the module).
+        self.silent: Watched[frozenset[str]] = Watched(frozenset())
 
     def unresponsive(self) -> dict[str, float]:
         """Members serf calls alive that have not answered for a while (name → seconds)."""
@@ -118,6 +132,7 @@ class Heartbeats:
             self.last_heard.track(targets, start)
             for name, at in await self._round(targets):
                 self.last_heard.heard_from(name, at)
+            self.silent.set(frozenset(self.unresponsive()).union(self.not_alive()))
             # A slow round (probes that hit their deadline) does not delay the
             # next one by more than the deadline: rounds start on a fixed beat.
             await trio.sleep_until(start + self.settings.interval_s)

@@ -8,6 +8,24 @@ traffic. A job the leader stopped because its host is not alive is named in the
 table's `lost` (`flynnp2p.state.jobs.stopped_for_lost_host`): what is in flight
 to it is given up at once (`flynnp2p.router.lost`).
 
+Hosts this node's heartbeats call unresponsive (``silent_hosts``,
+`flynnp2p.gossip.heartbeat`) lose their traffic about 2 s after they stop
+answering, instead of the 6-9 s the leader takes to stop their jobs as lost
+(serf must call the host failed first): a pooled connection to a host that was
+cut off shows no FIN, so a request written on it would hang, and a new connect
+would wait out the connect timeout. A service's backends on silent hosts are
+left out of the table (into its `skipped`) while the service has one on a host
+that answers; when all of them are on silent hosts all stay listed, since a try
+beats a 503. When a host answers again the next table lists its backends again.
+Every backend address on a silent host is also in the table's `silent`, so that
+the router stops pooling connections to it.
+
+Silence only steers new requests: what is in flight to a silent host is left to
+finish (`lost` alone gives it up). The heartbeats are one node's view, not the
+cluster's, and a host that is slow (a loaded machine, a long GC, a burst of
+packet loss) misses a few of them while it still answers what it was sent; to
+504 those requests would fail work that was going to succeed.
+
 The cluster's API is routed too, as Flynn routed its controller: with
 ``api_address`` (this node's API), ``api.<cluster domain>`` goes to it, so
 ``https://api.<domain>:8443`` with the cluster CA's certificate reaches the API
@@ -17,6 +35,8 @@ through any node's router, and so does the node's own address
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence, Set
 
 from flynnp2p.netaddr import ip_port, url_host
 from flynnp2p.router.table import Backend, RouteSpec, RouteTable
@@ -33,12 +53,28 @@ def cluster_domain(state: State, fallback: str) -> str:
     return config.domain if config is not None else fallback
 
 
+def prefer_answering(
+    backends: Sequence[tuple[Backend, str]], silent_hosts: Set[str]
+) -> tuple[list[Backend], list[Backend]]:
+    """`backends` (each with its host) → (listed, skipped): those on hosts not in
+    `silent_hosts` when there is one, else all of them (see the module)."""
+    answering = [b for b, host in backends if host not in silent_hosts]
+    if not answering or len(answering) == len(backends):
+        return [b for b, _ in backends], []
+    return answering, [b for b, host in backends if host in silent_hosts]
+
+
 def table_from_state(
-    state: State, *, api_address: str | None = None, domain: str = "flynnp2p.localhost"
+    state: State,
+    *,
+    api_address: str | None = None,
+    domain: str = "flynnp2p.localhost",
+    silent_hosts: Set[str] = frozenset(),
 ) -> RouteTable:
     apps = {a.id: a for a in state.records(App)}
     routes = []
     backends: dict[tuple[str, str], list[Backend]] = {}
+    hosted: dict[tuple[str, str], list[tuple[Backend, str]]] = {}
     parsed = None if api_address is None else ip_port(api_address)
     if api_address is not None and parsed is not None:
         # api.<domain>, and this node's own address (https://NODE:8443 with no DNS).
@@ -80,7 +116,13 @@ def table_from_state(
         if takes_traffic(placement, j):
             backend = Backend(j.id, j.address)
             if backend.valid:  # the record schema admits hostnames; the data path does not
-                backends.setdefault(service, []).append(backend)
+                hosted.setdefault(service, []).append((backend, j.host))
         elif stopped_for_lost_host(placement, j):
             lost.append(j.address)
-    return RouteTable.build(routes, backends, lost)
+    skipped: dict[tuple[str, str], list[Backend]] = {}
+    silent: list[str] = []
+    for service, found in hosted.items():
+        listed, skipped[service] = prefer_answering(found, silent_hosts)
+        backends.setdefault(service, []).extend(listed)
+        silent.extend(b.address for b, host in found if host in silent_hosts)
+    return RouteTable.build(routes, backends, lost, skipped, silent)

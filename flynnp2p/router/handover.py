@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 from flynnp2p.coord.ca import Pem
 from flynnp2p.router.proxy import ProxyConfig
 from flynnp2p.router.stats import WINDOW, AppStats, Stats
-from flynnp2p.router.table import Backend, RouteSpec, RouteTable
+from flynnp2p.router.table import Backend, RouteSpec, RouteTable, backends_status
 from flynnp2p.router.tls import CertStore, StoredCert
 
 Message = dict[str, Any]
@@ -62,18 +62,28 @@ Message = dict[str, Any]
 def encode_table(table: RouteTable) -> Message:
     return {
         "routes": [asdict(r) for r in table.routes],
-        "backends": [
-            [a, t, [[b.job_id, b.address] for b in bs]] for (a, t), bs in table.backends.items()
-        ],
+        "backends": _services(table.backends),
         "lost": sorted(table.lost),
+        "skipped": _services(table.skipped),
+        "silent": sorted(table.silent),
     }
+
+
+def _services(by_service: Mapping[tuple[str, str], Sequence[Backend]]) -> list[list[Any]]:
+    return [[a, t, [[b.job_id, b.address] for b in bs]] for (a, t), bs in by_service.items()]
+
+
+def _backends(m: Sequence[Sequence[Any]]) -> dict[tuple[str, str], list[Backend]]:
+    return {(a, t): [Backend(j, addr) for j, addr in bs] for a, t, bs in m}
 
 
 def decode_table(m: Mapping[str, Any]) -> RouteTable:
     return RouteTable.build(
         [RouteSpec(**r) for r in m["routes"]],
-        {(a, t): [Backend(j, addr) for j, addr in bs] for a, t, bs in m["backends"]},
+        _backends(m["backends"]),
         m.get("lost", ()),
+        _backends(m.get("skipped", ())),
+        m.get("silent", ()),
     )
 
 
@@ -243,10 +253,8 @@ def merge_status(
         "tls": {**tls, "handshake_failures": total["tls_failures"]},
         "tcp_errors": {str(p): e for p, e in sorted((tcp_errors or {}).items())},
         "connections": connections,
-        "routes": len(table.routes),
-        "backends": {
-            f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.backends.items())
-        },
+            "routes": len(table.routes),
+            **backends_status(table),
         "balancer": {
             "in_flight": dict(sorted(in_flight.items())),
             "skipped": dict(sorted(skipped.items())),

@@ -103,8 +103,15 @@ class Pool:
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
         self.idle: dict[str, list[tuple[Sock, float]]] = {}
+        # Addresses on hosts that stopped answering heartbeats (`RouteTable.silent`):
+        # a cut-off host sends no FIN, so a connection to it looks idle and healthy,
+        # and a request written on it would hang. Never reused while silent.
+        self.silent: frozenset[str] = frozenset()
 
     def take_nowait(self, address: str, now: float) -> Sock | None:
+        if address in self.silent:
+            self.prune_address(address)
+            return None
         stack = self.idle.get(address)
         while stack:
             sock, since = stack.pop()
@@ -124,10 +131,16 @@ class Pool:
         else:
             stack.append((sock, now))
 
-    def prune(self, keep: set[str]) -> None:
-        for address in [a for a in self.idle if a not in keep]:
-            for sock, _ in self.idle.pop(address):
-                sock.close()
+    def prune(self, keep: set[str], silent: frozenset[str] = frozenset()) -> None:
+        """Close the idle connections to addresses not in `keep` or in `silent`, and
+        reuse none to `silent` ones until the next prune."""
+        self.silent = silent
+        for address in [a for a in self.idle if a not in keep or a in silent]:
+            self.prune_address(address)
+
+    def prune_address(self, address: str) -> None:
+        for sock, _ in self.idle.pop(address, ()):
+            sock.close()
 
     def close_all(self) -> None:
         self.prune(set())

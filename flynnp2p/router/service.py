@@ -40,7 +40,7 @@ from flynnp2p.router.lane import Lane
 from flynnp2p.router.proxy import ClientConnection, Pool, ProxyConfig, Shared, connect_backend
 from flynnp2p.router.sock import ConnectError, Sock, Stream, tunnel
 from flynnp2p.router.stats import Stats
-from flynnp2p.router.table import RouteTable
+from flynnp2p.router.table import RouteTable, backends_status
 from flynnp2p.router.tls import CertStore, TlsSock
 from flynnp2p.watch import Watched
 
@@ -194,9 +194,7 @@ class Router:
             "connections": self.connections,
             "lane": self.lane.status() if self.lane is not None else None,
             "routes": len(table.routes),
-            "backends": {
-                f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.backends.items())
-            },
+            **backends_status(table),
             "balancer": self.shared.balancer.status(now),
             "pool": self.shared.pool.counts(),
             "apps": self.shared.stats.as_dict(),
@@ -289,7 +287,7 @@ class Router:
             if self.handed is None:  # (handed listeners follow the agent's messages)
                 self._bind_tcp(table.tcp_ports, nursery)
             keep = {b.address for bs in table.backends.values() for b in bs}
-            self.shared.pool.prune(keep)
+            self.shared.pool.prune(keep, table.silent)  # (silent hosts: see `Pool.silent`)
             self.shared.inflight.prune(keep)
             self.shared.inflight.abort_lost(table)  # what waits on a lost job: given up (lost.py)
 

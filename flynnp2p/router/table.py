@@ -31,6 +31,13 @@ A table also names the addresses of jobs that left it because they are *lost*
 (`lost`: their host is gone, see `flynnp2p.state.jobs.stopped_for_lost_host`), as
 opposed to draining (``stopping``): the router gives up at once on what it has in
 flight to those (`flynnp2p.router.lost`), where a draining job finishes its own.
+
+And it names the backends on hosts this node's heartbeats find *unresponsive*
+(`flynnp2p.gossip.heartbeat`): `silent`, every such address, and `skipped`, those
+of them left out of `backends` because their service has a backend on a host
+that answers (`flynnp2p.router.build` decides). Nothing in flight to them is
+given up; the router only stops pooling connections to `silent` addresses
+(`flynnp2p.router.proxy.Pool`).
 """
 
 from __future__ import annotations
@@ -122,6 +129,12 @@ class RouteTable:
         default_factory=lambda: MappingProxyType({})
     )
     lost: frozenset[str] = frozenset()  # addresses of jobs whose host is gone (see the module)
+    # Backends left out because their host is unresponsive (see the module), and every
+    # backend address on an unresponsive host, left out or not.
+    skipped: Mapping[tuple[str, str], tuple[Backend, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    silent: frozenset[str] = frozenset()
     _exact: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _wild: Mapping[str, tuple[RouteSpec, ...]] = field(init=False, repr=False, compare=False)
     _tcp: Mapping[int, RouteSpec] = field(init=False, repr=False, compare=False)
@@ -151,6 +164,9 @@ class RouteTable:
         object.__setattr__(
             self, "backends", MappingProxyType({k: tuple(v) for k, v in self.backends.items()})
         )
+        object.__setattr__(
+            self, "skipped", MappingProxyType({k: tuple(v) for k, v in self.skipped.items() if v})
+        )
 
     @classmethod
     def build(
@@ -158,11 +174,18 @@ class RouteTable:
         routes: Iterable[RouteSpec],
         backends: Mapping[tuple[str, str], Iterable[Backend]],
         lost: Iterable[str] = (),
+        skipped: Mapping[tuple[str, str], Iterable[Backend]] | None = None,
+        silent: Iterable[str] = (),
     ) -> RouteTable:
+        def by_service(given: Mapping[tuple[str, str], Iterable[Backend]]) -> dict[tuple[str, str], tuple[Backend, ...]]:
+            return {k: tuple(sorted(v, key=lambda b: b.job_id)) for k, v in sorted(given.items())}
+
         return cls(
             routes=tuple(sorted(routes, key=lambda r: r.id)),
-            backends={k: tuple(sorted(v, key=lambda b: b.job_id)) for k, v in sorted(backends.items())},
+            backends=by_service(backends),
             lost=frozenset(lost),
+            skipped=by_service(skipped or {}),
+            silent=frozenset(silent),
         )
 
     def route_http(self, host: str, path: str) -> RouteSpec | None:
@@ -226,9 +249,21 @@ class RouteTable:
             return NotImplemented
         return (
             self.routes == other.routes and dict(self.backends) == dict(other.backends)
-            and self.lost == other.lost
+            and self.lost == other.lost and dict(self.skipped) == dict(other.skipped)
+            and self.silent == other.silent
         )  # fmt: skip
 
     def __hash__(self) -> int:
         return hash(self.routes)
 
+
+def backends_status(table: RouteTable) -> dict[str, object]:
+    """The backends part of ``/v1/router/status``: what each service's requests go to,
+    and what is skipped because its host stopped answering this node's heartbeats."""
+    return {
+        "backends": {f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.backends.items())},
+        "unresponsive": {
+            "skipped": {f"{a}/{t}": [b.address for b in bs] for (a, t), bs in sorted(table.skipped.items())},
+            "addresses": sorted(table.silent),
+        },
+    }
