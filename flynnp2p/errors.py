@@ -19,6 +19,7 @@ logged, and the body says only "internal error" (the message may name paths).
     │   └── ArchiveTooLarge (413)     api.images: an image archive over the limit
     ├── ConfigError (500)             the node cannot start as configured (exit code 2)
     ├── ClusterError (503)            the cluster cannot do it right now (no leader, no quorum, peer down)
+    │   └── Untouched (503)            … and it did nothing: any request may be sent again
     │   ├── CoordError                coord.client: etcd is not running, has no quorum, or refused
     │   ├── DockerError               host.docker: the Docker engine refused or failed
     │   ├── StreamBroken              cli.jobs: a log stream broke on the network
@@ -127,6 +128,15 @@ class ConfigError(FlynnError):
 class ClusterError(FlynnError):
     status = 503
     code = "unavailable"
+
+
+UNTOUCHED_HEADER = "Flynnp2p-Untouched"  # on a 503: nothing was done, any method may retry
+
+
+class Untouched(ClusterError):
+    """A 503 raised before the request did anything (no leader to forward it to, the
+    leader unreachable): the answer carries `UNTOUCHED_HEADER`, so a client may send
+    even a POST again (the CLI does); other 503s may come after a write."""
 
 
 class InsufficientStorage(FlynnError):

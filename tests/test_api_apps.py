@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from flynnp2p.api.app import FORWARDED, create_app
 from flynnp2p.api.apps import apps_blueprint
 from flynnp2p.coord.claims import Claims
+from flynnp2p.errors import UNTOUCHED_HEADER
 from flynnp2p.peering import Peer
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import (
@@ -149,8 +150,14 @@ class Api:
         elif body is not None:
             kwargs["json"] = body
         resp = await self.client.open(path, **kwargs)
+        self.last_headers = resp.headers
         data = await resp.get_data()
         return resp.status_code, json.loads(data) if data else None
+
+    @property
+    def untouched(self) -> bool:
+        """Whether the last answer says the cluster did nothing (any client may retry)."""
+        return self.last_headers.get(UNTOUCHED_HEADER) == "1"
 
 
 @pytest.fixture
@@ -722,6 +729,7 @@ async def test_no_leader_is_a_503(two: TwoNodes) -> None:
     two.follower.leader_addr = None
     status, body = await two.follower_api.call("POST", "/v1/apps", {"name": "x"})
     assert status == 503 and "no leader" in body["error"]["message"]
+    assert two.follower_api.untouched  # nothing done: even a POST may be sent again
     assert two.leader.state.state.records(App) == []
 
 
@@ -729,7 +737,7 @@ async def test_a_forwarded_request_is_never_forwarded_again(two: TwoNodes) -> No
     peer = {FORWARDED: "1", "Authorization": f"Bearer {TOKEN.peer_key}"}  # as a node forwards
     status, body = await two.follower_api.call("POST", "/v1/apps", {"name": "x"}, headers=peer)
     assert status == 503 and "no longer the leader" in body["error"]["message"]
-    assert two.forwarded == []
+    assert two.follower_api.untouched and two.forwarded == []
 
 
 async def test_an_unreachable_leader_is_a_503(nursery: trio.Nursery) -> None:
@@ -739,7 +747,7 @@ async def test_an_unreachable_leader_is_a_503(nursery: trio.Nursery) -> None:
     ctx = Ctx(await start_service(nursery), Clock(), leader=False)
     api = Api(make_app(ctx, transport=httpx.MockTransport(refuse)))
     status, body = await api.call("POST", "/v1/apps", {"name": "x"})
-    assert status == 503 and "leader.test:7100" in body["error"]["message"]
+    assert status == 503 and "leader.test:7100" in body["error"]["message"] and api.untouched
 
 
 async def test_a_write_no_peer_acknowledges_is_a_503(nursery: trio.Nursery) -> None:
@@ -747,6 +755,7 @@ async def test_a_write_no_peer_acknowledges_is_a_503(nursery: trio.Nursery) -> N
     api = Api(make_app(Ctx(service, Clock())))
     status, body = await api.call("POST", "/v1/apps", {"name": "x"})
     assert status == 503 and body["error"]["code"] == "unavailable"
+    assert not api.untouched  # written here, maybe not elsewhere: not for a blind retry
 
 
 # -- events -----------------------------------------------------------------

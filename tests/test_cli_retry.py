@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from flynnp2p.cli.client import IDEMPOTENCY_KEY, RETRY_DELAYS_S, ApiClient
-from flynnp2p.errors import FlynnError
+from flynnp2p.errors import UNTOUCHED_HEADER, FlynnError
 from flynnp2p.token import ClusterToken
 
 TOKEN = ClusterToken.generate()
@@ -22,7 +22,8 @@ LEADER_CHANGE = {"error": {"code": "unavailable", "message": "the cluster has no
 
 
 class FlakyCluster:
-    """Answers the given statuses in turn (then 200 forever), and records requests."""
+    """Answers the given statuses in turn (then 200 forever), and records requests;
+    -503 is a 503 that says the cluster did nothing (`UNTOUCHED_HEADER`)."""
 
     def __init__(self, statuses: Iterable[int]) -> None:
         self.statuses = list(statuses)
@@ -31,8 +32,9 @@ class FlakyCluster:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         status = self.statuses.pop(0) if self.statuses else 200
-        if status == 503:
-            return httpx.Response(503, json=LEADER_CHANGE)
+        if status in (503, -503):
+            untouched = {UNTOUCHED_HEADER: "1"} if status < 0 else {}
+            return httpx.Response(503, json=LEADER_CHANGE, headers=untouched)
         if status >= 400:
             return httpx.Response(status, json={"error": {"code": "x", "message": f"status {status}"}})
         return httpx.Response(status, json={"ok": True, "attempt": len(self.requests)})
@@ -82,6 +84,20 @@ def test_a_write_that_cannot_be_repeated_is_sent_once(method: str) -> None:
         client(cluster, waits).request(method, "/v1/apps/a/releases", json={})
     assert caught.value.status == 503 and len(cluster.requests) == 1 and waits.total == 0
     assert IDEMPOTENCY_KEY not in cluster.requests[0].headers
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_a_write_the_cluster_did_nothing_with_is_sent_again(method: str) -> None:
+    cluster, waits = FlakyCluster([-503, -503]), Waits()
+    assert client(cluster, waits).request(method, "/v1/apps/a/deploy", json={}) == {
+        "ok": True, "attempt": 3,
+    }  # fmt: skip
+    assert waits.total == sum(RETRY_DELAYS_S[:2])
+    # ... until a 503 that may come after the write: that one is the answer
+    cluster, waits = FlakyCluster([-503, 503]), Waits()
+    with pytest.raises(FlynnError) as caught:
+        client(cluster, waits).request(method, "/v1/apps/a/deploy", json={})
+    assert caught.value.status == 503 and len(cluster.requests) == 2
 
 
 def test_it_gives_up_after_about_ten_seconds_with_the_last_answer() -> None:

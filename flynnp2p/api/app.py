@@ -38,7 +38,7 @@ from werkzeug.exceptions import HTTPException
 from flynnp2p.build.blobs import REPLICA_HEADER
 from flynnp2p.build.githttp import GIT_PREFIX
 from flynnp2p.coord.ca import ClusterCA
-from flynnp2p.errors import FlynnError, Forbidden, Unauthorized
+from flynnp2p.errors import UNTOUCHED_HEADER, FlynnError, Forbidden, Unauthorized, Untouched
 from flynnp2p.token import ClusterToken
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,10 @@ def create_app(node: NodeStatus) -> QuartTrio:
         # The whole tree (state's and serf's errors too): ``status`` says the answer.
         if exc.status == FlynnError.status:
             return await internal_error(exc)
-        return error_response(exc.status, exc.code, exc.message)
+        resp = error_response(exc.status, exc.code, exc.message)
+        if isinstance(exc, Untouched):
+            resp.headers[UNTOUCHED_HEADER] = "1"
+        return resp
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

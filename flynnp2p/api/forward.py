@@ -18,7 +18,7 @@ from quart import Response, request
 
 from flynnp2p.api.app import FORWARDED
 from flynnp2p.api.edge import IDEMPOTENCY_HEADER
-from flynnp2p.errors import ClusterError
+from flynnp2p.errors import UNTOUCHED_HEADER, ClusterError, Untouched
 
 FORWARD_TIMEOUT = httpx.Timeout(15.0, connect=2.0)
 
@@ -49,10 +49,10 @@ class Forwarder:
         if await self.ctx.acting_leader():
             return None
         if request.headers.get(FORWARDED):
-            raise ClusterError("this node is no longer the leader (leadership moved); retry")
+            raise Untouched("this node is no longer the leader (leadership moved); retry")
         leader = self.ctx.leader_api()
         if leader is None:
-            raise ClusterError(
+            raise Untouched(
                 "the cluster has no leader right now (no quorum?); app names, TCP ports and "
                 "HTTP domains are allocated by the leader: retry later "
                 "(see 'flynnp2p cluster status')"
@@ -84,9 +84,14 @@ class Forwarder:
                     resp = await http.request(request.method, url, content=data, headers=headers)
         except httpx.HTTPError as exc:
             reason = str(exc) or type(exc).__name__
-            raise ClusterError(f"cannot reach {who} at {api}: {reason}; retry") from None
-        return Response(
+            # Not connected: the request never left. Else it may have been acted on.
+            error = Untouched if isinstance(exc, httpx.ConnectError) else ClusterError
+            raise error(f"cannot reach {who} at {api}: {reason}; retry") from None
+        answer = Response(
             resp.content,
             status=resp.status_code,
             content_type=resp.headers.get("content-type", "application/json"),
         )
+        if resp.status_code == 503 and resp.headers.get(UNTOUCHED_HEADER):
+            answer.headers[UNTOUCHED_HEADER] = "1"
+        return answer

@@ -18,8 +18,10 @@ is missing for a moment.  `ApiClient.request` tries again on a 503, after
 HEAD, PUT and DELETE, and creates sent with `ApiClient.create`, which carry an
 ``Idempotency-Key`` (one uuid per create, the same on each of its retries) so the
 server can answer a repeated create with what it made the first time.  Other
-POSTs and PATCHes are sent once: a 503 may come after the write was made.  On
-success nothing is printed; if every try fails, the last answer is the error.
+POSTs and PATCHes are sent again only on a 503 that says the cluster did nothing
+(``Flynnp2p-Untouched``: no leader to take it, the leader unreachable); any
+other 503 may come after the write was made.  On success nothing is printed; if
+every try fails, the last answer is the error.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from flynnp2p.config import client_config_path, client_env_override, write_secret
 from flynnp2p.coord.ca import ClusterCA
-from flynnp2p.errors import ClusterError, ConfigError, FlynnError, UserError
+from flynnp2p.errors import UNTOUCHED_HEADER, ClusterError, ConfigError, FlynnError, UserError
 from flynnp2p.token import ClusterToken, api_key_from
 
 
@@ -144,10 +146,12 @@ class ApiClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         headers = kwargs.get("headers") or {}
         retry = method.upper() in RETRY_SAFE_METHODS or IDEMPOTENCY_KEY in headers
-        delays = iter(self.retry_delays_s if retry else ())
+        delays = iter(self.retry_delays_s)
         while True:
             resp = self._send(method, path, kwargs)
             if resp.status_code != 503:
+                return self._answer(resp)
+            if not (retry or resp.headers.get(UNTOUCHED_HEADER)):  # it may have been done
                 return self._answer(resp)
             delay = next(delays, None)
             if delay is None:
