@@ -23,7 +23,6 @@ In turn:
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import pytest
 import trio
 
 from flynnp2p.build.builder import _default_tools
+from tests.diskfill import fill, small_tmpfs
 from tests.harness import AgentProc, Cluster, wait_for
 from tests.image_archives import config_doc, save_archive
 from tests.test_git_http import Git, text
@@ -60,35 +60,8 @@ echo "cache filled"
 
 @pytest.fixture
 def small_disk(tmp_path: Path, cluster: Cluster) -> Iterator[Path]:
-    """A tmpfs of SIZE; unmounted at the end even if the test fails (its agents
-    are killed first, or the mount would be busy)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0755", "tmpfs", str(mnt)],
-                   check=True)  # fmt: skip
-    try:
+    with small_tmpfs(tmp_path / "small", SIZE, before_unmount=cluster.kill_all) as mnt:
         yield mnt
-    finally:
-        cluster.kill_all()
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path, leave: int = 0) -> Path:
-    """Write a file until the disk has no free page left, then give `leave` bytes back."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    if leave:
-        os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
 
 
 def leftovers(node: AgentProc) -> list[str]:

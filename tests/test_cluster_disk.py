@@ -7,16 +7,15 @@ a full disk it exits 2 with one line, like any other configuration error.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.diskfill import fill, small_tmpfs
 from tests.harness import AgentProc, Cluster, wait_for
 from tests.test_cluster_state import converged, create, get_app
 
@@ -30,33 +29,8 @@ HOST_ONLY = ["--roles", "host"]
 
 @pytest.fixture
 def small_disk(tmp_path: Path, cluster: Cluster) -> Iterator[Path]:
-    """A tmpfs of SIZE; unmounted at the end even if the test fails (its agents
-    are killed first, or the mount would be busy)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0700", "tmpfs", str(mnt)],
-                   check=True)  # fmt: skip
-    try:
+    with small_tmpfs(tmp_path / "small", SIZE, "0700", before_unmount=cluster.kill_all) as mnt:
         yield mnt
-    finally:
-        cluster.kill_all()
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk has no free page left."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 async def state_status(agent: AgentProc) -> dict[str, Any]:

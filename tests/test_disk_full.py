@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from flynnp2p.host.space import no_space, room_for
 from flynnp2p.scheduler.rollout import Verdict, judge
 from flynnp2p.state.records import BuildCache, Formation
 from tests import test_deploy_watcher as watched
+from tests.diskfill import small_tmpfs
 from tests.image_archives import config_doc, save_archive
 from tests.test_blobstore import service
 from tests.test_build_cache import Said, caches, fill
@@ -40,17 +40,8 @@ MIB = 1 << 20
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, unmounted at the end even if the test fails."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "4m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def everything(root: Path) -> list[str]:
