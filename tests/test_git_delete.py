@@ -9,6 +9,8 @@ sweeper's pure core (`stale_repos`) is tested on its own.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,26 @@ def test_stale_repos_are_those_of_apps_the_state_lacks() -> None:
     assert stale_repos(["b", "a", "c"], ["c", "d"]) == ["a", "b"]
     assert stale_repos([], ["a"]) == []
     assert stale_repos(["a"], ["a"]) == []
+
+
+async def test_scratch_repos_a_killed_agent_left_are_removed_at_start(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    node = await start_node(nursery, tmp_path / "node")
+    await create(node, "kept")
+    repos = node.git.repos
+    repos.root.mkdir(parents=True, exist_ok=True)
+    old = [repos.root / ".staged-0a.git", repos.root / ".gone-0b.git"]
+    for path in old:
+        (path / "objects").mkdir(parents=True)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    kept = [repos.root / ".staged-0c.git", repos.path(node.app("kept").id)]  # made after start
+    sweeper = RepoSweeper(node.ctx.state, repos)
+    for path in kept:
+        (path / "objects").mkdir(parents=True)
+    await nursery.start(sweeper.run)
+    assert [p.exists() for p in old + kept] == [False, False, True, True]
+    assert sweeper.stats["scratch_removed"] == 2
 
 
 async def test_delete_then_create_again_starts_a_fresh_repository(

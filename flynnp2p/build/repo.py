@@ -38,6 +38,7 @@ and system config are ignored), bounded by ``GIT_TIMEOUT_S``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -51,6 +52,8 @@ from flynnp2p.errors import ClusterError
 
 GENERATION_FILE = "flynnp2p-generation"
 REPO_SUFFIX = ".git"
+SCRATCH_STAGED = ".staged-"  # a push's scratch repo (`RepoStore.staged`)
+SCRATCH_GONE = ".gone-"  # a deleted app's repo, being removed
 GIT_TIMEOUT_S = 600.0
 DEFAULT_BRANCH = "main"
 
@@ -95,13 +98,28 @@ class RepoStore:
             return []
         return sorted(n[: -len(REPO_SUFFIX)] for n in names if n.endswith(REPO_SUFFIX) and not n.startswith("."))
 
+    def scratch_before(self, when: float) -> list[Path]:
+        """The scratch repos (a push's staged one, a deleted one being removed) last
+        changed before `when` (time.time()): what a killed agent left behind."""
+        found = []
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        for path in entries:
+            if path.name.startswith((SCRATCH_STAGED, SCRATCH_GONE)) and path.name.endswith(REPO_SUFFIX):
+                with contextlib.suppress(OSError):
+                    if path.lstat().st_mtime < when:
+                        found.append(path)
+        return sorted(found)
+
     async def remove(self, app_id: str) -> bool:
         """Delete the app's repo here (under its lock); False if there was none."""
         async with self.lock(app_id):
             target = self.path(app_id)
             if not target.exists():
                 return False
-            gone = self.root / f".gone-{uuid.uuid4().hex}.git"
+            gone = self.root / f"{SCRATCH_GONE}{uuid.uuid4().hex}{REPO_SUFFIX}"
             target.rename(gone)  # at once: a request after this one finds no repo
             await trio.to_thread.run_sync(shutil.rmtree, gone, True)
         self._locks.pop(app_id, None)
@@ -212,7 +230,7 @@ class RepoStore:
         the refs the app's repo will hold once the push's refs move; removed on exit."""
         self.root.mkdir(parents=True, exist_ok=True)
         repo = self.path(app_id)
-        path = self.root / f".staged-{uuid.uuid4().hex}.git"
+        path = self.root / f"{SCRATCH_STAGED}{uuid.uuid4().hex}{REPO_SUFFIX}"
         dirs = [objects[k] for k in ("GIT_OBJECT_DIRECTORY",) if objects.get(k)]
         dirs += [d for d in objects.get("GIT_ALTERNATE_OBJECT_DIRECTORIES", "").split(os.pathsep) if d]
         dirs.append(str(repo / "objects"))

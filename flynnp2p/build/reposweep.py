@@ -13,6 +13,10 @@ subscribed before it reads the snapshot, so no deletion slips between. A
 request that restores a repo for an app deleted a moment later leaves it until
 the next change or restart: the sweep is the only place that decides.
 
+At start it also removes the scratch repos an agent killed mid-push or
+mid-removal left behind (`RepoStore.scratch_before`): those last changed 2 s before
+this sweeper was made, so never one a push of this agent is using.
+
 The app's saved copy in the cluster goes with it: its `Repo` record (and its
 `BuildCache` record) are in the app's deletion batch
 (`flynnp2p.api.ops.app_deletion`; their blobs are then collected by the
@@ -23,6 +27,8 @@ blobstore's gc) and its etcd keys are dropped with the app's claims
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections.abc import Iterable
 
 import trio
@@ -45,7 +51,16 @@ class RepoSweeper:
     def __init__(self, state: Subscribable, repos: RepoStore) -> None:
         self.state = state
         self.repos = repos
-        self.stats = {"removed": 0}
+        self.stats = {"removed": 0, "scratch_removed": 0}
+        # Scratch repos last changed before this are a killed agent's (a margin: the
+        # file system's clock is coarser than time.time(), and a restart takes longer).
+        self.made_at = time.time() - 2.0
+
+    async def remove_scratch(self) -> None:
+        for path in await trio.to_thread.run_sync(self.repos.scratch_before, self.made_at):
+            await trio.to_thread.run_sync(shutil.rmtree, path, True)
+            self.stats["scratch_removed"] += 1
+            log.info("removed %s, left behind by an agent that was stopped mid-push", path.name)
 
     async def sweep(self, state: State) -> list[str]:
         """Remove the repos of apps `state` does not hold; their ids."""
@@ -64,6 +79,7 @@ class RepoSweeper:
             async with self.state.subscribe([App.KIND]) as (snapshot, changes):
                 await self.sweep(snapshot)
                 if not started:
+                    await self.remove_scratch()
                     started = True
                     task_status.started()
                 async for _ in changes:
