@@ -275,15 +275,19 @@ class Agent:
         self.git_hooks = HookServer(git_dir / "hooks")
         locks = PushLocks(lambda: self.coord.client, now_ms)
         # A push to main or master is built, released and deployed before it is accepted.
+        caches = BuildCaches(
+            cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state, node=cfg.name,
+            now_ms=now_ms,
+        )  # fmt: skip
         self.builds = BuildStep(
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
             wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms, slug_max_bytes=slug_max_mb() << 20,
             unpack=self.runner.prepare.unpacked_slug if self.runner is not None else None,
-            caches=BuildCaches(cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state,
-                               node=cfg.name, now_ms=now_ms),
+            caches=caches,
         )  # fmt: skip
         repos = RepoStore(git_dir, git_dir / "hooks")
-        self.repo_sweeper = RepoSweeper(self.state, repos)  # deleted apps' repos off this disk
+        # deleted apps' repos and build caches off this disk
+        self.repo_sweeper = RepoSweeper(self.state, repos, caches)
         self.git_api = git_api = GitApi(
             self.ctx, repos=repos, hooks=self.git_hooks,
             blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,

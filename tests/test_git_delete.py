@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.reposweep import RepoSweeper, stale_repos
 from flynnp2p.state.records import BuildCache, Repo
 from tests.harness import wait_for
@@ -53,8 +54,12 @@ async def test_delete_then_create_again_starts_a_fresh_repository(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     node = await start_node(nursery, tmp_path / "node")
-    sweeper = RepoSweeper(node.ctx.state, node.git.repos)
+    caches = BuildCaches(
+        tmp_path / "caches", blobs=None, state=node.ctx.state, node="n1", now_ms=lambda: 1  # type: ignore[arg-type]
+    )
+    sweeper = RepoSweeper(node.ctx.state, node.git.repos, caches)
     await nursery.start(sweeper.run)
+    await create(node, "kept")
     await create(node, "again")
     git = Git(tmp_path / "client")
     url = with_token(node.url, "again")
@@ -71,6 +76,10 @@ async def test_delete_then_create_again_starts_a_fresh_repository(
 
         cache = BuildCache(app_id=old.id, digest="sha256:" + "c" * 64, size=1, node="n1", updated_at=1)
         await node.ctx.state.write([cache])  # as a build that succeeded leaves it
+        for app_id in (old.id, node.app("kept").id):  # and this node's copy of it
+            (caches.dir(app_id) / "pip").mkdir(parents=True)
+            (caches.root / f"{app_id}.json").write_text("{}")
+        (caches.root / f"{old.id}.restore-0a1b2c3d").mkdir()  # a restore a kill cut short
         r = await api.delete("/v1/apps/again")
         assert r.status_code == 200, r.text
 
@@ -82,10 +91,14 @@ async def test_delete_then_create_again_starts_a_fresh_repository(
     assert node.ctx.state.state.record(BuildCache, old.id) is None  # its blob is then collected
 
     async def repo_gone() -> bool:
-        return not node.git.repos.path(old.id).exists()
+        return not node.git.repos.path(old.id).exists() and old.id not in caches.app_ids()
 
-    await wait_for(repo_gone, 10, "the deleted app's repo to be removed from disk")
+    await wait_for(repo_gone, 10, "the deleted app's repo and cache to be removed from disk")
     assert old.id not in node.git.repos.app_ids()
+    assert caches.app_ids() == [node.app("kept").id]  # the live app's cache stays
+    assert sorted(p.name for p in caches.root.iterdir()) == [
+        node.app("kept").id, f"{node.app('kept').id}.json",
+    ]  # fmt: skip
 
     # A new app of the same name: an unrelated history is its first push.
     await create(node, "again")

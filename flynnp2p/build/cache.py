@@ -162,6 +162,24 @@ class BuildCaches:
     def _marker(self, app_id: str) -> Path:
         return self.root / f"{app_id}.json"
 
+    def app_ids(self) -> list[str]:
+        """The apps that have a cache directory or marker here (blocking)."""
+        try:
+            names = [p.name for p in self.root.iterdir()]
+        except FileNotFoundError:
+            return []
+        return sorted({n.split(".", 1)[0] for n in names if n and not n.startswith(".")})
+
+    def remove(self, app_id: str) -> None:
+        """Delete everything of the app's here (blocking): its directory, marker and
+        any restore a killed agent left half-done."""
+        for path in self.root.glob(f"{app_id}*"):
+            if path.name == app_id or path.name.startswith(f"{app_id}."):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
     def _read_marker(self, app_id: str) -> tuple[str | None, str | None]:
         try:
             data = json.loads(self._marker(app_id).read_text())

@@ -1,4 +1,4 @@
-"""Each node removes the git repositories of deleted apps from its disk.
+"""Each node removes the git repositories and build caches of deleted apps from its disk.
 
 Theory of operation
 -------------------
@@ -12,6 +12,9 @@ deleted while the node was down) and whenever the state's apps change,
 subscribed before it reads the snapshot, so no deletion slips between. A
 request that restores a repo for an app deleted a moment later leaves it until
 the next change or restart: the sweep is the only place that decides.
+
+The app's build cache directory on this node (`flynnp2p.build.cache.BuildCaches`)
+goes by the same rule, in the same sweep.
 
 At start it also removes the scratch repos an agent killed mid-push or
 mid-removal left behind (`RepoStore.scratch_before`): those last changed 2 s before
@@ -33,6 +36,7 @@ from collections.abc import Iterable
 
 import trio
 
+from flynnp2p.build.cache import BuildCaches
 from flynnp2p.build.repo import RepoStore
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import App
@@ -48,10 +52,13 @@ def stale_repos(on_disk: Iterable[str], apps: Iterable[str]) -> list[str]:
 
 
 class RepoSweeper:
-    def __init__(self, state: Subscribable, repos: RepoStore) -> None:
+    def __init__(
+        self, state: Subscribable, repos: RepoStore, caches: BuildCaches | None = None
+    ) -> None:
         self.state = state
         self.repos = repos
-        self.stats = {"removed": 0, "scratch_removed": 0}
+        self.caches = caches
+        self.stats = {"removed": 0, "scratch_removed": 0, "caches_removed": 0}
         # Scratch repos last changed before this are a killed agent's (a margin: the
         # file system's clock is coarser than time.time(), and a restart takes longer).
         self.made_at = time.time() - 2.0
@@ -71,6 +78,13 @@ class RepoSweeper:
                 removed.append(app_id)
                 log.info("removed the git repository of deleted app %s", app_id)
         self.stats["removed"] += len(removed)
+        if self.caches is not None:
+            caches = self.caches
+            on_disk = await trio.to_thread.run_sync(caches.app_ids)
+            for app_id in stale_repos(on_disk, (a.id for a in state.records(App))):
+                await trio.to_thread.run_sync(caches.remove, app_id)
+                self.stats["caches_removed"] += 1
+                log.info("removed the build cache of deleted app %s", app_id)
         return removed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
