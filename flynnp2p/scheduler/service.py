@@ -127,14 +127,15 @@ class Scheduler:
         alive = {h.name for h in hosts if h.alive}
         changes += collect_finished(state, now, self.retain_ms, alive)
         if changes:
-            self.stats["placed"] += len(result.starts)
-            self.stats["stopped"] += len(result.stops)
-            self.stats["restarted"] += len(result.restarts_due(now))
             for start in result.starts:
                 log.info("place %s/%s %s on %s", start.app, start.type, start.job_id, start.host)
             for stop in result.stops:
                 log.info("stop %s on %s: %s", stop.job_id, stop.host, stop.reason)
             await (write or self.state.write)(changes)
+            # counted once written (a deposed leader's fenced write raises first)
+            self.stats["placed"] += len(result.starts)
+            self.stats["stopped"] += len(result.stops)
+            self.stats["restarted"] += len(result.restarts_due(now))
         return result.next_restart_ms(now)
 
 
