@@ -25,6 +25,7 @@ import trio
 
 from flynnp2p.errors import Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobBackend, JobSpec
+from flynnp2p.host.cgroup import oom_message
 from flynnp2p.host.containers import (
     DockerLogLines,
     container_args,
@@ -413,6 +414,9 @@ async def test_memory_limit_is_set_and_enforced(
         spec(slug_app, "job-mem", "python3 -c 'x = b\"x\" * (256 * 1024 * 1024)'", memory_mb=64)
     )
     assert await backend.wait("job-mem") == -signal.SIGKILL  # the OOM killer
+    # ... and says so, as the process backend does (the job's reason and its log)
+    assert backend.exit_reason("job-mem") == oom_message(64 << 20)
+    assert backend.logs("job-mem")[-1].text == f"flynnp2p: {oom_message(64 << 20)}"
 
 
 @pytest.mark.slow

@@ -88,6 +88,7 @@ import urllib3.exceptions
 
 from flynnp2p.errors import ClusterError, ConfigError, Conflict, NotFound, UserError
 from flynnp2p.host.backend import JobSpec, LineSink, RunningJob, stop_within
+from flynnp2p.host.cgroup import oom_message
 from flynnp2p.host.containers import (
     _BATCH_BYTES,
     _BATCH_FRAMES,
@@ -145,6 +146,7 @@ class _Job:
     log_write_errors: int = 0
     cleanup_errors: int = 0
     signal_errors: int = 0
+    exit_reason: str | None = None  # set when the engine says the kernel killed it at its limit
 
 
 class _LogStream:
@@ -354,7 +356,8 @@ class DockerBackend:
         return self._job(job_id).ring.lines()
 
     def exit_reason(self, job_id: str) -> str | None:
-        return None  # the status is all this backend tells
+        """Why the job's last run ended when its status does not say (out of memory)."""
+        return self._job(job_id).exit_reason
 
     async def recover(self) -> list[JobSpec]:
         """Re-adopt this node's running containers, remove its other ones."""
@@ -503,6 +506,11 @@ class DockerBackend:
             except (docker.errors.DockerException, OSError):
                 attrs = None  # the engine is not answering; try again
             if attrs is not None and not attrs["State"].get("Running"):
+                if attrs["State"].get("OOMKilled"):
+                    limit = int((attrs.get("HostConfig") or {}).get("Memory") or 0)
+                    job.exit_reason = oom_message(limit)
+                    now_ns = time.time_ns()
+                    await self._emit(job, [("stderr", now_ns, f"flynnp2p: {job.exit_reason}")])
                 return exit_status(attrs["State"])
             # The follow ended but the container runs on: the engine restarted or dropped
             # the connection. Follow again from the newest line seen.
