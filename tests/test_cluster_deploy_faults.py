@@ -226,6 +226,21 @@ async def cli(agent: AgentProc, *argv: str) -> subprocess.CompletedProcess[bytes
     )  # fmt: skip
 
 
+async def redeploy_soon(
+    front: AgentProc, leader: AgentProc, seen: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """0.5 s into the load, start the redeploy through `front`; note its release and
+    the leader's live jobs in `seen`; the app's jobs as they were then."""
+    await trio.sleep(0.5)
+    seen["release"] = await start_redeploy(front)
+    async with front.client() as c:
+        before: list[dict[str, Any]] = (await jobs(c, "shop"))["jobs"]
+    seen["on_leader"] = [
+        j["id"] for j in before if j["host"] == leader.name and j["state"] != "down"
+    ]
+    return before
+
+
 async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -236,14 +251,8 @@ async def test_leader_sigkill_mid_deploy_is_picked_up_by_the_next_leader(
     seen: dict[str, Any] = {}
 
     async def kill_mid_deploy(load: Load) -> None:
-        await trio.sleep(0.5)
-        release = await start_redeploy(front)
-        async with front.client() as c:
-            before = (await jobs(c, "shop"))["jobs"]
-        seen["on_leader"] = [
-            j["id"] for j in before if j["host"] == leader.name and j["state"] != "down"
-        ]
-        seen["release"] = release
+        await redeploy_soon(front, leader, seen)
+        release = seen["release"]
         leader.kill()  # the agent, its serf and etcd, then the jobs it hosts
         seen["killed_at"] = trio.current_time()  # every job of the leader is dead by now
         dep = await finished(front, release)
@@ -302,14 +311,8 @@ async def test_leader_cut_off_mid_deploy_then_healed_has_one_outcome(
     seen: dict[str, Any] = {}
 
     async def cut_off_mid_deploy(load: Load) -> None:
-        await trio.sleep(0.5)
-        release = await start_redeploy(front)
-        async with front.client() as c:
-            before = (await jobs(c, "shop"))["jobs"]
-        seen["on_leader"] = [
-            j["id"] for j in before if j["host"] == leader.name and j["state"] != "down"
-        ]
-        seen["release"] = release
+        before = await redeploy_soon(front, leader, seen)
+        release = seen["release"]
         addresses = {j["address"] for j in before if j["host"] == leader.name and j.get("address")}
 
         dropped = trio.Event()
