@@ -214,6 +214,7 @@ def test_same_requirements_reuse_an_identical_venv_and_leave_the_cache_alone(
     assert "(requirements.txt unchanged)" in second
     assert tree(app / ".venv") == venv
     assert scan(builds.cache) == cache  # nothing written: the builder stores nothing again
+    assert not (builds.entry / "venv" / "bin" / "python").exists()  # the stack's: not kept
     assert run_app(app, "app.py").stdout == "hello from greet 1.0\n"
 
 
@@ -275,8 +276,10 @@ def _change_a_module(entry: Path) -> None:
     init.write_text("def hello():\n    return 'corrupt'\n")
 
 
-def _truncate_the_interpreter(entry: Path) -> None:
-    (entry / "venv" / "bin" / "python").write_bytes(b"")
+def _retarget_a_link(entry: Path) -> None:
+    link = entry / "venv" / "bin" / "python3"
+    link.unlink()
+    link.symlink_to("/nowhere/python")
 
 
 def _remove_a_file(entry: Path) -> None:
@@ -295,7 +298,7 @@ def _half_written(entry: Path) -> None:
         _remove_entry_json,
         _garble_entry_json,
         _change_a_module,
-        _truncate_the_interpreter,
+        _retarget_a_link,
         _remove_a_file,
         _half_written,
     ],
@@ -345,6 +348,7 @@ def test_included_requirements_are_part_of_the_key(tmp_path: Path) -> None:
 # -- in the real sandbox -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     detect_isolation() != "namespaces", reason="builds at /app need mount namespaces (root)"
 )
