@@ -25,7 +25,7 @@ import pytest
 from uv import find_uv_bin
 
 from flynnp2p.build.builder import build, builtin_dir
-from flynnp2p.build.cache import scan
+from flynnp2p.build.cache import pack, scan, unpack
 from flynnp2p.build.sandbox import SYSTEM_PATH
 from flynnp2p.host.process import detect_isolation
 
@@ -232,6 +232,19 @@ def test_a_venv_reused_at_another_path_runs_from_there(tmp_path: Path) -> None:
     assert ran.stdout == "hello from greet 1.0\n"
     prefix = run_app(second, "-c", "import sys; print(sys.prefix)").stdout.strip()
     assert prefix == str(second / ".venv")
+
+
+def test_a_venv_kept_through_the_builders_cache_blob_is_reused(tmp_path: Path) -> None:
+    # The cache goes to another node as the builder packs it and unpacks it there
+    # (through tar's "data" filter: modes change, a uv .lock file's 0666 to 0644).
+    builds = Builds(tmp_path)
+    builds.run()
+    pack(builds.cache, tmp_path / "cache.tar.gz")
+    builds.cache = tmp_path / "elsewhere" / "cache"
+    unpack(tmp_path / "cache.tar.gz", builds.cache)
+    app, output = builds.run()
+    assert not fresh(output)
+    assert run_app(app, "app.py").stdout == "hello from greet 1.0\n"
 
 
 @pytest.mark.parametrize(
