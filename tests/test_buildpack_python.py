@@ -214,7 +214,9 @@ def test_same_requirements_reuse_an_identical_venv_and_leave_the_cache_alone(
     assert "(requirements.txt unchanged)" in second
     assert tree(app / ".venv") == venv
     assert scan(builds.cache) == cache  # nothing written: the builder stores nothing again
-    assert not (builds.entry / "venv" / "bin" / "python").exists()  # the stack's: not kept
+    with tarfile.open(builds.entry / "venv.tar") as kept:
+        assert "./bin/python" not in kept.getnames()  # the stack's interpreter: not kept
+        assert "./bin/python3" in kept.getnames()
     assert run_app(app, "app.py").stdout == "hello from greet 1.0\n"
 
 
@@ -236,7 +238,7 @@ def test_a_venv_reused_at_another_path_runs_from_there(tmp_path: Path) -> None:
 
 def test_a_venv_kept_through_the_builders_cache_blob_is_reused(tmp_path: Path) -> None:
     # The cache goes to another node as the builder packs it and unpacks it there
-    # (through tar's "data" filter: modes change, a uv .lock file's 0666 to 0644).
+    # (through tar's "data" filter: modes may change).
     builds = Builds(tmp_path)
     builds.run()
     pack(builds.cache, tmp_path / "cache.tar.gz")
@@ -285,19 +287,34 @@ def _garble_entry_json(entry: Path) -> None:
 
 
 def _change_a_module(entry: Path) -> None:
-    (init,) = entry.glob("venv/lib/python3*/site-packages/greet/__init__.py")
-    init.write_text("def hello():\n    return 'corrupt'\n")
+    archive = entry / "venv.tar"
+    data = archive.read_bytes()
+    assert b"hello from greet 1.0" in data  # in the source and in its .pyc
+    archive.write_bytes(data.replace(b"hello from greet 1.0", b"HELLO FROM GREET 1.0"))
 
 
-def _retarget_a_link(entry: Path) -> None:
-    link = entry / "venv" / "bin" / "python3"
-    link.unlink()
-    link.symlink_to("/nowhere/python")
+def _truncate_the_tar(entry: Path) -> None:
+    archive = entry / "venv.tar"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
 
 
-def _remove_a_file(entry: Path) -> None:
-    (pyc,) = entry.glob("venv/lib/python3*/site-packages/greet/__pycache__/helpers.*.pyc")
-    pyc.unlink()
+def _remove_the_tar(entry: Path) -> None:
+    (entry / "venv.tar").unlink()
+
+
+def _saved_without_pyvenv_cfg(entry: Path) -> None:
+    # A venv kept whole by its digest but broken when it was saved: its python runs
+    # as the stack's own (sys.prefix /usr), not from the venv.
+    archive = entry / "venv.tar"
+    rebuilt = entry / "rebuilt.tar"
+    with tarfile.open(archive) as src, tarfile.open(rebuilt, "w") as dest:
+        for member in src.getmembers():
+            if member.name != "./pyvenv.cfg":
+                dest.addfile(member, src.extractfile(member) if member.isfile() else None)
+    rebuilt.replace(archive)
+    meta = json.loads((entry / "entry.json").read_text())
+    meta["tar"] = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (entry / "entry.json").write_text(json.dumps(meta))
 
 
 def _half_written(entry: Path) -> None:
@@ -311,8 +328,9 @@ def _half_written(entry: Path) -> None:
         _remove_entry_json,
         _garble_entry_json,
         _change_a_module,
-        _retarget_a_link,
-        _remove_a_file,
+        _truncate_the_tar,
+        _remove_the_tar,
+        _saved_without_pyvenv_cfg,
         _half_written,
     ],
 )
