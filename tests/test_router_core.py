@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import socket
 from typing import Any, cast
 
 import pytest
 
 from flynnp2p.router import http1
 from flynnp2p.router.balance import Balancer
-from flynnp2p.router.proxy import Pool, ProxyConfig
+from flynnp2p.router.proxy import POOL_SWEEP_S, Pool, ProxyConfig
 from flynnp2p.router.sock import Sock
 from flynnp2p.router.stats import Stats, percentile
 from flynnp2p.router.table import Backend
@@ -162,30 +163,35 @@ def test_stats_classes_and_percentiles() -> None:
 # -- the upstream pool ---------------------------------------------------------------
 
 
-class FakeSock:
-    def __init__(self, closed_by_peer: bool = False) -> None:
-        self.closed = False
-        self.closed_by_peer = closed_by_peer
-
-    def peer_closed_nowait(self) -> bool:
-        return self.closed_by_peer
-
-    def close(self) -> None:
-        self.closed = True
+def pair() -> tuple[Sock, socket.socket]:
+    """A pooled connection (our end) and the backend's end of it."""
+    ours, theirs = socket.socketpair()
+    return Sock(ours), theirs
 
 
-def test_pool_reuses_newest_drops_stale_and_dead_and_caps() -> None:
+async def test_pool_reuses_newest_drops_stale_and_dead_and_caps() -> None:
     pool = Pool(ProxyConfig(pool_idle_per_backend=2, pool_idle_seconds=30.0))
-    a, b, c = FakeSock(), FakeSock(), FakeSock()
+    (a, _a), (b, _b), (c, _c) = pair(), pair(), pair()
     for s in (a, b, c):
-        pool.put("x:1", cast(Sock, s), now=0.0)
+        pool.put("x:1", s, now=0.0)
     assert c.closed and not a.closed  # over the cap
-    assert pool.take_nowait("x:1", now=0.5) is b  # newest first, no probe when fresh
-    dead = FakeSock(closed_by_peer=True)
-    pool.put("x:1", cast(Sock, dead), now=0.0)
-    assert pool.take_nowait("x:1", now=5.0) is a and dead.closed  # probed after 1 s idle
-    pool.put("x:1", cast(Sock, a), now=0.0)
+    assert pool.take_nowait("x:1", now=0.5) is b  # newest first
+    dead, backend = pair()
+    pool.put("x:1", dead, now=0.5)
+    backend.close()  # the backend closed it (died, or its keep-alive timed out)
+    # within the sweep interval it may still go out (a GET is then retried) ...
+    assert pool.take_nowait("x:1", now=0.5 + POOL_SWEEP_S / 2) is dead
+    pool.put("x:1", dead, now=0.5)
+    # ... and the next sweep closes it, however briefly it was idle
+    assert pool.take_nowait("x:1", now=0.5 + POOL_SWEEP_S) is a and dead.closed
+    stray, backend2 = pair()
+    pool.put("y:1", stray, now=1.0)
+    backend2.send(b"HTTP/1.1 200 OK\r\n")  # bytes nobody asked for: not reusable
+    assert pool.take_nowait("y:1", now=1.0 + POOL_SWEEP_S) is None and stray.closed
+    pool.put("x:1", a, now=0.0)
     assert pool.take_nowait("x:1", now=31.0) is None and a.closed  # idle too long
-    pool.put("y:1", cast(Sock, b), now=0.0)
+    pool.put("y:1", b, now=0.0)
     pool.prune({"x:1"})
     assert b.closed and pool.counts() == {}
+    for end in (_a, _b, _c, backend2):
+        end.close()
