@@ -9,7 +9,6 @@ them over loopback.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import shutil
@@ -17,7 +16,6 @@ import socket
 import subprocess
 import tarfile
 import textwrap
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from flynnp2p.host.cgroup import find_controller
 from flynnp2p.host.process import detect_isolation, open_process_backend
 from flynnp2p.host.slug import unpack_slug
 from tests.harness import wait_for
+from tests.wheels import wheel
 
 ISOLATION = detect_isolation()
 
@@ -88,27 +87,6 @@ def only_slug_left(tmp_path: Path, result: BuildResult | None) -> None:
     """The work dir holds the slug (if any) and nothing else: the sandbox is gone."""
     left = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert left == ([result.slug_path.name] if result else [])
-
-
-def make_wheel(dest: Path, name: str, version: str, code: str) -> Path:
-    """A minimal pure-Python wheel, built by hand (no build backend, no network)."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": code.encode(),
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for n, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{n},sha256={digest},{len(data)}")
-    files[f"{dist}/RECORD"] = ("\n".join([*record, f"{dist}/RECORD,,"]) + "\n").encode()
-    dest.mkdir(parents=True, exist_ok=True)
-    wheel = dest / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for n, data in files.items():
-            z.writestr(n, data)
-    return wheel
 
 
 # -- the built-in buildpacks -----------------------------------------------------------
@@ -190,12 +168,12 @@ def python_app(tmp_path: Path, *, django: bool = False) -> Path:
                 """,
         },
     )
-    make_wheel(src / "vendor", "greet", "1.0", "def hello():\n    return 'hello from greet'\n")
+    wheel(src / "vendor", "greet", "1.0", "def hello():\n    return 'hello from greet'\n")
     if django:
         # What the buildpack does for Django apps is run the app's manage.py once
         # `import django` works: a stand-in package and manage.py are enough.
         (src / "requirements.txt").write_text("greet==1.0\ndjango==0.0.1\n")
-        make_wheel(src / "vendor", "django", "0.0.1", "")
+        wheel(src / "vendor", "django", "0.0.1", "")
         write(src, {"manage.py": MANAGE_PY})
     return src
 
