@@ -158,6 +158,7 @@ async def test_a_new_leader_refuses_to_move_a_formation_it_has_not_caught_up_wit
     before = formation_of(new, app_id)
     status, body = await new_api.call("PATCH", "/v1/apps/shop/env", {"set": {"B": "2"}})
     assert status == 503 and "retry" in body["error"]["message"], body
+    assert new_api.untouched  # nothing done: the CLI may send even this PATCH again
     assert formation_of(new, app_id) == before  # nothing written over the count it lacks
     counter = json.loads(new.etcd.kvs[release_key(app_id)].value)
     assert counter["id"] == seeded["release"]["id"]  # no release number spent either
@@ -203,7 +204,7 @@ async def test_a_generation_whose_formation_never_committed_is_built_over_after_
     ghost = {"g": seen.number + 1, "digest": "ghost", "at": old.clock.ms}
     old.etcd._put(formation_key(app_id), json.dumps(ghost))
     status, body = await old_api.call("PUT", "/v1/apps/shop/formation", {"processes": {"web": 2}})
-    assert status == 503, body  # it may still arrive: refuse, retry
+    assert status == 503 and old_api.untouched, body  # it may still arrive: refuse, retry
     old.etcd._put(formation_key(app_id), json.dumps({**ghost, "at": old.clock.ms - 2 * ORPHAN_MS}))
     status, body = await old_api.call("PUT", "/v1/apps/shop/formation", {"processes": {"web": 2}})
     assert status == 200 and body["formation"]["processes"] == {"web": 2}, body

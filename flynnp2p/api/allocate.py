@@ -46,7 +46,7 @@ from flynnp2p.coord.claims import (
     route_keys,
 )
 from flynnp2p.coord.generation import Base, FormationGeneration, base_verdict
-from flynnp2p.errors import ClusterError, Conflict, FlynnError
+from flynnp2p.errors import ClusterError, Conflict, FlynnError, Untouched
 from flynnp2p.leader import Deposed
 from flynnp2p.state.merge import Change, State
 from flynnp2p.state.records import App, Formation, Release, Route
@@ -157,7 +157,7 @@ class Allocator:
                 ):
                     result = await self.state.write([release, *extra])
                     return release, extra, result
-            raise ClusterError(f"app {app.name!r}: releases are changing concurrently; retry")
+            raise Untouched(f"app {app.name!r}: releases are changing concurrently; retry")
 
     async def _base(
         self, app: App, counter: ReleaseCounter, current: Callable[[], Release | None]
@@ -168,7 +168,7 @@ class Allocator:
         if not isinstance(found, Release):
             if self.now_ms() - counter.at_ms > ORPHAN_RELEASE_MS:
                 return current()  # its leader died before committing it: skip the number
-            raise ClusterError(
+            raise Untouched(
                 f"app {app.name!r}: release v{counter.number} ({counter.release_id}) has not "
                 "reached this node yet; retry"
             )
@@ -207,7 +207,7 @@ class Allocator:
                     return changes, await self.state.write(changes)
                 if epoch is not None and not await claims.leads(epoch):
                     raise Deposed(epoch)
-            raise ClusterError(f"app {app.name!r}: its formation is changing concurrently; retry")
+            raise Untouched(f"app {app.name!r}: its formation is changing concurrently; retry")
 
     async def _formation_base(self, app: App, generation: FormationGeneration) -> None:
         """Return once this node's formation of `app` is one a write may build on
@@ -221,7 +221,7 @@ class Allocator:
             return
         await self._pulling(lambda: _wait_until(self.state, lambda: verdict() is not Base.BEHIND))
         if verdict() is Base.BEHIND:
-            raise ClusterError(
+            raise Untouched(
                 f"app {app.name!r}: its last formation change (generation {generation.number}) "
                 "has not reached this node yet; retry"
             )
