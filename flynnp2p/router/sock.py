@@ -52,7 +52,6 @@ class TunnelCounters:
 
 
 COUNTERS = TunnelCounters()
-_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class ConnectError(OSError):
@@ -74,8 +73,6 @@ class Stream(Protocol):
     async def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
 
     def send_nowait(self, data: bytes) -> None: ...
-
-    def peer_closed_nowait(self) -> bool: ...
 
     def shutdown_write(self) -> None: ...
 
@@ -146,16 +143,6 @@ class Sock:
         """Best effort, never blocks (an error page on a connection being dropped)."""
         with contextlib.suppress(OSError):
             self.sock.send(data)
-
-    def peer_closed_nowait(self) -> bool:
-        """Whether an idle connection has been closed by its peer (or has stray bytes)."""
-        try:
-            self.sock.recv(1, _PEEK_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass
-        return True  # end of stream, stray bytes or an error: not reusable
 
     def shutdown_write(self) -> None:
         with contextlib.suppress(OSError):

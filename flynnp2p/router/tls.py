@@ -15,7 +15,7 @@ its route was added, `flynnp2p.tls`) is left out and reported in `errors`,
 never taking the listener down.
 
 `TlsSock` gives the proxy the same interface as `flynnp2p.router.sock.Sock`
-(recv, sendall, send_nowait, peer_closed_nowait, shutdown_write, close), over an
+(recv, sendall, send_nowait, shutdown_write, close), over an
 `ssl.SSLObject` with memory BIOs on a plain `Sock`: TLS records are read and
 written with the router's own non-blocking I/O, and the proxy does not know it
 is speaking TLS. One task may receive while another sends (a tunnel does):
@@ -202,9 +202,6 @@ class TlsSock:
         with contextlib.suppress(ssl.SSLError, OSError):
             self.tls.write(data)
             self.raw.send_nowait(self._out.read())
-
-    def peer_closed_nowait(self) -> bool:
-        return self._in.pending > 0 or self.raw.peer_closed_nowait()
 
     def shutdown_write(self) -> None:
         with contextlib.suppress(ssl.SSLError, OSError):
