@@ -283,7 +283,7 @@ class Agent:
             api=self.http, api_url=self.api_url, slugs=self.blobs, work_root=cfg.data_dir / "builds",
             wait_s=build_wait_s(), logs=self.loghub, now_ms=now_ms, slug_max_bytes=slug_max_mb() << 20,
             unpack=self.runner.prepare.unpacked_slug if self.runner is not None else None,
-            caches=caches,
+            caches=caches, node=cfg.name,
         )  # fmt: skip
         repos = RepoStore(git_dir, git_dir / "hooks")
         # deleted apps' repos and build caches off this disk

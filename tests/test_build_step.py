@@ -21,8 +21,9 @@ import httpx
 
 from flynnp2p.build.deploy import BuildStep, remove_tree
 from flynnp2p.build.hooks import GitSource, RefUpdate
-from flynnp2p.host.slug import SlugError, unpack_slug
-from flynnp2p.state.records import App
+from flynnp2p.host.slug import SlugError
+from flynnp2p.state.records import BUILT_ON, App
+from tests.test_host_prepare_unpack import preparer
 
 APP = App(id="a1", name="shop", created_at=0, deploy_timeout_s=5)
 PROCFILE = "web: python3 -m http.server $PORT\n"
@@ -128,22 +129,37 @@ async def test_the_slug_is_unpacked_for_this_nodes_jobs_and_a_failed_unpack_is_o
     api, slugs = FakeApi(), Slugs()
     jobs = tmp_path / "jobs"
 
-    async def unpack(path: Path, digest: str) -> Path:
-        return await unpack_slug(path, jobs, digest.replace(":", "-"))
+    trees: list[Path | None] = []
 
-    ok, said = await push(make_step(api, slugs, tmp_path / "w1", unpack=unpack), repo, head)
+    async def unpack(path: Path, digest: str, built: Path | None) -> Path:
+        trees.append(built)
+        return await preparer(jobs).unpacked_slug(path, digest.replace(":", "-"), built)
+
+    work = tmp_path / "w1"
+    ok, said = await push(make_step(api, slugs, work, unpack=unpack, node="n2"), repo, head)
     assert ok, said
     [digest] = slugs.stored
     app = jobs / "slugs" / digest.replace(":", "-") / "app"
     assert (app / "Procfile").read_text() == PROCFILE
+    # It was the build's own tree, moved out of the sandbox; the rest of which is gone.
+    [tree] = trees
+    assert tree is not None and tree.name == "app" and tree.parent.name.startswith("build-")
+    assert not tree.parent.exists() and sorted(p.name for p in work.iterdir()) == ["cache"]
+    # The release says where the slug is unpacked: the scheduler places its job there.
+    assert api.release_bodies[0]["meta"][BUILT_ON] == "n2"
 
-    async def broken(path: Path, digest: str) -> Path:
+    async def broken(path: Path, digest: str, built: Path | None) -> Path:
         raise SlugError("slug is not a readable gzipped tar")
 
     step = make_step(FakeApi(), Slugs(), tmp_path / "w2", unpack=broken)
     ok, said = await push(step, repo, head)
     assert ok, said
     assert step.meanwhile_failed["unpack"] == 1 and step.stats["releases"] == 1
+    # A node that runs no jobs unpacks nothing for them, and says it built nothing there.
+    api = FakeApi()
+    ok, said = await push(make_step(api, Slugs(), tmp_path / "w3", node="n2"), repo, head)
+    assert ok, said
+    assert BUILT_ON not in api.release_bodies[0]["meta"]
 
 
 async def test_a_teardown_that_fails_is_counted_and_never_fails_the_push(tmp_path: Path) -> None:

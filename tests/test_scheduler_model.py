@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flynnp2p.scheduler import Desired, JobInfo, inputs_from_state, plan
 from flynnp2p.state.hlc import HlcClock
 from flynnp2p.state.merge import State, apply_entries, local_entries
 from flynnp2p.state.records import (
+    BUILT_ON,
     Artifact,
     BlobLocation,
     Formation,
@@ -134,6 +137,14 @@ def test_the_hosts_holding_a_releases_slug_are_in_its_groups() -> None:
     state = state_of(artifact, slugged, f, *where, other)
     [d] = inputs_from_state(state, [host("n1"), host("n2"), host("n3")], NOW).desired
     assert d.slug_hosts == {"n1", "n3"}  # members only: "gone" is not a host
+    assert d.slug_built_on is None  # its meta does not say where it was built
+    built = dataclasses.replace(slugged, meta={BUILT_ON: "n3"})
+    [d] = inputs_from_state(state_of(artifact, built, f, *where), [host("n1"), host("n3")], NOW).desired
+    assert d.slug_built_on == "n3"
+    # A builder that no longer holds it (or is not a host) is not where it is unpacked.
+    gone = dataclasses.replace(slugged, meta={BUILT_ON: "gone"})
+    [d] = inputs_from_state(state_of(artifact, gone, f, *where), [host("n1"), host("n3")], NOW).desired
+    assert d.slug_built_on is None
     [d] = inputs_from_state(state_of(RELEASE, Formation("app1", "r1", 0, processes={"web": 1})),
                             [host("n1")], NOW).desired  # fmt: skip
     assert d.slug_hosts == frozenset()  # a release without a slug

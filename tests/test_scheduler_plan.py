@@ -212,5 +212,10 @@ def test_the_first_job_of_a_release_goes_where_its_slug_is_and_web_still_spreads
         assert sorted(s.host for s in run(hosts, [three], others, seed=seed).starts) == [
             "n1", "n2", "n3",
         ]  # fmt: skip
+        # Of two holders, the one that built (and unpacked) it, whatever the draw.
+        built = dataclasses.replace(
+            want(count=1), slug_hosts=frozenset({"n1", "n3"}), slug_built_on="n3"
+        )
+        assert [s.host for s in run(hosts, [built], others, seed=seed).starts] == ["n3"]
     # Without a slug anywhere, the least loaded hosts first, as before.
     assert [s.host for s in run(hosts, [want(count=1)], others, seed=3).starts] != ["n2"]

@@ -55,3 +55,15 @@ def test_a_host_holding_the_slug_comes_first_once_the_group_is_spread() -> None:
     assert rank_hosts(HOSTS, {"c": 1}, {}, free, EVEN, has_slug={"c"}) == ["a", "b", "c"]
     # Between holders, load and memory decide as before.
     assert rank_hosts(HOSTS, {}, {"b": 1}, free, EVEN, has_slug={"b", "c"}) == ["c", "b", "a"]
+
+
+def test_the_host_that_built_the_slug_comes_before_one_that_only_stores_it() -> None:
+    free = dict.fromkeys(HOSTS, 9)
+    # b built it (and unpacked it), c stores the second copy: b first, whatever c's load.
+    assert rank_hosts(HOSTS, {}, {"b": 3}, free, EVEN, has_slug={"b", "c"}, built_on="b") == [
+        "b", "c", "a",
+    ]  # fmt: skip
+    # Never before spreading: b runs one of the group already.
+    assert rank_hosts(HOSTS, {"b": 1}, {}, free, EVEN, has_slug={"b", "c"}, built_on="b") == [
+        "c", "a", "b",
+    ]  # fmt: skip

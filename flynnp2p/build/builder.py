@@ -106,6 +106,9 @@ class BuildResult:
     process_types: dict[str, str] = field(default_factory=dict)
     buildpacks: tuple[str, ...] = ()  # what each buildpack's bin/detect called the app
     sandbox: Path | None = None  # left for the caller to remove (``remove_sandbox=False``)
+    # With the sandbox left: the built ./app in it, what the slug holds (a node may take
+    # it as the slug unpacked, `flynnp2p.host.slug.adopt_built`).
+    app_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +284,10 @@ async def _build(
         final = work_dir / f"{box.root.name}.tgz"
         await trio.to_thread.run_sync(os.replace, slug.path, final)
         left = None if remove_sandbox else box.root
-        return BuildResult(final, slug.digest, slug.size, types, tuple(n for _, n in chosen), left)
+        return BuildResult(
+            final, slug.digest, slug.size, types, tuple(n for _, n in chosen), left,
+            None if remove_sandbox else box.app,
+        )  # fmt: skip
 
 
 # -- 1. the source -----------------------------------------------------------------------

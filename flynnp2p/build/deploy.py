@@ -17,9 +17,11 @@ It runs before any ref moves, so a failed build rejects the push (git prints
 4. the slug is stored in the blobstore (replicated to a second node before it is
    acknowledged), and meanwhile the build cache is saved there and the build's
    sandbox is removed (the sandbox's tree, a virtualenv's thousand files, took
-   0.05-0.8 s to remove on the push's path), and the slug is unpacked for this
-   node's jobs (``unpack``: the scheduler prefers the slug's holders for the
-   release's first job, so it often starts here, without unpacking it first);
+   0.05-0.8 s to remove on the push's path), and the slug is made ready for
+   this node's jobs (``unpack``: the build's tree is moved into place as the slug
+   unpacked, and the release names this node in its meta, ``build.node``: the
+   scheduler places the release's first job here when the spread allows, and that
+   job starts without fetching or unpacking the slug);
    none of these ever fails the push;
 5. once the push's repository is saved in the cluster (`GitSource.wait_saved`:
    the save runs beside steps 1-4, `flynnp2p.build.push`; a save that fails
@@ -66,7 +68,7 @@ from flynnp2p.build.push import BUILD_BRANCHES
 from flynnp2p.build.slugsize import DEFAULT_SLUG_MAX_MB, MIB, slug_too_big
 from flynnp2p.errors import FlynnError
 from flynnp2p.host.space import is_full, no_space
-from flynnp2p.state.records import App
+from flynnp2p.state.records import BUILT_ON, App
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,11 @@ def limits_of(app: App) -> BuildLimits:
     return BuildLimits(memory_mb=app.build_memory_mb, timeout_s=float(app.build_timeout_s))
 
 
+# Makes slug (tarball, digest) ready for this node's jobs; the build's tree of it when
+# there is one (`flynnp2p.host.prepare.Preparer.unpacked_slug`).
+Unpack = Callable[[Path, str, Path | None], Awaitable[object]]
+
+
 class BuildStep:
     """`api`: a client of this node's own API carrying the peer credential;
     `work_root`: where builds run (and each app's cache is kept when there is
@@ -127,8 +134,9 @@ class BuildStep:
         wait_s: float = WAIT_S, caches: BuildCaches | None = None, logs: LogSink | None = None,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         remove: Callable[[Path], str | None] = remove_tree,
-        unpack: Callable[[Path, str], Awaitable[object]] | None = None,
+        unpack: Unpack | None = None,
         slug_max_bytes: int = DEFAULT_SLUG_MAX_MB * MIB,
+        node: str | None = None,
     ) -> None:  # fmt: skip
         self.api = api
         self.api_url = api_url.rstrip("/")
@@ -141,6 +149,7 @@ class BuildStep:
         self.remove = remove
         self.unpack = unpack
         self.slug_max_bytes = slug_max_bytes
+        self.node = node
         self.stats = {"builds": 0, "builds_failed": 0, "releases": 0}
         # What failed of the work done while the release deploys (it never fails the push).
         self.meanwhile_failed = {"teardown": 0, "unpack": 0}
@@ -233,9 +242,7 @@ class BuildStep:
             # Meanwhile, and none of these ever fails the push: the build's tree and source
             # go (a virtualenv's thousand files), the slug is unpacked for this node's
             # jobs, the cache is saved.
-            nursery.start_soon(self._tear_down, [p for p in (result.sandbox, src) if p is not None])
-            if self.unpack is not None:
-                nursery.start_soon(self._unpack_here, self.unpack, result)
+            nursery.start_soon(self._slug_here_then_tear_down, result, src)
             if self.caches is not None:
                 nursery.start_soon(self.caches.save, app.id, tmp, say)
             try:  # (caught in here: out of the nursery it would be an ExceptionGroup)
@@ -260,14 +267,20 @@ class BuildStep:
                 self.meanwhile_failed["teardown"] += 1
                 log.warning("build scratch %s not removed (the step's end tries again): %s", path, why)
 
-    async def _unpack_here(
-        self, unpack: Callable[[Path, str], Awaitable[object]], result: BuildResult
-    ) -> None:
-        """Unpack the slug for this node's jobs while the release is made: the
-        scheduler places the first job where the slug is, often here, and that job
-        then starts without unpacking it first. Never fails the push."""
+    async def _slug_here_then_tear_down(self, result: BuildResult, src: Path) -> None:
+        """The slug made ready for this node's jobs (the build's tree moved into place
+        as it), then the rest of the build's scratch removed."""
+        if self.unpack is not None:
+            await self._unpack_here(self.unpack, result)
+        await self._tear_down([p for p in (result.sandbox, src) if p is not None])
+
+    async def _unpack_here(self, unpack: Unpack, result: BuildResult) -> None:
+        """The slug unpacked for this node's jobs while the release is made (the
+        build's own tree moved into place as it, where it can be): the scheduler
+        places the release's first job on the node that built its slug when it can,
+        and that job then starts without unpacking it. Never fails the push."""
         try:
-            await unpack(result.slug_path, result.digest)
+            await unpack(result.slug_path, result.digest, result.app_dir)
         except (FlynnError, OSError) as exc:
             self.meanwhile_failed["unpack"] += 1
             log.warning("slug %s not unpacked ahead (a job here unpacks it): %s", result.digest, exc)
@@ -278,6 +291,8 @@ class BuildStep:
         need not decompress the slug again, here and on the leader, to read them."""
         _, holders = await self.slugs.put(result.digest, _chunks(result.slug_path))
         meta = {"git.commit": update.new, "git.ref": update.ref}
+        if self.node is not None and self.unpack is not None:  # unpacked here meanwhile
+            meta[BUILT_ON] = self.node
         body = {"slug": result.digest, "meta": meta, "process_types": result.process_types}
         made = await self._post(f"/v1/apps/{quote(app.id)}/releases", body)
         release = made["release"]

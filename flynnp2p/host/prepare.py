@@ -32,7 +32,7 @@ from flynnp2p.errors import FlynnError
 from flynnp2p.host.backend import ImageRoot, JobSpec
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.rootfs import unpack_image
-from flynnp2p.host.slug import unpack_slug
+from flynnp2p.host.slug import adopt_built, unpack_slug
 from flynnp2p.state.records import App, Artifact, Placement, ProcessSpec, Release
 from flynnp2p.state.replica import wait_for_record
 from flynnp2p.state.service import StateService
@@ -71,17 +71,20 @@ class Preparer:
     work_dir: Path
     _unpacking: dict[str, trio.Event] = field(default_factory=dict, compare=False, repr=False)
 
-    async def unpacked_slug(self, tarball: Path, digest: str) -> Path:
+    async def unpacked_slug(self, tarball: Path, digest: str, built: Path | None = None) -> Path:
         """Slug `digest` (the file `tarball`) unpacked on this node (`unpack_slug`): its
         ``app`` directory. One unpack of a digest at a time: a caller that comes while
         one runs waits for it and then finds the slug there. The git push's build
-        calls this on the node that built the slug while the release is made, so a
-        job placed here (`flynnp2p.scheduler.rank` prefers the slug's holders) finds
-        the slug unpacked already."""
+        calls this on the node that built the slug while the release is made, with
+        the build's own tree as `built` (moved into place instead of unpacking:
+        `adopt_built`), so a job placed here (`flynnp2p.scheduler.rank` prefers the
+        node that built the slug) finds it unpacked already."""
         while (busy := self._unpacking.get(digest)) is not None:
             await busy.wait()
         done = self._unpacking[digest] = trio.Event()
         try:
+            if built is not None and (app := await adopt_built(built, self.work_dir, digest)):
+                return app
             return await unpack_slug(tarball, self.work_dir, digest)
         finally:
             del self._unpacking[digest]

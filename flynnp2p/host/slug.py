@@ -15,6 +15,13 @@ decompressing again); a member that fails the check stops the pass, and the
 temporary directory, with whatever of the slug it holds, is removed: nothing of an
 unsafe slug is installed.
 
+On the node that built a slug the build's own tree is the slug's content (the
+slug is a tar of it, after the same checks), so it is moved into place instead
+(`adopt_built`, a rename: unpacking the example's slug took 0.25-0.5 s on the path
+of every git push), made as an unpack would have made it: owned by root, the mode
+bits tarfile's ``data`` filter would have cleared cleared, and whatever tar would
+not have packed (a socket) gone.
+
 Each job gets a plain copy of the app under ``<root>/jobs/<job_id>/app``. Not
 hardlinks: a job writing a file in place would otherwise change the shared slug
 under every other job of the release.
@@ -23,10 +30,13 @@ under every other job of the release.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
+import os
 import posixpath
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -124,11 +134,73 @@ def _unpack_sync(tarball: Path, dest: Path) -> None:
 
 async def unpack_slug(tarball: Path, root: Path, digest: str) -> Path:
     """Unpack ``tarball`` once into ``root/slugs/<digest>``; return its ``app`` dir."""
-    if not _DIGEST.match(digest):
-        raise SlugError(f"slug digest {digest!r} is not valid; expected [A-Za-z0-9_.:-]{{1,128}}")
-    dest = root / "slugs" / digest
+    dest = _slug_dir(root, digest)
     await trio.to_thread.run_sync(_unpack_sync, tarball, dest)
     return dest / "app"
+
+
+def _slug_dir(root: Path, digest: str) -> Path:
+    if not _DIGEST.match(digest):
+        raise SlugError(f"slug digest {digest!r} is not valid; expected [A-Za-z0-9_.:-]{{1,128}}")
+    return root / "slugs" / digest
+
+
+# What tarfile's ``data`` filter clears of a member's mode bits.
+_CLEARED = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
+
+
+def _as_unpacked_sync(app: Path) -> None:
+    """`app` (a build's tree) as `_unpack_sync` would leave its slug: every entry
+    owned by root, files with the modes the ``data`` filter gives them, directories
+    0755, and anything but files, directories and symlinks removed (tar skips those)."""
+    for base, dirs, files in os.walk(app):
+        for name in [*dirs, *files, None]:
+            path = base if name is None else os.path.join(base, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                os.lchown(path, 0, 0)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                mode = 0o755
+            elif stat.S_ISREG(st.st_mode):
+                mode = (stat.S_IMODE(st.st_mode) & ~_CLEARED) | stat.S_IRUSR | stat.S_IWUSR
+                if not mode & stat.S_IXUSR:
+                    mode &= ~(stat.S_IXGRP | stat.S_IXOTH)
+            else:
+                os.unlink(path)
+                continue
+            os.chown(path, 0, 0, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode, follow_symlinks=False)
+
+
+def _adopt_sync(built: Path, dest: Path) -> bool:
+    if dest.is_dir():
+        return True
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        try:
+            os.rename(built, tmp / "app")
+        except OSError as e:
+            if e.errno == errno.EXDEV:  # another filesystem: the caller unpacks
+                return False
+            raise
+        _as_unpacked_sync(tmp / "app")
+        move_into_place(tmp, dest)
+        return True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def adopt_built(built: Path, root: Path, digest: str) -> Path | None:
+    """Move ``built`` (the tree a build packed into slug `digest`, nothing running
+    in it any more) into place as that slug unpacked, ``root/slugs/<digest>``; its
+    ``app`` dir. None when it cannot be moved there (another filesystem): the caller
+    unpacks the tarball. A slug already there is kept (``built`` stays)."""
+    dest = _slug_dir(root, digest)
+    return dest / "app" if await trio.to_thread.run_sync(_adopt_sync, built, dest) else None
 
 
 def _copy_sync(slug_app: Path, job_dir: Path) -> Path:

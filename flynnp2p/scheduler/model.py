@@ -37,6 +37,7 @@ from flynnp2p.scheduler.surge import REPLACE, STRATEGIES, effective_strategy
 from flynnp2p.state.jobs import effective_state, is_fenced, is_finished
 from flynnp2p.state.merge import State
 from flynnp2p.state.records import (
+    BUILT_ON,
     App,
     Artifact,
     BlobLocation,
@@ -77,6 +78,7 @@ class Desired:
     hold: str | None = None  # why the group must be left alone for now
     strategy: str = REPLACE  # how jobs of another release give way (`surge`)
     slug_hosts: frozenset[str] = frozenset()  # hosts that hold the release's slug (`rank`)
+    slug_built_on: str | None = None  # the one of them that built it and unpacked it (`rank`)
 
     def __post_init__(self) -> None:
         if self.count < 0 or self.memory_mb < 0:
@@ -225,6 +227,12 @@ def slug_hosts(state: State, release: Release | None, hosts: Iterable[Host]) -> 
     return frozenset(h.name for h in hosts if state.record(BlobLocation, f"{digest}@{h.name}"))
 
 
+def slug_built_on(release: Release | None, holders: frozenset[str]) -> str | None:
+    """The holder of `release`'s slug that built it (and so has it unpacked), if known."""
+    built = release.meta.get(BUILT_ON) if release is not None else None
+    return built if built in holders else None
+
+
 def _desired(
     f: Formation, ptype: str, release: Release | None, spec: ProcessSpec | None, app: App | None,
     slug_on: frozenset[str] = frozenset(),
@@ -248,6 +256,7 @@ def _desired(
         hold=hold,
         strategy=strategy,
         slug_hosts=slug_on,
+        slug_built_on=slug_built_on(release, slug_on),
     )
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from flynnp2p.scheduler.feasible import Eligible, Filtered, check_memory, eligible, explain
 from flynnp2p.scheduler.model import Desired, Inputs, OneOff
-from flynnp2p.scheduler.rank import Spread, score, tiebreaks
+from flynnp2p.scheduler.rank import Score, Spread, score, tiebreaks
 from flynnp2p.scheduler.reconcile import Need, Reconciled, Restart, Stop, reconcile
 
 
@@ -140,12 +140,14 @@ class _Placer:
         d, mem = need.desired, need.desired.memory_mb
         free, load, tb = self.free, self.load, self.tiebreak
         group = dict(need.kept)
-        warm = d.slug_hosts
-        spread = Spread(
-            score(h, group.get(h, 0), load[h], free[h], tb[h], has_slug=h in warm)
-            for h in need.eligible.hosts
-            if free[h] >= mem
-        )
+        warm, built = d.slug_hosts, d.slug_built_on
+
+        def scored(h: str, in_group: int) -> Score:
+            return score(
+                h, in_group, load[h], free[h], tb[h], has_slug=h in warm, built_here=h == built
+            )
+
+        spread = Spread(scored(h, group.get(h, 0)) for h in need.eligible.hosts if free[h] >= mem)
         placed = 0
         while placed < need.count:
             host = spread.pop_best()
@@ -155,9 +157,7 @@ class _Placer:
             placed += 1
             group[host] = group.get(host, 0) + 1
             if free[host] >= mem:
-                spread.push(
-                    score(host, group[host], load[host], free[host], tb[host], has_slug=host in warm)
-                )
+                spread.push(scored(host, group[host]))
         if placed < need.count:  # the heap ran dry: every eligible host is short of memory
             self._block(d, need.count - placed, need.eligible, need.eligible.hosts)
 

@@ -159,6 +159,11 @@ class Release(IdRecord):
     version: Annotated[int, Int(0)] = 0
 
 
+# A release's meta key: the node that built its slug and unpacked it there for jobs
+# (a job placed there starts without fetching or unpacking it: `scheduler.rank`).
+BUILT_ON = "build.node"
+
+
 @dataclass(frozen=True, slots=True)
 class Artifact(IdRecord):
     KIND: ClassVar[str] = "artifact"
