@@ -288,10 +288,12 @@ class Agent:
         repos = RepoStore(git_dir, git_dir / "hooks")
         # deleted apps' repos and build caches off this disk
         self.repo_sweeper = RepoSweeper(self.state, repos, caches)
+        self.caches = caches
         self.git_api = git_api = GitApi(
             self.ctx, repos=repos, hooks=self.git_hooks,
             blobs=self.blobs, leader=LeaderLink(self.http, self.ctx.leader_api), locks=locks,
             node_name=cfg.name, scratch=git_scratch(cfg.data_dir), step=self.builds,
+            prefetch=caches.prefetch,
         )  # fmt: skip
         app.register_blueprint(git_blueprint(self.ctx, git_api, GitLeaderApi(self.ctx, locks)))
         self.api = ApiServer(app, cfg.addr, cfg.api_port)
@@ -347,6 +349,7 @@ class Agent:
                 await nursery.start(self.blobs.run)
                 await nursery.start(self.git_hooks.run)
                 await nursery.start(self.repo_sweeper.run)
+                await nursery.start(self.caches.run)
                 await nursery.start(
                     partial(
                         feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],
@@ -461,7 +464,10 @@ class Agent:
                     **self.state.stats,
                 },
                 "blobs": {"ok": self.ready, **self.blobs.stats},
-                "git": {"ok": self.git_hooks.port != 0, **self.git_api.stats, **self.builds.stats},
+                "git": {
+                    "ok": self.git_hooks.port != 0, **self.git_api.stats, **self.builds.stats,
+                    "build_cache": dict(self.caches.stats),
+                },
                 "coord": self.coord.stats(),
                 "leader_duties": {"ok": True, "terms": self.duties.terms},
                 "scheduler": dict(self.scheduler.stats),

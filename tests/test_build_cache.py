@@ -164,6 +164,90 @@ async def test_a_cache_over_its_bound_is_not_stored(tmp_path: Path) -> None:
     assert "over its bound of" in said.text and n1.stats["too_big"] == 1
 
 
+def scratch_of(c: BuildCaches) -> list[str]:
+    return sorted(p.name for p in c.root.iterdir() if ".restore-" in p.name or ".old-" in p.name)
+
+
+async def test_a_push_beginning_fetches_the_cache_ahead_and_the_restore_takes_it(
+    tmp_path: Path,
+) -> None:
+    blobs, replica, _ = service(tmp_path / "blobs")
+    n1, n2 = caches(tmp_path, "n1", blobs, replica), caches(tmp_path, "n2", blobs, replica)
+    said = Said()
+    fill(await n1.restore("app-1", said), {"uv/a.whl": b"wheel"})
+    await n1.save("app-1", tmp_path, said)
+    n2.prefetch("app-1")  # not running yet: nothing starts
+    assert n2._prefetches == {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n2.run)
+        n2.prefetch("app-1")
+        n2.prefetch("app-1")  # (the push's second request: one prefetch)
+        await n2._prefetches["app-1"].done.wait()
+        assert n2.stats["prefetched"] == 1 and len(scratch_of(n2)) == 1
+
+        async def unreachable(digest: str) -> Path:
+            raise AssertionError("the restore fetched the blob again")
+
+        real_local_path, blobs.local_path = blobs.local_path, unreachable  # type: ignore[method-assign]
+        d = await n2.restore("app-1", said)
+        assert (d / "uv/a.whl").read_bytes() == b"wheel"
+        assert "Build cache restored from node n1" in said.lines[-1]
+        assert scratch_of(n2) == [] and n2._prefetches == {}
+
+        # Ahead of a push to the node whose directory is current: nothing to unpack.
+        n1.prefetch("app-1")  # (n1 is not running: a no-op; n2 is current too now)
+        n2.prefetch("app-1")
+        await n2._prefetches["app-1"].done.wait()
+        assert n2.stats["prefetched"] == 1 and scratch_of(n2) == []
+        await n2.restore("app-1", said)
+        assert "this node's" in said.lines[-1]
+        blobs.local_path = real_local_path  # type: ignore[method-assign]
+
+        # One fetched ahead, then a newer cache saved elsewhere before the push's
+        # restore: the old one is dropped and the newer one restored.
+        n3 = caches(tmp_path, "n3", blobs, replica)
+        await nursery.start(n3.run)
+        n3.prefetch("app-1")
+        await n3._prefetches["app-1"].done.wait()
+        fill(n1.dir("app-1"), {"uv/b.whl": b"newer"})
+        await n1.save("app-1", tmp_path, said)
+        d3 = await n3.restore("app-1", said)
+        assert (d3 / "uv/b.whl").read_bytes() == b"newer"
+        assert n3.stats["prefetch_unused"] == 1 and scratch_of(n3) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_prefetch_leaves_the_restore_to_say_why(tmp_path: Path) -> None:
+    blobs, replica, _ = service(tmp_path / "blobs")
+    n2 = caches(tmp_path, "n2", blobs, replica)
+    digest, _ = await put_bytes(blobs, b"not a tarball")
+    await replica.write([BuildCache(app_id="app-1", digest=digest, size=13, node="n1", updated_at=2)])
+    said = Said()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n2.run)
+        n2.prefetch("app-1")
+        await n2._prefetches["app-1"].done.wait()
+        assert n2.stats["prefetch_failed"] == 1 and scratch_of(n2) == []
+        await n2.restore("app-1", said)
+        assert "could not be restored" in said.text and n2.stats["restore_failed"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_restores_an_earlier_agent_left_half_done_go_when_it_starts(tmp_path: Path) -> None:
+    blobs, replica, _ = service(tmp_path / "blobs")
+    root = tmp_path / "n2" / "cache"
+    for name in ("app-1", "app-1.restore-dead1234", "app-1.old-5678abcd"):
+        fill(root / name, {"f": b"x"})
+    old = os.stat(root).st_mtime - 10
+    for name in ("app-1.restore-dead1234", "app-1.old-5678abcd"):
+        os.utime(root / name, (old, old))
+    n2 = caches(tmp_path, "n2", blobs, replica)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n2.run)
+        assert sorted(p.name for p in root.iterdir()) == ["app-1"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_build_lines_go_live_at_once_and_to_the_app_file_in_batches(tmp_path: Path) -> None:
     hub = LogHub(tmp_path / "logs")
     log = BuildLog(hub, "hello", lambda: 42)

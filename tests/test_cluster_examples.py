@@ -190,6 +190,9 @@ async def test_a_warm_build_on_another_node_and_the_memory_limit(
     await commit_all(git, tree, "v2")
     warm = await push(git, tree, n2, "cached")  # another node: its cache comes from the blobstore
     assert "remote: -----> Build cache restored from node n1" in warm, warm
+    async with n2.client() as c:  # fetched and unpacked while git sent the pack
+        cache = (await c.get("/v1/status", timeout=15)).json()["components"]["git"]["build_cache"]
+    assert cache["prefetched"] == 1 and cache["restored"] == 1, cache
     assert "remote:        dep-1.0 from the build cache" in warm and "downloading" not in warm, warm
     await serves(n3, "cached", "v2")
 

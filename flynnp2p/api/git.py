@@ -108,7 +108,7 @@ class GitApi:
     def __init__(
         self, ctx: ClusterContext, *, repos: RepoStore, hooks: HookServer, blobs: RepoBlobs,
         leader: LeaderLink, locks: PushLocks, node_name: str, scratch: Path,
-        step: PreReceive = accept_push,
+        step: PreReceive = accept_push, prefetch: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.ctx = ctx
         self.repos = repos
@@ -119,6 +119,7 @@ class GitApi:
         self.node = node_name
         self.scratch = scratch
         self.step = step
+        self.prefetch = prefetch  # a push of app id begins: its build cache, ahead
         self.stats = {"backend_runs": 0, "restores": 0}
 
     # -- the repository, current --------------------------------------------
@@ -158,6 +159,8 @@ class GitApi:
             app = ops.find_app(self.ctx.state.state, req.app)
         except NotFound:
             raise NotFound(f"no app named {req.app!r} (create it: flynnp2p create {req.app})") from None
+        if req.is_push and self.prefetch is not None:  # while git negotiates and sends
+            self.prefetch(app.id)
         await self.make_current(app, for_push=req.is_push)
         session: PushSession | None = None
         hook_env: dict[str, str] = {}

@@ -21,6 +21,15 @@ Before a build, `BuildCaches.restore`:
 A cache that cannot be restored (no alive holder, a corrupt blob, a full disk)
 only makes the build cold: the local directory is emptied and the push goes on.
 
+The fetch and unpack begin before that: when a push to the app begins here
+(`BuildCaches.prefetch`, called on git's first request), while git negotiates and
+sends the pack, into a fresh directory of its own that the restore then waits for
+and swaps in (unpacking the example's 2.8 MB cache, 215 files, took 0.3 s of a
+warm push to another node: file creation is what this machine is slowest at). A
+prefetch of a blob that is no longer the newest is discarded by the restore; one
+no push took is used by the next, or removed with the scratch an earlier agent
+left (``*.restore-*``, ``*.old-*``) when the agent starts (`BuildCaches.run`).
+
 After a build that succeeded, `BuildCaches.save`: a tree whose fingerprint is
 the marker's is not packed again (the build changed nothing in it). Else, when
 the tree holds at most ``MAX_CACHE_BYTES`` (512 MiB of files), it is packed
@@ -44,6 +53,7 @@ referenced for the blobstore's garbage collection (`flynnp2p.build.blobs`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,9 +61,10 @@ import os
 import shutil
 import stat
 import tarfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -138,6 +149,18 @@ async def _chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+@dataclass
+class _Prefetch:
+    """A cache blob being fetched and unpacked ahead of a push's restore."""
+
+    digest: str
+    done: trio.Event = field(default_factory=trio.Event)
+    path: Path | None = None  # the unpacked directory, once done (None: it failed)
+
+
+_RESTORE_ERRORS = (FlynnError, OSError, tarfile.TarError, EOFError)
+
+
 class BuildCaches:
     """The build caches of this node's apps (see the module's theory of operation)."""
 
@@ -153,8 +176,77 @@ class BuildCaches:
         self.max_bytes = max_bytes
         self.stats = {
             "restored": 0, "restore_failed": 0, "saved": 0, "unchanged": 0, "too_big": 0,
-            "no_room": 0,
+            "no_room": 0, "prefetched": 0, "prefetch_failed": 0, "prefetch_unused": 0,
         }  # fmt: skip
+        self.made_at = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._prefetches: dict[str, _Prefetch] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove the restores an earlier agent left half-done, then run the
+        prefetches `prefetch` starts (until cancelled)."""
+        await trio.to_thread.run_sync(self._remove_scratch_before, self.made_at)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _remove_scratch_before(self, made_at: float) -> None:
+        for pattern in ("*.restore-*", "*.old-*"):
+            for path in self.root.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if path.is_dir() and path.stat().st_mtime < made_at:
+                        shutil.rmtree(path, ignore_errors=True)
+
+    def prefetch(self, app_id: str) -> None:
+        """A push of the app begins on this node: fetch and unpack its newest saved
+        cache now, beside git's own work, for the push's `restore` to swap in. Does
+        nothing when there is none, or one is being fetched or waits to be taken."""
+        record = self.state.state.record(BuildCache, app_id)
+        if self._nursery is None or record is None or app_id in self._prefetches:
+            return
+        ahead = self._prefetches[app_id] = _Prefetch(record.digest)
+        self._nursery.start_soon(self._prefetch, app_id, ahead)
+
+    async def _prefetch(self, app_id: str, ahead: _Prefetch) -> None:
+        try:
+            if await self._is_current(app_id, ahead.digest):
+                return  # nothing to do: the restore finds this node's directory current
+            blob = await self.blobs.local_path(ahead.digest)
+            fresh = self._fresh(app_id)
+            await trio.to_thread.run_sync(self._unpack_fresh, blob, fresh)
+            ahead.path = fresh
+            self.stats["prefetched"] += 1
+        except _RESTORE_ERRORS as exc:  # the push's restore tries again, and says why
+            self.stats["prefetch_failed"] += 1
+            log.info("build cache of %s not fetched ahead: %s", app_id, exc)
+        finally:
+            ahead.done.set()
+
+    async def _is_current(self, app_id: str, digest: str) -> bool:
+        """This node's directory of the app is the cache `digest`, unchanged since."""
+        marked, fingerprint = await trio.to_thread.run_sync(self._read_marker, app_id)
+        if marked != digest:
+            return False
+        return fingerprint == (await trio.to_thread.run_sync(scan, self.dir(app_id))).fingerprint
+
+    def _fresh(self, app_id: str) -> Path:
+        return self.root / f"{app_id}.restore-{uuid.uuid4().hex[:8]}"
+
+    async def _take_prefetch(self, app_id: str, digest: str) -> Path | None:
+        """The directory a prefetch unpacked of cache `digest` (waited for), if any;
+        one of another digest is removed."""
+        ahead = self._prefetches.get(app_id)
+        if ahead is None:
+            return None
+        await ahead.done.wait()
+        if self._prefetches.get(app_id) is ahead:
+            del self._prefetches[app_id]
+        if ahead.path is not None and ahead.digest != digest:
+            self.stats["prefetch_unused"] += 1
+            await trio.to_thread.run_sync(shutil.rmtree, ahead.path, True)
+            return None
+        return ahead.path
 
     def dir(self, app_id: str) -> Path:
         return self.root / app_id
@@ -199,18 +291,18 @@ class BuildCaches:
         record = self.state.state.record(BuildCache, app_id)
         if record is None:
             return target
-        digest, fingerprint = await trio.to_thread.run_sync(self._read_marker, app_id)
-        if (
-            digest == record.digest
-            and fingerprint == (await trio.to_thread.run_sync(scan, target)).fingerprint
-        ):
+        ahead = await self._take_prefetch(app_id, record.digest)
+        if ahead is None and await self._is_current(app_id, record.digest):
             await say(f"-----> Build cache: this node's ({record.size / 1e6:.1f} MB)")
             return target
         try:
-            blob = await self.blobs.local_path(record.digest)
-            fresh = self.root / f"{app_id}.restore-{uuid.uuid4().hex[:8]}"
-            await trio.to_thread.run_sync(self._swap_in, blob, fresh, target, record.digest)
-        except (FlynnError, OSError, tarfile.TarError, EOFError) as exc:
+            fresh = ahead
+            if fresh is None:
+                blob = await self.blobs.local_path(record.digest)
+                fresh = self._fresh(app_id)
+                await trio.to_thread.run_sync(self._unpack_fresh, blob, fresh)
+            await trio.to_thread.run_sync(self._swap_in, fresh, target, record.digest)
+        except _RESTORE_ERRORS as exc:
             self.stats["restore_failed"] += 1
             why = exc.message if isinstance(exc, FlynnError) else str(exc) or type(exc).__name__
             await say(f"-----> Build cache could not be restored ({why}): building without it")
@@ -222,12 +314,16 @@ class BuildCaches:
         )
         return target
 
-    def _swap_in(self, blob: Path, fresh: Path, target: Path, digest: str) -> None:
+    @staticmethod
+    def _unpack_fresh(blob: Path, fresh: Path) -> None:
         try:
             unpack(blob, fresh)
         except BaseException:
             shutil.rmtree(fresh, ignore_errors=True)
             raise
+
+    def _swap_in(self, fresh: Path, target: Path, digest: str) -> None:
+        """The unpacked cache `fresh` made this node's directory of the app."""
         self._marker(target.name).unlink(missing_ok=True)
         old = target.with_name(target.name + ".old-" + uuid.uuid4().hex[:8])
         if target.exists():
