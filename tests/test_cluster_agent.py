@@ -29,8 +29,9 @@ async def test_three_agents_converge_and_api_requires_token(cluster: Cluster) ->
     agents = await cluster.start(3)
     statuses = await cluster.wait_converged(agents, alive=3, timeout=10)
     # 5 s to converge, plus process start-up, plus etcd's membership (each node
-    # joins as a learner, then the leader promotes it).
-    assert trio.current_time() - start < 5 + 6
+    # joins as a learner, then the leader promotes it): 11 s on a quiet machine. A
+    # bound, not the figure: 13 s were seen with a benchmark running beside it.
+    assert trio.current_time() - start < 5 + 6 + 10
     leaders = {s["leader"]["name"] for s in statuses.values()}
     assert len(leaders) == 1
     s = statuses["n1"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -88,10 +89,26 @@ H11_REFUSED = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
+    """One agent for the whole module (starting one per test took 3.5 s of each)."""
+    cluster = Cluster(tmp_path_factory.mktemp("edge-http"))
+    try:
+        (a,) = trio.run(cluster.start, 1)
+        yield a
+    finally:
+        cluster.kill_all()
+
+
 @pytest.fixture
-async def agent(cluster: Cluster) -> AgentProc:
-    (a,) = await cluster.start(1)
-    return a
+async def agent(shared: AgentProc) -> AsyncIterator[AgentProc]:
+    """The module's agent, alive; no app "smuggled" before or after each test."""
+    assert shared.running, shared.log_tail()
+    assert await get_app(shared, "smuggled") is None
+    yield shared
+    async with shared.client() as c:
+        r = await c.delete("/v1/apps/smuggled", timeout=15)
+        assert r.status_code in (200, 204, 404), r.text
 
 
 async def no_app_then_one(agent: AgentProc) -> None:
