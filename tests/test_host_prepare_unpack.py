@@ -19,7 +19,7 @@ import trio
 
 from flynnp2p.host import slug as slug_module
 from flynnp2p.host.prepare import Preparer
-from flynnp2p.host.slug import SlugError, unpack_slug
+from flynnp2p.host.slug import SlugError, prepare_job_dir, unpack_slug
 
 
 def slug(path: Path, files: dict[str, bytes]) -> Path:
@@ -162,3 +162,24 @@ async def test_a_tree_on_another_filesystem_is_unpacked_from_the_tarball(
     app = await preparer(tmp_path / "jobs").unpacked_slug(tarball, "sha256-dd", built)
     assert (app / "Procfile").read_bytes() == b"web: ./run\n"  # the tarball's
     assert (built / "Procfile").is_file()
+
+
+async def test_the_first_job_on_the_node_that_built_the_slug_takes_its_copy_made_ahead(
+    tmp_path: Path,
+) -> None:
+    tarball = slug(tmp_path / "s.tgz", {"./app/Procfile": b"web: ./run\n"})
+    built = tmp_path / "box" / "app"
+    (built / "lib").mkdir(parents=True)
+    (built / "Procfile").write_bytes(b"web: ./run\n")
+    (built / "lib" / "mod.py").write_bytes(b"x = 1\n")
+    jobs = tmp_path / "jobs"
+    app = await preparer(jobs).unpacked_slug(tarball, "sha256-ee", built)
+    spare = app.parent / "spare" / "app"
+    assert _entries(spare) == _entries(app)  # made while the release is made
+    first = await prepare_job_dir(app, jobs, "web-1")
+    assert not spare.exists() and _entries(first) == _entries(app)  # taken, not copied
+    second = await prepare_job_dir(app, jobs, "web-2")  # none left: a copy
+    assert _entries(second) == _entries(app)
+    (first / "lib" / "mod.py").write_bytes(b"x = 2\n")  # a job writing its own copy
+    assert (app / "lib" / "mod.py").read_bytes() == b"x = 1\n"
+    assert (second / "lib" / "mod.py").read_bytes() == b"x = 1\n"

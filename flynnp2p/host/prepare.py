@@ -32,7 +32,7 @@ from flynnp2p.errors import FlynnError
 from flynnp2p.host.backend import ImageRoot, JobSpec
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.rootfs import unpack_image
-from flynnp2p.host.slug import adopt_built, unpack_slug
+from flynnp2p.host.slug import adopt_built, make_spare, unpack_slug
 from flynnp2p.state.records import App, Artifact, Placement, ProcessSpec, Release
 from flynnp2p.state.replica import wait_for_record
 from flynnp2p.state.service import StateService
@@ -77,13 +77,15 @@ class Preparer:
         one runs waits for it and then finds the slug there. The git push's build
         calls this on the node that built the slug while the release is made, with
         the build's own tree as `built` (moved into place instead of unpacking:
-        `adopt_built`), so a job placed here (`flynnp2p.scheduler.rank` prefers the
-        node that built the slug) finds it unpacked already."""
+        `adopt_built`, and a job's copy of it made ahead: `make_spare`), so a job
+        placed here (`flynnp2p.scheduler.rank` prefers the node that built the
+        slug) finds it unpacked and its copy made."""
         while (busy := self._unpacking.get(digest)) is not None:
             await busy.wait()
         done = self._unpacking[digest] = trio.Event()
         try:
             if built is not None and (app := await adopt_built(built, self.work_dir, digest)):
+                await make_spare(app)
                 return app
             return await unpack_slug(tarball, self.work_dir, digest)
         finally:

@@ -24,7 +24,11 @@ not have packed (a socket) gone.
 
 Each job gets a plain copy of the app under ``<root>/jobs/<job_id>/app``. Not
 hardlinks: a job writing a file in place would otherwise change the shared slug
-under every other job of the release.
+under every other job of the release. On the node that built the slug, one copy
+is made ahead, while the release is made (`make_spare`: ``<root>/slugs/<digest>/spare``),
+and the first job there takes it with a rename: the copy (393 files, 13 MB for
+the Python example) took 0.3-0.45 s on the path of a git push, beside the slug's
+replication and the release. A spare no job took stays with its slug.
 """
 
 from __future__ import annotations
@@ -203,12 +207,38 @@ async def adopt_built(built: Path, root: Path, digest: str) -> Path | None:
     return dest / "app" if await trio.to_thread.run_sync(_adopt_sync, built, dest) else None
 
 
+def _spare_of(slug_app: Path) -> Path:
+    return slug_app.parent / "spare" / "app"
+
+
+def _make_spare_sync(slug_app: Path) -> None:
+    spare = _spare_of(slug_app).parent
+    if spare.exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".spare.", dir=slug_app.parent))
+    try:
+        shutil.copytree(slug_app, tmp / "app", symlinks=True)
+        move_into_place(tmp, spare)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def make_spare(slug_app: Path) -> None:
+    """One job's copy of the unpacked slug `slug_app`, made ahead for
+    `prepare_job_dir` to take (the first job that asks gets it)."""
+    await trio.to_thread.run_sync(_make_spare_sync, slug_app)
+
+
 def _copy_sync(slug_app: Path, job_dir: Path) -> Path:
     app = job_dir / "app"
     if job_dir.exists():
         shutil.rmtree(job_dir)
     job_dir.mkdir(parents=True)
-    shutil.copytree(slug_app, app, symlinks=True)
+    try:
+        os.rename(_spare_of(slug_app), app)  # the copy made ahead, if there is one left
+    except FileNotFoundError:
+        shutil.copytree(slug_app, app, symlinks=True)
     return app
 
 
