@@ -25,6 +25,8 @@ from tests.test_scheduler_model import state_of
 from tests.test_scheduler_service import T0_MS, LonePeers, virtual_ms
 
 WEB = {"web": ProcessSpec(command="python app.py", ports=(0,))}
+# A pass runs this long after the change that woke it (the watcher's default debounce).
+DEBOUNCE_MS = 20
 APP = App(id="a1", name="shop", created_at=T0_MS, deploy_timeout_s=30)
 R1 = Release(id="r1", app_id="a1", created_at=T0_MS, processes=WEB, version=1)
 R2 = Release(id="r2", app_id="a1", created_at=T0_MS, processes=WEB, version=2)
@@ -89,7 +91,7 @@ async def test_complete_once_the_new_jobs_are_up_and_the_old_ones_told_to_stop(
     await trio.sleep(1)
     await state.write([placed("new2", "r2"), job("new2", "r2", "up"), placed("old2", "r1", "stop")])
     dep = await finished(state)
-    assert (dep.status, dep.finished_at, dep.reason) == ("complete", T0_MS + 3050, None)
+    assert (dep.status, dep.finished_at, dep.reason) == ("complete", T0_MS + 3000 + DEBOUNCE_MS, None)
     assert state.state.record(Formation, "a1").release_id == "r2"  # type: ignore[union-attr]
 
 
@@ -103,7 +105,7 @@ async def test_a_crash_of_a_new_job_rolls_back_at_once(
     # crashed, and restarted by the scheduler before the watcher saw the report
     await state.write([placed("new1", "r2", restarts=1), job("new1", "r2", "pending", restarts=1)])
     dep = await finished(state)
-    assert (dep.status, dep.finished_at, dep.failed_job_id) == ("rolled-back", T0_MS + 2050, "new1")
+    assert (dep.status, dep.finished_at, dep.failed_job_id) == ("rolled-back", T0_MS + 2000 + DEBOUNCE_MS, "new1")
     assert dep.reason == "job new1 (web) exited by itself (restarted 1 time(s))"
     formation = state.state.record(Formation, "a1")
     assert formation is not None and (formation.release_id, dict(formation.processes)) == (
@@ -124,7 +126,7 @@ async def test_not_healthy_in_time_fails_at_the_deadline_and_a_new_leader_keeps_
     second = DeployWatcher(state, virtual_ms, lambda epoch: True, period_s=5.0)
     nursery.start_soon(second.duty, 2)
     dep = await finished(state)
-    assert (dep.status, dep.finished_at) == ("rolled-back", T0_MS + 30_050)
+    assert (dep.status, dep.finished_at) == ("rolled-back", T0_MS + 30_000 + DEBOUNCE_MS)
     assert dep.reason == "not healthy within 30 s (web: 0/2 up); job new1 is starting"
     assert dep.failed_job_id == "new1" and second.stats["rolled_back"] == 1
 
