@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,3 +94,38 @@ def test_a_slug_cut_short_is_not_readable(tmp_path: Path, cut: Callable[[int], i
     path.write_bytes(whole[: cut(len(whole))])
     with pytest.raises(SlugError, match="not readable"):
         _check_slug(path)
+
+
+def test_a_slug_checked_while_it_is_written_is_checked_as_one_read_after(tmp_path: Path) -> None:
+    """The builder checks the file while tar writes it: bytes that arrive in bursts,
+    with the end only known once the writer is done, give what one read gives."""
+    whole = slug(tmp_path / "whole.tgz", [*APP, ("./app/Procfile", b"web: python app.py\n")])
+    data = whole.read_bytes()
+    growing = tmp_path / "growing.tgz"
+    growing.write_bytes(b"")
+    written = threading.Event()
+
+    def write() -> None:
+        with growing.open("ab") as f:
+            for at in range(0, len(data), 700):
+                f.write(data[at : at + 700])
+                f.flush()
+                time.sleep(0.002)
+        written.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        checked = _check_slug(growing, written)
+    finally:
+        writer.join()
+    after = _check_slug(whole)
+    assert (checked.digest, checked.size, checked.procfile) == (after.digest, after.size, after.procfile)
+
+    # A writer that stops short (tar failed): not readable, not a slug.
+    short = tmp_path / "short.tgz"
+    short.write_bytes(data[: len(data) // 2])
+    done = threading.Event()
+    done.set()
+    with pytest.raises(SlugError):
+        _check_slug(short, done)

@@ -26,8 +26,9 @@ isolation, the layout and what the programs see):
    (`release_yaml`);
 7. the slug: ``tar`` of ``./app`` run in the sandbox as the build's uid (so it can
    read nothing the build could not), owners set to 0, gzipped into the build's
-   /tmp; then, in one pass over the file (decompressed once, hashed as it is
-   read), every member is checked as a job host will check it
+   /tmp; meanwhile, in one pass over the file as it grows (decompressed once,
+   hashed as it is read: the pass after the packing took 0.14 s of every push of
+   the Python example), every member is checked as a job host will check it
    (``host.slug.check_members``: no absolute or escaping links, no devices), its
    ``Procfile`` parsed and its digest computed;
 8. process types: the buildpacks' defaults, the app's ``Procfile`` over them,
@@ -58,6 +59,7 @@ import os
 import shutil
 import stat
 import tarfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -513,6 +515,8 @@ class _Slug:
 
 async def _pack(box: Sandbox, on_line: LineCallback) -> _Slug:
     tmp_slug = box.tmp / "slug.tgz"
+    # Made here, so the check can follow it from the start; the build's to write.
+    await trio.to_thread.run_sync(_own_empty_file, tmp_slug, box.uid if box.isolation != "none" else None)
     parent = "/" if box.isolation == "namespaces" else str(box.app.parent)
     argv = [
         # gzip -1: the default -6 took twice the time of -3 for a slug 4 % smaller, and
@@ -523,38 +527,77 @@ async def _pack(box: Sandbox, on_line: LineCallback) -> _Slug:
         "--owner=0", "--group=0",
         "--numeric-owner", "--directory", parent, "./app",
     ]  # fmt: skip
-    result = await box.run(argv, env={}, on_line=on_line, merge_stderr=True)
+    packed = threading.Event()
+    checked: list[_Slug | SlugError | UserError] = []
+
+    async def check() -> None:
+        try:
+            checked.append(await trio.to_thread.run_sync(_check_slug, tmp_slug, packed))
+        except (SlugError, UserError) as exc:  # (others: raised, bugs)
+            checked.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        try:
+            result = await box.run(argv, env={}, on_line=on_line, merge_stderr=True)
+        finally:
+            packed.set()  # the check reads to the file's end, then stops
     if result.status != 0 and any("No space left on device" in line for line in result.tail):
         raise OSError(errno.ENOSPC, "No space left on device (packing the slug)")
     if result.status != 0:
         raise BuildError(f"packing the slug failed (tar exited with {result.status})", result.tail)
     try:
-        return await trio.to_thread.run_sync(_check_slug, tmp_slug)
+        if not isinstance(checked[0], _Slug):
+            raise checked[0]
+        await trio.to_thread.run_sync(_give_back, tmp_slug)
+        return checked[0]
     except SlugError as exc:
         raise BuildError(f"the built app cannot be a slug: {exc.message}") from None
     except UserError as exc:  # the Procfile
         raise BuildError(f"the built app's {exc.message}") from None
 
 
-class _HashingReader:
-    """A binary file read through sha256: every byte the tar reader takes is hashed."""
+def _own_empty_file(path: Path, uid: int | None) -> None:
+    path.write_bytes(b"")
+    if uid is not None:
+        os.chown(path, uid, uid)
 
-    def __init__(self, f: BinaryIO) -> None:
+
+def _give_back(path: Path) -> None:
+    os.chown(path, os.geteuid(), os.getegid())  # it was the build's; now the caller's
+
+
+class _HashingReader:
+    """A binary file read through sha256: every byte the tar reader takes is hashed.
+    With `written`: a file another process is writing, followed as it grows, its end
+    the end once `written` is set."""
+
+    def __init__(self, f: BinaryIO, written: threading.Event | None = None) -> None:
         self.f = f
         self.h = hashlib.sha256()
+        self.written = written
 
     def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
+        want = size if size > 0 else 1 << 20
+        while True:
+            data = self.f.read(want)
+            if data or self.written is None:
+                break
+            if self.written.is_set():  # nothing more comes: what is left, then the end
+                data = self.f.read(want)
+                break
+            self.written.wait(0.005)
         self.h.update(data)
         return data
 
 
-def _check_slug(tmp_slug: Path) -> _Slug:
+def _check_slug(tmp_slug: Path, written: threading.Event | None = None) -> _Slug:
     """Check the members as a job host will, read the Procfile, hash the file: in one
-    pass over the file (decompressed once, each byte hashed as it is read)."""
+    pass over the file (decompressed once, each byte hashed as it is read); with
+    `written`, while it is being written (followed until `written` is set)."""
     procfiles: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}  # the last of each name
     with tmp_slug.open("rb") as raw:
-        reader = _HashingReader(raw)
+        reader = _HashingReader(raw, written)
         try:
             with open_tar_stream(cast(BinaryIO, reader)) as tar:
                 for member in tar:
@@ -567,7 +610,8 @@ def _check_slug(tmp_slug: Path) -> _Slug:
         while reader.read(1 << 20):  # anything after the gzip stream: the digest is the file's
             pass
     procfile = _slug_procfile(procfiles)
-    os.chown(tmp_slug, os.geteuid(), os.getegid())  # it was the build's; now the caller's
+    if written is None:
+        _give_back(tmp_slug)
     return _Slug(tmp_slug, f"sha256:{reader.h.hexdigest()}", tmp_slug.stat().st_size, procfile)
 
 
