@@ -200,8 +200,10 @@ async def test_a_clone_checks_out_the_pushed_branch_on_the_node_that_took_the_pu
     tree = await git.work_tree("a", url)
     await git.commit(tree, "f", "on master")
     await git.run("push", "origin", "HEAD:master", cwd=tree)  # no main: HEAD names master
-    clone = await git.work_tree("here", url)  # this node's own repo, not restored
-    assert (clone / "f").read_text() == "on master"
+    restores = node.git.stats["restores"]
+    clone = await git.work_tree("here", url)  # this node's own repo, not restored: the
+    assert (clone / "f").read_text() == "on master"  # refs moved as saved, once git exited
+    assert node.git.stats["restores"] == restores
     await forget_local_copy(node, node.app("onmaster"))
     restored = await git.work_tree("restored", url)
     assert (restored / "f").read_text() == "on master"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from flynnp2p.build.githttp import (
     parse_git_request,
     split_cgi_head,
 )
-from flynnp2p.build.hooks import RefUpdate, parse_updates
+from flynnp2p.build.hooks import RefUpdate, install_hooks, parse_updates
 from flynnp2p.cli.git import credential_answer, helper_command, read_credential_request, remote_url
 from flynnp2p.errors import NotFound, UserError
 from flynnp2p.token import ClusterToken
@@ -139,3 +141,15 @@ def test_remote_url_and_helper_command() -> None:
     assert remote_url("http://n1:7100/", "hello") == "http://n1:7100/git/hello.git"
     assert helper_command(None).startswith("!") and helper_command(None).endswith(" -m flynnp2p git-credentials")
     assert " -c prod git-credentials" in helper_command("prod")
+
+
+def test_hooks_are_installed_and_the_retired_post_receive_is_removed(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "post-receive").write_text("#!/bin/sh\nexec python3 -I /x/flynnp2p-hook.py post-receive\n")
+    install_hooks(hooks)
+    assert sorted(p.name for p in hooks.iterdir()) == ["flynnp2p-hook.py", "pre-receive"]
+    assert os.access(hooks / "pre-receive", os.X_OK)
+    (hooks / "post-receive").write_text("#!/bin/sh\necho the operator's own\n")
+    install_hooks(hooks)  # one it did not write stays
+    assert (hooks / "post-receive").read_text().endswith("the operator's own\n")

@@ -4,11 +4,15 @@ Theory of operation
 -------------------
 `git http-backend` runs ``git receive-pack``, which runs the repo's
 ``pre-receive`` hook once the pack is in (quarantined, not yet visible) and
-before any ref moves, and ``post-receive`` after the refs moved. Whatever a hook
-writes to stderr, receive-pack sends on its sideband, and ``git push`` prints it
-as ``remote: …`` lines, live: that is how a build's output reaches the pusher.
+before any ref moves. Whatever the hook writes to stderr, receive-pack sends on
+its sideband, and ``git push`` prints it as ``remote: …`` lines, live: that is
+how a build's output reaches the pusher. There is no ``post-receive`` hook: what
+follows the refs' move is done once receive-pack has exited (`Push.close`, by
+the git endpoint), so the pusher does not wait for one more hook (a Python start
+and a call back, 30-60 ms of every push); `install_hooks` removes one an earlier
+version installed.
 
-Both hooks are one small stdlib-only script (no flynnp2p import: it starts in
+The hook is one small stdlib-only script (no flynnp2p import: it starts in
 milliseconds). It connects to this node's `HookServer` on 127.0.0.1 and sends::
 
     <secret> <hook name>\\n<git's object dirs, JSON>\\n<the hook's stdin: "old new ref" lines>
@@ -31,6 +35,7 @@ owned by the requests that registered them.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -51,7 +56,8 @@ from flynnp2p.errors import FlynnError
 
 log = logging.getLogger(__name__)
 
-HOOKS = ("pre-receive", "post-receive")
+HOOKS = ("pre-receive",)
+_RETIRED_HOOKS = ("post-receive",)  # installed by earlier versions: removed
 MAX_HOOK_INPUT = 4 << 20  # ref update lines; a push of ~50,000 refs
 PORT_ENV = "FLYNNP2P_HOOK_PORT"
 SECRET_ENV = "FLYNNP2P_HOOK_SECRET"
@@ -161,7 +167,6 @@ class Push(Protocol):
 
     async def pre_receive(self, updates: Sequence[RefUpdate], say: Say, objects: Mapping[str, str]) -> bool: ...
 
-    async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None: ...
 
     async def renew(self) -> None:
         """Keep what the push holds (its lease) alive; called every ``RENEW_S``."""
@@ -169,7 +174,8 @@ class Push(Protocol):
 
 
 def install_hooks(hooks_dir: Path, python: str = sys.executable) -> None:
-    """Write the hook script and the two hooks that run it (idempotent)."""
+    """Write the hook script and the hook that runs it (idempotent), and remove the
+    ones earlier versions wrote that are run no more."""
     hooks_dir.mkdir(parents=True, exist_ok=True)
     hooks_dir = hooks_dir.absolute()
     script = hooks_dir / "flynnp2p-hook.py"
@@ -180,6 +186,11 @@ def install_hooks(hooks_dir: Path, python: str = sys.executable) -> None:
             f"#!/bin/sh\nexec {shlex.quote(python)} -I {shlex.quote(str(script))} {name}\n"
         )
         hook.chmod(0o755)
+    for name in _RETIRED_HOOKS:
+        retired = hooks_dir / name
+        with contextlib.suppress(OSError):
+            if script.name in retired.read_text():
+                retired.unlink()
 
 
 class HookServer:
@@ -251,11 +262,7 @@ class HookServer:
 
             updates = parse_updates(body.decode(errors="replace"))
             try:
-                if hook == "pre-receive":
-                    ok = await push.pre_receive(updates, say, objects)
-                else:
-                    await push.post_receive(updates, say)
-                    ok = True
+                ok = await push.pre_receive(updates, say, objects)
             except trio.BrokenResourceError:
                 log.info("a %s hook went away before its answer", hook)
                 return

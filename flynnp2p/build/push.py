@@ -34,10 +34,10 @@ A push (`PushSession`, one per ``git-receive-pack`` POST) goes:
                  → the generation advanced by the leader (refused if the lease was
                    lost or etcd cannot be reached), the local repo marked with it
     refs move    (git receive-pack)
-    post-receive the refs checked against the save (a ref that did not move as saved:
-                 the local repo is marked stale, so the next request restores the
-                 cluster's copy, which is the saved one)
-    end          the lease released (the response's end, shielded and bounded)
+    end          once receive-pack has exited: the refs checked against the save (a
+                 ref that did not move as saved: the local repo is marked stale, so
+                 the next request restores the cluster's copy, which is the saved
+                 one), then the lease released (shielded and bounded)
 
 So a push git reports as accepted is built, released and saved in the cluster,
 and a push whose save or record fails is refused before any ref moves: the next
@@ -426,9 +426,6 @@ class PushSession:
         await say(f"-----> repository saved (generation {generation}{where}, {how})")
         return True
 
-    async def post_receive(self, updates: Sequence[RefUpdate], say: Say) -> None:
-        await self._check_moved()
-
     async def _check_moved(self) -> None:
         """The local repo holds the saved refs, or is marked stale (restored next)."""
         wanted, self.saved_refs = self.saved_refs, None
@@ -484,12 +481,11 @@ class PushSession:
             await self.leader.call("POST", f"{self.app.id}/lease/{self.lease}/keepalive")
 
     async def close(self) -> None:
-        """Release the lease (bounded; if this fails, it expires by itself). A push
-        recorded whose post-receive never came (receive-pack stopped before its refs
-        moved) leaves the local repo stale, restored on the next request."""
-        if self.saved_refs is not None:
-            self.saved_refs = None
-            self.repos.set_generation(self.app.id, -1)
+        """After receive-pack has exited: the refs checked against the save (a push
+        recorded whose refs did not move, receive-pack stopped first, leaves the local
+        repo stale, restored on the next request); then the lease released (bounded;
+        if this fails, it expires by itself)."""
+        await self._check_moved()
         lease, self.lease = self.lease, None
         if lease is None:
             return
