@@ -183,3 +183,23 @@ async def test_the_first_job_on_the_node_that_built_the_slug_takes_its_copy_made
     (first / "lib" / "mod.py").write_bytes(b"x = 2\n")  # a job writing its own copy
     assert (app / "lib" / "mod.py").read_bytes() == b"x = 1\n"
     assert (second / "lib" / "mod.py").read_bytes() == b"x = 1\n"
+
+
+async def test_a_copy_that_cannot_be_made_ahead_leaves_the_job_to_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = slug(tmp_path / "s.tgz", {"./app/Procfile": b"web: ./run\n"})
+    built = tmp_path / "box" / "app"
+    built.mkdir(parents=True)
+    (built / "Procfile").write_bytes(b"web: ./run\n")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(slug_module.shutil, "copytree", full)
+        app = await preparer(tmp_path / "jobs").unpacked_slug(tarball, "sha256-ff", built)
+    assert (app / "Procfile").is_file() and not (app.parent / "spare").exists()
+    assert [p.name for p in app.parent.iterdir()] == ["app"]  # nothing half-made left
+    job = await prepare_job_dir(app, tmp_path / "jobs", "web-1")
+    assert (job / "Procfile").read_bytes() == b"web: ./run\n"

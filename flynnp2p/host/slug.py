@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import logging
 import os
 import posixpath
 import re
@@ -51,6 +52,8 @@ from typing import BinaryIO
 import trio
 
 from flynnp2p.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -226,8 +229,12 @@ def _make_spare_sync(slug_app: Path) -> None:
 
 async def make_spare(slug_app: Path) -> None:
     """One job's copy of the unpacked slug `slug_app`, made ahead for
-    `prepare_job_dir` to take (the first job that asks gets it)."""
-    await trio.to_thread.run_sync(_make_spare_sync, slug_app)
+    `prepare_job_dir` to take (the first job that asks gets it). One that cannot be
+    made (a full disk) is only logged: the job then copies the slug itself."""
+    try:
+        await trio.to_thread.run_sync(_make_spare_sync, slug_app)
+    except OSError as exc:
+        log.warning("no copy of slug %s made ahead for its first job: %s", slug_app.parent.name, exc)
 
 
 def _copy_sync(slug_app: Path, job_dir: Path) -> Path:
