@@ -18,7 +18,7 @@ unsafe slug is installed.
 On the node that built a slug the build's own tree is the slug's content (the
 slug is a tar of it, after the same checks), so it is moved into place instead
 (`adopt_built`, a rename: unpacking the example's slug took 0.25-0.5 s on the path
-of every git push), made as an unpack would have made it: owned by root, the mode
+of every git push), made as an unpack would have made it: owned by the agent (root), the mode
 bits tarfile's ``data`` filter would have cleared cleared, and whatever tar would
 not have packed (a socket) gone.
 
@@ -158,14 +158,17 @@ _CLEARED = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IW
 
 def _as_unpacked_sync(app: Path) -> None:
     """`app` (a build's tree) as `_unpack_sync` would leave its slug: every entry
-    owned by root, files with the modes the ``data`` filter gives them, directories
-    0755, and anything but files, directories and symlinks removed (tar skips those)."""
+    owned by this process (root: the build's uid wrote it), files with the modes the
+    ``data`` filter gives them, directories 0755, and anything but files, directories
+    and symlinks removed (tar skips those)."""
+    uid, gid = os.geteuid(), os.getegid()
     for base, dirs, files in os.walk(app):
         for name in [*dirs, *files, None]:
             path = base if name is None else os.path.join(base, name)
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
-                os.lchown(path, 0, 0)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.lchown(path, uid, gid)
                 continue
             if stat.S_ISDIR(st.st_mode):
                 mode = 0o755
@@ -176,7 +179,8 @@ def _as_unpacked_sync(app: Path) -> None:
             else:
                 os.unlink(path)
                 continue
-            os.chown(path, 0, 0, follow_symlinks=False)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.chown(path, uid, gid, follow_symlinks=False)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.chmod(path, mode, follow_symlinks=False)
 
