@@ -18,9 +18,9 @@ unsafe slug is installed.
 On the node that built a slug the build's own tree is the slug's content (the
 slug is a tar of it, after the same checks), so it is moved into place instead
 (`adopt_built`, a rename: unpacking the example's slug took 0.25-0.5 s on the path
-of every git push), made as an unpack would have made it: owned by the agent (root), the mode
-bits tarfile's ``data`` filter would have cleared cleared, and whatever tar would
-not have packed (a socket) gone.
+of every git push), and made as an unpack would have made it: owned by the agent
+(root), without the mode bits tarfile's ``data`` filter clears, and without what
+tar would not have packed (a socket).
 
 Each job gets a plain copy of the app under ``<root>/jobs/<job_id>/app``. Not
 hardlinks: a job writing a file in place would otherwise change the shared slug
