@@ -72,6 +72,7 @@ from flynnp2p.host.loghub import LogHub
 from flynnp2p.host.ports import PortAllocator
 from flynnp2p.host.process import ProcessBackend
 from flynnp2p.host.runner import HostRunner
+from flynnp2p.host.slugsweep import SlugSweeper
 from flynnp2p.leader import LeaderDuties
 from flynnp2p.netaddr import url_host
 from flynnp2p.node import NodeContext
@@ -233,6 +234,10 @@ class Agent:
                 now_ms, jobs_dir,
                 stop_grace_s=job_stop_grace_s(), drain_delay_s=job_drain_delay_s(cfg.drain_delay_s),
             )  # fmt: skip
+            # unpacked slugs that no release here, nor a rollback, would start again
+            self.slug_sweeper = SlugSweeper(
+                self.state, cfg.name, jobs_dir / "slugs", self.runner.prepare.unpacking
+            )
         self.fanout = LogFanout(
             self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
         )
@@ -366,6 +371,7 @@ class Agent:
                 if self.backend is not None and self.runner is not None:
                     await nursery.start(self.backend.run)
                     await nursery.start(self.runner.run)
+                    await nursery.start(self.slug_sweeper.run)
                 await nursery.start(self.coord.run)
                 await nursery.start(self.election.run)
                 nursery.start_soon(self._announce_leadership)
@@ -479,6 +485,7 @@ class Agent:
                     "memory_enforced": self.backend.memory_enforced if self.backend else None,
                     "running": len(self.runner.runs) if self.runner else 0,
                     **(self.runner.stats if self.runner else {}),
+                    "slug_sweeper": dict(self.slug_sweeper.stats) if self.runner else None,
                 },
             },
             "versions": {"flynnp2p": flynnp2p.__version__},

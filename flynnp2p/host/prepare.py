@@ -22,6 +22,7 @@ its container.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -91,6 +92,10 @@ class Preparer:
         finally:
             del self._unpacking[digest]
             done.set()
+
+    def unpacking(self) -> Collection[str]:
+        """The digests being unpacked or taken in right now (`host.slugsweep` leaves them)."""
+        return self._unpacking.keys()
 
     async def spec(self, p: Placement) -> JobSpec:
         """Everything the backend needs to run `p`; StartFailed with the reason if it cannot."""
