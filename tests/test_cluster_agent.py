@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -167,53 +168,58 @@ async def test_wrong_key_cannot_join(cluster: Cluster, tmp_path: Path) -> None:
 
 
 async def test_startup_errors_are_one_line(cluster: Cluster, tmp_path: Path) -> None:
+    """Each way to start wrong, all at once (one after another took 33 s)."""
     token = ClusterToken.generate()
-    # Unreachable peer.
-    a = AgentProc(tmp_path, "lonely", next_addr(), token)
-    code, out = await run(a.command([f"{next_addr()}:7946"]))
-    assert_clean_error(code, out, "could not join")
-    # API port already in use.
-    b = AgentProc(tmp_path, "busy", next_addr(), token)
-    with socket.socket() as s:
-        s.bind((b.addr, b.api_port))
-        s.listen()
-        code, out = await run(b.command())
-    assert_clean_error(code, out, "already in use", f"{b.addr}:7100")
-    # Gossip port already in use.
-    c = AgentProc(tmp_path, "gossipbusy", next_addr(), token)
-    with socket.socket() as s:
-        s.bind((c.addr, c.gossip_port))
-        s.listen()
-        code, out = await run(c.command())
-    assert_clean_error(code, out, "gossip port", "already in use")
-    # Router port already in use.
-    r = AgentProc(tmp_path, "routerbusy", next_addr(), token)
-    with socket.socket() as s:
-        s.bind((r.addr, 8080))
-        s.listen()
-        code, out = await run(r.command())
-    assert_clean_error(code, out, "router HTTP port", f"{r.addr}:8080", "--http-port")
-    r = AgentProc(tmp_path, "httpsbusy", next_addr(), token)
-    with socket.socket() as s:
-        s.bind((r.addr, 8443))
-        s.listen()
-        code, out = await run(r.command())
-    assert_clean_error(code, out, "router HTTPS port", f"{r.addr}:8443", "--https-port")
-    # Missing etcd binary.
-    m = AgentProc(tmp_path, "noetcd", next_addr(), token)
-    code, out = await run(m.command(), env={"FLYNNP2P_ETCD": "etcd-not-installed"})
-    assert_clean_error(code, out, "etcd", "apt-get install etcd-server")
-    # Missing serf binary.
-    d = AgentProc(tmp_path, "noserf", next_addr(), token)
-    code, out = await run(d.command(), env={"FLYNNP2P_SERF": "serf-not-installed"})
-    assert_clean_error(code, out, "serf", "apt-get install serf")
-    # Unwritable data dir (a path under a regular file: even root cannot create it).
-    (tmp_path / "afile").write_text("")
-    e = AgentProc(tmp_path / "afile", "nodir", next_addr(), token)
-    code, out = await run(e.command())
-    assert_clean_error(code, out, "not writable")
-    # Joining without a token, and a malformed token.
-    code, out = await run_cli("join", "--data-dir", str(tmp_path / "x"), "127.0.0.1:7946")
-    assert_clean_error(code, out, "needs its token")
-    code, out = await run_cli("join", "--data-dir", str(tmp_path / "y"), "--token", "nope")
-    assert_clean_error(code, out, "--token")
+    cases: list[tuple[list[str], dict[str, str] | None, tuple[str, ...]]] = []
+
+    def agent(name: str, root: Path = tmp_path) -> AgentProc:
+        return AgentProc(root, name, next_addr(), token)
+
+    with contextlib.ExitStack() as held:
+
+        def taken(addr: str, port: int) -> None:
+            """`addr:port` in use while the agents start."""
+            s = held.enter_context(socket.socket())
+            s.bind((addr, port))
+            s.listen()
+
+        # Unreachable peer.
+        cases.append((agent("lonely").command([f"{next_addr()}:7946"]), None, ("could not join",)))
+        # API port already in use.
+        b = agent("busy")
+        taken(b.addr, b.api_port)
+        cases.append((b.command(), None, ("already in use", f"{b.addr}:7100")))
+        # Gossip port already in use.
+        c = agent("gossipbusy")
+        taken(c.addr, c.gossip_port)
+        cases.append((c.command(), None, ("gossip port", "already in use")))
+        # Router ports already in use.
+        r = agent("routerbusy")
+        taken(r.addr, 8080)
+        cases.append((r.command(), None, ("router HTTP port", f"{r.addr}:8080", "--http-port")))
+        r = agent("httpsbusy")
+        taken(r.addr, 8443)
+        cases.append((r.command(), None, ("router HTTPS port", f"{r.addr}:8443", "--https-port")))
+        # Missing etcd binary, missing serf binary.
+        cases.append((agent("noetcd").command(), {"FLYNNP2P_ETCD": "etcd-not-installed"},
+                      ("etcd", "apt-get install etcd-server")))  # fmt: skip
+        cases.append((agent("noserf").command(), {"FLYNNP2P_SERF": "serf-not-installed"},
+                      ("serf", "apt-get install serf")))  # fmt: skip
+        # Unwritable data dir (a path under a regular file: even root cannot create it).
+        (tmp_path / "afile").write_text("")
+        cases.append((agent("nodir", tmp_path / "afile").command(), None, ("not writable",)))
+        # Joining without a token, and a malformed token.
+        cli = [sys.executable, "-m", "flynnp2p", "join", "--data-dir"]
+        cases.append(([*cli, str(tmp_path / "x"), "127.0.0.1:7946"], None, ("needs its token",)))
+        cases.append(([*cli, str(tmp_path / "y"), "--token", "nope"], None, ("--token",)))
+
+        results: dict[int, tuple[int, str]] = {}
+
+        async def one(i: int, cmd: list[str], env: dict[str, str] | None) -> None:
+            results[i] = await run(cmd, env)
+
+        async with trio.open_nursery() as nursery:
+            for i, (cmd, env, _) in enumerate(cases):
+                nursery.start_soon(one, i, cmd, env)
+    for i, (_, _, needles) in enumerate(cases):
+        assert_clean_error(*results[i], *needles)
