@@ -66,6 +66,7 @@ async def test_the_sweep_removes_old_unwanted_slugs_and_leftovers_only(tmp_path:
     entry(digest(41), young)  # unpacked for a release this replica lacks yet
     entry(digest(42), old)  # being unpacked right now
     entry(f".{digest(43)}.x1y2", old)  # a killed agent's half-done unpack
+    entry(f".{digest(42)}.k3j4", old)  # the unpack under way, however long it takes
     entry(".spare.abcd", young)  # a copy being made right now
     state = the_state()
 
@@ -80,7 +81,10 @@ async def test_the_sweep_removes_old_unwanted_slugs_and_leftovers_only(tmp_path:
     removed = await sweeper.sweep()
     assert sorted(removed) == sorted([digest(4), digest(40), f".{digest(43)}.x1y2"])
     left = sorted(p.name for p in slugs.iterdir())
-    assert left == sorted([*(digest(v) for v in (1, 2, 3, 5, 6, 7)), digest(41), digest(42), ".spare.abcd"])
+    assert left == sorted([
+        *(digest(v) for v in (1, 2, 3, 5, 6, 7)), digest(41), digest(42), f".{digest(42)}.k3j4",
+        ".spare.abcd",
+    ])  # fmt: skip
     assert sweeper.stats == {"sweeps": 1, "removed": 3}
     assert await sweeper.sweep() == []  # nothing more to do
 

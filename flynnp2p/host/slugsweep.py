@@ -18,8 +18,9 @@ does not name:
 * also kept: a slug being unpacked or taken in right now, and any entry younger
   than ``grace_s`` (a slug unpacked for a release that has not reached this
   replica yet);
-* removed: the rest, and the temporary siblings (``.<digest>.*``, ``.spare.*``)
-  an agent killed mid-unpack left, once older than ``grace_s``.
+* removed: the rest, and the temporary siblings (``.<digest>.<random>``) an agent
+  killed mid-unpack left, once older than ``grace_s`` and not of an unpack under
+  way (a half-made spare copy inside a slug's directory goes with the slug).
 
 A job placed on a removed slug's release later only unpacks it again.
 """
@@ -84,7 +85,10 @@ def unwanted(slugs_dir: Path, keep: Collection[str], busy: Collection[str], befo
     out = []
     for entry in entries:
         name = entry.name
-        if not name.startswith(".") and (name in keep or name in busy):
+        if name.startswith("."):  # ".<digest>.<random>": an unpack's own, while it runs
+            if name[1:].rpartition(".")[0] in busy:
+                continue
+        elif name in keep or name in busy:
             continue
         try:
             if entry.stat(follow_symlinks=False).st_mtime >= before:
@@ -133,8 +137,8 @@ class SlugSweeper:
         )
         removed = []
         for path in doomed:
-            if path.name in self.busy():  # began unpacking meanwhile
-                continue
+            if path.name in self.busy() or path.name[1:].rpartition(".")[0] in self.busy():
+                continue  # began unpacking meanwhile
             await trio.to_thread.run_sync(_remove, path)
             removed.append(path.name)
             log.info("removed unpacked slug %s: no release here or a rollback would start it", path.name)
