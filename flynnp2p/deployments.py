@@ -105,13 +105,17 @@ async def wait_for(
     timeout_s: float,
     sleep: Callable[[float], Awaitable[None]],
     monotonic: Callable[[], float],
+    settled: Callable[[Mapping[str, Any]], Awaitable[bool]] | None = None,
 ) -> Mapping[str, Any] | None:
-    """Poll until the deployment of `release_id` is finished or `timeout_s` passed;
-    the deployment as last seen (None: none was made)."""
+    """Poll until the deployment of `release_id` is finished, or `settled` says a
+    running one needs no more waiting, or `timeout_s` passed; the deployment as last
+    seen (None: none was made)."""
     deadline = monotonic() + timeout_s
     while True:
         dep = deployment_for((await get_json(deployments_path(app)))["deployments"], release_id)
         if finished(dep) or monotonic() >= deadline:
+            return dep
+        if dep is not None and settled is not None and await settled(dep):
             return dep
         await sleep(POLL_S)
 

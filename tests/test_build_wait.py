@@ -110,7 +110,7 @@ async def test_the_wait_reads_the_deployment_again_as_soon_as_an_event_says_it_c
     async def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/v1/events":
-            assert request.url.params["kinds"] == "deployment"
+            assert request.url.params["kinds"] == "deployment,job"
             return httpx.Response(200, content=events())
         if path.endswith("/deployments"):
             asked_at.append(trio.current_time() - t0)
@@ -133,3 +133,52 @@ async def test_the_wait_reads_the_deployment_again_as_soon_as_an_event_says_it_c
     await step._wait_web(APP, "r2", say)
     assert said == ["-----> web is up (1 job(s)): http://shop:8080/"]
     assert asked_at == pytest.approx([0, 0.5, 0.7])
+
+
+async def test_the_wait_ends_once_the_new_releases_web_jobs_are_up(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    """The deployment still runs (its old jobs drain), but as many new web jobs are up
+    as the formation asks for at 0.3 s: the push says so then, not when the watcher's
+    verdict arrives. Jobs of another release, or not up, do not count."""
+    t0 = trio.current_time()
+    said_at: list[float] = []
+
+    def jobs() -> list[dict[str, Any]]:
+        later = trio.current_time() - t0 >= 0.3
+        return [
+            {"id": "old", "release_id": "r1", "process_type": "web", "state": "up"},
+            {"id": "n1", "release_id": "r2", "process_type": "web", "state": "up"},
+            {"id": "w1", "release_id": "r2", "process_type": "worker", "state": "up"},
+            {"id": "n2", "release_id": "r2", "process_type": "web", "state": "up" if later else "starting"},
+        ]
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        await trio.sleep(0.3)
+        yield b'event: job\ndata: {"kind":"job","key":"n2"}\n\n'
+        await trio.sleep_forever()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/events":
+            return httpx.Response(200, content=events())
+        if path.endswith("/deployments"):
+            return httpx.Response(200, json={"deployments": [RUNNING]})  # never finished
+        if path.endswith("/jobs"):
+            return httpx.Response(200, json={"jobs": jobs()})
+        if path.endswith("/formation"):
+            return httpx.Response(200, json={"formation": {"release_id": "r2", "processes": {"web": 2}}})
+        if path.endswith("/routes"):
+            return httpx.Response(200, json={"routes": []})
+        return httpx.Response(404, json={"error": {"message": "no"}})
+
+    async def say(line: str) -> None:
+        said_at.append(trio.current_time() - t0)
+        assert line == "-----> web is up (2 job(s)): http://shop:8080/"
+
+    api = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    step = BuildStep(api=api, api_url="http://node:7100", slugs=None,  # type: ignore[arg-type]
+                     work_root=tmp_path, wait_s=5)  # fmt: skip
+    await step._wait_web(APP, "r2", say)
+    assert said_at == [pytest.approx(0.3)]
