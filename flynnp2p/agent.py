@@ -355,6 +355,7 @@ class Agent:
                 await nursery.start(self.git_hooks.run)
                 await nursery.start(self.repo_sweeper.run)
                 await nursery.start(self.caches.run)
+                await nursery.start(self.caches.keep_warm, self.state)
                 await nursery.start(
                     partial(
                         feed_routes, self.state, self.routes, api_address=self.api_url[len("http://"):],

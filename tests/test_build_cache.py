@@ -5,21 +5,24 @@ root over the same blobstore and state: what is restored there came from the blo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from flynnp2p.build.blobs import BlobService
 from flynnp2p.build.buildlog import BATCH_LINES, BuildLog
 from flynnp2p.build.cache import BuildCaches, pack, scan, unpack
 from flynnp2p.host.loghub import LogHub
-from flynnp2p.state.records import BuildCache
+from flynnp2p.state.records import BlobLocation, BuildCache
 from tests.test_blobstore import FakeReplica, service
 
 
@@ -245,6 +248,59 @@ async def test_restores_an_earlier_agent_left_half_done_go_when_it_starts(tmp_pa
     async with trio.open_nursery() as nursery:
         await nursery.start(n2.run)
         assert sorted(p.name for p in root.iterdir()) == ["app-1"]
+        nursery.cancel_scope.cancel()
+
+
+class Watched:
+    """The fake replica, subscribable: `changed` wakes the subscriber."""
+
+    def __init__(self, replica: FakeReplica) -> None:
+        self.replica = replica
+        self.send, self.recv = trio.open_memory_channel[list[object]](100)
+
+    @property
+    def state(self) -> Any:
+        return self.replica.state
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, kinds: object = None) -> AsyncIterator[tuple[Any, Any]]:
+        yield self.replica.state, self.recv
+
+    async def changed(self) -> None:
+        await self.send.send([])
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_node_that_comes_to_hold_the_newest_cache_unpacks_it_ahead(tmp_path: Path) -> None:
+    blobs, replica, _ = service(tmp_path / "blobs")  # its copies are n1's
+    n1, n2 = caches(tmp_path, "n1", blobs, replica), caches(tmp_path, "n2", blobs, replica)
+    said = Said()
+    watched = Watched(replica)
+    async with trio.open_nursery() as nursery:
+        for node in (n1, n2):
+            await nursery.start(node.run)
+            await nursery.start(node.keep_warm, watched)
+        fill(await n1.restore("app-1", said), {"uv/a.whl": b"wheel"})
+        await n1.save("app-1", tmp_path, said)
+        record = replica.state.record(BuildCache, "app-1")
+        assert isinstance(record, BuildCache)
+        await watched.changed()
+        assert "app-1" not in n2._prefetches  # no copy of the blob on n2 yet
+        await n1._prefetches["app-1"].done.wait()  # the saver holds it: current, nothing to do
+        assert n1.stats["prefetched"] == 0 and scratch_of(n1) == []
+
+        # The second copy lands on n2: unpacked there at once, before any push.
+        await replica.write([BlobLocation(record.digest, "n2", record.size, 0)])
+        await watched.changed()
+        await n2._prefetches["app-1"].done.wait()
+        assert n2.stats["prefetched"] == 1 and len(scratch_of(n2)) == 1
+
+        async def unreachable(digest: str) -> Path:
+            raise AssertionError("the restore fetched the blob again")
+
+        blobs.local_path = unreachable  # type: ignore[method-assign]
+        d = await n2.restore("app-1", said)
+        assert (d / "uv/a.whl").read_bytes() == b"wheel" and scratch_of(n2) == []
         nursery.cancel_scope.cancel()
 
 

@@ -29,6 +29,10 @@ warm push to another node: file creation is what this machine is slowest at). A
 prefetch of a blob that is no longer the newest is discarded by the restore; one
 no push took is used by the next, or removed with the scratch an earlier agent
 left (``*.restore-*``, ``*.old-*``) when the agent starts (`BuildCaches.run`).
+A node that holds the newest cache blob of an app (the second copy of a save
+made elsewhere) unpacks it ahead as soon as it holds it (`BuildCaches.keep_warm`),
+so a push there finds it ready; that costs the holder the unpacked tree beside
+the blob until a push takes it.
 
 After a build that succeeded, `BuildCaches.save`: a tree whose fingerprint is
 the marker's is not packed again (the build changed nothing in it). Else, when
@@ -72,8 +76,9 @@ import trio
 
 from flynnp2p.errors import FlynnError
 from flynnp2p.host.space import is_full, no_space, room_for
-from flynnp2p.state.records import BuildCache
-from flynnp2p.state.replica import Writable
+from flynnp2p.state.merge import State
+from flynnp2p.state.records import BlobLocation, BuildCache
+from flynnp2p.state.replica import Subscribable, Writable
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +166,10 @@ class _Prefetch:
 _RESTORE_ERRORS = (FlynnError, OSError, tarfile.TarError, EOFError)
 
 
+async def _remove_tree(path: Path) -> None:
+    await trio.to_thread.run_sync(shutil.rmtree, path, True)
+
+
 class BuildCaches:
     """The build caches of this node's apps (see the module's theory of operation)."""
 
@@ -203,10 +212,37 @@ class BuildCaches:
         cache now, beside git's own work, for the push's `restore` to swap in. Does
         nothing when there is none, or one is being fetched or waits to be taken."""
         record = self.state.state.record(BuildCache, app_id)
-        if self._nursery is None or record is None or app_id in self._prefetches:
+        if self._nursery is None or record is None:
             return
+        ahead = self._prefetches.get(app_id)
+        if ahead is not None and (ahead.digest == record.digest or not ahead.done.is_set()):
+            return  # the newest one, or one still under way (the restore judges it)
+        if ahead is not None and ahead.path is not None:  # an older one, never taken
+            self.stats["prefetch_unused"] += 1
+            self._nursery.start_soon(_remove_tree, ahead.path)
         ahead = self._prefetches[app_id] = _Prefetch(record.digest)
         self._nursery.start_soon(self._prefetch, app_id, ahead)
+
+    async def keep_warm(
+        self, state: Subscribable, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Prefetch each app's newest cache on this node as soon as this node holds its
+        blob (every change of the caches or of where blobs are; `run` must be
+        running). The node that saved it has it current already: nothing to do."""
+        started = False
+        while True:  # a subscriber that falls behind is dropped: subscribe again
+            async with state.subscribe([BuildCache.KIND, BlobLocation.KIND]) as (snapshot, changes):
+                self._warm(snapshot)
+                if not started:
+                    started = True
+                    task_status.started()
+                async for _ in changes:
+                    self._warm(state.state)
+
+    def _warm(self, state: State) -> None:
+        for record in state.records(BuildCache):
+            if state.record(BlobLocation, f"{record.digest}@{self.node}") is not None:
+                self.prefetch(record.app_id)
 
     async def _prefetch(self, app_id: str, ahead: _Prefetch) -> None:
         try:
@@ -244,7 +280,7 @@ class BuildCaches:
             del self._prefetches[app_id]
         if ahead.path is not None and ahead.digest != digest:
             self.stats["prefetch_unused"] += 1
-            await trio.to_thread.run_sync(shutil.rmtree, ahead.path, True)
+            await _remove_tree(ahead.path)
             return None
         return ahead.path
 
