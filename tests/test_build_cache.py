@@ -301,6 +301,9 @@ async def test_a_node_that_comes_to_hold_the_newest_cache_unpacks_it_ahead(tmp_p
         blobs.local_path = unreachable  # type: ignore[method-assign]
         d = await n2.restore("app-1", said)
         assert (d / "uv/a.whl").read_bytes() == b"wheel" and scratch_of(n2) == []
+        # Blobs stored later (slugs, repos) wake it again: the same cache is not looked at again.
+        await watched.changed()
+        assert "app-1" not in n2._prefetches and n2.stats["prefetched"] == 1
         nursery.cancel_scope.cancel()
 
 

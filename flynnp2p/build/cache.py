@@ -190,6 +190,7 @@ class BuildCaches:
         self.made_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._prefetches: dict[str, _Prefetch] = {}
+        self._warmed: dict[str, str] = {}  # app id -> the cache digest keep_warm prefetched
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Remove the restores an earlier agent left half-done, then run the
@@ -240,8 +241,13 @@ class BuildCaches:
                     self._warm(state.state)
 
     def _warm(self, state: State) -> None:
+        """Prefetch each newest cache this node holds, once per cache (a blob stored
+        anywhere wakes this: looking again is a dict lookup, not a scan of the tree)."""
         for record in state.records(BuildCache):
+            if self._warmed.get(record.app_id) == record.digest:
+                continue
             if state.record(BlobLocation, f"{record.digest}@{self.node}") is not None:
+                self._warmed[record.app_id] = record.digest
                 self.prefetch(record.app_id)
 
     async def _prefetch(self, app_id: str, ahead: _Prefetch) -> None:
