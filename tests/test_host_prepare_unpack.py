@@ -143,13 +143,19 @@ async def test_the_builds_tree_taken_as_the_slug_is_what_unpacking_its_tarball_g
     assert again.is_dir() and p._unpacking == {}
 
 
-async def test_a_tree_on_another_filesystem_is_unpacked_from_the_tarball(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def slug_and_tree(tmp_path: Path, procfile: bytes = b"web: ./run\n") -> tuple[Path, Path]:
+    """A slug tarball (its Procfile "web: ./run") and a build's tree with `procfile`."""
     tarball = slug(tmp_path / "s.tgz", {"./app/Procfile": b"web: ./run\n"})
     built = tmp_path / "box" / "app"
     built.mkdir(parents=True)
-    (built / "Procfile").write_bytes(b"web: ./other\n")
+    (built / "Procfile").write_bytes(procfile)
+    return tarball, built
+
+
+async def test_a_tree_on_another_filesystem_is_unpacked_from_the_tarball(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball, built = slug_and_tree(tmp_path, b"web: ./other\n")
 
     real_rename = os.rename
 
@@ -167,10 +173,8 @@ async def test_a_tree_on_another_filesystem_is_unpacked_from_the_tarball(
 async def test_the_first_job_on_the_node_that_built_the_slug_takes_its_copy_made_ahead(
     tmp_path: Path,
 ) -> None:
-    tarball = slug(tmp_path / "s.tgz", {"./app/Procfile": b"web: ./run\n"})
-    built = tmp_path / "box" / "app"
-    (built / "lib").mkdir(parents=True)
-    (built / "Procfile").write_bytes(b"web: ./run\n")
+    tarball, built = slug_and_tree(tmp_path)
+    (built / "lib").mkdir()
     (built / "lib" / "mod.py").write_bytes(b"x = 1\n")
     jobs = tmp_path / "jobs"
     app = await preparer(jobs).unpacked_slug(tarball, "sha256-ee", built)
@@ -188,10 +192,7 @@ async def test_the_first_job_on_the_node_that_built_the_slug_takes_its_copy_made
 async def test_a_copy_that_cannot_be_made_ahead_leaves_the_job_to_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tarball = slug(tmp_path / "s.tgz", {"./app/Procfile": b"web: ./run\n"})
-    built = tmp_path / "box" / "app"
-    built.mkdir(parents=True)
-    (built / "Procfile").write_bytes(b"web: ./run\n")
+    tarball, built = slug_and_tree(tmp_path)
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
