@@ -278,7 +278,7 @@ class Agent:
         # git push to any node: smart HTTP, the push lease and the repo's generation.
         git_dir = cfg.data_dir / "git"
         self.git_hooks = HookServer(git_dir / "hooks")
-        locks = PushLocks(lambda: self.coord.client, now_ms)
+        locks = PushLocks(lambda: self.coord.client, now_ms, lambda: self.heartbeats.silent.value)
         # A push to main or master is built, released and deployed before it is accepted.
         caches = BuildCaches(
             cfg.data_dir / "builds" / "cache", blobs=self.blobs, state=self.state, node=cfg.name,

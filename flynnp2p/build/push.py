@@ -61,7 +61,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,7 +103,12 @@ async def forget_repo(etcd: KeyDeleter, app_id: str) -> None:
         await etcd.delete(key)
 
 
-def in_progress(app_name: str, node: str) -> str:
+def in_progress(app_name: str, node: str, silent: bool = False) -> str:
+    if silent:  # that push died with its node: its lease runs out by itself
+        return (
+            f"another push to {app_name} holds its lock on node {node}, which is not "
+            f"answering; the lock is freed within {LEASE_TTL_S} s of its last renewal: retry then"
+        )
     return (
         f"another push to {app_name} is in progress (on node {node}); retry when it finishes"
     )
@@ -170,9 +175,13 @@ def _saved(kv: KV | None) -> Saved:
 class PushLocks:
     """Used on the leader only (its etcd member is a voter)."""
 
-    def __init__(self, etcd: Callable[[], LeaseStore], now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self, etcd: Callable[[], LeaseStore], now_ms: Callable[[], int],
+        silent: Callable[[], Collection[str]] = frozenset,
+    ) -> None:  # fmt: skip
         self.etcd = etcd
         self.now_ms = now_ms
+        self.silent = silent  # the nodes that do not answer (`gossip.heartbeat`)
 
     async def current(self, app_id: str) -> Saved:
         """The app's newest saved repository."""
@@ -190,7 +199,7 @@ class PushLocks:
             held = await etcd.get(push_key(app.id))
             data = held.json() if held is not None else None
             holder = data.get("node") if isinstance(data, dict) else None
-            raise Conflict(in_progress(app.name, str(holder or "another node")))
+            raise Conflict(in_progress(app.name, str(holder or "another node"), holder in self.silent()))
         return lease, await self.current(app.id)
 
     async def keepalive(self, lease: int) -> int:
