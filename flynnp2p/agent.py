@@ -236,8 +236,9 @@ class Agent:
             )  # fmt: skip
             # unpacked slugs that no release here, nor a rollback, would start again
             self.slug_sweeper = SlugSweeper(
-                self.state, cfg.name, jobs_dir / "slugs", self.runner.prepare.unpacking
-            )
+                self.state, cfg.name, [jobs_dir / "slugs", jobs_dir / "images"],
+                self.runner.prepare.unpacking,
+            )  # fmt: skip
         self.fanout = LogFanout(
             self.http, GossipPeers(self.gossip).alive_peers, Peer(cfg.name, self.api_url[7:])
         )

@@ -71,6 +71,7 @@ class Preparer:
     ports: PortAllocator
     work_dir: Path
     _unpacking: dict[str, trio.Event] = field(default_factory=dict, compare=False, repr=False)
+    _unpacking_images: set[str] = field(default_factory=set, compare=False, repr=False)
 
     async def unpacked_slug(self, tarball: Path, digest: str, built: Path | None = None) -> Path:
         """Slug `digest` (the file `tarball`) unpacked on this node (`unpack_slug`): its
@@ -94,8 +95,9 @@ class Preparer:
             done.set()
 
     def unpacking(self) -> Collection[str]:
-        """The digests being unpacked or taken in right now (`host.slugsweep` leaves them)."""
-        return self._unpacking.keys()
+        """The digests of the slugs and image archives being unpacked or taken in
+        right now (`host.slugsweep` leaves them)."""
+        return self._unpacking.keys() | self._unpacking_images
 
     async def spec(self, p: Placement) -> JobSpec:
         """Everything the backend needs to run `p`; StartFailed with the reason if it cannot."""
@@ -161,7 +163,11 @@ class Preparer:
                     if not image_id:
                         raise StartFailed(f"artifact {artifact.id} does not name its image's id")
                     return _ImageJob(image=image_id, archive=archive)
-                unpacked = await unpack_image(archive, self.work_dir, digest, node=self.node)
+                self._unpacking_images.add(digest)
+                try:
+                    unpacked = await unpack_image(archive, self.work_dir, digest, node=self.node)
+                finally:
+                    self._unpacking_images.discard(digest)
             except FlynnError as exc:
                 raise StartFailed(f"cannot get image archive {digest}: {exc}") from None
             return _ImageJob(root=ImageRoot(unpacked.rootfs, unpacked.config))

@@ -1,12 +1,16 @@
-"""Each host removes the unpacked slugs nothing will start from again.
+"""Each host removes the unpacked slugs and images nothing will start from again.
 
 Theory of operation
 -------------------
 A host unpacks a slug once per digest (`flynnp2p.host.slug`: ``<jobs>/slugs/<digest>``,
 13 MB for the Python example) and starts every job of it from a copy; the node
 that built a slug also takes the build's tree in as the slug and makes the first
-job's copy ahead (``spare``). Nothing removed them: every push left one more on
-the building node and on each host that ran its jobs.
+job's copy ahead (``spare``). A process host unpacks an image archive
+(``deploy --image-tar``) once per digest too (`flynnp2p.host.rootfs`:
+``<jobs>/images/<digest>``, the whole root filesystem). Nothing removed them:
+every push left one more slug on the building node and on each host that ran
+its jobs, and every image deploy one more root filesystem. The same rules apply
+to both directories.
 
 `SlugSweeper` removes, every ``period_s`` (and once at start), what `wanted`
 does not name:
@@ -31,7 +35,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import trio
@@ -70,7 +74,7 @@ def wanted(state: State, node: str, keep: int = KEEP_RELEASES) -> set[str]:
         release = state.record(Release, release_id)
         for artifact_id in release.artifacts[:1] if release is not None else ():
             artifact = state.record(Artifact, artifact_id)
-            if artifact is not None and artifact.type == "slug" and artifact.digest:
+            if artifact is not None and artifact.digest:  # a slug, or an image archive
                 digests.add(artifact.digest)
     return digests
 
@@ -111,7 +115,7 @@ class SlugSweeper:
         self,
         state: Readable,
         node: str,
-        slugs_dir: Path,
+        dirs: Sequence[Path],
         busy: Callable[[], Collection[str]],
         *,
         period_s: float = PERIOD_S,
@@ -121,7 +125,7 @@ class SlugSweeper:
     ) -> None:
         self.state = state
         self.node = node
-        self.slugs_dir = slugs_dir
+        self.dirs = list(dirs)  # <jobs>/slugs and <jobs>/images
         self.busy = busy
         self.period_s = period_s
         self.grace_s = grace_s
@@ -132,16 +136,19 @@ class SlugSweeper:
     async def sweep(self) -> list[str]:
         """Remove what is not wanted now; the names removed."""
         keep = wanted(self.state.state, self.node, self.keep)
-        doomed = await trio.to_thread.run_sync(
-            unwanted, self.slugs_dir, keep, set(self.busy()), self.clock() - self.grace_s
-        )
+        doomed: list[Path] = []
+        for d in self.dirs:
+            doomed += await trio.to_thread.run_sync(
+                unwanted, d, keep, set(self.busy()), self.clock() - self.grace_s
+            )
         removed = []
         for path in doomed:
             if path.name in self.busy() or path.name[1:].rpartition(".")[0] in self.busy():
                 continue  # began unpacking meanwhile
             await trio.to_thread.run_sync(_remove, path)
             removed.append(path.name)
-            log.info("removed unpacked slug %s: no release here or a rollback would start it", path.name)
+            log.info("removed unpacked %s %s: no release here or a rollback would start it",
+                     path.parent.name.rstrip("s"), path.name)  # fmt: skip
         self.stats["sweeps"] += 1
         self.stats["removed"] += len(removed)
         return removed
