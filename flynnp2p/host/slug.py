@@ -121,9 +121,7 @@ def _checked(members: Iterable[tarfile.TarInfo]) -> Iterator[tarfile.TarInfo]:
 def _unpack_sync(tarball: Path, dest: Path) -> None:
     if dest.is_dir():
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with _made_beside(dest) as tmp:
         try:
             with tarball.open("rb") as f, open_tar_stream(f) as tar:
                 tar.extractall(tmp, members=_checked(tar), filter="data")
@@ -134,6 +132,16 @@ def _unpack_sync(tarball: Path, dest: Path) -> None:
         if not (tmp / "app").is_dir():
             raise SlugError("slug has no ./app directory")
         move_into_place(tmp, dest)
+
+
+@contextlib.contextmanager
+def _made_beside(dest: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `dest` (``.<name>.<random>``) to fill and then
+    `move_into_place`; removed if it is still there when the block ends."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,9 +196,7 @@ def _as_unpacked_sync(app: Path) -> None:
 def _adopt_sync(built: Path, dest: Path) -> bool:
     if dest.is_dir():
         return True
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with _made_beside(dest) as tmp:
         try:
             os.rename(built, tmp / "app")
         except OSError as e:
@@ -200,9 +206,6 @@ def _adopt_sync(built: Path, dest: Path) -> bool:
         _as_unpacked_sync(tmp / "app")
         move_into_place(tmp, dest)
         return True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def adopt_built(built: Path, root: Path, digest: str) -> Path | None:
@@ -222,13 +225,9 @@ def _make_spare_sync(slug_app: Path) -> None:
     spare = _spare_of(slug_app).parent
     if spare.exists():
         return
-    tmp = Path(tempfile.mkdtemp(prefix=".spare.", dir=slug_app.parent))
-    try:
+    with _made_beside(spare) as tmp:
         shutil.copytree(slug_app, tmp / "app", symlinks=True)
         move_into_place(tmp, spare)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def make_spare(slug_app: Path) -> None:

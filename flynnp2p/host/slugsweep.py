@@ -90,7 +90,7 @@ def unwanted(slugs_dir: Path, keep: Collection[str], busy: Collection[str], befo
     for entry in entries:
         name = entry.name
         if name.startswith("."):  # ".<digest>.<random>": an unpack's own, while it runs
-            if name[1:].rpartition(".")[0] in busy:
+            if _of(name) in busy:
                 continue
         elif name in keep or name in busy:
             continue
@@ -101,6 +101,11 @@ def unwanted(slugs_dir: Path, keep: Collection[str], busy: Collection[str], befo
             continue
         out.append(Path(entry.path))
     return sorted(out)
+
+
+def _of(name: str) -> str:
+    """The digest a temporary sibling ``.<digest>.<random>`` is being made for."""
+    return name[1:].rpartition(".")[0]
 
 
 def _remove(path: Path) -> None:
@@ -143,7 +148,7 @@ class SlugSweeper:
             )
         removed = []
         for path in doomed:
-            if path.name in self.busy() or path.name[1:].rpartition(".")[0] in self.busy():
+            if path.name in self.busy() or _of(path.name) in self.busy():
                 continue  # began unpacking meanwhile
             await trio.to_thread.run_sync(_remove, path)
             removed.append(path.name)
